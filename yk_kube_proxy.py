@@ -1,0 +1,1630 @@
+#!/usr/bin/env python3
+"""yubikey-kube-proxy: keep the key that opens a Kubernetes cluster on a YubiKey.
+
+The client key of a kubeconfig moves into a slot of the YubiKey's PIV applet.
+A proxy on localhost then relays each kubectl request over a fresh mutual-TLS
+connection whose handshake the card signs, so pulling the key out stops access
+at the next request.
+
+Commands:
+    setup   import the client key and certificate of a kubeconfig into a slot
+            and write proxy.yml (for the proxy) and client.yml (for kubectl)
+    status  show the cards, their slots, certificates and PIN tries left
+
+Layers, each calling only the ones above it in this file: constants, errors,
+value types, TLV/APDU encoding, the PC/SC transport, the PIV session, card
+access, kubeconfig, the commands, and main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import enum
+import getpass
+import gzip
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+__version__ = "0.1.0"
+__all__ = ["main", "PivSession", "Card", "open_card", "ProxyError"]
+
+log = logging.getLogger("yk_kube_proxy")
+
+# =============================================================================
+# Constants
+# =============================================================================
+
+PROG = "yubikey-kube-proxy"
+EXTENSION_NAME = "yubikey-kube-proxy"
+DEFAULT_PORT = 8080
+DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
+EXPIRY_WARNING_DAYS = 30
+
+# PIV application (NIST SP 800-73-4 part 2) and Yubico's extensions.
+PIV_AID = bytes.fromhex("A000000308")
+INS_VERIFY = 0x20
+INS_GENERAL_AUTHENTICATE = 0x87
+INS_SELECT = 0xA4
+INS_GET_RESPONSE = 0xC0
+INS_GET_DATA = 0xCB
+INS_PUT_DATA = 0xDB
+INS_IMPORT_KEY = 0xFE  # Yubico
+INS_GET_VERSION = 0xFD  # Yubico
+INS_GET_SERIAL = 0xF8  # Yubico, firmware 5+
+INS_GET_METADATA = 0xF7  # Yubico, firmware 5.3+
+CLA_CHAIN = 0x10
+
+TAG_DYN_AUTH = 0x7C
+TAG_AUTH_WITNESS = 0x80
+TAG_AUTH_CHALLENGE = 0x81
+TAG_AUTH_RESPONSE = 0x82
+TAG_OBJ_ID = 0x5C
+TAG_OBJ_DATA = 0x53
+TAG_CERTIFICATE = 0x70
+TAG_CERT_INFO = 0x71
+TAG_LRC = 0xFE
+TAG_PIN_POLICY = 0xAA
+TAG_TOUCH_POLICY = 0xAB
+TAG_META_ALGORITHM = 0x01
+TAG_META_POLICY = 0x02
+TAG_META_ORIGIN = 0x03
+TAG_META_PUBLIC_KEY = 0x04
+TAG_META_RETRIES = 0x06
+
+KEY_PIN = 0x80
+KEY_PUK = 0x81
+KEY_MANAGEMENT = 0x9B
+
+SW_OK = 0x9000
+SW_WRONG_LENGTH = 0x6700
+SW_SECURITY_STATUS = 0x6982
+SW_AUTH_BLOCKED = 0x6983
+SW_CONDITIONS = 0x6985
+SW_INCORRECT_DATA = 0x6A80
+SW_FILE_NOT_FOUND = 0x6A82
+SW_REFERENCE_NOT_FOUND = 0x6A88
+SW_INS_NOT_SUPPORTED = 0x6D00
+SW_CLA_NOT_SUPPORTED = 0x6E00
+
+SW_TEXT = {
+    SW_WRONG_LENGTH: "wrong length",
+    SW_SECURITY_STATUS: "security status not satisfied",
+    SW_AUTH_BLOCKED: "authentication method blocked",
+    SW_CONDITIONS: "conditions of use not satisfied",
+    SW_INCORRECT_DATA: "incorrect data or unsupported algorithm",
+    SW_FILE_NOT_FOUND: "object not found",
+    SW_REFERENCE_NOT_FOUND: "referenced data not found",
+    SW_INS_NOT_SUPPORTED: "instruction not supported",
+    SW_CLA_NOT_SUPPORTED: "class not supported",
+}
+
+# Commands whose data must never reach a log: PIN, PUK, keys.
+SECRET_INS = {0x20, 0x24, 0x2C, INS_IMPORT_KEY, 0xFF}
+
+# PC/SC return codes we turn into messages (winscard.h).
+SCARD_E_SHARING_VIOLATION = 0x8010000B
+SCARD_E_NO_SMARTCARD = 0x8010000C
+SCARD_E_NO_SERVICE = 0x8010001D
+SCARD_E_SERVICE_STOPPED = 0x8010001E
+SCARD_E_NO_READERS_AVAILABLE = 0x8010002E
+SCARD_W_REMOVED_CARD = 0x80100069
+SCARD_W_RESET_CARD = 0x80100068
+SCARD_STATE_PRESENT = 0x20
+SCARD_CARD_GONE = {SCARD_E_NO_SMARTCARD, SCARD_W_REMOVED_CARD, 0x80100017, 0x80100009}
+BUSY_SUSPECTS = (
+    "scdaemon/gpg-agent (add 'disable-ccid' or 'pcsc-shared' to ~/.gnupg/scdaemon.conf "
+    "and run 'gpgconf --kill scdaemon'), yubikey-agent, or another ykman/PKCS#11 session"
+)
+
+
+# =============================================================================
+# Errors
+# =============================================================================
+
+
+class ProxyError(Exception):
+    """An error a user can act on; its text is one complete sentence."""
+
+    exit_code = 1
+    http_status = 502
+
+
+class ConfigError(ProxyError):
+    """The kubeconfig, a file or a command-line value is unusable."""
+
+
+class CardError(ProxyError):
+    """The card or the PC/SC stack failed."""
+
+    http_status = 503
+
+
+class NoCardError(CardError):
+    """No matching YubiKey is inserted."""
+
+
+class CardBusyError(CardError):
+    """Another program holds the card exclusively."""
+
+
+class ApduError(CardError):
+    """The card answered a command with a status word other than 9000."""
+
+    def __init__(self, message: str, sw: int) -> None:
+        super().__init__(message)
+        self.sw = sw
+
+
+class PinError(CardError):
+    """The PIN was rejected or is blocked; never retried automatically."""
+
+    def __init__(self, message: str, attempts_remaining: int) -> None:
+        super().__init__(message)
+        self.attempts_remaining = attempts_remaining
+
+
+class ManagementKeyError(CardError):
+    """The management key did not authenticate."""
+
+
+class KeyMismatchError(ProxyError):
+    """A private key and a certificate (or a card's key) do not belong together."""
+
+
+# =============================================================================
+# Value types
+# =============================================================================
+
+
+class KeyAlgorithm(enum.IntEnum):
+    """PIV algorithm identifiers (SP 800-78 and Yubico)."""
+
+    TDES = 0x03
+    AES128 = 0x08
+    AES192 = 0x0A
+    AES256 = 0x0C
+    RSA1024 = 0x06
+    RSA2048 = 0x07
+    RSA3072 = 0x05
+    RSA4096 = 0x16
+    ECCP256 = 0x11
+    ECCP384 = 0x14
+    ED25519 = 0xE0
+
+
+class PinPolicy(enum.IntEnum):
+    DEFAULT = 0
+    NEVER = 1
+    ONCE = 2
+    ALWAYS = 3
+
+
+class TouchPolicy(enum.IntEnum):
+    DEFAULT = 0
+    NEVER = 1
+    ALWAYS = 2
+    CACHED = 3
+
+
+ALGORITHM_NAMES = {
+    KeyAlgorithm.RSA1024: "RSA-1024",
+    KeyAlgorithm.RSA2048: "RSA-2048",
+    KeyAlgorithm.RSA3072: "RSA-3072",
+    KeyAlgorithm.RSA4096: "RSA-4096",
+    KeyAlgorithm.ECCP256: "EC P-256",
+    KeyAlgorithm.ECCP384: "EC P-384",
+    KeyAlgorithm.ED25519: "Ed25519",
+    KeyAlgorithm.TDES: "3DES",
+    KeyAlgorithm.AES128: "AES-128",
+    KeyAlgorithm.AES192: "AES-192",
+    KeyAlgorithm.AES256: "AES-256",
+}
+# Algorithms a YubiKey accepts for import, with the firmware that brought them.
+IMPORTABLE = {
+    KeyAlgorithm.RSA2048: (4, 0, 0),
+    KeyAlgorithm.ECCP256: (4, 0, 0),
+    KeyAlgorithm.ECCP384: (4, 0, 0),
+    KeyAlgorithm.RSA3072: (5, 7, 0),
+    KeyAlgorithm.RSA4096: (5, 7, 0),
+    KeyAlgorithm.ED25519: (5, 7, 0),
+}
+MANAGEMENT_KEY_SIZES = {
+    KeyAlgorithm.TDES: 24,
+    KeyAlgorithm.AES128: 16,
+    KeyAlgorithm.AES192: 24,
+    KeyAlgorithm.AES256: 32,
+}
+ORIGINS = {1: "generated on card", 2: "imported"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """A PIV key reference paired with the data object holding its certificate."""
+
+    key: int
+    object_id: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.key:02x}"
+
+
+SLOTS = {
+    "9a": Slot(0x9A, 0x5FC105),
+    "9c": Slot(0x9C, 0x5FC10A),
+    "9d": Slot(0x9D, 0x5FC10B),
+    "9e": Slot(0x9E, 0x5FC101),
+    **{f"{0x82 + i:02x}": Slot(0x82 + i, 0x5FC10D + i) for i in range(20)},
+}
+
+
+def parse_slot(text: str) -> Slot:
+    """Return the slot named like ``9a`` or ``0x9a`` (retired slots 82-95 too)."""
+    name = text.lower().removeprefix("0x")
+    if name not in SLOTS:
+        raise ConfigError(
+            f"unknown PIV slot {text!r}: use 9a, 9c, 9d, 9e or a retired slot 82-95"
+        )
+    return SLOTS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotMetadata:
+    """What GET METADATA tells about a key slot (firmware 5.3+)."""
+
+    algorithm: KeyAlgorithm
+    pin_policy: PinPolicy
+    touch_policy: TouchPolicy
+    origin: str
+    public_key: bytes  # the raw 04 TLV content
+
+
+@dataclasses.dataclass(frozen=True)
+class CardInfo:
+    reader: str
+    serial: int | None
+    version: tuple[int, int, int]
+
+    @property
+    def firmware(self) -> str:
+        return ".".join(map(str, self.version))
+
+    def describe(self) -> str:
+        serial = self.serial if self.serial is not None else "unknown"
+        return f"YubiKey serial {serial} (firmware {self.firmware}) in reader {self.reader!r}"
+
+
+# =============================================================================
+# TLV and APDU encoding (pure functions)
+# =============================================================================
+
+
+def encode_length(n: int) -> bytes:
+    """BER length: one byte below 128, else 0x81 or 0x82 and the length."""
+    if n < 0x80:
+        return bytes([n])
+    if n <= 0xFF:
+        return bytes([0x81, n])
+    if n <= 0xFFFF:
+        return bytes([0x82]) + n.to_bytes(2, "big")
+    raise ValueError(f"TLV value of {n} bytes is too long")
+
+
+def tlv(tag: int, value: bytes = b"") -> bytes:
+    """Encode one BER-TLV; tags above 0xFF (0x7F49, 0x5FC105) take more bytes."""
+    tag_bytes = tag.to_bytes(max(1, (tag.bit_length() + 7) // 8), "big")
+    return tag_bytes + encode_length(len(value)) + value
+
+
+def parse_tlvs(data: bytes) -> dict[int, bytes]:
+    """Decode concatenated BER-TLVs into {tag: value}; the first of a tag wins."""
+    result: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        tag = data[pos]
+        pos += 1
+        if tag & 0x1F == 0x1F:  # multi-byte tag
+            while True:
+                if pos >= len(data):
+                    raise ValueError("truncated TLV tag")
+                tag = (tag << 8) | data[pos]
+                pos += 1
+                if not data[pos - 1] & 0x80:
+                    break
+        if pos >= len(data):
+            raise ValueError("truncated TLV length")
+        length = data[pos]
+        pos += 1
+        if length & 0x80:
+            count = length & 0x7F
+            length = int.from_bytes(data[pos : pos + count], "big")
+            pos += count
+        if pos + length > len(data):
+            raise ValueError("TLV value runs past the end of the data")
+        result.setdefault(tag, data[pos : pos + length])
+        pos += length
+    return result
+
+
+def encode_apdu(cla: int, ins: int, p1: int, p2: int, data: bytes, le: bool) -> bytes:
+    """A short APDU (ISO 7816-4); ``le`` asks for up to 256 bytes back."""
+    apdu = bytes([cla, ins, p1, p2])
+    if data:
+        apdu += bytes([len(data)]) + data
+    if le:
+        apdu += b"\x00"
+    return apdu
+
+
+def pin_block(pin: str) -> bytes:
+    """The PIN as ASCII, padded with 0xFF to 8 bytes (SP 800-73-4 part 2, 3.2.1)."""
+    raw = pin.encode()
+    if not 6 <= len(raw) <= 8:
+        raise ConfigError("a PIV PIN has 6 to 8 characters: check the PIN you entered")
+    return raw.ljust(8, b"\xff")
+
+
+def sw_text(sw: int) -> str:
+    if sw >> 8 == 0x63:
+        return f"verification failed, {sw & 0x0F} tries left"
+    return SW_TEXT.get(sw, "unexpected status")
+
+
+# =============================================================================
+# Key material helpers (cryptography)
+# =============================================================================
+
+
+def key_algorithm(key: Any) -> KeyAlgorithm:
+    """The PIV algorithm for a cryptography private or public key."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        curves = {"secp256r1": KeyAlgorithm.ECCP256, "secp384r1": KeyAlgorithm.ECCP384}
+        if key.curve.name in curves:
+            return curves[key.curve.name]
+        kind = f"an EC {key.curve.name} key"
+    elif isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
+        sizes = {2048: KeyAlgorithm.RSA2048, 3072: KeyAlgorithm.RSA3072,
+                 4096: KeyAlgorithm.RSA4096}
+        if key.key_size in sizes:
+            return sizes[key.key_size]
+        kind = f"an RSA-{key.key_size} key"
+    elif isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
+        return KeyAlgorithm.ED25519
+    else:
+        kind = f"a {type(key).__name__}"
+    raise ConfigError(
+        f"the client key is {kind}, which a YubiKey cannot hold: supported are EC P-256, "
+        "EC P-384, RSA-2048 and (firmware 5.7+) RSA-3072, RSA-4096 and Ed25519"
+    )
+
+
+def import_key_data(key: Any) -> bytes:
+    """The IMPORT KEY payload for a private key (Yubico PIV extension)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        size = (key.curve.key_size + 7) // 8
+        return tlv(0x06, key.private_numbers().private_value.to_bytes(size, "big"))
+    if isinstance(key, rsa.RSAPrivateKey):
+        numbers = key.private_numbers()
+        half = key.key_size // 16
+        parts = (numbers.p, numbers.q, numbers.dmp1, numbers.dmq1, numbers.iqmp)
+        return b"".join(tlv(tag, v.to_bytes(half, "big")) for tag, v in enumerate(parts, 1))
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return tlv(0x07, key.private_bytes_raw())
+    raise ConfigError(f"cannot import a {type(key).__name__} into a YubiKey")
+
+
+def public_key_from_metadata(algorithm: KeyAlgorithm, data: bytes) -> Any:
+    """Rebuild a cryptography public key from GET METADATA's public-key TLVs."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    tlvs = parse_tlvs(data)
+    if algorithm in (KeyAlgorithm.ECCP256, KeyAlgorithm.ECCP384):
+        curve = ec.SECP256R1() if algorithm == KeyAlgorithm.ECCP256 else ec.SECP384R1()
+        return ec.EllipticCurvePublicKey.from_encoded_point(curve, tlvs[0x86])
+    if algorithm == KeyAlgorithm.ED25519:
+        return ed25519.Ed25519PublicKey.from_public_bytes(tlvs[0x86])
+    n, e = (int.from_bytes(tlvs[t], "big") for t in (0x81, 0x82))
+    return rsa.RSAPublicNumbers(e, n).public_key()
+
+
+def same_public_key(a: Any, b: Any) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return a.public_bytes(*fmt) == b.public_bytes(*fmt)
+
+
+# DigestInfo prefixes for EMSA-PKCS1-v1_5 (RFC 8017, 9.2 note 1).
+DIGEST_INFO = {
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
+
+
+def pkcs1v15_block(digest: bytes, hash_name: str, modulus_bytes: int) -> bytes:
+    """The padded block a raw RSA signature takes: 00 01 FF.. 00 DigestInfo."""
+    t = DIGEST_INFO[hash_name] + digest
+    if modulus_bytes < len(t) + 11:
+        raise ValueError("RSA modulus too short for this digest")
+    return b"\x00\x01" + b"\xff" * (modulus_bytes - len(t) - 3) + b"\x00" + t
+
+
+def ecdsa_input(digest: bytes, size: int) -> bytes:
+    """An ECDSA digest cut or left-padded to the curve size, as PIV wants it."""
+    return digest[:size].rjust(size, b"\x00")
+
+
+def management_cipher(algorithm: KeyAlgorithm, key: bytes) -> Any:
+    """An ECB cipher for the management-key challenge-response."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    if algorithm == KeyAlgorithm.TDES:
+        from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+
+        return Cipher(TripleDES(key), modes.ECB())
+    return Cipher(algorithms.AES(key), modes.ECB())
+
+
+# =============================================================================
+# Card transport: PC/SC through pyscard, behind a small interface
+# =============================================================================
+
+
+class Transport(Protocol):
+    """The seam between the PIV session and the reader."""
+
+    def transmit(self, apdu: bytes) -> tuple[bytes, int]:
+        """Send one APDU; return the response data and the status word."""
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Keep other programs' APDUs out for the duration of the block."""
+
+    def close(self) -> None: ...
+
+
+def _scard() -> Any:
+    try:
+        from smartcard import scard
+    except ImportError as exc:
+        raise CardError(
+            f"cannot import pyscard ({exc}): install yubikey-kube-proxy with pip or pipx, "
+            "or 'pip install pyscard'"
+        ) from None
+    return scard
+
+
+def pcsc_error(hresult: int, reader: str = "") -> CardError:
+    """Turn a PC/SC return code into an error that says what to do."""
+    code = hresult & 0xFFFFFFFF
+    where = f" in reader {reader!r}" if reader else ""
+    if code in (SCARD_E_NO_SERVICE, SCARD_E_SERVICE_STOPPED):
+        return CardError(
+            "cannot reach the PC/SC daemon (pcscd): start it with "
+            "'sudo systemctl start pcscd.socket' (or install the pcscd package)"
+        )
+    if code in SCARD_CARD_GONE:
+        return NoCardError(f"YubiKey not present{where} - insert it")
+    if code == SCARD_E_SHARING_VIOLATION:
+        return CardBusyError(
+            f"the YubiKey{where} is held exclusively by another program, usually "
+            f"{BUSY_SUSPECTS}: close it and try again"
+        )
+    message = _scard().SCardGetErrorMessage(hresult)
+    return CardError(f"PC/SC error 0x{code:08X}{where}: {message.strip()}")
+
+
+class PcscContext:
+    """A PC/SC resource-manager context: lists readers and their card presence."""
+
+    def __init__(self) -> None:
+        self._scard = _scard()
+        hresult, self.handle = self._scard.SCardEstablishContext(
+            self._scard.SCARD_SCOPE_USER
+        )
+        if hresult != 0:
+            raise pcsc_error(hresult)
+
+    def readers(self) -> list[str]:
+        hresult, names = self._scard.SCardListReaders(self.handle, [])
+        if hresult & 0xFFFFFFFF == SCARD_E_NO_READERS_AVAILABLE:
+            return []
+        if hresult != 0:
+            raise pcsc_error(hresult)
+        return list(names)
+
+    def card_present(self, reader: str) -> bool:
+        states = [(reader, self._scard.SCARD_STATE_UNAWARE)]
+        hresult, new_states = self._scard.SCardGetStatusChange(self.handle, 0, states)
+        if hresult != 0:
+            return False
+        return bool(new_states[0][1] & SCARD_STATE_PRESENT)
+
+    def connect(self, reader: str) -> PcscTransport:
+        sc = self._scard
+        hresult, hcard, protocol = sc.SCardConnect(
+            self.handle, reader, sc.SCARD_SHARE_SHARED,
+            sc.SCARD_PROTOCOL_T0 | sc.SCARD_PROTOCOL_T1,
+        )
+        if hresult != 0:
+            raise pcsc_error(hresult, reader)
+        return PcscTransport(sc, hcard, protocol, reader)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self._scard.SCardReleaseContext(self.handle)
+            self.handle = None
+
+
+class PcscTransport:
+    """One shared connection to a card; the only place bytes meet pyscard's lists."""
+
+    def __init__(self, sc: Any, hcard: Any, protocol: int, reader: str) -> None:
+        self._sc = sc
+        self._hcard = hcard
+        self._pci = sc.SCARD_PCI_T1 if protocol == sc.SCARD_PROTOCOL_T1 else sc.SCARD_PCI_T0
+        self.reader = reader
+
+    def transmit(self, apdu: bytes) -> tuple[bytes, int]:
+        hresult, response = self._sc.SCardTransmit(self._hcard, self._pci, list(apdu))
+        if hresult != 0:
+            raise pcsc_error(hresult, self.reader)
+        if len(response) < 2:
+            raise CardError(f"the card in reader {self.reader!r} sent a truncated answer")
+        return bytes(response[:-2]), (response[-2] << 8) | response[-1]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        hresult = self._sc.SCardBeginTransaction(self._hcard)
+        if hresult != 0:
+            raise pcsc_error(hresult, self.reader)
+        try:
+            yield
+        finally:
+            self._sc.SCardEndTransaction(self._hcard, self._sc.SCARD_LEAVE_CARD)
+
+    def close(self) -> None:
+        if self._hcard is not None:
+            self._sc.SCardDisconnect(self._hcard, self._sc.SCARD_LEAVE_CARD)
+            self._hcard = None
+
+
+# =============================================================================
+# PIV session: one method per card operation
+# =============================================================================
+
+
+class PivSession:
+    """PIV commands over a transport. Callers hold the card lock and a transaction."""
+
+    def __init__(self, transport: Transport, reader: str = "") -> None:
+        self._transport = transport
+        self.reader = reader
+        self.version: tuple[int, int, int] = (0, 0, 0)
+
+    # -- framing ---------------------------------------------------------------
+
+    def send(self, ins: int, p1: int, p2: int, data: bytes = b"", *,
+             le: bool = True, what: str = "") -> bytes:
+        """Send a command with chaining; collect 61xx continuations; raise on error."""
+        response, sw = self._send_chained(ins, p1, p2, data, le)
+        while sw >> 8 == 0x61:
+            more, sw = self._transmit(encode_apdu(0, INS_GET_RESPONSE, 0, 0, b"", True))
+            response += more
+        if sw != SW_OK:
+            raise self.error(sw, what or f"command {ins:02X}")
+        return response
+
+    def _send_chained(self, ins: int, p1: int, p2: int, data: bytes,
+                      le: bool) -> tuple[bytes, int]:
+        while len(data) > 255:
+            chunk, data = data[:255], data[255:]
+            response, sw = self._transmit(encode_apdu(CLA_CHAIN, ins, p1, p2, chunk, False))
+            if sw != SW_OK:
+                return response, sw
+        return self._transmit(encode_apdu(0, ins, p1, p2, data, le))
+
+    def _transmit(self, apdu: bytes) -> tuple[bytes, int]:
+        if log.isEnabledFor(logging.DEBUG):
+            shown = apdu[:5].hex() + (" <redacted>" if apdu[1] in SECRET_INS else apdu[5:].hex())
+            log.debug("APDU > %s", shown)
+        data, sw = self._transport.transmit(apdu)
+        if log.isEnabledFor(logging.DEBUG):
+            secret = apdu[1] in (INS_GENERAL_AUTHENTICATE,) and apdu[3] == KEY_MANAGEMENT
+            log.debug("APDU < %s %04X", "<redacted>" if secret else data.hex(), sw)
+        return data, sw
+
+    def error(self, sw: int, what: str) -> ApduError:
+        """The one place status words become typed errors."""
+        where = f" (reader {self.reader!r})" if self.reader else ""
+        return ApduError(f"the YubiKey refused {what}{where}: {sw_text(sw)} (SW {sw:04X})", sw)
+
+    # -- identity ----------------------------------------------------------------
+
+    def select(self) -> None:
+        """SELECT the PIV application; cards without it are not PIV cards."""
+        try:
+            self.send(INS_SELECT, 0x04, 0x00, PIV_AID, what="SELECT PIV")
+        except ApduError as exc:
+            raise CardError(
+                f"the card in reader {self.reader!r} has no PIV application "
+                f"(SW {exc.sw:04X}): is it a YubiKey 4 or 5?"
+            ) from None
+        self.version = self.get_version()
+
+    def get_version(self) -> tuple[int, int, int]:
+        data = self.send(INS_GET_VERSION, 0, 0, what="GET VERSION")
+        return (data[0], data[1], data[2])
+
+    def get_serial(self) -> int | None:
+        """The serial number (firmware 5+; None when the card hides it)."""
+        try:
+            return int.from_bytes(self.send(INS_GET_SERIAL, 0, 0, what="GET SERIAL"), "big")
+        except ApduError:
+            return None
+
+    def has_metadata(self) -> bool:
+        return self.version >= (5, 3, 0)
+
+    def get_metadata(self, key: int) -> dict[int, bytes] | None:
+        """GET METADATA for a key reference; None for an empty slot."""
+        try:
+            return parse_tlvs(self.send(INS_GET_METADATA, 0, key, what="GET METADATA"))
+        except ApduError as exc:
+            if exc.sw == SW_REFERENCE_NOT_FOUND:
+                return None
+            raise
+
+    def slot_metadata(self, slot: Slot) -> SlotMetadata | None:
+        meta = self.get_metadata(slot.key)
+        if meta is None:
+            return None
+        policy = meta.get(TAG_META_POLICY, b"\x00\x00")
+        return SlotMetadata(
+            algorithm=KeyAlgorithm(meta[TAG_META_ALGORITHM][0]),
+            pin_policy=PinPolicy(policy[0]),
+            touch_policy=TouchPolicy(policy[1]),
+            origin=ORIGINS.get(meta.get(TAG_META_ORIGIN, b"\x00")[0], "unknown"),
+            public_key=meta.get(TAG_META_PUBLIC_KEY, b""),
+        )
+
+    # -- PIN ---------------------------------------------------------------------
+
+    def pin_tries_left(self) -> int | None:
+        """Tries left, without using one (metadata, else the empty VERIFY probe)."""
+        if self.has_metadata():
+            meta = self.get_metadata(KEY_PIN)
+            if meta and TAG_META_RETRIES in meta:
+                return meta[TAG_META_RETRIES][1]
+        _, sw = self._transmit(encode_apdu(0, INS_VERIFY, 0, KEY_PIN, b"", False))
+        if sw >> 4 == 0x63C:
+            return sw & 0x0F
+        return 0 if sw == SW_AUTH_BLOCKED else None
+
+    def pin_verified(self) -> bool:
+        """The empty VERIFY probe: True when the PIN is verified in this session."""
+        _, sw = self._transmit(encode_apdu(0, INS_VERIFY, 0, KEY_PIN, b"", False))
+        return sw == SW_OK
+
+    def verify_pin(self, pin: str) -> None:
+        """VERIFY the PIN once. A rejection raises PinError; the caller never retries."""
+        _, sw = self._transmit(encode_apdu(0, INS_VERIFY, 0, KEY_PIN, pin_block(pin), False))
+        if sw == SW_OK:
+            return
+        if sw == SW_AUTH_BLOCKED or sw == 0x63C0:
+            raise PinError(
+                "the PIN is blocked: unblock it with the PUK "
+                "('ykman piv access unblock-pin' or 'yubico-piv-tool -a unblock-pin')", 0)
+        if sw >> 4 == 0x63C:
+            left = sw & 0x0F
+            raise PinError(
+                f"wrong PIN: the YubiKey has {left} tries left before it blocks the PIN; "
+                "check the PIN (or the PIN file) and try again", left)
+        raise self.error(sw, "VERIFY PIN")
+
+    # -- management key ------------------------------------------------------------
+
+    def management_algorithm(self) -> KeyAlgorithm:
+        """The management key's algorithm: firmware 5.7 defaults to AES-192."""
+        if self.has_metadata():
+            meta = self.get_metadata(KEY_MANAGEMENT)
+            if meta and TAG_META_ALGORITHM in meta:
+                return KeyAlgorithm(meta[TAG_META_ALGORITHM][0])
+        return KeyAlgorithm.TDES
+
+    def authenticate(self, key: bytes) -> None:
+        """Mutual authentication with the management key (SP 800-73-4 part 2, 3.2.4)."""
+        algorithm = self.management_algorithm()
+        if len(key) != MANAGEMENT_KEY_SIZES[algorithm]:
+            raise ManagementKeyError(
+                f"this YubiKey's management key is {ALGORITHM_NAMES[algorithm]} "
+                f"({MANAGEMENT_KEY_SIZES[algorithm]} bytes) but the key given has "
+                f"{len(key)} bytes: pass the right one with --management-key HEX")
+        cipher = management_cipher(algorithm, key)
+        witness = self._dyn_auth(algorithm, tlv(TAG_AUTH_WITNESS))[TAG_AUTH_WITNESS]
+        decryptor = cipher.decryptor()
+        answer = decryptor.update(witness) + decryptor.finalize()
+        challenge = secrets.token_bytes(len(witness))
+        try:
+            reply = self._dyn_auth(algorithm, tlv(TAG_AUTH_WITNESS, answer)
+                                   + tlv(TAG_AUTH_CHALLENGE, challenge))
+        except ApduError as exc:
+            if exc.sw in (SW_SECURITY_STATUS, SW_INCORRECT_DATA, SW_AUTH_BLOCKED):
+                raise ManagementKeyError(
+                    "the YubiKey rejected the management key: pass the card's key with "
+                    "--management-key HEX (the factory key is the default)") from None
+            raise
+        encryptor = cipher.encryptor()
+        expected = encryptor.update(challenge) + encryptor.finalize()
+        if not hmac.compare_digest(reply.get(TAG_AUTH_RESPONSE, b""), expected):
+            raise ManagementKeyError(
+                "the card's answer to our management-key challenge is wrong: "
+                "this is not the YubiKey it claims to be, or it is faulty")
+
+    def _dyn_auth(self, algorithm: int, content: bytes) -> dict[int, bytes]:
+        reply = self.send(INS_GENERAL_AUTHENTICATE, algorithm, KEY_MANAGEMENT,
+                          tlv(TAG_DYN_AUTH, content), what="management-key authentication")
+        return parse_tlvs(parse_tlvs(reply).get(TAG_DYN_AUTH, b""))
+
+    # -- keys and certificates ----------------------------------------------------
+
+    def import_key(self, slot: Slot, private_key: Any, pin_policy: PinPolicy,
+                   touch_policy: TouchPolicy) -> None:
+        """IMPORT a private key into a slot. Requires management-key authentication."""
+        algorithm = key_algorithm(private_key)
+        needed = IMPORTABLE[algorithm]
+        if self.version < needed:
+            raise ConfigError(
+                f"{ALGORITHM_NAMES[algorithm]} keys need YubiKey firmware "
+                f"{'.'.join(map(str, needed))} or later; this card has "
+                f"{'.'.join(map(str, self.version))}")
+        data = import_key_data(private_key)
+        data += tlv(TAG_PIN_POLICY, bytes([pin_policy]))
+        data += tlv(TAG_TOUCH_POLICY, bytes([touch_policy]))
+        self.send(INS_IMPORT_KEY, algorithm, slot.key, data, le=False,
+                  what=f"the key import into slot {slot.name}")
+
+    def put_certificate(self, slot: Slot, der: bytes) -> None:
+        """Store a certificate (uncompressed). Requires management-key authentication."""
+        value = tlv(TAG_CERTIFICATE, der) + tlv(TAG_CERT_INFO, b"\x00") + tlv(TAG_LRC)
+        data = tlv(TAG_OBJ_ID, slot.object_id.to_bytes(3, "big")) + tlv(TAG_OBJ_DATA, value)
+        self.send(INS_PUT_DATA, 0x3F, 0xFF, data, le=False,
+                  what=f"storing the certificate of slot {slot.name}")
+
+    def get_certificate(self, slot: Slot) -> bytes | None:
+        """The DER certificate of a slot, or None when there is none."""
+        request = tlv(TAG_OBJ_ID, slot.object_id.to_bytes(3, "big"))
+        try:
+            reply = self.send(INS_GET_DATA, 0x3F, 0xFF, request,
+                              what=f"reading the certificate of slot {slot.name}")
+        except ApduError as exc:
+            if exc.sw == SW_FILE_NOT_FOUND:
+                return None
+            raise
+        content = parse_tlvs(parse_tlvs(reply).get(TAG_OBJ_DATA, b""))
+        der = content.get(TAG_CERTIFICATE)
+        if not der:
+            return None
+        if content.get(TAG_CERT_INFO, b"\x00")[:1] == b"\x01":  # gzip-compressed
+            der = gzip.decompress(der)
+        return der
+
+    def sign_raw(self, slot: Slot, algorithm: KeyAlgorithm, data: bytes) -> bytes:
+        """The card's private-key operation on prepared input (see sign_message)."""
+        request = tlv(TAG_DYN_AUTH, tlv(TAG_AUTH_RESPONSE) + tlv(TAG_AUTH_CHALLENGE, data))
+        try:
+            reply = self.send(INS_GENERAL_AUTHENTICATE, algorithm, slot.key, request,
+                              what=f"a signature with slot {slot.name}")
+        except ApduError as exc:
+            if exc.sw == SW_SECURITY_STATUS:
+                raise CardError(
+                    f"the YubiKey refused to sign with slot {slot.name}: the PIN was not "
+                    "verified or the key was not touched in time") from None
+            raise
+        return parse_tlvs(parse_tlvs(reply).get(TAG_DYN_AUTH, b""))[TAG_AUTH_RESPONSE]
+
+    def sign_message(self, slot: Slot, algorithm: KeyAlgorithm, message: bytes) -> bytes:
+        """Sign with SHA-256 (ECDSA, RSA PKCS#1 v1.5) or pure Ed25519; the standard
+        signature encoding comes back (DER for ECDSA)."""
+        if algorithm == KeyAlgorithm.ED25519:
+            return self.sign_raw(slot, algorithm, message)
+        digest = hashlib.sha256(message).digest()
+        if algorithm in (KeyAlgorithm.ECCP256, KeyAlgorithm.ECCP384):
+            size = 32 if algorithm == KeyAlgorithm.ECCP256 else 48
+            return self.sign_raw(slot, algorithm, ecdsa_input(digest, size))
+        size = {KeyAlgorithm.RSA2048: 256, KeyAlgorithm.RSA3072: 384,
+                KeyAlgorithm.RSA4096: 512, KeyAlgorithm.RSA1024: 128}[algorithm]
+        return self.sign_raw(slot, algorithm, pkcs1v15_block(digest, "sha256", size))
+
+
+# =============================================================================
+# Card access: finding the YubiKey, one lock per card, the PIN source
+# =============================================================================
+
+
+class Card:
+    """One YubiKey in one reader. Every operation runs inside ``session()``:
+    the card lock, a shared PC/SC connection opened on demand, a transaction."""
+
+    def __init__(self, reader: str) -> None:
+        self.reader = reader
+        self.info: CardInfo | None = None
+        self._lock = threading.RLock()
+        self._context: PcscContext | None = None
+        self._transport: PcscTransport | None = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[PivSession]:
+        with self._lock:
+            try:
+                if self._transport is None:
+                    if self._context is None:
+                        self._context = PcscContext()
+                    self._transport = self._context.connect(self.reader)
+                with self._transport.transaction():
+                    piv = PivSession(self._transport, self.reader)
+                    piv.select()
+                    yield piv
+            except CardError:
+                self.close()  # the next session reconnects
+                raise
+
+    def identify(self) -> CardInfo:
+        with self.session() as piv:
+            self.info = CardInfo(self.reader, piv.get_serial(), piv.version)
+        return self.info
+
+    def close(self) -> None:
+        with self._lock:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+            if self._context is not None:
+                self._context.close()
+                self._context = None
+
+
+def reader_matches(name: str, wanted: str | None) -> bool:
+    """By default YubiKey readers only; ``--reader`` matches a substring."""
+    lower = name.lower()
+    if wanted:
+        return wanted.lower() in lower
+    return "yubikey" in lower or "yubico" in lower
+
+
+def find_cards(reader: str | None = None) -> list[Card]:
+    """Every matching reader that holds a PIV card, identified (serial, firmware).
+    Empty readers, such as a laptop's built-in one, are skipped."""
+    context = PcscContext()
+    try:
+        names = [n for n in context.readers() if reader_matches(n, reader)]
+        present = [n for n in names if context.card_present(n)]
+    finally:
+        context.close()
+    cards, failures = [], []
+    for name in present:
+        card = Card(name)
+        try:
+            card.identify()
+            cards.append(card)
+        except CardError as exc:
+            card.close()
+            failures.append(exc)
+            log.info("skipping reader %r: %s", name, exc)
+    if not cards and failures:
+        raise failures[0]
+    return cards
+
+
+def open_card(reader: str | None = None, serial: int | None = None) -> Card:
+    """The one YubiKey the user means; several without a choice is an error."""
+    cards = find_cards(reader)
+    if serial is not None:
+        chosen = [c for c in cards if c.info and c.info.serial == serial]
+        if not chosen:
+            _close_all(cards)
+            seen = ", ".join(str(c.info.serial) for c in cards if c.info) or "none"
+            raise NoCardError(
+                f"no YubiKey with serial {serial} found (inserted: {seen}): "
+                "insert it or fix --serial")
+        cards, others = chosen, [c for c in cards if c not in chosen]
+        _close_all(others)
+    if not cards:
+        where = f" in a reader matching {reader!r}" if reader else ""
+        raise NoCardError(f"no YubiKey found{where} - please insert your YubiKey")
+    if len(cards) > 1:
+        listing = "; ".join(c.info.describe() for c in cards if c.info)
+        _close_all(cards)
+        raise ConfigError(
+            f"several YubiKeys found: {listing}; choose one with --serial N or --reader NAME")
+    return cards[0]
+
+
+def _close_all(cards: list[Card]) -> None:
+    for card in cards:
+        card.close()
+
+
+class PinSource:
+    """Where the PIN comes from: a file, else a prompt on a terminal.
+
+    Asked only when the card says the PIN is needed; never asked twice for
+    one failure: a rejected PIN raises and is not tried again."""
+
+    def __init__(self, path: str | None = None, label: str = "YubiKey") -> None:
+        self.path = path
+        self.label = label
+
+    def get(self) -> str:
+        if self.path:
+            return self._read_file()
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                f"the {self.label} needs its PIN and there is no terminal to ask on: "
+                "pass --pin-file PATH")
+        pin = getpass.getpass(f"PIN for {self.label}: ")
+        if not pin:
+            raise ConfigError("no PIN entered: run the command again and enter the PIN")
+        return pin
+
+    def _read_file(self) -> str:
+        path = Path(self.path).expanduser()
+        try:
+            text = path.read_text()
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"cannot read the PIN file {path}: {exc.strerror}") from None
+        if mode & 0o077:
+            log.warning("the PIN file %s is readable by others: chmod 600 it", path)
+        pin = text.strip("\r\n")
+        if not pin:
+            raise ConfigError(f"the PIN file {path} is empty: write the PIN into it")
+        return pin
+
+
+def ensure_pin(piv: PivSession, policy: PinPolicy, pins: PinSource) -> None:
+    """Verify the PIN when the slot's policy needs it and the card does not
+    already hold it (policy ALWAYS needs a VERIFY before every signature)."""
+    if policy == PinPolicy.NEVER:
+        return
+    if policy != PinPolicy.ALWAYS and piv.pin_verified():
+        return
+    piv.verify_pin(pins.get())
+
+
+# =============================================================================
+# Kubeconfig
+# =============================================================================
+
+
+@dataclasses.dataclass
+class Named:
+    """A named kubeconfig entry and the folder its relative paths start from."""
+
+    name: str
+    body: dict[str, Any]
+    base: Path
+
+
+@dataclasses.dataclass
+class KubeContext:
+    """A resolved context: its cluster, user and namespace."""
+
+    name: str
+    cluster: Named
+    user: Named
+    namespace: str | None
+    extension: dict[str, Any]
+    sources: list[Path]
+
+
+def kubeconfig_paths(given: str | None) -> list[Path]:
+    """--kubeconfig, else $KUBECONFIG (a list), else ~/.kube/config."""
+    if given:
+        return [Path(given).expanduser()]
+    env = os.environ.get("KUBECONFIG", "")
+    paths = [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+    return paths or [Path("~/.kube/config").expanduser()]
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read kubeconfig {path}: {exc.strerror}; "
+                          "pass the right file with --kubeconfig") from None
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"kubeconfig {path} is not valid YAML{where}: fix or "
+                          "replace the file") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"kubeconfig {path} is not a kubeconfig (no mapping at the top)")
+    return doc
+
+
+class Kubeconfig:
+    """Merged kubeconfig files, first definition of a name wins (as kubectl does)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        existing = [p for p in paths if p.exists()] if len(paths) > 1 else paths
+        if not existing:
+            raise ConfigError(f"none of the kubeconfig files exist: "
+                              f"{', '.join(map(str, paths))}; pass one with --kubeconfig")
+        self.paths = existing
+        self.current_context: str | None = None
+        self.entries: dict[str, dict[str, Named]] = {
+            "clusters": {}, "contexts": {}, "users": {}}
+        for path in existing:
+            self._merge(path, _load_yaml(path))
+
+    def _merge(self, path: Path, doc: dict[str, Any]) -> None:
+        base = path.resolve().parent
+        self.current_context = self.current_context or doc.get("current-context") or None
+        for kind, inner in (("clusters", "cluster"), ("contexts", "context"),
+                            ("users", "user")):
+            for item in doc.get(kind) or []:
+                if isinstance(item, dict) and item.get("name"):
+                    body = item.get(inner) or {}
+                    self.entries[kind].setdefault(item["name"], Named(item["name"], body, base))
+
+    def _get(self, kind: str, name: str, context: str) -> Named:
+        entry = self.entries[kind].get(name)
+        if entry is None:
+            raise ConfigError(
+                f"context {context!r} names {kind[:-1]} {name!r}, which is not in "
+                f"{self.describe()}: fix the kubeconfig")
+        return entry
+
+    def describe(self) -> str:
+        return os.pathsep.join(map(str, self.paths))
+
+    def resolve(self, context: str | None) -> KubeContext:
+        name = context or self.current_context
+        if not name:
+            raise ConfigError(f"{self.describe()} has no current-context: pass --context NAME")
+        ctx = self.entries["contexts"].get(name)
+        if ctx is None:
+            known = ", ".join(sorted(self.entries["contexts"])) or "none"
+            raise ConfigError(f"context {name!r} not found in {self.describe()} "
+                              f"(contexts: {known}): pass --context NAME")
+        cluster = self._get("clusters", ctx.body.get("cluster", ""), name)
+        user = self._get("users", ctx.body.get("user", ""), name)
+        return KubeContext(name, cluster, user, ctx.body.get("namespace"),
+                           find_extension(ctx.body), self.paths)
+
+
+def find_extension(body: dict[str, Any]) -> dict[str, Any]:
+    for item in body.get("extensions") or []:
+        if isinstance(item, dict) and item.get("name") == EXTENSION_NAME:
+            return dict(item.get("extension") or {})
+    return {}
+
+
+def read_material(entry: Named, data_key: str, path_key: str) -> bytes | None:
+    """Inline base64 ``*-data`` or a file path relative to the kubeconfig's folder."""
+    import base64
+    import binascii
+
+    if entry.body.get(data_key):
+        try:
+            return base64.b64decode(entry.body[data_key], validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{data_key} of {entry.name!r} is not valid base64: "
+                              "fix the kubeconfig") from None
+    if entry.body.get(path_key):
+        path = entry.base / Path(entry.body[path_key]).expanduser()
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path_key} {path} of {entry.name!r}: "
+                              f"{exc.strerror}") from None
+    return None
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write a file readable by its owner only, replacing it in one step."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+# =============================================================================
+# Certificates and keys from a kubeconfig
+# =============================================================================
+
+
+def load_certificate(data: bytes, what: str) -> Any:
+    """The first certificate of PEM (possibly a chain) or DER bytes."""
+    from cryptography import x509
+
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificates(data)[0]
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise ConfigError(f"{what} is not a readable X.509 certificate: fix the kubeconfig "
+                          "or export the certificate again") from None
+
+
+def load_private_key(data: bytes, what: str) -> Any:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        if b"-----BEGIN" in data:
+            return serialization.load_pem_private_key(data, password=None)
+        return serialization.load_der_private_key(data, password=None)
+    except TypeError:
+        raise ConfigError(f"{what} is encrypted with a passphrase: decrypt it first "
+                          "(openssl pkey -in KEY) and keep the plain copy off disk") from None
+    except (ValueError, Exception) as exc:  # unsupported or corrupt key
+        if isinstance(exc, ProxyError):
+            raise
+        raise ConfigError(f"{what} is not a readable private key: fix the kubeconfig") from None
+
+
+def auth_kind(user: dict[str, Any]) -> str:
+    for key, kind in (("token", "a bearer token"), ("tokenFile", "a token file"),
+                      ("exec", "an exec credential plugin"),
+                      ("auth-provider", "an auth provider"), ("username", "basic auth")):
+        if user.get(key):
+            return kind
+    return "no credentials"
+
+
+def load_client_identity(ctx: KubeContext) -> tuple[Any, Any]:
+    """The user's client certificate and private key, checked to belong together."""
+    user = ctx.user
+    cert_data = read_material(user, "client-certificate-data", "client-certificate")
+    key_data = read_material(user, "client-key-data", "client-key")
+    if cert_data is None or key_data is None:
+        raise ConfigError(
+            f"user {user.name!r} of context {ctx.name!r} has no client certificate and key "
+            f"(it uses {auth_kind(user.body)}): yubikey-kube-proxy moves a client-certificate "
+            "key onto the card, so pick a context whose user has one with --context")
+    cert = load_certificate(cert_data, f"the client certificate of user {user.name!r}")
+    key = load_private_key(key_data, f"the client key of user {user.name!r}")
+    key_algorithm(key)
+    if not same_public_key(cert.public_key(), key.public_key()):
+        raise KeyMismatchError(
+            f"the client key of user {user.name!r} does not match its certificate "
+            f"({cert.subject.rfc4514_string()}): fix the kubeconfig so both belong together")
+    return cert, key
+
+
+def verify_signature(public_key: Any, algorithm: KeyAlgorithm, message: bytes,
+                     signature: bytes) -> bool:
+    """Check a signature made by ``PivSession.sign_message``."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    try:
+        if algorithm == KeyAlgorithm.ED25519:
+            public_key.verify(signature, message)
+        elif algorithm in (KeyAlgorithm.ECCP256, KeyAlgorithm.ECCP384):
+            public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        else:
+            public_key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+    except (InvalidSignature, TypeError, ValueError):
+        return False
+    return True
+
+
+def not_after(cert: Any) -> datetime.datetime:
+    return cert.not_valid_after_utc
+
+
+def days_left(cert: Any, now: datetime.datetime | None = None) -> int:
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return (not_after(cert) - now).days
+
+
+# =============================================================================
+# setup: move the kubeconfig's client key onto the card
+# =============================================================================
+
+
+def slot_occupant(piv: PivSession, slot: Slot) -> str | None:
+    """What a slot holds already, in words, or None when it is empty."""
+    parts = []
+    meta = piv.slot_metadata(slot) if piv.has_metadata() else None
+    if meta:
+        parts.append(f"a {ALGORITHM_NAMES.get(meta.algorithm, 'key')} key ({meta.origin})")
+    der = piv.get_certificate(slot)
+    if der:
+        try:
+            subject = load_certificate(der, "the slot certificate").subject.rfc4514_string()
+        except ConfigError:
+            subject = "an unreadable subject"
+        parts.append(f"a certificate for {subject or 'an empty subject'}")
+    return " and ".join(parts) or None
+
+
+def prove_slot(piv: PivSession, slot: Slot, cert: Any, pin_policy: PinPolicy,
+               touch_policy: TouchPolicy, pins: PinSource) -> None:
+    """Read the certificate back and have the card sign a fresh challenge that
+    must verify against the certificate's public key."""
+    from cryptography.hazmat.primitives import serialization
+
+    stored = piv.get_certificate(slot)
+    if stored != cert.public_bytes(serialization.Encoding.DER):
+        raise CardError(f"the certificate read back from slot {slot.name} differs from the "
+                        "one written: run setup again with --force")
+    ensure_pin(piv, pin_policy, pins)
+    if touch_policy in (TouchPolicy.ALWAYS, TouchPolicy.CACHED):
+        print("Touch your YubiKey now to prove the import...", file=sys.stderr)
+    algorithm = key_algorithm(cert.public_key())
+    challenge = secrets.token_bytes(32)
+    signature = piv.sign_message(slot, algorithm, challenge)
+    if not verify_signature(cert.public_key(), algorithm, challenge, signature):
+        raise KeyMismatchError(
+            f"the key in slot {slot.name} does not match the certificate stored with it: "
+            "run setup again with --force")
+
+
+def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) -> None:
+    """Import key and certificate into the slot, then prove the import."""
+    from cryptography.hazmat.primitives import serialization
+
+    slot = args.slot
+    pin_policy = PinPolicy[args.pin_policy.upper()]
+    touch_policy = TouchPolicy[args.touch_policy.upper()]
+    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {slot.name}"
+    with card.session() as piv:
+        occupant = slot_occupant(piv, slot)
+        if occupant and not args.force:
+            raise ConfigError(f"slot {slot.name} of the YubiKey already holds {occupant}: "
+                              "pass --force to overwrite it, or choose another --slot")
+        piv.authenticate(args.management_key)
+        piv.import_key(slot, key, pin_policy, touch_policy)
+        piv.put_certificate(slot, cert.public_bytes(serialization.Encoding.DER))
+        prove_slot(piv, slot, cert, pin_policy, touch_policy, PinSource(args.pin_file, label))
+
+
+def proxy_kubeconfig(ctx: KubeContext, settings: dict[str, Any]) -> dict[str, Any]:
+    """proxy.yml: the upstream cluster, its CA inlined, no credentials."""
+    import base64
+
+    cluster = {k: v for k, v in ctx.cluster.body.items() if k != "certificate-authority"}
+    ca = read_material(ctx.cluster, "certificate-authority-data", "certificate-authority")
+    if ca is not None:
+        cluster["certificate-authority-data"] = base64.b64encode(ca).decode()
+    context: dict[str, Any] = {"cluster": ctx.cluster.name, "user": EXTENSION_NAME}
+    if ctx.namespace:
+        context["namespace"] = ctx.namespace
+    context["extensions"] = [{"name": EXTENSION_NAME, "extension": settings}]
+    return kubeconfig_doc(ctx.cluster.name, cluster, ctx.name, context)
+
+
+def client_kubeconfig(ctx: KubeContext, port: int) -> dict[str, Any]:
+    """client.yml: kubectl's view, the local proxy as its server."""
+    context: dict[str, Any] = {"cluster": EXTENSION_NAME, "user": EXTENSION_NAME}
+    if ctx.namespace:
+        context["namespace"] = ctx.namespace
+    cluster = {"server": f"http://127.0.0.1:{port}"}
+    return kubeconfig_doc(EXTENSION_NAME, cluster, ctx.name, context)
+
+
+def kubeconfig_doc(cluster_name: str, cluster: dict[str, Any], context_name: str,
+                   context: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": cluster_name, "cluster": cluster}],
+        "contexts": [{"name": context_name, "context": context}],
+        "current-context": context_name,
+        "users": [{"name": EXTENSION_NAME, "user": {}}],
+        "preferences": {},
+    }
+
+
+def output_paths(args: argparse.Namespace, sources: list[Path]) -> tuple[Path, Path]:
+    """proxy.yml and client.yml in --output-dir, checked before the card is touched."""
+    out = Path(args.output_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {out}: {exc.strerror}") from None
+    paths = (out / "proxy.yml", out / "client.yml")
+    resolved_sources = {s.resolve() for s in sources}
+    for path in paths:
+        if path.resolve() in resolved_sources:
+            raise ConfigError(f"{path} is the source kubeconfig: choose another --output-dir")
+        if path.exists() and not args.force:
+            raise ConfigError(f"{path} exists already: pass --force to replace it, "
+                              "or choose another --output-dir")
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"cannot write to the output folder {out}: choose another --output-dir")
+    return paths
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    import yaml
+
+    ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
+    cert, key = load_client_identity(ctx)
+    if days_left(cert) < 0:
+        log.warning("the client certificate expired on %s: the cluster will refuse it",
+                    not_after(cert).date())
+    proxy_path, client_path = output_paths(args, ctx.sources)
+    card = open_card(args.reader, args.serial)
+    try:
+        install_identity(card, args, cert, key)
+    finally:
+        card.close()
+    del key
+    settings: dict[str, Any] = {"slot": args.slot.name, "listen": f"127.0.0.1:{args.port}"}
+    if card.info and card.info.serial is not None:
+        settings["serial"] = card.info.serial
+    for path, doc in ((proxy_path, proxy_kubeconfig(ctx, settings)),
+                      (client_path, client_kubeconfig(ctx, args.port))):
+        write_private_file(path, yaml.safe_dump(doc, sort_keys=False))
+    print_next_steps(ctx, card, args, cert, proxy_path, client_path)
+    return 0
+
+
+def print_next_steps(ctx: KubeContext, card: Card, args: argparse.Namespace, cert: Any,
+                     proxy_path: Path, client_path: Path) -> None:
+    algorithm = ALGORITHM_NAMES[key_algorithm(cert.public_key())]
+    print(f"Imported the {algorithm} key and certificate "
+          f"({cert.subject.rfc4514_string()}, valid until {not_after(cert):%Y-%m-%d}) "
+          f"into slot {args.slot.name} of {card.info.describe() if card.info else 'the card'}.")
+    print("Proved the import: the card signed a challenge that verifies against the "
+          "certificate.")
+    print(f"Wrote {proxy_path} (for the proxy) and {client_path} (for kubectl), mode 0600.")
+    print()
+    print("Next steps:")
+    print(f"  1. {PROG} proxy --kubeconfig {proxy_path}")
+    print(f"  2. KUBECONFIG={client_path} kubectl get nodes")
+    sources = ", ".join(map(str, ctx.sources))
+    print(f"  3. The private key is still in {sources} (user {ctx.user.name!r}): once the "
+          "proxy works, delete it there (keep an offline backup if you need one).")
+
+
+# =============================================================================
+# status: what is on the card
+# =============================================================================
+
+
+def slot_report(piv: PivSession, slot: Slot) -> dict[str, Any]:
+    """Key, certificate and problems of one slot, as plain data."""
+    report: dict[str, Any] = {"slot": slot.name, "key": None, "certificate": None,
+                              "problems": []}
+    problems = report["problems"]
+    meta = piv.slot_metadata(slot) if piv.has_metadata() else None
+    if meta:
+        report["key"] = {
+            "algorithm": ALGORITHM_NAMES.get(meta.algorithm, f"0x{meta.algorithm:02x}"),
+            "pin_policy": meta.pin_policy.name.lower(),
+            "touch_policy": meta.touch_policy.name.lower(),
+            "origin": meta.origin,
+        }
+    der = piv.get_certificate(slot)
+    if der:
+        report["certificate"] = certificate_report(der, meta, problems)
+    if not meta and not der:
+        problems.append(("error", f"slot {slot.name} is empty: run '{PROG} setup'"))
+    elif meta and not der:
+        problems.append(("error", f"slot {slot.name} holds a key but no certificate: "
+                                  f"run '{PROG} setup --force'"))
+    report["problems"] = [{"level": lvl, "message": msg} for lvl, msg in problems]
+    return report
+
+
+def certificate_report(der: bytes, meta: SlotMetadata | None,
+                       problems: list[tuple[str, str]]) -> dict[str, Any]:
+    try:
+        cert = load_certificate(der, "the slot certificate")
+    except ConfigError as exc:
+        problems.append(("error", str(exc)))
+        return {"readable": False}
+    left = days_left(cert)
+    info = {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
+            "not_after": not_after(cert).isoformat(), "days_left": left}
+    if left < 0:
+        problems.append(("error", f"the certificate expired on {not_after(cert):%Y-%m-%d}: "
+                                  f"renew it and run '{PROG} setup --force'"))
+    elif left < EXPIRY_WARNING_DAYS:
+        problems.append(("warning", f"the certificate expires in {left} days "
+                                    f"({not_after(cert):%Y-%m-%d}): renew it soon"))
+    if meta and meta.public_key:
+        public = public_key_from_metadata(meta.algorithm, meta.public_key)
+        info["matches_key"] = same_public_key(public, cert.public_key())
+        if not info["matches_key"]:
+            problems.append(("error", "the certificate does not belong to the key in the "
+                                      f"slot: run '{PROG} setup --force'"))
+    return info
+
+
+def card_report(card: Card, slots: list[Slot]) -> dict[str, Any]:
+    with card.session() as piv:
+        info = card.info or CardInfo(card.reader, piv.get_serial(), piv.version)
+        return {"reader": info.reader, "serial": info.serial, "firmware": info.firmware,
+                "pin_tries_left": piv.pin_tries_left(),
+                "slots": [slot_report(piv, slot) for slot in slots]}
+
+
+def print_card_report(report: dict[str, Any]) -> None:
+    print(f"YubiKey serial {report['serial']}, firmware {report['firmware']}, "
+          f"reader {report['reader']!r}")
+    print(f"  PIN tries left: {report['pin_tries_left']}")
+    for slot in report["slots"]:
+        key = slot["key"]
+        desc = (f"{key['algorithm']} key, {key['origin']}, PIN policy {key['pin_policy']}, "
+                f"touch policy {key['touch_policy']}" if key else "no key information")
+        print(f"  slot {slot['slot']}: {desc}")
+        cert = slot["certificate"]
+        if cert and cert.get("subject") is not None:
+            print(f"    certificate: {cert['subject']}")
+            print(f"    issuer:      {cert['issuer']}")
+            print(f"    not after:   {cert['not_after']} ({cert['days_left']} days left)")
+        for problem in slot["problems"]:
+            print(f"    {problem['level']}: {problem['message']}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    found = find_cards(args.reader)
+    try:
+        cards = found
+        if args.serial is not None:
+            cards = [c for c in found if c.info and c.info.serial == args.serial]
+        if not cards:
+            what = f"with serial {args.serial} " if args.serial is not None else ""
+            raise NoCardError(f"no YubiKey {what}found - please insert your YubiKey")
+        slots = [args.slot] if args.slot else [SLOTS["9a"]]
+        reports = [card_report(card, slots) for card in cards]
+    finally:
+        _close_all(found)
+    if args.json:
+        print(json.dumps({"cards": reports}, indent=2))
+    else:
+        for report in reports:
+            print_card_report(report)
+    failed = any(p["level"] == "error" for r in reports for s in r["slots"]
+                 for p in s["problems"])
+    return 1 if failed else 0
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+
+
+def management_key_arg(text: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("the management key must be hexadecimal") from None
+    if len(key) not in (16, 24, 32):
+        raise argparse.ArgumentTypeError(
+            "the management key has 32, 48 or 64 hex digits (16, 24 or 32 bytes)")
+    return key
+
+
+def slot_arg(text: str) -> Slot:
+    try:
+        return parse_slot(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def port_arg(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def serial_arg(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a YubiKey serial number")
+    return int(text)
+
+
+def card_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more output: -v info, -vv debug with an APDU trace")
+    common.add_argument("--reader", metavar="SUBSTR",
+                        help="use the reader whose name contains SUBSTR "
+                             "(default: readers named YubiKey/Yubico)")
+    common.add_argument("--serial", type=serial_arg, metavar="N",
+                        help="use the YubiKey with this serial number")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Keep the key that opens a Kubernetes cluster on a YubiKey.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = card_options()
+
+    setup = commands.add_parser(
+        "setup", parents=[common], help="import a kubeconfig's client key into the YubiKey",
+        description="Import the client key and certificate of a kubeconfig context into a "
+                    "PIV slot, prove it, and write proxy.yml and client.yml.")
+    setup.add_argument("--kubeconfig", metavar="PATH",
+                       help="source kubeconfig (default: $KUBECONFIG, else ~/.kube/config)")
+    setup.add_argument("--context", metavar="NAME", help="context (default: current-context)")
+    setup.add_argument("--slot", type=slot_arg, default=SLOTS["9a"],
+                       help="PIV slot (default: 9a)")
+    setup.add_argument("--output-dir", default=".", metavar="DIR",
+                       help="where proxy.yml and client.yml go (default: .)")
+    setup.add_argument("--port", type=port_arg, default=DEFAULT_PORT,
+                       help=f"local port of the proxy (default: {DEFAULT_PORT})")
+    setup.add_argument("--management-key", type=management_key_arg, metavar="HEX",
+                       default=DEFAULT_MANAGEMENT_KEY,
+                       help="the card's management key (default: the factory key)")
+    setup.add_argument("--pin-policy", choices=["never", "once", "always"], default="never",
+                       help="when the card asks for the PIN (default: never)")
+    setup.add_argument("--touch-policy", choices=["never", "always", "cached"],
+                       default="never", help="when the card asks for a touch (default: never)")
+    setup.add_argument("--pin-file", metavar="PATH",
+                       help="read the PIN from this file instead of prompting")
+    setup.add_argument("--force", action="store_true",
+                       help="overwrite an occupied slot and existing proxy.yml/client.yml")
+    setup.set_defaults(func=cmd_setup)
+
+    status = commands.add_parser(
+        "status", parents=[common], help="show the YubiKeys, their slot and certificate",
+        description="Show each YubiKey, the key and certificate of a slot, and PIN tries left. "
+                    "Exits 1 when the slot is empty or its certificate expired.")
+    status.add_argument("--slot", type=slot_arg, help="PIV slot (default: 9a)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 \
+        else logging.DEBUG
+    logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s: %(message)s")
+    log.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ProxyError as exc:
+        if args.verbose:
+            log.exception("details")
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
