@@ -642,8 +642,8 @@ class PivSession:
 
     def _transmit(self, apdu: bytes) -> tuple[bytes, int]:
         if log.isEnabledFor(logging.DEBUG):
-            shown = apdu[:5].hex() + (" <redacted>" if apdu[1] in SECRET_INS else apdu[5:].hex())
-            log.debug("APDU > %s", shown)
+            body = "<redacted>" if apdu[1] in SECRET_INS else apdu[4:].hex()
+            log.debug("APDU > %s %s", apdu[:4].hex(), body)
         data, sw = self._transport.transmit(apdu)
         if log.isEnabledFor(logging.DEBUG):
             secret = apdu[1] in (INS_GENERAL_AUTHENTICATE,) and apdu[3] == KEY_MANAGEMENT
@@ -1604,10 +1604,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each message."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 \
-        else logging.DEBUG
-    logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s: %(message)s")
+    level = (logging.WARNING, logging.INFO)[verbosity] if verbosity < 2 else logging.DEBUG
+    if not any(isinstance(h, StderrHandler) for h in log.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
     log.setLevel(level)
 
 

@@ -1,0 +1,1833 @@
+"""Tests for yk_kube_proxy, through the real PC/SC stack.
+
+pyscard -> pcscd -> vpcd (vsmartcard) -> the virtual YubiKey below, which speaks the
+vpcd socket protocol. The fixtures start their own pcscd with their own reader
+configuration; kubectl and yubico-piv-tool act as independent clients.
+
+Sections: the virtual PIV card, the PC/SC rig, a small PKI and kubeconfigs, then
+the tests from pure functions up to whole commands.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import io
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from math import gcd
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import serialization as ser
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+import yk_kube_proxy as yk
+
+HERE = Path(__file__).resolve().parent
+
+# =============================================================================
+# The virtual PIV card: a YubiKey 5 PIV applet (NIST SP 800-73-4 + Yubico
+# extensions) with a vpcd transport
+# =============================================================================
+
+DEFAULT_MGMT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
+DEFAULT_PIN = b"123456"
+DEFAULT_PUK = b"12345678"
+DEFAULT_TRIES = 3
+
+ATR = bytes.fromhex("3BFD1300008131FE158073C021C057597562694B657940")
+
+# --- status words -----------------------------------------------------------
+SW_OK = 0x9000
+SW_WRONG_LENGTH = 0x6700
+SW_SECURITY_NOT_SATISFIED = 0x6982
+SW_AUTH_BLOCKED = 0x6983
+SW_CONDITIONS_NOT_SATISFIED = 0x6985
+SW_WRONG_DATA = 0x6A80
+SW_FILE_NOT_FOUND = 0x6A82
+SW_INCORRECT_P1P2 = 0x6A86
+SW_REFERENCE_NOT_FOUND = 0x6A88
+SW_INS_NOT_SUPPORTED = 0x6D00
+SW_CLA_NOT_SUPPORTED = 0x6E00
+SW_VERIFY_FAIL = 0x63C0  # | tries left
+
+# --- instructions -------------------------------------------------------------
+INS_VERIFY = 0x20
+INS_CHANGE_REFERENCE = 0x24
+INS_RESET_RETRY = 0x2C
+INS_GENERATE = 0x47
+INS_AUTHENTICATE = 0x87
+INS_SELECT = 0xA4
+INS_GET_RESPONSE = 0xC0
+INS_GET_DATA = 0xCB
+INS_PUT_DATA = 0xDB
+INS_GET_METADATA = 0xF7
+INS_GET_SERIAL = 0xF8
+INS_SET_PIN_RETRIES = 0xFA
+INS_RESET = 0xFB
+INS_GET_VERSION = 0xFD
+INS_IMPORT_KEY = 0xFE
+INS_SET_MGMT_KEY = 0xFF
+
+CLA_PLAIN = 0x00
+CLA_CHAIN = 0x10
+
+# --- algorithms ---------------------------------------------------------------
+ALG_3DES = 0x03
+ALG_AES128 = 0x08
+ALG_AES192 = 0x0A
+ALG_AES256 = 0x0C
+ALG_RSA1024 = 0x06
+ALG_RSA2048 = 0x07
+ALG_RSA3072 = 0x05
+ALG_RSA4096 = 0x16
+ALG_ECCP256 = 0x11
+ALG_ECCP384 = 0x14
+ALG_ED25519 = 0xE0
+ALG_PIN_PUK = 0xFF
+
+MGMT_KEY_LENGTHS = {ALG_3DES: 24, ALG_AES128: 16, ALG_AES192: 24, ALG_AES256: 32}
+RSA_BITS = {ALG_RSA1024: 1024, ALG_RSA2048: 2048, ALG_RSA3072: 3072, ALG_RSA4096: 4096}
+EC_CURVES = {
+    ALG_ECCP256: (ec.SECP256R1(), 32, hashes.SHA256()),
+    ALG_ECCP384: (ec.SECP384R1(), 48, hashes.SHA384()),
+}
+ALG_MIN_VERSION = {ALG_RSA3072: (5, 7, 0), ALG_RSA4096: (5, 7, 0), ALG_ED25519: (5, 7, 0)}
+MIN_VERSION_METADATA = (5, 3, 0)
+MIN_VERSION_AES_MGMT = (5, 4, 0)
+MIN_VERSION_SERIAL_INS = (5, 0, 0)
+
+# --- key references / slots ------------------------------------------------------
+REF_PIN = 0x80
+REF_PUK = 0x81
+SLOT_MGMT = 0x9B
+SLOT_AUTHENTICATION = 0x9A
+SLOT_SIGNATURE = 0x9C
+SLOT_KEY_MANAGEMENT = 0x9D
+SLOT_CARD_AUTH = 0x9E
+SLOT_ATTESTATION = 0xF9
+RETIRED_SLOTS = range(0x82, 0x96)
+KEY_SLOTS = frozenset([SLOT_AUTHENTICATION, SLOT_SIGNATURE, SLOT_KEY_MANAGEMENT,
+                       SLOT_CARD_AUTH, SLOT_ATTESTATION, *RETIRED_SLOTS])
+SLOT_OBJECTS = {
+    SLOT_AUTHENTICATION: 0x5FC105,
+    SLOT_SIGNATURE: 0x5FC10A,
+    SLOT_KEY_MANAGEMENT: 0x5FC10B,
+    SLOT_CARD_AUTH: 0x5FC101,
+    SLOT_ATTESTATION: 0x5FFF01,
+    **{slot: 0x5FC10D + i for i, slot in enumerate(RETIRED_SLOTS)},
+}
+
+PIN_POLICY_DEFAULT = 0x00
+PIN_POLICY_NEVER = 0x01
+PIN_POLICY_ONCE = 0x02
+PIN_POLICY_ALWAYS = 0x03
+TOUCH_POLICY_DEFAULT = 0x00
+TOUCH_POLICY_NEVER = 0x01
+TOUCH_POLICY_ALWAYS = 0x02
+TOUCH_POLICY_CACHED = 0x03
+TOUCH_CACHE_SECONDS = 15.0
+
+ORIGIN_GENERATED = 0x01
+ORIGIN_IMPORTED = 0x02
+
+# --- TLV tags ------------------------------------------------------------------------
+TAG_DYN_AUTH = 0x7C
+TAG_WITNESS = 0x80
+TAG_CHALLENGE = 0x81
+TAG_RESPONSE = 0x82
+TAG_EXPONENTIATION = 0x85
+TAG_PUBLIC_KEY = 0x7F49
+TAG_RSA_N = 0x81
+TAG_RSA_E = 0x82
+TAG_EC_POINT = 0x86
+TAG_GEN_TEMPLATE = 0xAC
+TAG_GEN_ALGORITHM = 0x80
+TAG_PIN_POLICY = 0xAA
+TAG_TOUCH_POLICY = 0xAB
+TAG_OBJECT_ID = 0x5C
+TAG_OBJECT_DATA = 0x53
+TAG_IMPORT_EC = 0x06
+TAG_IMPORT_ED25519 = 0x07
+
+PIV_AID = bytes.fromhex("A000000308000010000100")
+PIV_AID_MIN_PREFIX = 5
+SELECT_RESPONSE = bytes.fromhex("61114F0600001000010079074F05A000000308")
+DISCOVERY_OBJECT = bytes.fromhex("7E124F0BA0000003080000100001005F2F024000")
+DISCOVERY_OBJECT_ID = b"\x7e"
+SHORT_RESPONSE_MAX = 256
+APDU_LOG_LIMIT = 10000
+
+
+class CardStatus(Exception):
+    """Raised by command handlers; carries the status word to return."""
+
+    def __init__(self, sw: int):
+        super().__init__(f"SW {sw:04X}")
+        self.sw = sw
+
+
+# --- TLV helpers ------------------------------------------------------------------------
+def encode_length(n: int) -> bytes:
+    """BER length encoding (short form, 0x81 xx, 0x82 xxxx)."""
+    if n < 0x80:
+        return bytes([n])
+    if n <= 0xFF:
+        return bytes([0x81, n])
+    return bytes([0x82]) + n.to_bytes(2, "big")
+
+
+def tlv(tag: int, value: bytes) -> bytes:
+    """Encode one TLV; ``tag`` may be a multi-byte tag such as 0x7F49."""
+    tag_bytes = tag.to_bytes(max(1, (tag.bit_length() + 7) // 8), "big")
+    return tag_bytes + encode_length(len(value)) + value
+
+
+def _read_tag(buf: bytes, pos: int) -> tuple[int, int]:
+    tag = buf[pos]
+    pos += 1
+    if tag & 0x1F == 0x1F:
+        while True:
+            b = buf[pos]
+            pos += 1
+            tag = (tag << 8) | b
+            if not b & 0x80:
+                break
+    return tag, pos
+
+
+def _read_length(buf: bytes, pos: int) -> tuple[int, int]:
+    first = buf[pos]
+    pos += 1
+    if first < 0x80:
+        return first, pos
+    count = first & 0x7F
+    if count == 0 or count > 3 or pos + count > len(buf):
+        raise CardStatus(SW_WRONG_DATA)
+    return int.from_bytes(buf[pos:pos + count], "big"), pos + count
+
+
+def parse_tlvs(buf: bytes) -> dict[int, bytes]:
+    """Parse a flat TLV sequence into ``{tag: value}`` (first occurrence wins)."""
+    out: dict[int, bytes] = {}
+    pos = 0
+    try:
+        while pos < len(buf):
+            tag, pos = _read_tag(buf, pos)
+            length, pos = _read_length(buf, pos)
+            value = bytes(buf[pos:pos + length])
+            if len(value) != length:
+                raise CardStatus(SW_WRONG_DATA)
+            out.setdefault(tag, value)
+            pos += length
+    except IndexError:
+        raise CardStatus(SW_WRONG_DATA) from None
+    return out
+
+
+def _sw(sw: int) -> bytes:
+    return sw.to_bytes(2, "big")
+
+
+def _pad_pin(value: bytes) -> bytes:
+    return value.ljust(8, b"\xff")
+
+
+# --- APDU parsing ------------------------------------------------------------------------
+@dataclass
+class Command:
+    """A parsed command APDU."""
+
+    cla: int
+    ins: int
+    p1: int
+    p2: int
+    data: bytes
+    extended: bool = False
+
+
+def parse_apdu(apdu: bytes) -> Command:
+    """Parse a short or extended command APDU (ISO 7816-4 cases 1-4)."""
+    if len(apdu) < 4:
+        raise CardStatus(SW_WRONG_LENGTH)
+    cla, ins, p1, p2 = apdu[:4]
+    body = apdu[4:]
+    if len(body) <= 1:
+        return Command(cla, ins, p1, p2, b"")
+    if body[0] != 0:
+        lc = body[0]
+        data, rest = body[1:1 + lc], body[1 + lc:]
+        if len(data) != lc or len(rest) > 1:
+            raise CardStatus(SW_WRONG_LENGTH)
+        return Command(cla, ins, p1, p2, bytes(data))
+    if len(body) == 3:
+        return Command(cla, ins, p1, p2, b"", extended=True)
+    lc = int.from_bytes(body[1:3], "big")
+    data, rest = body[3:3 + lc], body[3 + lc:]
+    if lc == 0 or len(data) != lc or len(rest) not in (0, 2):
+        raise CardStatus(SW_WRONG_LENGTH)
+    return Command(cla, ins, p1, p2, bytes(data), extended=True)
+
+
+# --- card state records ----------------------------------------------------------------------
+@dataclass
+class Reference:
+    """A PIN or PUK: padded value plus retry counter."""
+
+    value: bytes
+    default: bytes
+    tries_left: int = DEFAULT_TRIES
+    max_tries: int = DEFAULT_TRIES
+
+    @property
+    def blocked(self) -> bool:
+        """True when no tries are left."""
+        return self.tries_left <= 0
+
+
+@dataclass
+class KeySlot:
+    """A private key stored in a PIV slot."""
+
+    key: object
+    algorithm: int
+    pin_policy: int
+    touch_policy: int
+    origin: int
+
+
+def _block_cipher(algorithm: int, key: bytes) -> Cipher:
+    if algorithm == ALG_3DES:
+        return Cipher(TripleDES(key), modes.ECB())
+    return Cipher(algorithms.AES(key), modes.ECB())
+
+
+def _default_pin_policy(slot: int) -> int:
+    if slot == SLOT_SIGNATURE:
+        return PIN_POLICY_ALWAYS
+    if slot == SLOT_CARD_AUTH:
+        return PIN_POLICY_NEVER
+    return PIN_POLICY_ONCE
+
+
+def _public_key_tlvs(key) -> bytes:
+    """Public key as the inner TLVs of 7F49 (81/82 for RSA, 86 otherwise)."""
+    pub = key.public_key()
+    if isinstance(pub, rsa.RSAPublicKey):
+        nums = pub.public_numbers()
+        n = nums.n.to_bytes((nums.n.bit_length() + 7) // 8, "big")
+        e = nums.e.to_bytes((nums.e.bit_length() + 7) // 8, "big")
+        return tlv(TAG_RSA_N, n) + tlv(TAG_RSA_E, e)
+    if isinstance(pub, ec.EllipticCurvePublicKey):
+        point = pub.public_bytes(ser.Encoding.X962, ser.PublicFormat.UncompressedPoint)
+        return tlv(TAG_EC_POINT, point)
+    return tlv(TAG_EC_POINT, pub.public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw))
+
+
+def _rsa_from_crt(p: int, q: int, dp: int, dq: int, qinv: int):
+    """Rebuild an RSA private key from its CRT parts (derives d and e)."""
+    p1, q1 = p - 1, q - 1
+    g = gcd(p1, q1)
+    lam = p1 // g * q1
+    if (dq - dp) % g:
+        raise ValueError("inconsistent CRT exponents")
+    m = q1 // g
+    k = ((dq - dp) // g) * pow(p1 // g, -1, m) % m
+    d = (dp + p1 * k) % lam
+    e = pow(d, -1, lam)
+    public = rsa.RSAPublicNumbers(e, p * q)
+    return rsa.RSAPrivateNumbers(p, q, d, dp, dq, qinv, public).private_key()
+
+
+def _rsa_raw(key, block: bytes) -> bytes:
+    """Raw RSA private-key operation (CRT), left-padded to the modulus length."""
+    nums = key.private_numbers()
+    n = nums.public_numbers.n
+    size = (n.bit_length() + 7) // 8
+    c = int.from_bytes(block, "big")
+    if len(block) != size or c >= n:
+        raise CardStatus(SW_WRONG_DATA)
+    m1 = pow(c, nums.dmp1, nums.p)
+    m2 = pow(c, nums.dmq1, nums.q)
+    h = nums.iqmp * (m1 - m2) % nums.p
+    return (m2 + h * nums.q).to_bytes(size, "big")
+
+
+class VirtualPiv:
+    """Card logic, no I/O: ``process(apdu) -> data || SW1 SW2``.
+
+    Thread-safe (one lock).  Observable attributes for tests: ``sign_count``,
+    ``verify_attempts``, ``pin_tries_left``, ``puk_tries_left``,
+    ``mgmt_authenticated``, ``pin_verified``, ``apdu_log`` (last 10000 APDUs).
+
+    ``touch(slot) -> bool`` is called for touch policy always/cached (None =
+    touch given instantly); ``sign_delay`` seconds are slept per successful
+    private-key operation.  ``select_resets_auth`` (default True): SELECT of the
+    PIV AID clears PIN and management-key authentication, like a real YubiKey.
+    """
+
+    def __init__(self, *, version=(5, 7, 1), serial=12345678, mgmt_algorithm=ALG_AES192,
+                 mgmt_key=DEFAULT_MGMT_KEY, pin=DEFAULT_PIN, puk=DEFAULT_PUK,
+                 sign_delay=0.0, touch: Optional[Callable[[int], bool]] = None,
+                 select_resets_auth=True):
+        if MGMT_KEY_LENGTHS.get(mgmt_algorithm) != len(mgmt_key):
+            raise ValueError("management key length does not match its algorithm")
+        self.version = tuple(version)
+        self.serial = serial
+        self.mgmt_algorithm = mgmt_algorithm
+        self.mgmt_key = bytes(mgmt_key)
+        self.mgmt_touch = False
+        self.sign_delay = sign_delay
+        self.touch = touch
+        self.select_resets_auth = select_resets_auth
+        self._pin = Reference(_pad_pin(pin), _pad_pin(DEFAULT_PIN))
+        self._puk = Reference(_pad_pin(puk), _pad_pin(DEFAULT_PUK))
+        self._slots: dict[int, KeySlot] = {}
+        self._objects: dict[bytes, bytes] = {}
+        self._lock = threading.RLock()
+        self._last_touch = float("-inf")
+        self.sign_count = 0
+        self.verify_attempts = 0
+        self.apdu_log: list[bytes] = []
+        self.power_off()
+
+    # --- public helpers -------------------------------------------------------------------
+    @property
+    def pin_tries_left(self) -> int:
+        """PIN tries remaining (settable, e.g. to simulate a nearly blocked card)."""
+        return self._pin.tries_left
+
+    @pin_tries_left.setter
+    def pin_tries_left(self, value: int) -> None:
+        self._pin.tries_left = value
+
+    @property
+    def puk_tries_left(self) -> int:
+        """PUK tries remaining (settable)."""
+        return self._puk.tries_left
+
+    @puk_tries_left.setter
+    def puk_tries_left(self, value: int) -> None:
+        self._puk.tries_left = value
+
+    def power_off(self) -> None:
+        """Clear volatile state: PIN/mgmt authentication, chaining and response buffers."""
+        with self._lock:
+            self._clear_auth()
+            self._chain: Optional[tuple[int, int, int, bytearray]] = None
+            self._pending = b""
+
+    def slot_key(self, slot: int):
+        """The ``cryptography`` private key in ``slot``, or None."""
+        entry = self._slots.get(slot)
+        return entry.key if entry else None
+
+    def slot_info(self, slot: int) -> Optional[KeySlot]:
+        """The full :class:`KeySlot` record (algorithm, policies, origin) or None."""
+        return self._slots.get(slot)
+
+    def certificate_object(self, slot: int) -> Optional[bytes]:
+        """Raw stored value of the certificate object belonging to ``slot``."""
+        return self._objects.get(SLOT_OBJECTS[slot].to_bytes(3, "big"))
+
+    def data_object(self, object_id: int) -> Optional[bytes]:
+        """Raw stored value of any data object (e.g. 0x5FC102 CHUID)."""
+        return self._objects.get(object_id.to_bytes(3, "big"))
+
+    def _clear_auth(self) -> None:
+        self.pin_verified = False
+        self._pin_fresh = False
+        self.mgmt_authenticated = False
+        self._witness: Optional[bytes] = None
+        self._challenge: Optional[bytes] = None
+
+    # --- APDU entry point ------------------------------------------------------------------
+    def process(self, apdu: bytes) -> bytes:
+        """Process one command APDU; returns response data followed by SW1 SW2."""
+        apdu = bytes(apdu)
+        with self._lock:
+            self.apdu_log.append(apdu)
+            if len(self.apdu_log) > APDU_LOG_LIMIT:
+                del self.apdu_log[:len(self.apdu_log) - APDU_LOG_LIMIT]
+            try:
+                return self._process(parse_apdu(apdu))
+            except CardStatus as err:
+                return _sw(err.sw)
+
+    def _process(self, cmd: Command) -> bytes:
+        if cmd.cla not in (CLA_PLAIN, CLA_CHAIN):
+            raise CardStatus(SW_CLA_NOT_SUPPORTED)
+        if cmd.ins == INS_GET_RESPONSE:
+            if not self._pending:
+                raise CardStatus(SW_CONDITIONS_NOT_SATISFIED)
+            return self._emit(self._pending)
+        self._pending = b""
+        data = self._collect_chain(cmd)
+        if data is None:
+            return _sw(SW_OK)
+        handler = self._DISPATCH.get(cmd.ins)
+        if handler is None:
+            raise CardStatus(SW_INS_NOT_SUPPORTED)
+        result = handler(self, cmd.p1, cmd.p2, data)
+        return result + _sw(SW_OK) if cmd.extended else self._emit(result)
+
+    def _collect_chain(self, cmd: Command) -> Optional[bytes]:
+        """Accumulate chained data; returns the full data for the last chunk, else None."""
+        header = (cmd.ins, cmd.p1, cmd.p2)
+        if self._chain is not None and self._chain[:3] != header:
+            self._chain = None
+        if cmd.cla == CLA_CHAIN:
+            if self._chain is None:
+                self._chain = (*header, bytearray())
+            self._chain[3].extend(cmd.data)
+            return None
+        if self._chain is None:
+            return cmd.data
+        data = bytes(self._chain[3]) + cmd.data
+        self._chain = None
+        return data
+
+    def _emit(self, data: bytes) -> bytes:
+        """Short response: first 256 bytes + 61xx if more remain (served by GET RESPONSE)."""
+        if len(data) <= SHORT_RESPONSE_MAX:
+            self._pending = b""
+            return data + _sw(SW_OK)
+        head, self._pending = data[:SHORT_RESPONSE_MAX], data[SHORT_RESPONSE_MAX:]
+        return head + bytes([0x61, min(len(self._pending), 256) & 0xFF])
+
+    # --- access-control helpers ----------------------------------------------------------------
+    def _require_mgmt(self) -> None:
+        if not self.mgmt_authenticated:
+            raise CardStatus(SW_SECURITY_NOT_SATISFIED)
+
+    def _require_version(self, minimum: tuple) -> None:
+        if self.version < minimum:
+            raise CardStatus(SW_INS_NOT_SUPPORTED)
+
+    def _reference(self, ref: int) -> Reference:
+        if ref == REF_PIN:
+            return self._pin
+        if ref == REF_PUK:
+            return self._puk
+        raise CardStatus(SW_REFERENCE_NOT_FOUND)
+
+    @staticmethod
+    def _check_reference(ref: Reference, candidate: bytes) -> None:
+        """Compare ``candidate`` against a PIN/PUK, maintaining the retry counter."""
+        if ref.blocked:
+            raise CardStatus(SW_AUTH_BLOCKED)
+        if candidate == ref.value:
+            ref.tries_left = ref.max_tries
+            return
+        ref.tries_left -= 1
+        raise CardStatus(SW_VERIFY_FAIL | ref.tries_left)
+
+    @staticmethod
+    def _new_reference_value(raw: bytes, min_len: int) -> bytes:
+        stripped = raw.rstrip(b"\xff")
+        if len(stripped) < min_len or b"\xff" in stripped:
+            raise CardStatus(SW_WRONG_DATA)
+        return raw
+
+    def _require_touch(self, slot: int, policy: int) -> None:
+        """Ask the touch hook if the policy needs a touch; 6982 when it times out."""
+        if policy not in (TOUCH_POLICY_ALWAYS, TOUCH_POLICY_CACHED):
+            return
+        now = time.monotonic()
+        if policy == TOUCH_POLICY_CACHED and now - self._last_touch < TOUCH_CACHE_SECONDS:
+            return
+        if self.touch is not None and not self.touch(slot):
+            raise CardStatus(SW_SECURITY_NOT_SATISFIED)
+        self._last_touch = time.monotonic()
+
+    def _authorize_key_use(self, slot: int, entry: KeySlot) -> None:
+        """Enforce PIN policy (never/once/always) and touch policy for a key slot."""
+        if entry.pin_policy == PIN_POLICY_ALWAYS and not self._pin_fresh:
+            raise CardStatus(SW_SECURITY_NOT_SATISFIED)
+        if entry.pin_policy == PIN_POLICY_ONCE and not self.pin_verified:
+            raise CardStatus(SW_SECURITY_NOT_SATISFIED)
+        self._require_touch(slot, entry.touch_policy)
+        if entry.pin_policy == PIN_POLICY_ALWAYS:
+            self._pin_fresh = False
+
+    # --- simple commands -------------------------------------------------------------------------
+    def _cmd_select(self, p1: int, p2: int, data: bytes) -> bytes:
+        """SELECT by AID; any prefix (>= 5 bytes) of the PIV AID selects PIV."""
+        if p1 != 0x04:
+            raise CardStatus(SW_INCORRECT_P1P2)
+        if len(data) < PIV_AID_MIN_PREFIX or not PIV_AID.startswith(data):
+            raise CardStatus(SW_FILE_NOT_FOUND)
+        if self.select_resets_auth:
+            self._clear_auth()
+        return SELECT_RESPONSE
+
+    def _cmd_get_version(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Yubico GET VERSION: three bytes major.minor.patch."""
+        return bytes(self.version)
+
+    def _cmd_get_serial(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Yubico GET SERIAL (fw >= 5): 4 bytes big-endian."""
+        self._require_version(MIN_VERSION_SERIAL_INS)
+        return self.serial.to_bytes(4, "big")
+
+    # --- PIN / PUK ------------------------------------------------------------------------------
+    def _cmd_verify(self, p1: int, p2: int, data: bytes) -> bytes:
+        """VERIFY PIN; empty data = status probe; P1=FF resets the verified state."""
+        if p2 != REF_PIN or p1 not in (0x00, 0xFF):
+            raise CardStatus(SW_REFERENCE_NOT_FOUND if p1 == 0 else SW_INCORRECT_P1P2)
+        if p1 == 0xFF:
+            self.pin_verified = self._pin_fresh = False
+            return b""
+        if not data:
+            if self._pin.blocked:
+                raise CardStatus(SW_AUTH_BLOCKED)
+            if self.pin_verified:
+                return b""
+            raise CardStatus(SW_VERIFY_FAIL | self._pin.tries_left)
+        if len(data) != 8:
+            raise CardStatus(SW_WRONG_LENGTH)
+        self.verify_attempts += 1
+        self.pin_verified = self._pin_fresh = False
+        self._check_reference(self._pin, data)
+        self.pin_verified = self._pin_fresh = True
+        return b""
+
+    def _cmd_change_reference(self, p1: int, p2: int, data: bytes) -> bytes:
+        """CHANGE REFERENCE DATA for PIN (80) or PUK (81): old || new, 8 bytes each."""
+        ref = self._reference(p2)
+        if p1 != 0:
+            raise CardStatus(SW_INCORRECT_P1P2)
+        if len(data) != 16:
+            raise CardStatus(SW_WRONG_LENGTH)
+        self._check_reference(ref, data[:8])
+        ref.value = self._new_reference_value(data[8:], 6)
+        return b""
+
+    def _cmd_reset_retry(self, p1: int, p2: int, data: bytes) -> bytes:
+        """RESET RETRY COUNTER: PUK || new PIN; unblocks the PIN."""
+        if p2 != REF_PIN:
+            raise CardStatus(SW_REFERENCE_NOT_FOUND)
+        if len(data) != 16:
+            raise CardStatus(SW_WRONG_LENGTH)
+        self._check_reference(self._puk, data[:8])
+        self._pin.value = self._new_reference_value(data[8:], 6)
+        self._pin.tries_left = self._pin.max_tries
+        return b""
+
+    def _cmd_set_pin_retries(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Yubico SET PIN RETRIES (P1 PIN tries, P2 PUK tries); resets PIN and PUK."""
+        self._require_mgmt()
+        if not self.pin_verified:
+            raise CardStatus(SW_SECURITY_NOT_SATISFIED)
+        if not (0 < p1 < 16 and 0 < p2 < 16):
+            raise CardStatus(SW_INCORRECT_P1P2)
+        self._pin = Reference(self._pin.default, self._pin.default, p1, p1)
+        self._puk = Reference(self._puk.default, self._puk.default, p2, p2)
+        return b""
+
+    def _cmd_reset(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Yubico RESET: only allowed when both PIN and PUK are blocked."""
+        if not (self._pin.blocked and self._puk.blocked):
+            raise CardStatus(SW_CONDITIONS_NOT_SATISFIED)
+        self._pin = Reference(self._pin.default, self._pin.default)
+        self._puk = Reference(self._puk.default, self._puk.default)
+        self.mgmt_algorithm = ALG_AES192 if self.version >= (5, 7, 0) else ALG_3DES
+        self.mgmt_key = DEFAULT_MGMT_KEY
+        self.mgmt_touch = False
+        self._slots.clear()
+        self._objects.clear()
+        self._clear_auth()
+        return b""
+
+    # --- management key ------------------------------------------------------------------------
+    def _mgmt_cipher(self) -> Cipher:
+        return _block_cipher(self.mgmt_algorithm, self.mgmt_key)
+
+    def _mgmt_block_size(self) -> int:
+        return 8 if self.mgmt_algorithm == ALG_3DES else 16
+
+    def _mgmt_encrypt(self, block: bytes) -> bytes:
+        enc = self._mgmt_cipher().encryptor()
+        return enc.update(block) + enc.finalize()
+
+    def _authenticate_mgmt(self, algorithm: int, fields: dict[int, bytes]) -> bytes:
+        """GENERAL AUTHENTICATE with 9B: mutual (80/81) or external (81 then 82) form."""
+        if algorithm != self.mgmt_algorithm:
+            raise CardStatus(SW_WRONG_DATA)
+        size = self._mgmt_block_size()
+        witness, challenge = fields.get(TAG_WITNESS), fields.get(TAG_CHALLENGE)
+        response = fields.get(TAG_RESPONSE)
+        if witness == b"" and challenge is None:
+            self._witness = os.urandom(size)
+            return tlv(TAG_DYN_AUTH, tlv(TAG_WITNESS, self._mgmt_encrypt(self._witness)))
+        if challenge == b"" and witness is None:
+            self._challenge = os.urandom(size)
+            return tlv(TAG_DYN_AUTH, tlv(TAG_CHALLENGE, self._challenge))
+        if witness and challenge and len(challenge) == size:
+            expected, self._witness = self._witness, None
+            self._finish_mgmt_auth(expected, witness)
+            return tlv(TAG_DYN_AUTH, tlv(TAG_RESPONSE, self._mgmt_encrypt(challenge)))
+        if response and self._challenge is not None:
+            expected, self._challenge = self._mgmt_encrypt(self._challenge), None
+            self._finish_mgmt_auth(expected, response)
+            return b""
+        raise CardStatus(SW_WRONG_DATA)
+
+    def _finish_mgmt_auth(self, expected: Optional[bytes], got: bytes) -> None:
+        if expected is None or expected != got:
+            self.mgmt_authenticated = False
+            raise CardStatus(SW_SECURITY_NOT_SATISFIED)
+        if self.mgmt_touch:
+            self._require_touch(SLOT_MGMT, TOUCH_POLICY_ALWAYS)
+        self.mgmt_authenticated = True
+
+    def _cmd_set_mgmt_key(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Yubico SET MANAGEMENT KEY: P1 FF, P2 FF (no touch) / FE (touch)."""
+        self._require_mgmt()
+        if p1 != 0xFF or p2 not in (0xFE, 0xFF):
+            raise CardStatus(SW_INCORRECT_P1P2)
+        if len(data) < 3 or data[1] != SLOT_MGMT or data[2] != len(data) - 3:
+            raise CardStatus(SW_WRONG_DATA)
+        algorithm, key = data[0], data[3:]
+        if MGMT_KEY_LENGTHS.get(algorithm) != len(key):
+            raise CardStatus(SW_WRONG_DATA)
+        if algorithm != ALG_3DES and self.version < MIN_VERSION_AES_MGMT:
+            raise CardStatus(SW_WRONG_DATA)
+        self.mgmt_algorithm, self.mgmt_key = algorithm, bytes(key)
+        self.mgmt_touch = p2 == 0xFE
+        return b""
+
+    # --- GENERAL AUTHENTICATE ---------------------------------------------------------------------
+    def _cmd_authenticate(self, p1: int, p2: int, data: bytes) -> bytes:
+        """GENERAL AUTHENTICATE: management key (9B) or private-key operation."""
+        outer = parse_tlvs(data)
+        if TAG_DYN_AUTH not in outer:
+            raise CardStatus(SW_WRONG_DATA)
+        fields = parse_tlvs(outer[TAG_DYN_AUTH])
+        if p2 == SLOT_MGMT:
+            return self._authenticate_mgmt(p1, fields)
+        return self._key_operation(p1, p2, fields)
+
+    def _key_operation(self, algorithm: int, slot: int, fields: dict[int, bytes]) -> bytes:
+        """Sign/decrypt (tag 81) or ECDH (tag 85) with the key in ``slot``."""
+        entry = self._slots.get(slot)
+        if slot not in KEY_SLOTS or entry is None:
+            raise CardStatus(SW_REFERENCE_NOT_FOUND)
+        if algorithm != entry.algorithm or fields.get(TAG_RESPONSE) != b"":
+            raise CardStatus(SW_WRONG_DATA)
+        if fields.get(TAG_CHALLENGE) is not None:
+            result, is_signature = self._private_op(entry, fields[TAG_CHALLENGE]), True
+        elif fields.get(TAG_EXPONENTIATION) is not None:
+            result, is_signature = self._ecdh(entry, fields[TAG_EXPONENTIATION]), False
+        else:
+            raise CardStatus(SW_WRONG_DATA)
+        self._authorize_key_use(slot, entry)
+        if self.sign_delay:
+            time.sleep(self.sign_delay)
+        if is_signature:
+            self.sign_count += 1
+        return tlv(TAG_DYN_AUTH, tlv(TAG_RESPONSE, result))
+
+    @staticmethod
+    def _private_op(entry: KeySlot, message: bytes) -> bytes:
+        """RSA raw op, ECDSA over a prehashed input, or Ed25519 over the message."""
+        if entry.algorithm in RSA_BITS:
+            return _rsa_raw(entry.key, message)
+        if entry.algorithm in EC_CURVES:
+            _, size, hash_alg = EC_CURVES[entry.algorithm]
+            digest = message[:size].rjust(size, b"\x00")
+            return entry.key.sign(digest, ec.ECDSA(utils.Prehashed(hash_alg)))
+        return entry.key.sign(message)
+
+    @staticmethod
+    def _ecdh(entry: KeySlot, point: bytes) -> bytes:
+        if entry.algorithm not in EC_CURVES:
+            raise CardStatus(SW_WRONG_DATA)
+        curve = EC_CURVES[entry.algorithm][0]
+        try:
+            peer = ec.EllipticCurvePublicKey.from_encoded_point(curve, point)
+        except ValueError:
+            raise CardStatus(SW_WRONG_DATA) from None
+        return entry.key.exchange(ec.ECDH(), peer)
+
+    # --- key import / generation -------------------------------------------------------------
+    def _check_key_algorithm(self, algorithm: int) -> None:
+        known = algorithm in RSA_BITS or algorithm in EC_CURVES or algorithm == ALG_ED25519
+        if not known or self.version < ALG_MIN_VERSION.get(algorithm, (0, 0, 0)):
+            raise CardStatus(SW_WRONG_DATA)
+
+    def _store_key(self, slot: int, key, algorithm: int, fields: dict[int, bytes],
+                   origin: int) -> None:
+        """Store a key with its (resolved) PIN and touch policies."""
+        pin_policy = self._policy(fields, TAG_PIN_POLICY) or _default_pin_policy(slot)
+        touch_policy = self._policy(fields, TAG_TOUCH_POLICY) or TOUCH_POLICY_NEVER
+        self._slots[slot] = KeySlot(key, algorithm, pin_policy, touch_policy, origin)
+
+    @staticmethod
+    def _policy(fields: dict[int, bytes], tag: int) -> int:
+        value = fields.get(tag, b"\x00")
+        if len(value) != 1 or value[0] > 3:
+            raise CardStatus(SW_WRONG_DATA)
+        return value[0]
+
+    def _check_slot(self, slot: int) -> None:
+        if slot not in KEY_SLOTS:
+            raise CardStatus(SW_INCORRECT_P1P2)
+
+    def _cmd_import_key(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Yubico IMPORT ASYMMETRIC KEY: P1 algorithm, P2 slot, TLV key material."""
+        self._require_mgmt()
+        self._check_slot(p2)
+        self._check_key_algorithm(p1)
+        fields = parse_tlvs(data)
+        try:
+            key = self._parse_import(p1, fields)
+        except (ValueError, TypeError, KeyError):
+            raise CardStatus(SW_WRONG_DATA) from None
+        self._store_key(p2, key, p1, fields, ORIGIN_IMPORTED)
+        return b""
+
+    @staticmethod
+    def _parse_import(algorithm: int, fields: dict[int, bytes]):
+        """Build a private key from import TLVs (RSA CRT 01-05, EC 06, Ed25519 07)."""
+        if algorithm in RSA_BITS:
+            parts = [int.from_bytes(fields[tag], "big") for tag in (1, 2, 3, 4, 5)]
+            key = _rsa_from_crt(*parts)
+            if key.key_size != RSA_BITS[algorithm]:
+                raise ValueError("wrong modulus size")
+            return key
+        if algorithm in EC_CURVES:
+            curve, size, _ = EC_CURVES[algorithm]
+            scalar = fields[TAG_IMPORT_EC]
+            if len(scalar) != size:
+                raise ValueError("wrong scalar size")
+            return ec.derive_private_key(int.from_bytes(scalar, "big"), curve)
+        return ed25519.Ed25519PrivateKey.from_private_bytes(fields[TAG_IMPORT_ED25519])
+
+    def _cmd_generate(self, p1: int, p2: int, data: bytes) -> bytes:
+        """GENERATE ASYMMETRIC KEY PAIR: returns 7F49 with the public key."""
+        self._require_mgmt()
+        self._check_slot(p2)
+        outer = parse_tlvs(data)
+        if TAG_GEN_TEMPLATE not in outer:
+            raise CardStatus(SW_WRONG_DATA)
+        # Policies normally sit inside the AC template; tolerate them after it too.
+        fields = {**outer, **parse_tlvs(outer[TAG_GEN_TEMPLATE])}
+        algorithm = fields.get(TAG_GEN_ALGORITHM, b"")
+        if len(algorithm) != 1:
+            raise CardStatus(SW_WRONG_DATA)
+        self._check_key_algorithm(algorithm[0])
+        key = self._new_key(algorithm[0])
+        self._store_key(p2, key, algorithm[0], fields, ORIGIN_GENERATED)
+        return tlv(TAG_PUBLIC_KEY, _public_key_tlvs(key))
+
+    @staticmethod
+    def _new_key(algorithm: int):
+        if algorithm in RSA_BITS:
+            return rsa.generate_private_key(65537, RSA_BITS[algorithm])
+        if algorithm in EC_CURVES:
+            return ec.generate_private_key(EC_CURVES[algorithm][0])
+        return ed25519.Ed25519PrivateKey.generate()
+
+    # --- metadata ------------------------------------------------------------------------------
+    def _cmd_get_metadata(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Yubico GET METADATA (fw >= 5.3) for PIN, PUK, 9B or a key slot."""
+        self._require_version(MIN_VERSION_METADATA)
+        if p2 in (REF_PIN, REF_PUK):
+            ref = self._reference(p2)
+            return (tlv(0x01, bytes([ALG_PIN_PUK])) + tlv(0x02, b"\x00\x00")
+                    + tlv(0x05, bytes([ref.value == ref.default]))
+                    + tlv(0x06, bytes([ref.max_tries, max(ref.tries_left, 0)])))
+        if p2 == SLOT_MGMT:
+            touch = TOUCH_POLICY_ALWAYS if self.mgmt_touch else TOUCH_POLICY_NEVER
+            return (tlv(0x01, bytes([self.mgmt_algorithm])) + tlv(0x02, bytes([0x01, touch]))
+                    + tlv(0x05, bytes([self.mgmt_key == DEFAULT_MGMT_KEY])))
+        entry = self._slots.get(p2)
+        if entry is None:
+            raise CardStatus(SW_REFERENCE_NOT_FOUND)
+        return (tlv(0x01, bytes([entry.algorithm]))
+                + tlv(0x02, bytes([entry.pin_policy, entry.touch_policy]))
+                + tlv(0x03, bytes([entry.origin])) + tlv(0x04, _public_key_tlvs(entry.key)))
+
+    # --- data objects ----------------------------------------------------------------------------
+    @staticmethod
+    def _object_id(p1: int, p2: int, fields: dict[int, bytes]) -> bytes:
+        if (p1, p2) != (0x3F, 0xFF):
+            raise CardStatus(SW_INCORRECT_P1P2)
+        object_id = fields.get(TAG_OBJECT_ID)
+        if not object_id or len(object_id) > 3:
+            raise CardStatus(SW_WRONG_DATA)
+        return object_id
+
+    def _cmd_get_data(self, p1: int, p2: int, data: bytes) -> bytes:
+        """GET DATA: ``5C <id>`` -> ``53 <value>`` (discovery object 7E returned as is)."""
+        object_id = self._object_id(p1, p2, parse_tlvs(data))
+        if object_id == DISCOVERY_OBJECT_ID:
+            return DISCOVERY_OBJECT
+        value = self._objects.get(object_id)
+        if value is None:
+            raise CardStatus(SW_FILE_NOT_FOUND)
+        return tlv(TAG_OBJECT_DATA, value)
+
+    def _cmd_put_data(self, p1: int, p2: int, data: bytes) -> bytes:
+        """PUT DATA: ``5C <id> 53 <value>``; empty value deletes. Needs mgmt auth."""
+        fields = parse_tlvs(data)
+        object_id = self._object_id(p1, p2, fields)
+        self._require_mgmt()
+        if TAG_OBJECT_DATA not in fields or object_id == DISCOVERY_OBJECT_ID:
+            raise CardStatus(SW_WRONG_DATA)
+        if fields[TAG_OBJECT_DATA]:
+            self._objects[object_id] = fields[TAG_OBJECT_DATA]
+        else:
+            self._objects.pop(object_id, None)
+        return b""
+
+    _DISPATCH = {
+        INS_SELECT: _cmd_select,
+        INS_GET_VERSION: _cmd_get_version,
+        INS_GET_SERIAL: _cmd_get_serial,
+        INS_GET_METADATA: _cmd_get_metadata,
+        INS_VERIFY: _cmd_verify,
+        INS_CHANGE_REFERENCE: _cmd_change_reference,
+        INS_RESET_RETRY: _cmd_reset_retry,
+        INS_SET_PIN_RETRIES: _cmd_set_pin_retries,
+        INS_RESET: _cmd_reset,
+        INS_AUTHENTICATE: _cmd_authenticate,
+        INS_SET_MGMT_KEY: _cmd_set_mgmt_key,
+        INS_IMPORT_KEY: _cmd_import_key,
+        INS_GENERATE: _cmd_generate,
+        INS_GET_DATA: _cmd_get_data,
+        INS_PUT_DATA: _cmd_put_data,
+    }
+
+
+# --- vpcd transport ---------------------------------------------------------------------------------
+VPCD_POWER_OFF = 0x00
+VPCD_POWER_ON = 0x01
+VPCD_RESET = 0x02
+VPCD_GET_ATR = 0x04
+TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
+CONNECT_TIMEOUT = 5.0
+
+
+class VpcdCard:
+    """Connects a :class:`VirtualPiv` to a vpcd reader port from a background thread.
+
+    Connected socket == card inserted; closing it == card removed.  Frames are
+    ``uint16 BE length || payload`` in both directions.
+    """
+
+    atr = ATR
+
+    def __init__(self, piv: VirtualPiv, port: int, host: str = "127.0.0.1"):
+        self.piv = piv
+        self.port = port
+        self.host = host
+        self._sock: Optional[socket.socket] = None
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def inserted(self) -> bool:
+        """True while the connection to vpcd is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def insert(self) -> None:
+        """Connect to vpcd (retrying for up to ~5 s) and start serving frames."""
+        if self.inserted:
+            return
+        sock = self._connect()
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, args=(sock,), daemon=True,
+                                        name=f"vpcd-card-{self.port}")
+        self._thread.start()
+
+    def remove(self) -> None:
+        """Close the socket (card pulled out), join the thread, power the card off."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if sock is not None:
+            sock.close()
+        self.piv.power_off()
+
+    def __enter__(self) -> "VpcdCard":
+        self.insert()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _connect(self) -> socket.socket:
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while True:
+            try:
+                sock = socket.create_connection((self.host, self.port), timeout=1.0)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    @staticmethod
+    def _recv_exact(sock: socket.socket, size: int) -> Optional[bytes]:
+        """Read exactly ``size`` bytes (TCP_QUICKACK before each recv); None on EOF."""
+        buf = bytearray()
+        while len(buf) < size:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+            except OSError:
+                pass
+            chunk = sock.recv(size - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Frame loop; exits when vpcd closes the connection or the socket is shut."""
+        try:
+            while True:
+                header = self._recv_exact(sock, 2)
+                if header is None:
+                    break
+                payload = self._recv_exact(sock, int.from_bytes(header, "big"))
+                if payload is None:
+                    break
+                reply = self._handle(payload)
+                if reply is not None:
+                    sock.sendall(len(reply).to_bytes(2, "big") + reply)
+        except OSError:
+            pass
+        finally:
+            self.piv.power_off()
+
+    def _handle(self, payload: bytes) -> Optional[bytes]:
+        """Control byte (power off/on, reset, get ATR) or APDU -> reply or None."""
+        if len(payload) != 1:
+            return self.piv.process(payload) if payload else None
+        control = payload[0]
+        if control in (VPCD_POWER_OFF, VPCD_POWER_ON, VPCD_RESET):
+            self.piv.power_off()
+            return None
+        if control == VPCD_GET_ATR:
+            return self.atr
+        return None
+
+
+# =============================================================================
+# The PC/SC rig: pcscd with vpcd readers, cards inserted by the tests
+# =============================================================================
+
+VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
+YUBIKEY_READER = "Yubico YubiKey OTP+FIDO+CCID"
+OTHER_READER = "Generic Smart Card Reader"
+PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 free on loopback (vpcd listens on both)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free pair of ports on loopback")
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def pcsc_readers() -> dict[str, bool]:
+    """{reader name: card present} as pcscd sees it now."""
+    context = yk.PcscContext()
+    try:
+        return {name: context.card_present(name) for name in context.readers()}
+    finally:
+        context.close()
+
+
+def pcscd_alive() -> bool:
+    if not PCSCD_SOCKET.exists():
+        return False
+    try:
+        yk.PcscContext().close()
+    except yk.CardError:
+        return False
+    return True
+
+
+class PcscRig:
+    """pcscd with two vpcd entries: a YubiKey-named one (readers '... 00 00' and
+    '... 00 01') and a generic one (a copy of the driver, as pcscd needs)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.yubikey_port = free_port_pair()
+        self.other_port = free_port_pair()
+        self.process: subprocess.Popen | None = None
+
+    def reader(self, index: int = 0, generic: bool = False) -> str:
+        return f"{OTHER_READER if generic else YUBIKEY_READER} 00 {index:02d}"
+
+    def port(self, index: int = 0, generic: bool = False) -> int:
+        return (self.other_port if generic else self.yubikey_port) + index
+
+    def start(self) -> None:
+        if pcscd_alive():
+            raise RuntimeError("another pcscd is running: stop it before the tests")
+        confdir = self.workdir / "reader.conf.d"
+        confdir.mkdir(exist_ok=True)
+        driver_copy = self.workdir / "libifdvpcd-copy.so"
+        shutil.copy(VPCD_DRIVER, driver_copy)
+        for name, port, lib in ((YUBIKEY_READER, self.yubikey_port, VPCD_DRIVER),
+                                (OTHER_READER, self.other_port, driver_copy)):
+            (confdir / name.split()[0].lower()).write_text(
+                f'FRIENDLYNAME "{name}"\nDEVICENAME /dev/null:{port}\n'
+                f"LIBPATH {lib}\nCHANNELID {port}\n")
+        log = open(self.workdir / "pcscd.log", "wb")
+        self.process = subprocess.Popen(["pcscd", "-f", "-c", str(confdir)],
+                                        stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: len(self._safe_readers()) == 4, 20, "pcscd and its 4 readers")
+
+    def _safe_readers(self) -> dict[str, bool]:
+        if self.process and self.process.poll() is not None:
+            log = (self.workdir / "pcscd.log").read_text(errors="replace")
+            raise RuntimeError(f"pcscd exited with {self.process.returncode}: {log[-2000:]}")
+        try:
+            return pcsc_readers()
+        except yk.CardError:
+            return {}
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def insert(self, piv: "VirtualPiv", index: int = 0, generic: bool = False) -> "VpcdCard":
+        card = VpcdCard(piv, self.port(index, generic))
+        card.insert()
+        name = self.reader(index, generic)
+        wait_until(lambda: pcsc_readers().get(name), 10, f"card in {name!r}")
+        return card
+
+    def remove(self, card: "VpcdCard", index: int = 0, generic: bool = False) -> None:
+        card.remove()
+        name = self.reader(index, generic)
+        wait_until(lambda: not pcsc_readers().get(name), 10, f"{name!r} to be empty")
+
+
+@pytest.fixture(scope="session")
+def rig(tmp_path_factory):
+    rig = PcscRig(tmp_path_factory.mktemp("pcsc"))
+    rig.start()
+    yield rig
+    rig.stop()
+
+
+@pytest.fixture
+def card57(rig):
+    """A YubiKey 5.7 (AES-192 management key) in the first YubiKey reader."""
+    piv = VirtualPiv(version=(5, 7, 1), serial=31000001, mgmt_algorithm=0x0A)
+    inserted = rig.insert(piv)
+    yield piv
+    rig.remove(inserted)
+
+
+@pytest.fixture
+def card54(rig):
+    """An older YubiKey 5.4 (3DES management key) in the first YubiKey reader."""
+    piv = VirtualPiv(version=(5, 4, 3), serial=21000002, mgmt_algorithm=0x03)
+    inserted = rig.insert(piv)
+    yield piv
+    rig.remove(inserted)
+
+
+# =============================================================================
+# A small PKI and kubeconfigs like k3s's and kubeadm's
+# =============================================================================
+
+NOW = datetime.datetime.now(datetime.timezone.utc)
+
+
+def new_key(kind: str):
+    if kind == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if kind == "p521":
+        return ec.generate_private_key(ec.SECP521R1())
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(65537, int(kind.removeprefix("rsa")))
+
+
+def make_cert(subject_key, issuer_key, subject: str, issuer: str, *, ca=False,
+              days=365, start_days=-1, sans=()):
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name.from_rfc4514_string(subject))
+        .issuer_name(x509.Name.from_rfc4514_string(issuer))
+        .public_key(subject_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW + datetime.timedelta(days=start_days))
+        .not_valid_after(NOW + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), False)
+    algorithm = None if isinstance(issuer_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(issuer_key, algorithm)
+
+
+def pem(obj) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@dataclasses.dataclass
+class Identity:
+    ca_key: object
+    ca_cert: x509.Certificate
+    key: object
+    cert: x509.Certificate
+
+
+def make_identity(kind: str = "p256", days: int = 365,
+                  subject: str = "CN=system:admin,O=system:masters") -> Identity:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = make_cert(ca_key, ca_key, "CN=k3s-client-ca", "CN=k3s-client-ca", ca=True,
+                        days=3650)
+    key = new_key(kind)
+    start = -1 if days > 0 else days - 30
+    cert = make_cert(key, ca_key, subject, "CN=k3s-client-ca", days=days, start_days=start)
+    return Identity(ca_key, ca_cert, key, cert)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def write_kubeconfig(path: Path, ident: Identity, *, inline: bool = True,
+                     namespace: str | None = "team-a", user: dict | None = None,
+                     server: str = "https://127.0.0.1:6443", extra_cluster=None) -> Path:
+    """A kubeconfig with one context 'default' (k3s style when inline, kubeadm-like
+    file paths relative to the kubeconfig's folder otherwise)."""
+    if user is None:
+        if inline:
+            user = {"client-certificate-data": b64(pem(ident.cert)),
+                    "client-key-data": b64(pem(ident.key))}
+        else:
+            (path.parent / "pki").mkdir(exist_ok=True)
+            (path.parent / "pki" / "admin.crt").write_bytes(pem(ident.cert))
+            (path.parent / "pki" / "admin.key").write_bytes(pem(ident.key))
+            user = {"client-certificate": "pki/admin.crt", "client-key": "pki/admin.key"}
+    cluster = {"server": server, "certificate-authority-data": b64(pem(ident.ca_cert)),
+               **(extra_cluster or {})}
+    context = {"cluster": "default", "user": "default"}
+    if namespace:
+        context["namespace"] = namespace
+    doc = {"apiVersion": "v1", "kind": "Config",
+           "clusters": [{"name": "default", "cluster": cluster}],
+           "contexts": [{"name": "default", "context": context}],
+           "current-context": "default",
+           "users": [{"name": "default", "user": user}]}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run_cli(*argv: str, capsys=None) -> tuple[int, str, str]:
+    """main() in-process; returns (exit code, stdout, stderr)."""
+    code = yk.main(list(argv))
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err
+
+
+# =============================================================================
+# Pure functions: encoding, slots, arguments
+# =============================================================================
+
+
+def test_ber_lengths_and_tlvs_encode_exact_bytes():
+    assert yk.tlv(0x80, b"") == b"\x80\x00"
+    assert yk.tlv(0x53, b"a" * 127)[:2] == b"\x53\x7f"
+    assert yk.tlv(0x53, b"a" * 128)[:3] == b"\x53\x81\x80"
+    assert yk.tlv(0x53, b"a" * 256)[:4] == b"\x53\x82\x01\x00"
+    assert yk.tlv(0x7F49, b"\x86\x01\x04") == b"\x7f\x49\x03\x86\x01\x04"
+    assert yk.tlv(0x5C, (0x5FC105).to_bytes(3, "big")) == bytes.fromhex("5c035fc105")
+    data = yk.tlv(0x7C, yk.tlv(0x82) + yk.tlv(0x81, b"\x01\x02"))
+    assert data == bytes.fromhex("7c06820081020102")
+    assert yk.parse_tlvs(data) == {0x7C: bytes.fromhex("820081020102")}
+    assert yk.parse_tlvs(bytes.fromhex("7f4903860104")) == {0x7F49: b"\x86\x01\x04"}
+    with pytest.raises(ValueError, match="runs past the end"):
+        yk.parse_tlvs(b"\x53\x05abc")
+
+
+def test_apdu_framing_pin_block_and_padding():
+    assert yk.encode_apdu(0, 0xFD, 0, 0, b"", True) == bytes.fromhex("00fd000000")
+    assert yk.encode_apdu(0x10, 0xDB, 0x3F, 0xFF, b"\x01", False) == bytes.fromhex("10db3fff0101")
+    assert yk.pin_block("123456") == b"123456\xff\xff"
+    with pytest.raises(yk.ConfigError, match="6 to 8 characters"):
+        yk.pin_block("12345")
+    block = yk.pkcs1v15_block(b"\xab" * 32, "sha256", 256)
+    assert len(block) == 256 and block[:2] == b"\x00\x01"
+    assert block.endswith(bytes.fromhex("003031300d060960864801650304020105000420") + b"\xab" * 32)
+    assert set(block[2:-52]) == {0xFF}
+    assert yk.ecdsa_input(b"\x01" * 64, 32) == b"\x01" * 32
+    assert yk.ecdsa_input(b"\x01" * 20, 32) == b"\x00" * 12 + b"\x01" * 20
+
+
+def test_slots_pair_key_reference_and_object():
+    assert yk.parse_slot("9a") == yk.Slot(0x9A, 0x5FC105)
+    assert yk.parse_slot("0x9E") == yk.Slot(0x9E, 0x5FC101)
+    assert yk.parse_slot("82").object_id == 0x5FC10D
+    assert yk.parse_slot("95").object_id == 0x5FC120
+    with pytest.raises(yk.ConfigError, match="unknown PIV slot '9f': use 9a, 9c, 9d, 9e"):
+        yk.parse_slot("9f")
+
+
+def test_version_and_help_work_without_pyscard():
+    blocker = ("import sys; sys.modules['smartcard'] = None; sys.argv[0] = 'x'; "
+               "import yk_kube_proxy as m; raise SystemExit(m.main(sys.argv[1:]))")
+    for argv, expected in ((["--version"], f"yubikey-kube-proxy {yk.__version__}\n"),
+                           (["--help"], "usage: yubikey-kube-proxy"),
+                           (["setup", "--help"], "usage: yubikey-kube-proxy setup")):
+        done = subprocess.run([sys.executable, "-c", blocker, *argv], cwd=HERE,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(expected)
+    done = subprocess.run([sys.executable, "-c", blocker, "status"], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("yubikey-kube-proxy: error: cannot import pyscard")
+
+
+def test_bad_arguments_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        yk.main(["setup", "--management-key", "zz"])
+    assert exit_info.value.code == 2
+    assert "the management key must be hexadecimal" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        yk.main(["setup", "--slot", "9f"])
+    assert "unknown PIV slot '9f'" in capsys.readouterr().err
+
+
+def test_pcscd_not_running_says_how_to_start_it(tmp_path):
+    env = {**os.environ, "PCSCLITE_CSOCK_NAME": str(tmp_path / "nothing.comm")}
+    done = subprocess.run([sys.executable, str(HERE / "yk_kube_proxy.py"), "status"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == (
+        "yubikey-kube-proxy: error: cannot reach the PC/SC daemon (pcscd): start it with "
+        "'sudo systemctl start pcscd.socket' (or install the pcscd package)\n")
+
+
+# =============================================================================
+# Kubeconfig
+# =============================================================================
+
+
+def test_kubeconfig_list_first_definition_wins(tmp_path, monkeypatch):
+    ident, other = make_identity(), make_identity()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_kubeconfig(tmp_path / "a" / "config", ident, inline=False)
+    second = write_kubeconfig(tmp_path / "b" / "config", other, namespace="other")
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'missing'}:{first}:{second}")
+    config = yk.Kubeconfig(yk.kubeconfig_paths(None))
+    ctx = config.resolve(None)
+    assert ctx.namespace == "team-a"
+    cert, key = yk.load_client_identity(ctx)
+    assert cert == ident.cert  # read from pki/admin.crt relative to the first file
+    assert config.paths == [first, second]
+
+
+def test_kubeconfig_errors_name_the_problem(tmp_path):
+    ident = make_identity()
+    path = write_kubeconfig(tmp_path / "config", ident)
+    config = yk.Kubeconfig([path])
+    with pytest.raises(yk.ConfigError) as exc:
+        config.resolve("prod")
+    assert str(exc.value) == (f"context 'prod' not found in {path} (contexts: default): "
+                              "pass --context NAME")
+    (tmp_path / "bad").write_text("clusters: [\n")
+    with pytest.raises(yk.ConfigError, match=r"is not valid YAML at line 2: fix or replace"):
+        yk.Kubeconfig([tmp_path / "bad"])
+    with pytest.raises(yk.ConfigError, match=r"cannot read kubeconfig .*/nope: No such file"):
+        yk.Kubeconfig([tmp_path / "nope"])
+
+
+# =============================================================================
+# setup and status through pcscd and the virtual card
+# =============================================================================
+
+
+def read_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def setup_args(kubeconfig: Path, out: Path, *extra: str) -> list[str]:
+    return ["setup", "--kubeconfig", str(kubeconfig), "--output-dir", str(out), *extra]
+
+
+def test_setup_then_status_k3s_like_ec_p256_on_firmware_57(card57, tmp_path, capsys):
+    ident = make_identity("p256")
+    source = write_kubeconfig(tmp_path / "k3s.yaml", ident,
+                              extra_cluster={"tls-server-name": "kubernetes"})
+    out = tmp_path / "out" / "new"
+    code, stdout, stderr = run_cli(*setup_args(source, out), capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert stdout.splitlines()[0] == (
+        "Imported the EC P-256 key and certificate (CN=system:admin,O=system:masters, valid "
+        f"until {ident.cert.not_valid_after_utc:%Y-%m-%d}) into slot 9a of YubiKey serial "
+        f"31000001 (firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'.")
+    assert f"  1. yubikey-kube-proxy proxy --kubeconfig {out / 'proxy.yml'}" in stdout
+    assert f"  3. The private key is still in {source} (user 'default')" in stdout
+    # The card holds exactly the kubeconfig's key and certificate.
+    assert card57.slot_key(0x9A).private_numbers() == ident.key.private_numbers()
+    stored = yk.parse_tlvs(card57.certificate_object(0x9A))
+    assert stored[0x70] == ident.cert.public_bytes(serialization.Encoding.DER)
+    assert card57.sign_count == 1  # the proof
+    # The files: 0600, no credentials, the extension entry, the namespace kept.
+    proxy, client = out / "proxy.yml", out / "client.yml"
+    assert stat.S_IMODE(proxy.stat().st_mode) == 0o600
+    assert stat.S_IMODE(client.stat().st_mode) == 0o600
+    doc = read_yaml(proxy)
+    assert doc["clusters"][0]["cluster"] == {
+        "server": "https://127.0.0.1:6443",
+        "certificate-authority-data": b64(pem(ident.ca_cert)),
+        "tls-server-name": "kubernetes"}
+    assert doc["users"] == [{"name": "yubikey-kube-proxy", "user": {}}]
+    assert doc["contexts"][0]["context"] == {
+        "cluster": "default", "user": "yubikey-kube-proxy", "namespace": "team-a",
+        "extensions": [{"name": "yubikey-kube-proxy", "extension": {
+            "slot": "9a", "listen": "127.0.0.1:8080", "serial": 31000001}}]}
+    client_doc = read_yaml(client)
+    assert client_doc["clusters"][0]["cluster"] == {"server": "http://127.0.0.1:8080"}
+    assert client_doc["contexts"][0]["context"]["namespace"] == "team-a"
+    # status
+    code, stdout, stderr = run_cli("status", capsys=capsys)
+    assert (code, stderr) == (0, "")
+    left = (ident.cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)).days
+    assert stdout == (
+        f"YubiKey serial 31000001, firmware 5.7.1, reader '{YUBIKEY_READER} 00 00'\n"
+        "  PIN tries left: 3\n"
+        "  slot 9a: EC P-256 key, imported, PIN policy never, touch policy never\n"
+        "    certificate: CN=system:admin,O=system:masters\n"
+        "    issuer:      CN=k3s-client-ca\n"
+        f"    not after:   {ident.cert.not_valid_after_utc.isoformat()} ({left} days left)\n")
+
+
+def test_kubectl_reads_the_written_configs(card57, tmp_path, capsys):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
+    assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
+    for name, server in (("proxy.yml", "https://127.0.0.1:6443"),
+                         ("client.yml", "http://127.0.0.1:8080")):
+        done = subprocess.run(
+            ["kubectl", "--kubeconfig", str(tmp_path / name), "config", "view", "--minify",
+             "-o", "jsonpath={.clusters[0].cluster.server} {.contexts[0].context.namespace}"],
+            capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout) == (0, f"{server} team-a"), done.stderr
+
+
+def test_setup_kubeadm_like_rsa2048_files_on_3des_card(card54, tmp_path, capsys):
+    ident = make_identity("rsa2048", subject="CN=kubernetes-admin,O=kubeadm:cluster-admins")
+    source = write_kubeconfig(tmp_path / "admin.conf", ident, inline=False, namespace=None)
+    code, stdout, stderr = run_cli(*setup_args(source, tmp_path / "o", "--slot", "9c"),
+                                   capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert "Imported the RSA-2048 key and certificate (CN=kubernetes-admin," in stdout
+    assert card54.slot_key(0x9C).private_numbers() == ident.key.private_numbers()
+    assert "namespace" not in read_yaml(tmp_path / "o" / "client.yml")["contexts"][0]["context"]
+    code, stdout, _ = run_cli("status", "--slot", "9c", "--json", capsys=capsys)
+    report = json.loads(stdout)["cards"][0]
+    assert code == 0
+    assert (report["serial"], report["firmware"], report["pin_tries_left"]) == (
+        21000002, "5.4.3", 3)
+    assert report["slots"][0]["key"] == {"algorithm": "RSA-2048", "pin_policy": "never",
+                                         "touch_policy": "never", "origin": "imported"}
+    assert report["slots"][0]["certificate"]["matches_key"] is True
+    assert report["slots"][0]["problems"] == []
+
+
+def test_setup_never_writes_the_private_key_to_a_file(card57, tmp_path, capsys, monkeypatch):
+    ident = make_identity("p384")
+    source = write_kubeconfig(tmp_path / "k3s.yaml", ident)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    written, recording = [], [True]
+
+    def audit(event, args):  # every file this process opens for writing
+        if (event != "open" or not recording[0] or isinstance(args[0], int)
+                or "__pycache__" in str(args[0])):
+            return  # an int is an already open descriptor (os.fdopen)
+        mode, flags = args[1], args[2]
+        if (isinstance(mode, str) and set(mode) & set("wax+")) or (
+                mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            written.append(str(args[0]))
+
+    sys.addaudithook(audit)  # hooks cannot be removed: the flag stops it
+    try:
+        code = yk.main(setup_args(source, tmp_path / "out"))
+    finally:
+        recording[0] = False
+    assert code == 0, capsys.readouterr().err
+    assert sorted(Path(p).name for p in written) == sorted(
+        f".{name}.{os.getpid()}.partial" for name in ("proxy.yml", "client.yml"))
+    secrets = [pem(ident.key), ident.key.private_numbers().private_value.to_bytes(48, "big"),
+               b64(pem(ident.key)).encode()]
+    for path in (tmp_path / "out").rglob("*"):
+        assert not any(s in path.read_bytes() for s in secrets), path
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_occupied_slot_is_refused_without_force(card57, tmp_path, capsys):
+    first, second = make_identity("p256"), make_identity("p256")
+    assert run_cli(*setup_args(write_kubeconfig(tmp_path / "a", first), tmp_path / "o1"),
+                   capsys=capsys)[0] == 0
+    source = write_kubeconfig(tmp_path / "b", second)
+    code, _, stderr = run_cli(*setup_args(source, tmp_path / "o2"), capsys=capsys)
+    assert code == 1
+    assert stderr == (
+        "yubikey-kube-proxy: error: slot 9a of the YubiKey already holds a EC P-256 key "
+        "(imported) and a certificate for CN=system:admin,O=system:masters: pass --force "
+        "to overwrite it, or choose another --slot\n")
+    assert card57.slot_key(0x9A).private_numbers() == first.key.private_numbers()
+    code, _, stderr = run_cli(*setup_args(source, tmp_path / "o2", "--force"), capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert card57.slot_key(0x9A).private_numbers() == second.key.private_numbers()
+
+
+def test_existing_output_files_are_kept_without_force(card57, tmp_path, capsys):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    (tmp_path / "client.yml").write_text("mine\n")
+    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert code == 1
+    assert stderr == (f"yubikey-kube-proxy: error: {tmp_path / 'client.yml'} exists already: "
+                      "pass --force to replace it, or choose another --output-dir\n")
+    assert (tmp_path / "client.yml").read_text() == "mine\n"
+    assert card57.slot_key(0x9A) is None
+
+
+def test_wrong_management_key_changes_nothing(card57, tmp_path, capsys):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    wrong = "00" * 24
+    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--management-key", wrong),
+                              capsys=capsys)
+    assert code == 1
+    assert stderr == ("yubikey-kube-proxy: error: the YubiKey rejected the management key: "
+                      "pass the card's key with --management-key HEX (the factory key is the "
+                      "default)\n")
+    assert card57.slot_key(0x9A) is None
+    assert not (tmp_path / "proxy.yml").exists()
+    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--management-key", "00" * 32),
+                              capsys=capsys)
+    assert stderr == ("yubikey-kube-proxy: error: this YubiKey's management key is AES-192 "
+                      "(24 bytes) but the key given has 32 bytes: pass the right one with "
+                      "--management-key HEX\n")
+
+
+def test_mismatched_key_and_certificate_never_reach_the_card(card57, tmp_path, capsys):
+    ident, other = make_identity(), make_identity()
+    user = {"client-certificate-data": b64(pem(ident.cert)),
+            "client-key-data": b64(pem(other.key))}
+    source = write_kubeconfig(tmp_path / "k3s.yaml", ident, user=user)
+    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert code == 1
+    assert stderr == ("yubikey-kube-proxy: error: the client key of user 'default' does not "
+                      "match its certificate (CN=system:admin,O=system:masters): fix the "
+                      "kubeconfig so both belong together\n")
+    assert card57.apdu_log == []
+
+
+@pytest.mark.parametrize("user, message", [
+    ({"token": "abc"}, "user 'default' of context 'default' has no client certificate and "
+     "key (it uses a bearer token): yubikey-kube-proxy moves a client-certificate key onto "
+     "the card, so pick a context whose user has one with --context"),
+    ({"client-certificate": "gone.crt", "client-key": "gone.key"},
+     "cannot read client-certificate {dir}/gone.crt of 'default': No such file or directory"),
+])
+def test_users_without_a_usable_certificate(tmp_path, capsys, user, message):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity(), user=user)
+    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert (code, stderr) == (1, f"yubikey-kube-proxy: error: "
+                                 f"{message.format(dir=tmp_path)}\n")
+
+
+def test_unsupported_key_types(card54, tmp_path, capsys):
+    source = write_kubeconfig(tmp_path / "a.yaml", make_identity("p521"))
+    code, _, stderr = run_cli(*setup_args(source, tmp_path / "a"), capsys=capsys)
+    assert stderr == ("yubikey-kube-proxy: error: the client key is an EC secp521r1 key, which "
+                      "a YubiKey cannot hold: supported are EC P-256, EC P-384, RSA-2048 and "
+                      "(firmware 5.7+) RSA-3072, RSA-4096 and Ed25519\n")
+    source = write_kubeconfig(tmp_path / "b.yaml", make_identity("ed25519"))
+    code, _, stderr = run_cli(*setup_args(source, tmp_path / "b"), capsys=capsys)
+    assert (code, stderr) == (1, "yubikey-kube-proxy: error: Ed25519 keys need YubiKey "
+                                 "firmware 5.7.0 or later; this card has 5.4.3\n")
+    assert card54.slot_key(0x9A) is None
+
+
+def test_ed25519_on_firmware_57(card57, tmp_path, capsys):
+    ident = make_identity("ed25519")
+    source = write_kubeconfig(tmp_path / "a.yaml", ident)
+    code, stdout, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert stdout.startswith("Imported the Ed25519 key and certificate")
+    assert card57.sign_count == 1
+
+
+# -- PIN ---------------------------------------------------------------------------
+
+
+def pin_file(tmp_path: Path, pin: str) -> Path:
+    path = tmp_path / "pin"
+    path.write_text(pin + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_pin_policy_once_verifies_with_the_pin_file(card57, tmp_path, capsys):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--pin-policy", "once",
+                                          "--pin-file", str(pin_file(tmp_path, "123456"))),
+                              capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert (card57.verify_attempts, card57.sign_count, card57.pin_tries_left) == (1, 1, 3)
+    code, stdout, _ = run_cli("status", "--json", capsys=capsys)
+    assert json.loads(stdout)["cards"][0]["slots"][0]["key"]["pin_policy"] == "once"
+
+
+def test_wrong_pin_costs_exactly_one_try_and_is_not_retried(card57, tmp_path, capsys):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--pin-policy", "always",
+                                          "--pin-file", str(pin_file(tmp_path, "654321"))),
+                              capsys=capsys)
+    assert code == 1
+    assert stderr == ("yubikey-kube-proxy: error: wrong PIN: the YubiKey has 2 tries left "
+                      "before it blocks the PIN; check the PIN (or the PIN file) and try "
+                      "again\n")
+    assert (card57.verify_attempts, card57.pin_tries_left, card57.sign_count) == (1, 2, 0)
+    assert not (tmp_path / "proxy.yml").exists()
+
+
+def test_blocked_pin_says_use_the_puk(card57, tmp_path, capsys):
+    card57.pin_tries_left = 0
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--pin-policy", "once",
+                                          "--pin-file", str(pin_file(tmp_path, "123456"))),
+                              capsys=capsys)
+    assert code == 1
+    assert stderr == ("yubikey-kube-proxy: error: the PIN is blocked: unblock it with the PUK "
+                      "('ykman piv access unblock-pin' or 'yubico-piv-tool -a unblock-pin')\n")
+    code, stdout, _ = run_cli("status", "--json", capsys=capsys)
+    assert json.loads(stdout)["cards"][0]["pin_tries_left"] == 0
+
+
+def test_pin_needed_without_terminal_or_file(card57, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--pin-policy", "once"),
+                              capsys=capsys)
+    assert code == 1
+    assert stderr == (
+        "yubikey-kube-proxy: error: the YubiKey serial 31000001 (firmware 5.7.1) in reader "
+        f"'{YUBIKEY_READER} 00 00', slot 9a needs its PIN and there is no terminal to ask "
+        "on: pass --pin-file PATH\n")
+    assert card57.verify_attempts == 0
+
+
+def test_apdu_trace_never_shows_pin_or_management_key(card57, tmp_path, capsys):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, stderr = run_cli(*setup_args(source, tmp_path, "-vv", "--pin-policy", "once",
+                                          "--pin-file", str(pin_file(tmp_path, "123456"))),
+                              capsys=capsys)
+    assert code == 0
+    assert "APDU > 00a40400 05a00000030800\n" in stderr  # the trace is on
+    assert "APDU > 00200080 <redacted>\n" in stderr
+    assert "APDU > 00fe119a <redacted>\n" in stderr
+    assert "313233343536" not in stderr  # the PIN in hex
+    assert "APDU < <redacted> 9000\n" in stderr  # management-key answers
+    assert yk.DEFAULT_MANAGEMENT_KEY.hex() not in stderr
+
+
+# -- card selection and PC/SC errors -------------------------------------------------
+
+
+def test_no_card_inserted(rig, capsys):
+    code, _, stderr = run_cli("status", capsys=capsys)
+    assert (code, stderr) == (1, "yubikey-kube-proxy: error: no YubiKey found - please "
+                                 "insert your YubiKey\n")
+
+
+def test_several_cards_need_a_choice(rig, card57, tmp_path, capsys):
+    second = rig.insert(VirtualPiv(version=(5, 7, 1), serial=31000009), index=1)
+    try:
+        source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+        code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+        assert code == 1
+        assert stderr == (
+            "yubikey-kube-proxy: error: several YubiKeys found: YubiKey serial 31000001 "
+            f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'; YubiKey serial 31000009 "
+            f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 01'; choose one with --serial "
+            "N or --reader NAME\n")
+        code, _, stderr = run_cli(*setup_args(source, tmp_path, "--serial", "31000009"),
+                                  capsys=capsys)
+        assert (code, stderr) == (0, "")
+        assert second.piv.slot_key(0x9A) is not None and card57.slot_key(0x9A) is None
+        code, stdout, _ = run_cli("status", "--json", capsys=capsys)
+        assert [c["serial"] for c in json.loads(stdout)["cards"]] == [31000001, 31000009]
+        assert code == 1  # the first card's slot is empty
+        code, _, stderr = run_cli("status", "--serial", "42", capsys=capsys)
+        assert stderr == ("yubikey-kube-proxy: error: no YubiKey with serial 42 found - "
+                          "please insert your YubiKey\n")
+    finally:
+        rig.remove(second, index=1)
+
+
+def test_other_readers_are_skipped_unless_chosen(rig, tmp_path, capsys):
+    inserted = rig.insert(VirtualPiv(serial=41000004), generic=True)
+    try:
+        code, _, stderr = run_cli("status", capsys=capsys)
+        assert stderr == ("yubikey-kube-proxy: error: no YubiKey found - please insert "
+                          "your YubiKey\n")
+        code, stdout, _ = run_cli("status", "--reader", "generic", "--json", capsys=capsys)
+        assert json.loads(stdout)["cards"][0]["serial"] == 41000004
+    finally:
+        rig.remove(inserted, generic=True)
+
+
+def test_card_held_exclusively_names_the_suspects(rig, card57, capsys):
+    from smartcard import scard
+
+    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    hresult, handle, _ = scard.SCardConnect(
+        context, rig.reader(), scard.SCARD_SHARE_EXCLUSIVE,
+        scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1)
+    assert hresult == 0
+    try:
+        code, _, stderr = run_cli("status", capsys=capsys)
+    finally:
+        scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+        scard.SCardReleaseContext(context)
+    assert code == 1
+    assert stderr == (
+        f"yubikey-kube-proxy: error: the YubiKey in reader '{YUBIKEY_READER} 00 00' is held "
+        "exclusively by another program, usually scdaemon/gpg-agent (add 'disable-ccid' or "
+        "'pcsc-shared' to ~/.gnupg/scdaemon.conf and run 'gpgconf --kill scdaemon'), "
+        "yubikey-agent, or another ykman/PKCS#11 session: close it and try again\n")
+
+
+# -- status problems ---------------------------------------------------------------
+
+
+def test_status_empty_slot_fails(card57, capsys):
+    code, stdout, _ = run_cli("status", capsys=capsys)
+    assert code == 1
+    assert stdout.endswith(
+        "  slot 9a: no key information\n"
+        "    error: slot 9a is empty: run 'yubikey-kube-proxy setup'\n")
+
+
+def test_status_expired_and_expiring_certificates(card57, tmp_path, capsys):
+    expired = make_identity(days=-2)
+    source = write_kubeconfig(tmp_path / "old.yaml", expired)
+    code, _, stderr = run_cli(*setup_args(source, tmp_path / "o"), capsys=capsys)
+    assert code == 0
+    assert stderr == ("yubikey-kube-proxy: WARNING: the client certificate expired on "
+                      f"{expired.cert.not_valid_after_utc.date()}: the cluster will refuse it\n")
+    code, stdout, _ = run_cli("status", capsys=capsys)
+    assert code == 1
+    assert stdout.endswith(
+        f"    error: the certificate expired on {expired.cert.not_valid_after_utc:%Y-%m-%d}: "
+        "renew it and run 'yubikey-kube-proxy setup --force'\n")
+    soon = make_identity(days=10)
+    source = write_kubeconfig(tmp_path / "soon.yaml", soon)
+    assert run_cli(*setup_args(source, tmp_path / "p", "--force"), capsys=capsys)[0] == 0
+    code, stdout, _ = run_cli("status", capsys=capsys)
+    assert code == 0
+    assert stdout.endswith(
+        "    warning: the certificate expires in 9 days "
+        f"({soon.cert.not_valid_after_utc:%Y-%m-%d}): renew it soon\n")
+
+
+# -- cross-checks with an independent PIV client: yubico-piv-tool -----------------
+
+
+def piv_tool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["yubico-piv-tool", "-r", "YubiKey OTP+FIDO+CCID 00 00", *args],
+                          input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def test_yubico_piv_tool_reads_what_setup_imported(card54, tmp_path, capsys):
+    ident = make_identity("rsa2048")
+    source = write_kubeconfig(tmp_path / "k3s.yaml", ident)
+    assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
+    done = piv_tool("-a", "read-certificate", "-s", "9a")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.encode() == pem(ident.cert)
+
+
+def test_our_signing_uses_a_key_imported_by_yubico_piv_tool(card54, tmp_path):
+    ident = make_identity("p256")
+    (tmp_path / "key.pem").write_bytes(
+        ident.key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption()))
+    (tmp_path / "cert.pem").write_bytes(pem(ident.cert))
+    for action, file in (("import-key", "key.pem"), ("import-certificate", "cert.pem")):
+        done = piv_tool("-a", action, "-s", "9d", "-i", str(tmp_path / file))
+        assert done.returncode == 0, done.stderr
+    card = yk.open_card()
+    try:
+        with card.session() as piv:
+            der = piv.get_certificate(yk.SLOTS["9d"])
+            piv.verify_pin("123456")  # 9d's default PIN policy is "once"
+            signature = piv.sign_message(yk.SLOTS["9d"], yk.KeyAlgorithm.ECCP256, b"hello")
+    finally:
+        card.close()
+    assert der == ident.cert.public_bytes(serialization.Encoding.DER)
+    ident.cert.public_key().verify(signature, b"hello", ec.ECDSA(hashes.SHA256()))
