@@ -1831,3 +1831,81 @@ def test_our_signing_uses_a_key_imported_by_yubico_piv_tool(card54, tmp_path):
         card.close()
     assert der == ident.cert.public_bytes(serialization.Encoding.DER)
     ident.cert.public_key().verify(signature, b"hello", ec.ECDSA(hashes.SHA256()))
+
+
+# -- more algorithms, slots, management keys ---------------------------------------
+
+
+@pytest.mark.parametrize("mgmt_algorithm, key_kind, slot, algorithm_name", [
+    (0x08, "rsa3072", "82", "RSA-3072"),
+    (0x0C, "rsa4096", "95", "RSA-4096"),
+    (0x0A, "p384", "9e", "EC P-384"),
+])
+def test_aes_management_keys_big_rsa_and_retired_slots(rig, tmp_path, capsys, mgmt_algorithm,
+                                                       key_kind, slot, algorithm_name):
+    mgmt_key = os.urandom(yk.MANAGEMENT_KEY_SIZES[yk.KeyAlgorithm(mgmt_algorithm)])
+    piv = VirtualPiv(version=(5, 7, 1), serial=51000005, mgmt_algorithm=mgmt_algorithm,
+                     mgmt_key=mgmt_key)
+    inserted = rig.insert(piv)
+    try:
+        ident = make_identity(key_kind)
+        source = write_kubeconfig(tmp_path / "k.yaml", ident)
+        code, stdout, stderr = run_cli(*setup_args(source, tmp_path, "--slot", slot,
+                                                   "--management-key", mgmt_key.hex()),
+                                       capsys=capsys)
+        assert (code, stderr) == (0, "")
+        assert stdout.startswith(f"Imported the {algorithm_name} key and certificate")
+        assert piv.slot_key(int(slot, 16)).private_numbers() == ident.key.private_numbers()
+        code, stdout, _ = run_cli("status", "--slot", slot, "--json", capsys=capsys)
+        report = json.loads(stdout)["cards"][0]["slots"][0]
+        assert (code, report["slot"], report["key"]["algorithm"]) == (0, slot, algorithm_name)
+        assert report["certificate"]["matches_key"] is True
+    finally:
+        rig.remove(inserted)
+
+
+def test_touch_policy_asks_for_a_touch(rig, tmp_path, capsys):
+    touches = []
+    piv = VirtualPiv(serial=61000006, touch=lambda slot: touches.append(slot) or True)
+    inserted = rig.insert(piv)
+    try:
+        source = write_kubeconfig(tmp_path / "k.yaml", make_identity())
+        code, _, stderr = run_cli(*setup_args(source, tmp_path, "--touch-policy", "cached"),
+                                  capsys=capsys)
+        assert (code, stderr) == (0, "Touch your YubiKey now to prove the import...\n")
+        assert touches == [0x9A]
+        code, stdout, _ = run_cli("status", "--json", capsys=capsys)
+        assert json.loads(stdout)["cards"][0]["slots"][0]["key"]["touch_policy"] == "cached"
+    finally:
+        rig.remove(inserted)
+
+
+def test_encrypted_key_and_missing_cluster(tmp_path, capsys):
+    ident = make_identity()
+    encrypted = ident.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"))
+    user = {"client-certificate-data": b64(pem(ident.cert)), "client-key-data": b64(encrypted)}
+    source = write_kubeconfig(tmp_path / "k.yaml", ident, user=user)
+    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert (code, stderr) == (1, "yubikey-kube-proxy: error: the client key of user 'default' "
+                                 "is encrypted with a passphrase: decrypt it first (openssl "
+                                 "pkey -in KEY) and keep the plain copy off disk\n")
+    doc = yaml.safe_load(source.read_text())
+    doc["clusters"] = []
+    source.write_text(yaml.safe_dump(doc))
+    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert (code, stderr) == (1, f"yubikey-kube-proxy: error: context 'default' names cluster "
+                                 f"'default', which is not in {source}: fix the kubeconfig\n")
+
+
+def test_installed_entry_points(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "yk_kube_proxy", "--version"], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"yubikey-kube-proxy {yk.__version__}\n")
+    script = Path(sys.executable).parent / "yubikey-kube-proxy"
+    if not script.exists() and not os.environ.get("CI"):
+        pytest.skip("the package is not installed in this Python (pip install -e .)")
+    done = subprocess.run([str(script), "--version"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"yubikey-kube-proxy {yk.__version__}\n")
