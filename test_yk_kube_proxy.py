@@ -1442,12 +1442,27 @@ def test_setup_then_status_k3s_like_ec_p256_on_firmware_57(card57, tmp_path, cap
         "certificate-authority-data": b64(pem(ident.ca_cert)),
         "tls-server-name": "kubernetes"}
     assert doc["users"] == [{"name": "yubikey-kube-proxy", "user": {}}]
-    assert doc["contexts"][0]["context"] == {
-        "cluster": "default", "user": "yubikey-kube-proxy", "namespace": "team-a",
-        "extensions": [{"name": "yubikey-kube-proxy", "extension": {
-            "slot": "9a", "listen": "127.0.0.1:8080", "serial": 31000001}}]}
+    context = doc["contexts"][0]["context"]
+    extension = context.pop("extensions")[0]["extension"]
+    assert context == {"cluster": "default", "user": "yubikey-kube-proxy",
+                       "namespace": "team-a"}
+    local = extension.pop("local-tls")
+    assert extension == {"slot": "9a", "listen": "127.0.0.1:8080", "serial": 31000001}
+    # The local hop: kubectl trusts the local CA and holds a client certificate of it.
     client_doc = read_yaml(client)
-    assert client_doc["clusters"][0]["cluster"] == {"server": "http://127.0.0.1:8080"}
+    assert client_doc["clusters"][0]["cluster"] == {
+        "server": "https://127.0.0.1:8080", "certificate-authority-data": local["client-ca-data"]}
+    local_ca = x509.load_pem_x509_certificate(base64.b64decode(local["client-ca-data"]))
+    user = client_doc["users"][0]["user"]
+    client_cert = x509.load_pem_x509_certificate(
+        base64.b64decode(user["client-certificate-data"]))
+    assert client_cert.issuer == local_ca.subject
+    local_ca.public_key().verify(client_cert.signature, client_cert.tbs_certificate_bytes,
+                                 ec.ECDSA(hashes.SHA256()))
+    server_cert = x509.load_pem_x509_certificate(
+        base64.b64decode(local["server-certificate-data"]))
+    assert server_cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == ["localhost"]
     assert client_doc["contexts"][0]["context"]["namespace"] == "team-a"
     # status
     code, stdout, stderr = run_cli("status", capsys=capsys)
@@ -1466,7 +1481,7 @@ def test_kubectl_reads_the_written_configs(card57, tmp_path, capsys):
     source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
     assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
     for name, server in (("proxy.yml", "https://127.0.0.1:6443"),
-                         ("client.yml", "http://127.0.0.1:8080")):
+                         ("client.yml", "https://127.0.0.1:8080")):
         done = subprocess.run(
             ["kubectl", "--kubeconfig", str(tmp_path / name), "config", "view", "--minify",
              "-o", "jsonpath={.clusters[0].cluster.server} {.contexts[0].context.namespace}"],
@@ -1483,6 +1498,15 @@ def test_setup_kubeadm_like_rsa2048_files_on_3des_card(card54, tmp_path, capsys)
     assert "Imported the RSA-2048 key and certificate (CN=kubernetes-admin," in stdout
     assert card54.slot_key(0x9C).private_numbers() == ident.key.private_numbers()
     assert "namespace" not in read_yaml(tmp_path / "o" / "client.yml")["contexts"][0]["context"]
+    code, _, stderr = run_cli(*setup_args(source, tmp_path / "o", "--slot", "9c", "--force",
+                                          "--plain-http", "--port", "8181"), capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert read_yaml(tmp_path / "o" / "client.yml")["clusters"][0]["cluster"] == {
+        "server": "http://127.0.0.1:8181"}
+    assert read_yaml(tmp_path / "o" / "client.yml")["users"][0]["user"] == {}
+    extension = read_yaml(tmp_path / "o" / "proxy.yml")["contexts"][0]["context"][
+        "extensions"][0]["extension"]
+    assert extension == {"slot": "9c", "listen": "127.0.0.1:8181", "serial": 21000002}
     code, stdout, _ = run_cli("status", "--slot", "9c", "--json", capsys=capsys)
     report = json.loads(stdout)["cards"][0]
     assert code == 0

@@ -27,12 +27,18 @@ import getpass
 import gzip
 import hashlib
 import hmac
+import http.client
+import http.server
+import io
 import json
 import logging
 import os
 import secrets
+import socket
 import sys
 import threading
+import time
+import types
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -50,6 +56,9 @@ EXTENSION_NAME = "yubikey-kube-proxy"
 DEFAULT_PORT = 8080
 DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
 EXPIRY_WARNING_DAYS = 30
+CHUNK = 64 * 1024  # largest write on either side of the relay
+HANDSHAKE_TIMEOUT = 30.0  # seconds: longer than a YubiKey's 15 s touch window
+LOCAL_PKI_DAYS = 3650  # the local hop's certificates; setup makes new ones
 
 # PIV application (NIST SP 800-73-4 part 2) and Yubico's extensions.
 PIV_AID = bytes.fromhex("A000000308")
@@ -970,10 +979,17 @@ class PinSource:
     def __init__(self, path: str | None = None, label: str = "YubiKey") -> None:
         self.path = path
         self.label = label
+        self.rejected: PinError | None = None  # set once the card refused the PIN
+        self._pin: str | None = None
 
     def get(self) -> str:
-        if self.path:
-            return self._read_file()
+        if self.rejected:
+            raise self.rejected
+        if self._pin is None:
+            self._pin = self._read_file() if self.path else self._prompt()
+        return self._pin
+
+    def _prompt(self) -> str:
         if not sys.stdin.isatty():
             raise ConfigError(
                 f"the {self.label} needs its PIN and there is no terminal to ask on: "
@@ -1005,7 +1021,11 @@ def ensure_pin(piv: PivSession, policy: PinPolicy, pins: PinSource) -> None:
         return
     if policy != PinPolicy.ALWAYS and piv.pin_verified():
         return
-    piv.verify_pin(pins.get())
+    try:
+        piv.verify_pin(pins.get())
+    except PinError as exc:
+        pins.rejected = exc  # never sent to the card again
+        raise
 
 
 # =============================================================================
@@ -1249,6 +1269,929 @@ def days_left(cert: Any, now: datetime.datetime | None = None) -> int:
 
 
 # =============================================================================
+# Card-backed keys for tlslite-ng: the card makes the CertificateVerify signature
+# =============================================================================
+
+
+class CardSigner:
+    """The private-key operation of one slot, one card session per signature.
+
+    The PIN is verified first when the slot's policy needs it. A PIN the card
+    rejected is never sent again (see PinSource.rejected)."""
+
+    def __init__(self, card: Card, slot: Slot, algorithm: KeyAlgorithm,
+                 pin_policy: PinPolicy, pins: PinSource) -> None:
+        self.card = card
+        self.slot = slot
+        self.algorithm = algorithm
+        self.pin_policy = pin_policy
+        self.pins = pins
+        self.signatures = 0
+        self.last_seconds = 0.0
+
+    def __call__(self, prepared: bytes) -> bytes:
+        with self.card.session() as piv:
+            ensure_pin(piv, self.pin_policy, self.pins)
+            start = time.perf_counter()
+            result = piv.sign_raw(self.slot, self.algorithm, prepared)
+            self.last_seconds = time.perf_counter() - start
+            self.signatures += 1
+        return result
+
+
+def tls_private_key(signer: CardSigner, public_key: Any) -> Any:
+    """A tlslite key object whose private operation is the card's."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from tlslite.utils.ecdsakey import ECDSAKey
+    from tlslite.utils.eddsakey import EdDSAKey
+    from tlslite.utils.python_rsakey import Python_RSAKey
+
+    class CardECDSAKey(ECDSAKey):
+        key_type = "ecdsa"
+
+        def __init__(self) -> None:
+            self.size = (public_key.curve.key_size + 7) // 8
+            self.curve_name = {32: "NIST256p", 48: "NIST384p"}[self.size]
+            # tlslite cuts TLS 1.2 digests to private_key.curve.baselen
+            self.private_key = types.SimpleNamespace(
+                curve=types.SimpleNamespace(baselen=self.size))
+
+        def __len__(self) -> int:
+            return public_key.curve.key_size
+
+        def hasPrivateKey(self) -> bool:  # noqa: N802 (tlslite's name)
+            return True
+
+        def _sign(self, data: bytes, hash_alg: str) -> bytearray:
+            return bytearray(signer(ecdsa_input(bytes(data), self.size)))
+
+        def _verify(self, signature: bytes, hash_bytes: bytes) -> bool:
+            return verify_prehashed(public_key, bytes(signature), bytes(hash_bytes))
+
+    class CardRSAKey(Python_RSAKey):
+        def __init__(self) -> None:
+            numbers = public_key.public_numbers()
+            super().__init__(numbers.n, numbers.e)
+
+        def hasPrivateKey(self) -> bool:  # noqa: N802
+            return True
+
+        def _raw_private_key_op_bytes(self, message: bytes) -> bytearray:
+            if len(message) != (self.n.bit_length() + 7) // 8:
+                raise ValueError("message has the wrong length for the key")
+            return bytearray(signer(bytes(message)))
+
+    class CardEdDSAKey(EdDSAKey):
+        key_type = curve_name = "Ed25519"
+
+        def __init__(self) -> None:
+            self.public_key = public_key
+
+        def __len__(self) -> int:
+            return 256
+
+        def hasPrivateKey(self) -> bool:  # noqa: N802
+            return True
+
+        def _hashAndSign(self, data: bytes) -> bytearray:  # noqa: N802
+            return bytearray(signer(bytes(data)))
+
+        def _hashAndVerify(self, signature: bytes, data: bytes) -> bool:  # noqa: N802
+            return verify_signature(public_key, KeyAlgorithm.ED25519, bytes(data),
+                                    bytes(signature))
+
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return CardECDSAKey()
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return CardEdDSAKey()
+    return CardRSAKey()
+
+
+def verify_prehashed(public_key: Any, signature: bytes, digest: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+    algorithm = {32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}[len(digest)]
+    try:
+        public_key.verify(signature, digest, ec.ECDSA(utils.Prehashed(algorithm)))
+    except InvalidSignature:
+        return False
+    return True
+
+
+# =============================================================================
+# Upstream TLS: tlslite-ng with cryptography's AEAD, the server verified first
+# =============================================================================
+
+
+class UpstreamError(ProxyError):
+    """The API server could not be reached or refused us."""
+
+    http_status = 502
+    reason = "BadGateway"
+
+
+class UpstreamTimeout(UpstreamError):
+    http_status = 504
+    reason = "Timeout"
+
+
+class ServerCertificateError(UpstreamError):
+    """The API server's certificate failed verification: no card signature."""
+
+
+class FastAead:
+    """tlslite's AEAD interface on top of cryptography's AES-GCM / ChaCha20-Poly1305
+    (tlslite's own are pure Python: 0.56 MB/s against hundreds of MB/s here)."""
+
+    isBlockCipher = False  # noqa: N815 (tlslite's names)
+    isAEAD = True  # noqa: N815
+    nonceLength = 12  # noqa: N815
+    tagLength = 16  # noqa: N815
+    implementation = "cryptography"
+
+    def __init__(self, name: str, key: bytes, factory: Any) -> None:
+        self.name = name
+        self.key = key
+        self._aead = factory(bytes(key))
+
+    def seal(self, nonce: bytes, plaintext: bytes, data: bytes) -> bytearray:
+        return bytearray(self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(data)))
+
+    def open(self, nonce: bytes, ciphertext: bytes, data: bytes) -> bytearray | None:
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            return bytearray(self._aead.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
+        except InvalidTag:
+            return None
+
+
+def install_fast_aead() -> None:
+    """Point tlslite's record layer at FastAead (idempotent)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+    from tlslite import recordlayer
+
+    def aes_gcm(key: bytes, impl_list: Any = None) -> FastAead:
+        return FastAead("aes128gcm" if len(key) == 16 else "aes256gcm", key, AESGCM)
+
+    def chacha20(key: bytes, impl_list: Any = None) -> FastAead:
+        return FastAead("chacha20-poly1305", key, ChaCha20Poly1305)
+
+    recordlayer.createAESGCM = aes_gcm
+    recordlayer.createCHACHA20 = chacha20
+
+
+def tls_settings() -> Any:
+    """TLS 1.2 and 1.3, AEAD suites only, one key share, no resumption."""
+    from tlslite import HandshakeSettings
+
+    settings = HandshakeSettings()
+    settings.minVersion = (3, 3)
+    settings.maxVersion = (3, 4)
+    settings.cipherNames = ["aes128gcm", "aes256gcm", "chacha20-poly1305"]
+    settings.keyShares = ["x25519"]
+    settings.eccCurves = ["x25519", "secp256r1", "secp384r1"]
+    settings.certificate_compression_send = []  # 0.8.2 breaks TLS 1.3 client auth otherwise
+    return settings
+
+
+def go_like_policies() -> tuple[Any, Any]:
+    """Extension policies as lenient as Go's crypto/x509 and no more: issuers
+    must be CAs, the leaf needs a subjectAltName and, if it has an extended key
+    usage, serverAuth; criticality and key usage bits are not enforced."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    from cryptography.x509.verification import Criticality, ExtensionPolicy
+
+    def is_ca(policy: Any, cert: Any, ext: Any) -> None:
+        if ext is None or not ext.ca:
+            raise ValueError("issuer is not a CA")
+
+    def server_auth(policy: Any, cert: Any, ext: Any) -> None:
+        allowed = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+        if ext is not None and not allowed & set(ext):
+            raise ValueError("certificate is not for TLS servers (no serverAuth usage)")
+
+    any_ = Criticality.AGNOSTIC
+    ca_policy = ExtensionPolicy.permit_all().require_present(x509.BasicConstraints, any_, is_ca)
+    ee_policy = (ExtensionPolicy.permit_all()
+                 .require_present(x509.SubjectAlternativeName, any_, None)
+                 .may_be_present(x509.ExtendedKeyUsage, any_, server_auth))
+    return ca_policy, ee_policy
+
+
+class ServerVerifier:
+    """Checks the API server's chain, dates and name before the card signs."""
+
+    def __init__(self, roots: list[Any], server_name: str, insecure: bool = False) -> None:
+        self.roots = roots
+        self.server_name = server_name
+        self.insecure = insecure
+
+    def subject(self) -> Any:
+        import ipaddress
+
+        from cryptography.x509 import DNSName, IPAddress
+
+        try:
+            return IPAddress(ipaddress.ip_address(self.server_name.strip("[]")))
+        except ValueError:
+            return DNSName(self.server_name)
+
+    def verify(self, chain_der: list[bytes], where: str) -> None:
+        from cryptography import x509
+        from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+        if self.insecure:
+            return
+        certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
+        ca_policy, ee_policy = go_like_policies()
+        verifier = (PolicyBuilder().store(Store(self.roots))
+                    .time(datetime.datetime.now(datetime.timezone.utc))
+                    .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+                    .build_server_verifier(self.subject()))
+        try:
+            verifier.verify(certs[0], certs[1:])
+        except VerificationError as exc:
+            raise ServerCertificateError(
+                f"the API server at {where} presented a certificate we do not trust for "
+                f"{self.server_name!r} ({verification_reason(exc, certs[0])}): check the "
+                "server URL, certificate-authority and tls-server-name in the kubeconfig"
+            ) from None
+
+
+def verification_reason(exc: Exception, leaf: Any) -> str:
+    """A short reason from cryptography's verbose verification error."""
+    text = str(exc).removeprefix("validation failed: ").split(" (encountered")[0]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if leaf.not_valid_after_utc < now:
+        return f"it expired on {leaf.not_valid_after_utc:%Y-%m-%d}"
+    if leaf.not_valid_before_utc > now:
+        return f"it is not valid before {leaf.not_valid_before_utc:%Y-%m-%d}"
+    if "candidates exhausted" in text or "signature does not match" in text:
+        return "it is not signed by the cluster's CA"
+    return text
+
+
+def system_roots() -> list[Any]:
+    """The system trust store, for kubeconfigs without a CA."""
+    import ssl
+
+    from cryptography import x509
+
+    paths = ssl.get_default_verify_paths()
+    for path in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if path and os.path.exists(path):
+            return x509.load_pem_x509_certificates(Path(path).read_bytes())
+    raise ConfigError("the kubeconfig names no certificate-authority and no system trust "
+                      "store was found: add certificate-authority-data to the kubeconfig")
+
+
+def make_tls_connection(sock: socket.socket, verifier: ServerVerifier, where: str) -> Any:
+    """A tlslite client connection that verifies the server's chain the moment
+    it arrives, before the card is asked for a signature."""
+    from tlslite import TLSConnection
+    from tlslite.constants import AlertDescription
+
+    class VerifyingTLSConnection(TLSConnection):
+        rejection: ProxyError | None = None
+
+        def _clientGetKeyFromChain(self, certificate: Any, settings: Any,  # noqa: N802
+                                   tack_ext: Any = None) -> Iterator[Any]:
+            try:
+                verifier.verify([c.bytes for c in certificate.cert_chain.x509List], where)
+            except ServerCertificateError as exc:
+                self.rejection = exc
+                yield from self._sendError(AlertDescription.bad_certificate, str(exc))
+            yield from super()._clientGetKeyFromChain(certificate, settings, tack_ext)
+
+    return VerifyingTLSConnection(sock)
+
+
+class TLSStream(io.RawIOBase):
+    """Raw reads from a tlslite connection; an abrupt close reads as end of file."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        from tlslite.errors import TLSAbruptCloseError
+
+        try:
+            data = self.conn.read(max=len(buffer))
+        except TLSAbruptCloseError:
+            return 0
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class TLSSocket:
+    """The little of a socket that http.client and the tunnel use, over tlslite:
+    writes in 64 KB pieces under a lock (tlslite's big writes are quadratic, and
+    two writers would interleave records)."""
+
+    def __init__(self, conn: Any, raw: socket.socket) -> None:
+        self.conn = conn
+        self.raw = raw
+        self.lock = threading.Lock()
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        with self.lock:
+            for start in range(0, len(view), CHUNK):
+                self.conn.write(bytes(view[start : start + CHUNK]))
+
+    def makefile(self, mode: str = "rb", buffering: int | None = None) -> io.BufferedReader:
+        return io.BufferedReader(TLSStream(self.conn), CHUNK)
+
+    def shutdown(self) -> None:
+        """Wake up any reader and stop the connection, without waiting."""
+        with contextlib.suppress(OSError):
+            self.raw.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        self.raw.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamAddress:
+    """The API server as the kubeconfig names it."""
+
+    host: str
+    port: int
+    prefix: str
+    server_name: str  # what its certificate must name
+    sni: str | None  # DNS names only, as Go does
+
+    @property
+    def where(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def parse(cls, url: str, tls_server_name: str | None) -> UpstreamAddress:
+        import ipaddress
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ConfigError(f"the cluster server {url!r} is not an https:// URL: the "
+                              "YubiKey can only protect TLS connections")
+        name = tls_server_name or parts.hostname
+        try:
+            ipaddress.ip_address(name)
+            sni = None
+        except ValueError:
+            sni = name
+        return cls(parts.hostname, parts.port or 443, parts.path.rstrip("/"), name, sni)
+
+
+class Upstream:
+    """Opens a fresh mutual-TLS connection to the API server per request; the
+    card signs each handshake after the server's certificate has passed."""
+
+    def __init__(self, address: UpstreamAddress, verifier: ServerVerifier,
+                 cert_chain: Any, signer: CardSigner, public_key: Any,
+                 timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        install_fast_aead()
+        self.address = address
+        self.verifier = verifier
+        self.cert_chain = cert_chain
+        self.signer = signer
+        self.key = tls_private_key(signer, public_key)
+        self.timeout = timeout
+        self.settings = tls_settings()
+
+    @property
+    def host_header(self) -> str:
+        default = self.address.port == 443
+        return self.address.where.rsplit(":", 1)[0] if default else self.address.where
+
+    def connect(self) -> TLSSocket:
+        raw = self._tcp_connect()
+        conn = make_tls_connection(raw, self.verifier, self.address.where)
+        try:
+            conn.handshakeClientCert(
+                self.cert_chain, self.key, settings=self.settings,
+                serverName=self.address.sni, alpn=[bytearray(b"http/1.1")])
+        except BaseException as exc:
+            raw.close()
+            raise self._handshake_error(conn, exc) from None
+        raw.settimeout(None)
+        return TLSSocket(conn, raw)
+
+    def _tcp_connect(self) -> socket.socket:
+        where = self.address.where
+        try:
+            raw = socket.create_connection((self.address.host, self.address.port),
+                                           timeout=self.timeout)
+        except socket.gaierror:
+            raise UpstreamError(f"cannot resolve the API server host {self.address.host!r}: "
+                                "check the server URL in the kubeconfig") from None
+        except TimeoutError:
+            raise UpstreamTimeout(f"the API server at {where} did not answer within "
+                                  f"{self.timeout:g} s: is the cluster reachable?") from None
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to the API server at {where} "
+                                f"({exc.strerror or exc}): is the cluster up and "
+                                "reachable?") from None
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return raw
+
+    def _handshake_error(self, conn: Any, exc: BaseException) -> BaseException:
+        from tlslite.errors import TLSAbruptCloseError, TLSError, TLSRemoteAlert
+
+        where = self.address.where
+        if getattr(conn, "rejection", None):
+            return conn.rejection
+        if isinstance(exc, (ProxyError, KeyboardInterrupt)):
+            return exc
+        if isinstance(exc, TLSRemoteAlert):
+            return client_certificate_rejected(where, exc)
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeout(f"the TLS handshake with the API server at {where} took "
+                                   f"longer than {self.timeout:g} s")
+        if isinstance(exc, TLSAbruptCloseError):
+            return UpstreamError(f"the API server at {where} closed the connection during "
+                                 "the TLS handshake: is it a Kubernetes API server?")
+        if isinstance(exc, (TLSError, OSError)):
+            return UpstreamError(f"the TLS handshake with the API server at {where} "
+                                 f"failed: {exc}")
+        return exc
+
+
+def client_certificate_rejected(where: str, alert: Any) -> UpstreamError:
+    return UpstreamError(
+        f"the API server at {where} rejected the YubiKey's client certificate (TLS alert "
+        f"{alert}): it may have expired or belong to another cluster; check it with "
+        f"'{PROG} status' and run '{PROG} setup' with a current certificate")
+
+
+# =============================================================================
+# The HTTP relay: ThreadingHTTPServer, one fresh upstream connection per request
+# =============================================================================
+
+# Hop-by-hop headers (RFC 9110 7.6.1), plus Host (set to the upstream's) and Expect
+# (the local server has answered 100-continue already).
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+              "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host",
+              "expect"}
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def status_body(code: int, reason: str, message: str) -> bytes:
+    """A Kubernetes Status object: kubectl prints 'Error from server (reason): message'."""
+    return json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                       "status": "Failure", "message": message, "reason": reason,
+                       "code": code}).encode()
+
+
+STATUS_REASONS = {400: "BadRequest", 403: "Forbidden", 431: "RequestHeaderFieldsTooLarge",
+                  500: "InternalError", 502: "BadGateway", 503: "ServiceUnavailable",
+                  504: "Timeout"}
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    """The local listener. It carries what handlers need: the upstream, the Host
+    values it accepts, and (unless plain HTTP) the TLS context for the local hop."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], upstream: Upstream,
+                 tls_context: Any = None) -> None:
+        self.upstream = upstream
+        self.tls_context = tls_context
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, RelayHandler)
+        port = self.server_address[1]
+        self.allowed_hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}",
+                              f"{address[0]}:{port}", f"[{address[0]}]:{port}"}
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = self.socket.accept()
+        if self.tls_context is not None:
+            sock = self.tls_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        return sock, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s failed", client_address, exc_info=True)
+
+
+class RelayHandler(http.server.BaseHTTPRequestHandler):
+    """Relays one kubectl request at a time; each gets its own upstream connection."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = PROG
+    server: ProxyServer
+
+    def setup(self) -> None:
+        super().setup()
+        if self.server.tls_context is not None:
+            self.connection.settimeout(HANDSHAKE_TIMEOUT)
+            self.connection.do_handshake()  # failures end here: handle_error logs them
+            self.connection.settimeout(None)
+
+    def do_relay(self) -> None:
+        started = time.perf_counter()
+        refusal = self.refusal()
+        if refusal:
+            return self.send_status(*refusal)
+        try:
+            upstream = self.server.upstream.connect()
+        except ProxyError as exc:
+            log.warning("%s %s: %s", self.command, self.path, exc)
+            return self.send_status(exc.http_status, str(exc))
+        try:
+            self.exchange(upstream, started)
+        finally:
+            upstream.close()
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_relay
+
+    def refusal(self) -> tuple[int, str] | None:
+        """Requests from browsers, other hosts' names or with broken framing."""
+        if self.headers.get("Host", "").lower() not in self.server.allowed_hosts:
+            return 403, (f"refused: Host {self.headers.get('Host', '')!r} does not name this "
+                         "proxy's loopback listener (DNS rebinding?)")
+        if "Origin" in self.headers or any(k.lower().startswith("sec-fetch-")
+                                           for k in self.headers):
+            return 403, "refused: requests from web browsers are not relayed"
+        if not self.path.startswith("/"):
+            return 400, "refused: the request target must be a path"
+        if "Transfer-Encoding" in self.headers and "Content-Length" in self.headers:
+            return 400, "refused: both Transfer-Encoding and Content-Length are set"
+        length = self.headers.get("Content-Length")
+        if length is not None and not length.isdigit():
+            return 400, f"refused: invalid Content-Length {length!r}"
+        return None
+
+    def exchange(self, upstream: TLSSocket, started: float) -> None:
+        http_conn = http.client.HTTPConnection(self.server.upstream.address.host)
+        http_conn.sock = upstream
+        try:
+            self.forward_request(http_conn)
+            response = http_conn.getresponse()
+        except ProxyError as exc:
+            return self.send_status(exc.http_status, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the upstream failed mid-request
+            return self.upstream_failed(exc)
+        if response.status == 101:
+            self.tunnel(response, upstream)
+        else:
+            self.forward_response(response)
+        signer = self.server.upstream.signer
+        log.info("%s %s -> %d (%.1f ms, card %.1f ms)", self.command, self.path,
+                 response.status, (time.perf_counter() - started) * 1000,
+                 signer.last_seconds * 1000)
+
+    def upstream_failed(self, exc: Exception) -> None:
+        from tlslite.errors import TLSRemoteAlert
+
+        where = self.server.upstream.address.where
+        if isinstance(exc, TLSRemoteAlert):
+            error: ProxyError = client_certificate_rejected(where, exc)
+        else:
+            error = UpstreamError(f"the API server at {where} failed during the request "
+                                  f"({type(exc).__name__}: {exc}): try again")
+        log.warning("%s %s: %s", self.command, self.path, error)
+        self.send_status(error.http_status, str(error))
+
+    def forward_request(self, http_conn: http.client.HTTPConnection) -> None:
+        upstream = self.server.upstream
+        http_conn.putrequest(self.command, upstream.address.prefix + self.path,
+                             skip_host=True, skip_accept_encoding=True)
+        http_conn.putheader("Host", upstream.host_header)
+        for name, value in end_to_end_headers(self.headers):
+            http_conn.putheader(name, value)
+        if is_upgrade(self.headers):
+            http_conn.putheader("Connection", "Upgrade")
+            http_conn.putheader("Upgrade", self.headers["Upgrade"])
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            http_conn.putheader("Transfer-Encoding", "chunked")
+            http_conn.endheaders()
+            self.copy_chunked_body(http_conn)
+        else:
+            length = int(self.headers.get("Content-Length") or 0)
+            if "Content-Length" in self.headers:
+                http_conn.putheader("Content-Length", str(length))
+            http_conn.endheaders()
+            copy_exact(self.rfile, http_conn.send, length)
+
+    def copy_chunked_body(self, http_conn: http.client.HTTPConnection) -> None:
+        while True:
+            line = self.rfile.readline(1024)
+            size = int(line.split(b";")[0].strip() or b"x", 16)
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers are dropped
+                http_conn.send(b"0\r\n\r\n")
+                return
+            http_conn.send(b"%x\r\n" % size)
+            copy_exact(self.rfile, http_conn.send, size)
+            http_conn.send(b"\r\n")
+            self.rfile.readline(1024)
+
+    def forward_response(self, response: http.client.HTTPResponse) -> None:
+        self.send_response_only(response.status, response.reason)
+        for name, value in end_to_end_headers(response.headers):
+            self.send_header(name, value)
+        no_body = self.command == "HEAD" or response.status in (204, 304) \
+            or 100 <= response.status < 200
+        length = response.headers.get("Content-Length")
+        if no_body:
+            if length is not None:
+                self.send_header("Content-Length", length)
+            self.end_headers()
+        elif response.length is not None and not response.chunked:
+            self.send_header("Content-Length", str(response.length))
+            self.end_headers()
+            copy_exact(response, self.wfile.write, response.length)
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.stream_chunked(response)
+
+    def stream_chunked(self, response: http.client.HTTPResponse) -> None:
+        """Relay as chunks as they arrive (watch, logs -f), flushing each one."""
+        while True:
+            data = response.read1(CHUNK)
+            if not data:
+                break
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def tunnel(self, response: http.client.HTTPResponse, upstream: TLSSocket) -> None:
+        """After 101 Switching Protocols: bytes both ways until either side closes."""
+        self.send_response_only(101, response.reason)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+
+        def client_to_server() -> None:
+            with contextlib.suppress(Exception):
+                while data := self.rfile.read1(CHUNK):
+                    upstream.sendall(data)
+            upstream.shutdown()
+
+        sender = threading.Thread(target=client_to_server, daemon=True)
+        sender.start()
+        with contextlib.suppress(Exception):
+            while data := response.fp.read1(CHUNK):
+                self.wfile.write(data)
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+        upstream.shutdown()
+        sender.join()
+
+    def send_status(self, code: int, message: str) -> None:
+        body = status_body(code, STATUS_REASONS.get(code, "InternalError"), message)
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("%s - %s", self.address_string(), format % args)
+
+
+def is_upgrade(headers: Any) -> bool:
+    tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+    return "upgrade" in tokens and "Upgrade" in headers
+
+
+def end_to_end_headers(headers: Any) -> Iterator[tuple[str, str]]:
+    """Headers without hop-by-hop ones (RFC 9110 7.6.1) and those named by Connection."""
+    named = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in HOP_BY_HOP and lower not in named and lower != "content-length":
+            yield name, value
+
+
+def copy_exact(source: Any, write: Any, length: int) -> None:
+    """Copy exactly ``length`` bytes in pieces of at most 64 KB."""
+    while length > 0:
+        data = source.read(min(CHUNK, length))
+        if not data:
+            raise UpstreamError("the connection closed in the middle of a body")
+        write(data)
+        length -= len(data)
+
+
+# =============================================================================
+# proxy: run the relay
+# =============================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTls:
+    """The local hop's TLS material, from the extension entry setup wrote."""
+
+    server_cert: bytes
+    server_key: bytes
+    client_ca: bytes
+
+    def context(self) -> Any:
+        """A server context demanding a client certificate from the local CA.
+        The key goes through an anonymous in-memory file, never the disk."""
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=self.client_ca.decode())
+        fd = os.memfd_create("yk-kube-proxy-local-tls", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, self.server_cert + self.server_key)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return context
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxySettings:
+    """Everything the proxy needs, from proxy.yml and the command line."""
+
+    address: UpstreamAddress
+    roots: list[Any]
+    insecure: bool
+    slot: Slot
+    serial: int | None
+    listen: tuple[str, int]
+    local_tls: LocalTls | None
+
+
+def parse_listen(text: str, unsafe: bool) -> tuple[str, int]:
+    import ipaddress
+
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen {text!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not unsafe:
+        raise ConfigError(f"--listen {text!r} is not a loopback address: anyone who can "
+                          "reach it could use your cluster; pass --unsafe-listen if you "
+                          "really mean it")
+    return ("127.0.0.1" if host == "localhost" else host), int(port)
+
+
+def local_tls_from(extension: dict[str, Any]) -> LocalTls | None:
+    import base64
+
+    local = extension.get("local-tls")
+    if not local:
+        return None
+    try:
+        return LocalTls(*(base64.b64decode(local[k]) for k in (
+            "server-certificate-data", "server-key-data", "client-ca-data")))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("the local-tls entry of the proxy kubeconfig is damaged: "
+                          f"run '{PROG} setup' again") from None
+
+
+def proxy_settings(args: argparse.Namespace) -> ProxySettings:
+    from cryptography import x509
+
+    ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
+    ext = ctx.extension
+    body = ctx.cluster.body
+    if not body.get("server"):
+        raise ConfigError(f"cluster {ctx.cluster.name!r} has no server URL: fix the kubeconfig")
+    address = UpstreamAddress.parse(body["server"], body.get("tls-server-name"))
+    ca = read_material(ctx.cluster, "certificate-authority-data", "certificate-authority")
+    try:
+        roots = x509.load_pem_x509_certificates(ca) if ca else system_roots()
+    except ValueError:
+        raise ConfigError(f"the certificate-authority of cluster {ctx.cluster.name!r} is not "
+                          "PEM certificates: fix the kubeconfig") from None
+    slot = args.slot or parse_slot(str(ext.get("slot", "9a")))
+    serial = args.serial if args.serial is not None else ext.get("serial")
+    listen = parse_listen(args.listen or ext.get("listen") or f"127.0.0.1:{DEFAULT_PORT}",
+                          args.unsafe_listen)
+    return ProxySettings(address, roots, bool(body.get("insecure-skip-tls-verify")), slot,
+                         serial, listen, local_tls_from(ext))
+
+
+def slot_identity(card: Card, slot: Slot) -> tuple[Any, PinPolicy]:
+    """The slot's certificate and PIN policy, checked against the slot's key."""
+    with card.session() as piv:
+        der = piv.get_certificate(slot)
+        meta = piv.slot_metadata(slot) if piv.has_metadata() else None
+    if der is None:
+        raise ConfigError(f"slot {slot.name} of the YubiKey holds no certificate: run "
+                          f"'{PROG} setup' first")
+    cert = load_certificate(der, f"the certificate in slot {slot.name}")
+    if meta is None:
+        return cert, PinPolicy.DEFAULT
+    public = public_key_from_metadata(meta.algorithm, meta.public_key)
+    if not same_public_key(public, cert.public_key()):
+        raise KeyMismatchError(f"the certificate in slot {slot.name} does not belong to its "
+                               f"key: run '{PROG} setup --force'")
+    return cert, meta.pin_policy
+
+
+def build_upstream(settings: ProxySettings, card: Card, args: argparse.Namespace) -> Upstream:
+    from cryptography.hazmat.primitives import serialization
+    from tlslite import X509CertChain
+
+    cert, pin_policy = slot_identity(card, settings.slot)
+    left = days_left(cert)
+    if left < 0:
+        log.warning("the client certificate in slot %s expired on %s: the API server will "
+                    "refuse it; run '%s setup' with a current one", settings.slot.name,
+                    not_after(cert).date(), PROG)
+    elif left < EXPIRY_WARNING_DAYS:
+        log.warning("the client certificate in slot %s expires in %d days (%s)",
+                    settings.slot.name, left, not_after(cert).date())
+    if pin_policy == PinPolicy.DEFAULT:  # firmware without metadata: trust the user
+        pin_policy = PinPolicy.ONCE if args.pin_file else PinPolicy.NEVER
+    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {settings.slot.name}"
+    signer = CardSigner(card, settings.slot, key_algorithm(cert.public_key()), pin_policy,
+                        PinSource(args.pin_file, label))
+    if pin_policy != PinPolicy.NEVER:
+        with card.session() as piv:  # a wrong PIN shows now, not at the first request
+            ensure_pin(piv, PinPolicy.ALWAYS, signer.pins)
+    chain = X509CertChain()
+    chain.parsePemList(cert.public_bytes(serialization.Encoding.PEM).decode())
+    verifier = ServerVerifier(settings.roots, settings.address.server_name, settings.insecure)
+    return Upstream(settings.address, verifier, chain, signer, cert.public_key())
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    settings = proxy_settings(args)
+    if settings.insecure:
+        log.warning("insecure-skip-tls-verify is set: the API server's certificate is NOT "
+                    "checked, so anyone on the path can impersonate it")
+    card = open_card(args.reader, settings.serial)
+    try:
+        upstream = build_upstream(settings, card, args)
+        server = start_server(settings, upstream)
+    except BaseException:
+        card.close()
+        raise
+    scheme = "https" if settings.local_tls else "http"
+    print(f"{PROG}: listening on {scheme}://{format_address(server.server_address)} -> "
+          f"https://{settings.address.where}{settings.address.prefix} (slot "
+          f"{settings.slot.name}, {card.info.describe() if card.info else 'YubiKey'})",
+          file=sys.stderr, flush=True)
+    serve_until_signal(server)
+    card.close()
+    return 0
+
+
+def format_address(address: tuple[Any, ...]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def start_server(settings: ProxySettings, upstream: Upstream) -> ProxyServer:
+    context = settings.local_tls.context() if settings.local_tls else None
+    try:
+        return ProxyServer(settings.listen, upstream, context)
+    except OSError as exc:
+        where = format_address(settings.listen)
+        raise ConfigError(f"cannot listen on {where} ({exc.strerror}): is another proxy "
+                          "running? choose another address with --listen") from None
+
+
+def serve_until_signal(server: ProxyServer) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting and close."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.server_close()
+
+
+# =============================================================================
 # setup: move the kubeconfig's client key onto the card
 # =============================================================================
 
@@ -1310,6 +2253,68 @@ def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) 
         prove_slot(piv, slot, cert, pin_policy, touch_policy, PinSource(args.pin_file, label))
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalPki:
+    """The local hop's credentials: a CA whose key is thrown away after signing a
+    server certificate for the loopback names and one client certificate."""
+
+    ca_cert: bytes
+    server_cert: bytes
+    server_key: bytes
+    client_cert: bytes
+    client_key: bytes
+
+
+def make_local_pki(days: int = LOCAL_PKI_DAYS) -> LocalPki:
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{PROG} local CA")])
+
+    def issue(key: Any, cn: str, ca: bool, extensions: list[Any]) -> bytes:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(ca_name if ca else x509.Name(
+                       [x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                   .issuer_name(ca_name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=days))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True))
+        for extension in extensions:
+            builder = builder.add_extension(extension, False)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def private_pem(key: Any) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), \
+        ec.generate_private_key(ec.SECP256R1())
+    names = x509.SubjectAlternativeName([
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")), x509.DNSName("localhost")])
+    return LocalPki(
+        ca_cert=issue(ca_key, "", True, []),
+        server_cert=issue(server_key, f"{PROG} local server", False, [
+            names, x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])]),
+        server_key=private_pem(server_key),
+        client_cert=issue(client_key, f"{PROG} local client", False, [
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])]),
+        client_key=private_pem(client_key))
+
+
+def b64encode(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
 def proxy_kubeconfig(ctx: KubeContext, settings: dict[str, Any]) -> dict[str, Any]:
     """proxy.yml: the upstream cluster, its CA inlined, no credentials."""
     import base64
@@ -1325,24 +2330,32 @@ def proxy_kubeconfig(ctx: KubeContext, settings: dict[str, Any]) -> dict[str, An
     return kubeconfig_doc(ctx.cluster.name, cluster, ctx.name, context)
 
 
-def client_kubeconfig(ctx: KubeContext, port: int) -> dict[str, Any]:
-    """client.yml: kubectl's view, the local proxy as its server."""
+def client_kubeconfig(ctx: KubeContext, port: int, pki: LocalPki | None) -> dict[str, Any]:
+    """client.yml: kubectl's view, the local proxy as its server; with the local
+    hop's CA and client credentials unless it is plain HTTP."""
     context: dict[str, Any] = {"cluster": EXTENSION_NAME, "user": EXTENSION_NAME}
     if ctx.namespace:
         context["namespace"] = ctx.namespace
-    cluster = {"server": f"http://127.0.0.1:{port}"}
-    return kubeconfig_doc(EXTENSION_NAME, cluster, ctx.name, context)
+    if pki is None:
+        return kubeconfig_doc(EXTENSION_NAME, {"server": f"http://127.0.0.1:{port}"},
+                              ctx.name, context)
+    cluster = {"server": f"https://127.0.0.1:{port}",
+               "certificate-authority-data": b64encode(pki.ca_cert)}
+    user = {"client-certificate-data": b64encode(pki.client_cert),
+            "client-key-data": b64encode(pki.client_key)}
+    return kubeconfig_doc(EXTENSION_NAME, cluster, ctx.name, context, user)
 
 
 def kubeconfig_doc(cluster_name: str, cluster: dict[str, Any], context_name: str,
-                   context: dict[str, Any]) -> dict[str, Any]:
+                   context: dict[str, Any], user: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": cluster_name, "cluster": cluster}],
         "contexts": [{"name": context_name, "context": context}],
         "current-context": context_name,
-        "users": [{"name": EXTENSION_NAME, "user": {}}],
+        "users": [{"name": EXTENSION_NAME, "user": user or {}}],
         "preferences": {},
     }
 
@@ -1385,8 +2398,13 @@ def cmd_setup(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {"slot": args.slot.name, "listen": f"127.0.0.1:{args.port}"}
     if card.info and card.info.serial is not None:
         settings["serial"] = card.info.serial
+    pki = None if args.plain_http else make_local_pki()
+    if pki:
+        settings["local-tls"] = {"server-certificate-data": b64encode(pki.server_cert),
+                                 "server-key-data": b64encode(pki.server_key),
+                                 "client-ca-data": b64encode(pki.ca_cert)}
     for path, doc in ((proxy_path, proxy_kubeconfig(ctx, settings)),
-                      (client_path, client_kubeconfig(ctx, args.port))):
+                      (client_path, client_kubeconfig(ctx, args.port, pki))):
         write_private_file(path, yaml.safe_dump(doc, sort_keys=False))
     print_next_steps(ctx, card, args, cert, proxy_path, client_path)
     return 0
@@ -1592,7 +2610,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read the PIN from this file instead of prompting")
     setup.add_argument("--force", action="store_true",
                        help="overwrite an occupied slot and existing proxy.yml/client.yml")
+    setup.add_argument("--plain-http", action="store_true",
+                       help="kubectl reaches the proxy over plain HTTP instead of mutual TLS")
     setup.set_defaults(func=cmd_setup)
+
+    proxy = commands.add_parser(
+        "proxy", parents=[common], help="relay kubectl's requests, the YubiKey signing each",
+        description="Listen on loopback and relay each request over a fresh mutual-TLS "
+                    "connection to the API server, whose handshake the YubiKey signs.")
+    proxy.add_argument("--kubeconfig", metavar="PATH",
+                       help="the proxy.yml setup wrote (default: $KUBECONFIG, else "
+                            "~/.kube/config)")
+    proxy.add_argument("--context", metavar="NAME", help="context (default: current-context)")
+    proxy.add_argument("--listen", metavar="HOST:PORT",
+                       help="local address (default: from setup, else 127.0.0.1:8080)")
+    proxy.add_argument("--unsafe-listen", action="store_true",
+                       help="allow a --listen address that is not loopback")
+    proxy.add_argument("--slot", type=slot_arg, help="PIV slot (default: from setup)")
+    proxy.add_argument("--pin-file", metavar="PATH",
+                       help="read the PIN from this file instead of prompting")
+    proxy.set_defaults(func=cmd_proxy)
 
     status = commands.add_parser(
         "status", parents=[common], help="show the YubiKeys, their slot and certificate",
