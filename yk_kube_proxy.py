@@ -1778,6 +1778,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = self.socket.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms stalls
         if self.tls_context is not None:
             sock = self.tls_context.wrap_socket(sock, server_side=True,
                                                 do_handshake_on_connect=False)
