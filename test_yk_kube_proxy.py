@@ -13,16 +13,26 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import hashlib
+import http.server
 import io
+import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
+import socketserver
+import ssl
 import stat
+import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import uuid
+import zlib
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
@@ -37,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import yk_kube_proxy as yk
 
@@ -1041,6 +1052,1547 @@ class VpcdCard:
 
 
 # =============================================================================
+# The test API server: enough of Kubernetes for the real kubectl (discovery,
+# lists, watch, logs, create/delete, exec over WebSocket and SPDY/3.1), over TLS
+# that requires a client certificate
+# =============================================================================
+
+# -- constants
+# --------------------------------------------------------------------------
+DEFAULT_GIT_VERSION = "v1.31.0"
+FAKE_VERSION = {
+    "major": "1", "minor": "31", "gitVersion": DEFAULT_GIT_VERSION,
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean", "buildDate": "2024-08-13T07:28:49Z",
+    "goVersion": "go1.22.5", "compiler": "gc", "platform": "linux/amd64",
+}
+NODE_NAMES = ("node-1", "node-2")
+KUBELET_VERSION = "v1.31.0+k3s1"
+DEFAULT_NAMESPACES = ("default", "kube-system")
+OPENAPI_HASH = "0123456789ABCDEF"
+CHUNK_SIZE = 64 * 1024
+PATTERN_BLOCK = bytes(range(256)) * (CHUNK_SIZE // 256)  # byte i == i % 256
+HANDSHAKE_TIMEOUT = 10.0
+JOIN_TIMEOUT = 5.0
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io",
+                "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io")
+SPDY_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io",
+                  "v2.channel.k8s.io", "channel.k8s.io")
+EXEC_SUCCESS = b'{"metadata":{},"status":"Success"}'
+CH_STDIN, CH_STDOUT, CH_STDERR, CH_ERROR, CH_RESIZE, CH_CLOSE = 0, 1, 2, 3, 4, 255
+WS_OP_CONT, WS_OP_TEXT, WS_OP_BIN = 0x0, 0x1, 0x2
+WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG = 0x8, 0x9, 0xA
+SPDY_VERSION = 3
+SPDY_SYN_STREAM, SPDY_SYN_REPLY, SPDY_RST_STREAM, SPDY_SETTINGS = 1, 2, 3, 4
+SPDY_PING, SPDY_GOAWAY, SPDY_HEADERS, SPDY_WINDOW_UPDATE = 6, 7, 8, 9
+SPDY_FLAG_FIN = 0x01
+SPDY_SEND_WINDOW_UPDATES = True
+
+# SPDY/3 header-compression dictionary (draft-mbelshe-httpbis-spdy-00 /
+# SPDY/3 spec, section 2.6.10.1): length-prefixed header names followed by a
+# blob of common values.  Built from its parts; checked by length/adler32.
+_SPDY_DICT_NAMES = (
+    "options head post put delete trace accept accept-charset accept-encoding "
+    "accept-language accept-ranges age allow authorization cache-control "
+    "connection content-base content-encoding content-language content-length "
+    "content-location content-md5 content-range content-type date etag expect "
+    "expires from host if-match if-modified-since if-none-match if-range "
+    "if-unmodified-since last-modified location max-forwards pragma "
+    "proxy-authenticate proxy-authorization range referer retry-after server "
+    "te trailer transfer-encoding upgrade user-agent vary via warning "
+    "www-authenticate method get status"
+).split() + ["200 OK", "version", "HTTP/1.1", "url", "public", "set-cookie",
+             "keep-alive", "origin"]
+_SPDY_DICT_TAIL = (
+    "100101201202205206300302303304305306307402405406407408409410411412413414"
+    "415416417502504505203 Non-Authoritative Information204 No Content"
+    "301 Moved Permanently400 Bad Request401 Unauthorized403 Forbidden"
+    "404 Not Found500 Internal Server Error501 Not Implemented"
+    "503 Service UnavailableJan Feb Mar Apr May Jun Jul Aug Sept Oct Nov Dec"
+    " 00:00:00 Mon, Tue, Wed, Thu, Fri, Sat, Sun, GMTchunked,text/html,"
+    "image/png,image/jpg,image/gif,application/xml,application/xhtml+xml,"
+    "text/plain,text/javascript,publicprivatemax-age=gzip,deflate,sdch"
+    "charset=utf-8charset=iso-8859-1,utf-,*,enq=0."
+)
+SPDY_DICT = b"".join(struct.pack(">I", len(n)) + n.encode()
+                     for n in _SPDY_DICT_NAMES) + _SPDY_DICT_TAIL.encode()
+assert len(SPDY_DICT) == 1423 and zlib.adler32(SPDY_DICT) == 0xE3C6A7C2
+
+API_RESOURCES_V1 = [
+    {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod",
+     "verbs": ["create", "delete", "deletecollection", "get", "list", "patch",
+               "update", "watch"], "shortNames": ["po"], "categories": ["all"]},
+    {"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod",
+     "verbs": ["get"]},
+    {"name": "pods/exec", "singularName": "", "namespaced": True,
+     "kind": "PodExecOptions", "verbs": ["create", "get"]},
+    {"name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node",
+     "verbs": ["get", "list", "watch"], "shortNames": ["no"]},
+    {"name": "namespaces", "singularName": "namespace", "namespaced": False,
+     "kind": "Namespace", "verbs": ["create", "delete", "get", "list", "watch"],
+     "shortNames": ["ns"]},
+    {"name": "configmaps", "singularName": "configmap", "namespaced": True,
+     "kind": "ConfigMap", "verbs": ["create", "delete", "get", "list", "watch"],
+     "shortNames": ["cm"]},
+]
+API_RESOURCES_APPS_V1 = [
+    {"name": "deployments", "singularName": "deployment", "namespaced": True,
+     "kind": "Deployment", "verbs": ["get", "list", "watch"],
+     "shortNames": ["deploy"], "categories": ["all"]},
+]
+TABLE_COLUMNS = {
+    "Pod": ["Name", "Ready", "Status", "Restarts", "Age"],
+    "Node": ["Name", "Status", "Roles", "Age", "Version"],
+}
+
+
+# --------------------------------------------------------------------------
+# PKI helpers
+# --------------------------------------------------------------------------
+def _now() -> datetime.datetime:
+    """Current UTC time."""
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    """Certificate to PEM bytes."""
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _pem_key(key) -> bytes:
+    """Private key to unencrypted PKCS8 PEM bytes."""
+    return key.private_bytes(serialization.Encoding.PEM,
+                             serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _new_key(kind: str = "p256"):
+    """Generate an EC P-256 ('p256') or RSA-2048 ('rsa2048') private key."""
+    if kind == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "rsa2048":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise ValueError(f"unknown key type {kind!r}")
+
+
+def make_ca(common_name: str):
+    """Create a self-signed EC P-256 CA; returns (cert, key)."""
+    key = _new_key("p256")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True,
+                                         False, False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+def _leaf_builder(ca_cert, subject: x509.Name, pubkey, days: int):
+    """Common leaf certificate builder (validity, basic constraints, AKI)."""
+    now = _now()
+    not_after = now + datetime.timedelta(days=days)
+    not_before = min(now - datetime.timedelta(hours=1),
+                     not_after - datetime.timedelta(days=1))
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
+    return (x509.CertificateBuilder().subject_name(subject)
+            .issuer_name(ca_cert.subject).public_key(pubkey)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(aki, critical=False))
+
+
+def make_client_cert(ca_cert, ca_key, cn: str = "system:admin",
+                     org: str | None = "system:masters", key_type: str = "p256",
+                     days: int = 365):
+    """Issue a clientAuth certificate; returns (cert_pem, key_pem PKCS8).
+
+    days <= 0 yields an already expired certificate."""
+    key = _new_key(key_type)
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)] if org else []
+    subject = x509.Name(attrs + [x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    usage = x509.KeyUsage(True, key_type == "rsa2048", False, False, False,
+                          False, False, False, False)
+    cert = (_leaf_builder(ca_cert, subject, key.public_key(), days)
+            .add_extension(usage, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return _pem_cert(cert), _pem_key(key)
+
+
+def make_server_cert(ca_cert, ca_key, names=("localhost",), ips=("127.0.0.1",)):
+    """Issue a serverAuth EC certificate with DNS/IP SANs; returns (cert_pem, key_pem)."""
+    key = _new_key("p256")
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "k3s"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, "k3s")])
+    sans = [x509.DNSName(n) for n in names]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    cert = (_leaf_builder(ca_cert, subject, key.public_key(), 365)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False,
+                                         False, False, False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return _pem_cert(cert), _pem_key(key)
+
+
+@dataclasses.dataclass
+class FakePki:
+    """PEM material for a fake cluster (separate server and client CAs)."""
+    __test__ = False  # not a pytest test class
+    server_ca_pem: bytes
+    server_cert_pem: bytes
+    server_key_pem: bytes
+    client_ca_pem: bytes
+    client_ca_key: object
+    client_cert_pem: bytes
+    client_key_pem: bytes
+
+    def write_kubeconfig(self, path, server_url: str, embed: bool = True,
+                         client_cert_pem: bytes | None = None,
+                         client_key_pem: bytes | None = None) -> str:
+        """Write a kubeconfig for server_url; returns its path.
+
+        embed=True puts the client certificate/key inline (base64
+        *-data fields); embed=False writes them to PATH.crt / PATH.key."""
+        cert = client_cert_pem or self.client_cert_pem
+        key = client_key_pem or self.client_key_pem
+        path = os.fspath(path)
+        if embed:
+            user = {"client-certificate-data": _b64(cert),
+                    "client-key-data": _b64(key)}
+        else:
+            _write(path + ".crt", cert)
+            _write(path + ".key", key)
+            user = {"client-certificate": path + ".crt", "client-key": path + ".key"}
+        cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
+               "clusters": [{"name": "fake", "cluster": {
+                   "server": server_url,
+                   "certificate-authority-data": _b64(self.server_ca_pem)}}],
+               "users": [{"name": "fake", "user": user}],
+               "contexts": [{"name": "fake", "context": {
+                   "cluster": "fake", "user": "fake", "namespace": "default"}}],
+               "preferences": {}}
+        _write(path, json.dumps(cfg, indent=2).encode())  # JSON is valid YAML
+        return path
+
+
+def _b64(data: bytes) -> str:
+    """Base64-encode bytes to str."""
+    return base64.b64encode(data).decode()
+
+
+def _write(path: str, data: bytes) -> None:
+    """Write bytes to a file with 0600 permissions."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def make_test_pki(server_names=("localhost",), server_ips=("127.0.0.1",),
+                  client_key="p256", client_cn="system:admin",
+                  client_org="system:masters", client_days=365) -> FakePki:
+    """Create a k3s-like PKI: server CA + server cert, client CA + client cert."""
+    ts = int(time.time())
+    server_ca, server_ca_key = make_ca(f"k3s-server-ca@{ts}")
+    client_ca, client_ca_key = make_ca(f"k3s-client-ca@{ts}")
+    srv_cert, srv_key = make_server_cert(server_ca, server_ca_key,
+                                         server_names, server_ips)
+    cli_cert, cli_key = make_client_cert(client_ca, client_ca_key, client_cn,
+                                         client_org, client_key, client_days)
+    return FakePki(_pem_cert(server_ca), srv_cert, srv_key, _pem_cert(client_ca),
+                   client_ca_key, cli_cert, cli_key)
+
+
+# --------------------------------------------------------------------------
+# Kubernetes object helpers
+# --------------------------------------------------------------------------
+def _ts(t: float) -> str:
+    """RFC3339 timestamp (seconds) for a unix time."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _age(t: float) -> str:
+    """kubectl-style short age string."""
+    s = max(0, int(time.time() - t))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    return f"{s // 3600}h"
+
+
+def status_obj(code: int, reason: str, message: str, details=None) -> dict:
+    """A metav1.Status failure object."""
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": message, "reason": reason,
+            "details": details or {}, "code": code}
+
+
+def _list_obj(kind: str, api_version: str, rv: str, items: list) -> dict:
+    """A typed list object."""
+    return {"kind": kind, "apiVersion": api_version,
+            "metadata": {"resourceVersion": rv}, "items": items}
+
+
+def _meta(name: str, namespace: str | None, rv: int, created: float) -> dict:
+    """ObjectMeta with uid, resourceVersion and creationTimestamp."""
+    meta = {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": str(rv),
+            "creationTimestamp": _ts(created)}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return meta
+
+
+def _make_node(name: str, rv: int, created: float) -> dict:
+    """A Ready node object."""
+    return {"kind": "Node", "apiVersion": "v1",
+            "metadata": dict(_meta(name, None, rv, created), labels={
+                "kubernetes.io/hostname": name,
+                "node-role.kubernetes.io/control-plane": "true"}),
+            "spec": {"podCIDR": "10.42.0.0/24"},
+            "status": {"conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "kubelet is posting ready status",
+                "lastHeartbeatTime": _ts(created), "lastTransitionTime": _ts(created)}],
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                              {"type": "Hostname", "address": name}],
+                "nodeInfo": {"kubeletVersion": KUBELET_VERSION,
+                             "kubeProxyVersion": KUBELET_VERSION,
+                             "operatingSystem": "linux", "architecture": "amd64",
+                             "containerRuntimeVersion": "containerd://1.7.20",
+                             "osImage": "Fake Linux", "kernelVersion": "6.0.0"}}}
+
+
+def _complete_pod(pod: dict, name: str, namespace: str, rv: int, now: float) -> dict:
+    """Fill server-side fields of a pod (metadata, Running status)."""
+    pod = json.loads(json.dumps(pod))
+    pod["kind"], pod["apiVersion"] = "Pod", "v1"
+    meta = pod.setdefault("metadata", {})
+    meta.update(_meta(name, namespace, rv, now))
+    spec = pod.setdefault("spec", {})
+    containers = spec.setdefault("containers", [{"name": "main", "image": "busybox"}])
+    spec.setdefault("nodeName", NODE_NAMES[0])
+    started = {"running": {"startedAt": _ts(now)}}
+    pod["status"] = {
+        "phase": "Running", "podIP": "10.42.0.10", "hostIP": "127.0.0.1",
+        "startTime": _ts(now),
+        "conditions": [{"type": t, "status": "True", "lastTransitionTime": _ts(now)}
+                       for t in ("Initialized", "Ready", "ContainersReady",
+                                 "PodScheduled")],
+        "containerStatuses": [{"name": c.get("name", "main"), "ready": True,
+                               "started": True, "restartCount": 0,
+                               "image": c.get("image", ""), "imageID": "",
+                               "state": started} for c in containers]}
+    return pod
+
+
+def _row_cells(obj: dict) -> list:
+    """Table cells for a Pod or Node (other kinds: name + age)."""
+    meta = obj["metadata"]
+    created = _parse_ts(meta.get("creationTimestamp"))
+    if obj.get("kind") == "Pod":
+        statuses = obj.get("status", {}).get("containerStatuses", [])
+        ready = sum(1 for s in statuses if s.get("ready"))
+        return [meta["name"], f"{ready}/{len(statuses)}",
+                obj.get("status", {}).get("phase", "Pending"), 0, _age(created)]
+    if obj.get("kind") == "Node":
+        return [meta["name"], "Ready", "control-plane", _age(created),
+                obj["status"]["nodeInfo"]["kubeletVersion"]]
+    return [meta["name"], _age(created)]
+
+
+def _parse_ts(value: str | None) -> float:
+    """Parse an RFC3339 seconds timestamp to unix time (0 if missing)."""
+    if not value:
+        return 0.0
+    return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+
+
+def to_table(kind: str, objs: list, rv: str) -> dict:
+    """Convert objects to a meta.k8s.io/v1 Table (rows carry PartialObjectMetadata)."""
+    cols = TABLE_COLUMNS.get(kind, ["Name", "Age"])
+    defs = [{"name": c, "type": "integer" if c == "Restarts" else "string",
+             "format": "name" if c == "Name" else "", "description": c,
+             "priority": 0} for c in cols]
+    rows = [{"cells": _row_cells(o), "object": {
+        "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+        "metadata": o["metadata"]}} for o in objs]
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": rv}, "columnDefinitions": defs,
+            "rows": rows}
+
+
+def _field_match(obj: dict, selector: str) -> bool:
+    """Evaluate a simple fieldSelector (metadata.name / metadata.namespace, = or !=)."""
+    for term in filter(None, (selector or "").split(",")):
+        neg = "!=" in term
+        key, _, val = term.partition("!=" if neg else "=")
+        val = val.lstrip("=")
+        actual = obj["metadata"].get(key.strip().split(".", 1)[-1], "")
+        if (actual == val) == neg:
+            return False
+    return True
+
+
+def _label_match(obj: dict, selector: str) -> bool:
+    """Evaluate a simple equality labelSelector (k=v,k2=v2)."""
+    labels = obj["metadata"].get("labels") or {}
+    for term in filter(None, (selector or "").split(",")):
+        key, eq, val = term.partition("=")
+        if eq and labels.get(key.strip()) != val.lstrip("=").strip():
+            return False
+        if not eq and key.strip() not in labels:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# Cluster state (thread-safe)
+# --------------------------------------------------------------------------
+class _State:
+    """Pods, nodes, event log and log lines, guarded by one condition variable."""
+
+    def __init__(self):
+        """Create empty state with two nodes."""
+        self.cond = threading.Condition()
+        self.rv = 1
+        self.created = time.time()
+        self.nodes = [_make_node(n, 1, self.created) for n in NODE_NAMES]
+        self.pods: dict[tuple, dict] = {}
+        self.events: list[tuple] = []  # (rv, type, obj)
+        self.logs: dict[tuple, list] = {}
+        self.log_epoch = 0
+        self.stopped = False
+
+    def _next_rv(self) -> int:
+        """Increment and return the resource version (caller holds the lock)."""
+        self.rv += 1
+        return self.rv
+
+    def add_pod(self, name: str, namespace: str, body: dict | None = None):
+        """Add a pod; returns (pod, None) or (None, 'exists')."""
+        with self.cond:
+            if (namespace, name) in self.pods:
+                return None, "exists"
+            pod = _complete_pod(body or {}, name, namespace, self._next_rv(), time.time())
+            self.pods[(namespace, name)] = pod
+            self.events.append((self.rv, "ADDED", pod))
+            self.cond.notify_all()
+            return pod, None
+
+    def delete_pod(self, name: str, namespace: str):
+        """Delete a pod; returns the deleted object or None."""
+        with self.cond:
+            pod = self.pods.pop((namespace, name), None)
+            if pod is None:
+                return None
+            pod = json.loads(json.dumps(pod))
+            pod["metadata"]["resourceVersion"] = str(self._next_rv())
+            self.events.append((self.rv, "DELETED", pod))
+            self.logs.pop((namespace, name), None)
+            self.cond.notify_all()
+            return pod
+
+    def list_pods(self, namespace: str | None):
+        """Return (resourceVersion, pods) for a namespace or all namespaces."""
+        with self.cond:
+            pods = [p for (ns, _), p in sorted(self.pods.items())
+                    if namespace is None or ns == namespace]
+            return str(self.rv), pods
+
+    def append_log(self, namespace: str, pod: str, line: str) -> None:
+        """Append a log line and wake followers."""
+        with self.cond:
+            self.logs.setdefault((namespace, pod), []).append(
+                line if line.endswith("\n") else line + "\n")
+            self.cond.notify_all()
+
+    def bump_log_epoch(self) -> None:
+        """End all current follow streams."""
+        with self.cond:
+            self.log_epoch += 1
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        """Mark stopped and wake every waiter."""
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    """One observed HTTP request."""
+    method: str
+    path: str
+    headers: dict
+    client_subject: str
+    tls_version: str
+    alpn: str | None
+
+    def __getitem__(self, key):
+        """Allow dict-style access (record['path'])."""
+        return getattr(self, key)
+
+
+class _ExecDone(Exception):
+    """Raised to end an exec session."""
+
+
+# --------------------------------------------------------------------------
+# HTTP handler
+# --------------------------------------------------------------------------
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Per-connection handler: TLS handshake, then HTTP/1.1 keep-alive requests."""
+    protocol_version = "HTTP/1.1"
+    server_version = "fake-apiserver"
+    sys_version = ""
+
+    # ---- connection lifecycle ------------------------------------------
+    def setup(self) -> None:
+        """Do the TLS handshake (in this thread), then set up rfile/wfile."""
+        fake: FakeApiServer = self.server.fake
+        self.tls_ok = False
+        raw = self.request
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as Go servers do
+        raw.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            self.request = fake.ssl_context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()
+            return
+        self.request.settimeout(None)
+        self.connection = self.request
+        self.tls_ok = True
+        self.peer_subject = _peer_subject(self.request)
+        fake._conn_opened(self.request)
+        super().setup()
+
+    def handle(self) -> None:
+        """Serve requests only when the handshake succeeded."""
+        if self.tls_ok:
+            try:
+                super().handle()
+            except (OSError, ValueError):
+                pass
+
+    def finish(self) -> None:
+        """Close the TLS socket and forget the connection."""
+        if not self.tls_ok:
+            return
+        try:
+            super().finish()
+        except (OSError, ValueError):
+            pass
+        self.server.fake._conn_closed(self.request)
+        try:
+            self.request.close()
+        except OSError:
+            pass
+
+    def log_message(self, format, *args) -> None:  # noqa: A002
+        """Silence default logging."""
+
+    # ---- dispatch -------------------------------------------------------
+    def do_GET(self) -> None:
+        """All methods go through _dispatch."""
+        self._dispatch()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
+
+    def _dispatch(self) -> None:
+        """Record the request, read its body, route it."""
+        fake: FakeApiServer = self.server.fake
+        fake._record(self)
+        self.body = self._read_body()
+        url = urllib.parse.urlsplit(self.path)
+        self.query_all = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        self.query = {k: v[-1] for k, v in self.query_all.items()}
+        path = url.path
+        if fake.path_prefix:
+            if not (path == fake.path_prefix or path.startswith(fake.path_prefix + "/")):
+                return self.send_status(404, "NotFound",
+                                        "the server could not find the requested resource")
+            path = path[len(fake.path_prefix):] or "/"
+        try:
+            _route(self, fake, path.rstrip("/") or "/")
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            self.close_connection = True
+        except Exception as exc:  # a bug here: report it as 500 and close
+            import traceback
+            traceback.print_exc()
+            self.close_connection = True
+            self.send_status(500, "InternalError", f"fake apiserver error: {exc!r}")
+
+    def _read_body(self) -> bytes:
+        """Read a Content-Length or chunked request body."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    # ---- response helpers -------------------------------------------------
+    def send_bytes(self, code: int, data: bytes, ctype: str = "application/json") -> None:
+        """Send a complete response with Content-Length."""
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache, private")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_json(self, code: int, obj) -> None:
+        """Send a JSON response."""
+        self.send_bytes(code, json.dumps(obj, separators=(",", ":")).encode())
+
+    def send_status(self, code: int, reason: str, message: str, details=None) -> None:
+        """Send a metav1.Status failure response."""
+        self.send_json(code, status_obj(code, reason, message, details))
+
+    def start_chunked(self, ctype: str) -> None:
+        """Start a chunked streaming response."""
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.end_headers()
+
+    def write_chunk(self, data: bytes) -> None:
+        """Write one HTTP chunk (one send call, no buffering)."""
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def end_chunked(self) -> None:
+        """Write the terminating chunk."""
+        self.wfile.write(b"0\r\n\r\n")
+
+    def wants_table(self) -> bool:
+        """True when the Accept header asks for a meta.k8s.io Table."""
+        return "as=Table" in (self.headers.get("Accept") or "")
+
+
+def _peer_subject(sock: ssl.SSLSocket) -> str:
+    """RFC4514 subject of the peer certificate ('' if none)."""
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        return ""
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+
+
+# --------------------------------------------------------------------------
+# Routing
+# --------------------------------------------------------------------------
+NOT_FOUND_MSG = "the server could not find the requested resource"
+
+
+def _route(h: _Handler, fake: "FakeApiServer", path: str) -> None:
+    """Route a request path (prefix already stripped)."""
+    parts = path.strip("/").split("/") if path != "/" else []
+    simple = _SIMPLE_ROUTES.get(path)
+    if simple and h.command in ("GET", "HEAD"):
+        return simple(h, fake)
+    if parts[:2] == ["api", "v1"] and len(parts) > 2:
+        return _route_core(h, fake, parts[2:])
+    if parts[:3] == ["apis", "apps", "v1"] and len(parts) > 3:
+        return h.send_json(200, _list_obj("DeploymentList", "apps/v1",
+                                          str(fake.state.rv), []))
+    h.send_status(404, "NotFound", NOT_FOUND_MSG)
+
+
+def _route_core(h: _Handler, fake: "FakeApiServer", rest: list) -> None:
+    """Route /api/v1/... paths."""
+    if rest[0] == "namespaces" and len(rest) >= 3:
+        ns, resource, tail = rest[1], rest[2], rest[3:]
+        if resource == "pods":
+            return _route_pods(h, fake, ns, tail)
+        if resource == "configmaps" and not tail:
+            return h.send_json(200, _list_obj("ConfigMapList", "v1",
+                                              str(fake.state.rv), []))
+    elif rest[0] == "pods" and len(rest) == 1:
+        return _pods_collection(h, fake, None)
+    elif rest[0] == "nodes":
+        return _nodes(h, fake, rest[1] if len(rest) > 1 else None)
+    elif rest[0] == "namespaces" and len(rest) <= 2:
+        return _namespaces(h, fake, rest[1] if len(rest) > 1 else None)
+    h.send_status(404, "NotFound", NOT_FOUND_MSG)
+
+
+def _route_pods(h: _Handler, fake: "FakeApiServer", ns: str, tail: list) -> None:
+    """Route /api/v1/namespaces/{ns}/pods[/name[/sub]]."""
+    if not tail:
+        return _pods_collection(h, fake, ns)
+    name, sub = tail[0], (tail[1] if len(tail) > 1 else "")
+    with fake.state.cond:
+        pod = fake.state.pods.get((ns, name))
+    if pod is None:
+        return h.send_status(404, "NotFound", f'pods "{name}" not found',
+                             {"name": name, "kind": "pods"})
+    if sub == "" and h.command in ("GET", "HEAD"):
+        return h.send_json(200, pod)
+    if sub == "" and h.command == "DELETE":
+        return h.send_json(200, fake.state.delete_pod(name, ns) or pod)
+    if sub == "log" and h.command == "GET":
+        return _pod_log(h, fake, ns, name)
+    if sub == "exec" and h.command in ("GET", "POST"):
+        return _pod_exec(h, fake)
+    h.send_status(405, "MethodNotAllowed", "the server does not allow this method")
+
+
+def _version(h: _Handler, fake) -> None:
+    """GET /version."""
+    h.send_json(200, fake.version_info)
+
+
+def _api(h: _Handler, fake) -> None:
+    """GET /api (legacy APIVersions; also served to aggregated-discovery requests)."""
+    h.send_json(200, {"kind": "APIVersions", "versions": ["v1"],
+                      "serverAddressByClientCIDRs": [{
+                          "clientCIDR": "0.0.0.0/0",
+                          "serverAddress": f"{fake.host}:{fake.port}"}]})
+
+
+def _apis(h: _Handler, fake) -> None:
+    """GET /apis (APIGroupList with apps/v1)."""
+    gv = {"groupVersion": "apps/v1", "version": "v1"}
+    h.send_json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+        {"name": "apps", "versions": [gv], "preferredVersion": gv}]})
+
+
+def _api_v1(h: _Handler, fake) -> None:
+    """GET /api/v1 (APIResourceList)."""
+    h.send_json(200, {"kind": "APIResourceList", "groupVersion": "v1",
+                      "resources": API_RESOURCES_V1})
+
+
+def _apis_apps_v1(h: _Handler, fake) -> None:
+    """GET /apis/apps/v1 (APIResourceList)."""
+    h.send_json(200, {"kind": "APIResourceList", "apiVersion": "v1",
+                      "groupVersion": "apps/v1", "resources": API_RESOURCES_APPS_V1})
+
+
+def _healthz(h: _Handler, fake) -> None:
+    """GET /healthz, /readyz, /livez."""
+    h.send_bytes(200, b"ok", "text/plain; charset=utf-8")
+
+
+def _bytes(h: _Handler, fake) -> None:
+    """GET /bytes?n=N: N pattern bytes with Content-Length, in 64 KiB writes."""
+    n = int(h.query.get("n", "0"))
+    h.send_response(200)
+    h.send_header("Content-Type", "application/octet-stream")
+    h.send_header("Content-Length", str(n))
+    h.end_headers()
+    while n > 0 and h.command != "HEAD":
+        chunk = PATTERN_BLOCK[:min(n, CHUNK_SIZE)]
+        h.wfile.write(chunk)
+        n -= len(chunk)
+
+
+def _chunked(h: _Handler, fake) -> None:
+    """GET /chunked?n=N: N pattern bytes, chunked in 64 KiB chunks."""
+    n = int(h.query.get("n", "0"))
+    h.start_chunked("application/octet-stream")
+    while n > 0:
+        chunk = PATTERN_BLOCK[:min(n, CHUNK_SIZE)]
+        h.write_chunk(chunk)
+        n -= len(chunk)
+    h.end_chunked()
+
+
+def _slow(h: _Handler, fake) -> None:
+    """GET /slow?seconds=S: sleep S seconds (interrupted by stop) then answer."""
+    seconds = float(h.query.get("seconds", "1"))
+    fake._stop_event.wait(seconds)
+    h.send_json(200, {"slept": seconds})
+
+
+def _openapi_v3_root(h: _Handler, fake) -> None:
+    """GET /openapi/v3: group-version index (kubectl create uses it to
+    check server-side fieldValidation support)."""
+    paths = {gv: {"serverRelativeURL": f"/openapi/v3/{gv}?hash={OPENAPI_HASH}"}
+             for gv in ("api/v1", "apis/apps/v1")}
+    h.send_json(200, {"paths": paths})
+
+
+def _openapi_v3_gv(h: _Handler, fake) -> None:
+    """GET /openapi/v3/api/v1 or /apis/apps/v1: minimal OpenAPI v3 document
+    whose PATCH operations accept the fieldValidation query parameter."""
+    group = "apps" if "/apps/" in h.path else ""
+    base = "/apis/apps/v1" if group else "/api/v1"
+    resources = API_RESOURCES_APPS_V1 if group else API_RESOURCES_V1
+    params = [{"name": n, "in": "query", "schema": {"type": "string"}}
+              for n in ("dryRun", "fieldManager", "fieldValidation", "force")]
+    paths = {}
+    for r in resources:
+        if "/" in r["name"]:
+            continue
+        ns = "/namespaces/{namespace}" if r["namespaced"] else ""
+        gvk = {"group": group, "version": "v1", "kind": r["kind"]}
+        op = {"operationId": f"patch{r['kind']}", "parameters": params,
+              "x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": "patch",
+              "responses": {"200": {"description": "OK"}}}
+        paths[f"{base}{ns}/{r['name']}/{{name}}"] = {"patch": op}
+        paths[f"{base}{ns}/{r['name']}"] = {"post": dict(
+            op, operationId=f"create{r['kind']}", **{"x-kubernetes-action": "post"})}
+    h.send_json(200, {"openapi": "3.0.0", "info": {"title": "Kubernetes",
+                                                    "version": fake.version_info["gitVersion"]},
+                      "paths": paths, "components": {"schemas": {}}})
+
+
+_SIMPLE_ROUTES = {
+    "/openapi/v3": _openapi_v3_root, "/openapi/v3/api/v1": _openapi_v3_gv,
+    "/openapi/v3/apis/apps/v1": _openapi_v3_gv,
+    "/version": _version, "/api": _api, "/apis": _apis, "/api/v1": _api_v1,
+    "/apis/apps/v1": _apis_apps_v1, "/healthz": _healthz, "/readyz": _healthz,
+    "/livez": _healthz, "/bytes": _bytes, "/chunked": _chunked, "/slow": _slow,
+}
+
+
+def _nodes(h: _Handler, fake, name: str | None) -> None:
+    """GET /api/v1/nodes[/name] (list, get or watch)."""
+    nodes = fake.state.nodes
+    if name is not None:
+        node = next((n for n in nodes if n["metadata"]["name"] == name), None)
+        if node is None:
+            return h.send_status(404, "NotFound", f'nodes "{name}" not found',
+                                 {"name": name, "kind": "nodes"})
+        return h.send_json(200, to_table("Node", [node], "1") if h.wants_table() else node)
+    if _is_watch(h):
+        return _watch_static(h, fake, "Node", nodes)
+    rv = str(fake.state.rv)
+    if h.wants_table():
+        return h.send_json(200, to_table("Node", nodes, rv))
+    h.send_json(200, _list_obj("NodeList", "v1", rv, nodes))
+
+
+def _namespaces(h: _Handler, fake, name: str | None) -> None:
+    """GET /api/v1/namespaces[/name]."""
+    with fake.state.cond:
+        names = sorted(set(DEFAULT_NAMESPACES) | {ns for ns, _ in fake.state.pods})
+    objs = [{"kind": "Namespace", "apiVersion": "v1",
+             "metadata": _meta(n, None, 1, fake.state.created),
+             "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+            for n in names]
+    if name is not None:
+        obj = next((o for o in objs if o["metadata"]["name"] == name), None)
+        if obj is None:
+            return h.send_status(404, "NotFound", f'namespaces "{name}" not found',
+                                 {"name": name, "kind": "namespaces"})
+        return h.send_json(200, obj)
+    if h.wants_table():
+        return h.send_json(200, to_table("Namespace", objs, str(fake.state.rv)))
+    h.send_json(200, _list_obj("NamespaceList", "v1", str(fake.state.rv), objs))
+
+
+def _is_watch(h: _Handler) -> bool:
+    """True for ?watch=true/1."""
+    return h.query.get("watch", "").lower() in ("true", "1")
+
+
+def _pods_collection(h: _Handler, fake, ns: str | None) -> None:
+    """List, watch or create pods."""
+    if h.command == "POST" and ns is not None:
+        return _create_pod(h, fake, ns)
+    if h.command not in ("GET", "HEAD"):
+        return h.send_status(405, "MethodNotAllowed", "the server does not allow this method")
+    if _is_watch(h):
+        return _watch_pods(h, fake, ns)
+    rv, pods = fake.state.list_pods(ns)
+    pods = [p for p in pods if _field_match(p, h.query.get("fieldSelector", ""))
+            and _label_match(p, h.query.get("labelSelector", ""))]
+    if h.wants_table():
+        return h.send_json(200, to_table("Pod", pods, rv))
+    h.send_json(200, _list_obj("PodList", "v1", rv, pods))
+
+
+def _create_pod(h: _Handler, fake, ns: str) -> None:
+    """POST a pod (JSON body); 201, 409 AlreadyExists or 400."""
+    try:
+        body = json.loads(h.body or b"{}")
+        name = body["metadata"]["name"]
+    except (ValueError, KeyError, TypeError):
+        return h.send_status(400, "BadRequest",
+                             "invalid pod body (JSON with metadata.name required)")
+    body["metadata"]["namespace"] = body["metadata"].get("namespace") or ns
+    pod, err = fake.state.add_pod(name, ns, body)
+    if err:
+        return h.send_status(409, "AlreadyExists", f'pods "{name}" already exists',
+                             {"name": name, "kind": "pods"})
+    h.send_json(201, pod)
+
+
+# --------------------------------------------------------------------------
+# Watch and logs (chunked streams)
+# --------------------------------------------------------------------------
+def _watch_event(h: _Handler, etype: str, obj: dict) -> bytes:
+    """Serialize one watch event line (object as Table row if requested)."""
+    if h.wants_table() and etype != "BOOKMARK":
+        obj = to_table(obj.get("kind", ""), [obj], obj["metadata"]["resourceVersion"])
+    return json.dumps({"type": etype, "object": obj}, separators=(",", ":")).encode() + b"\n"
+
+
+def _watch_deadline(h: _Handler) -> float:
+    """Absolute deadline from timeoutSeconds (or far future)."""
+    secs = h.query.get("timeoutSeconds")
+    return time.monotonic() + (float(secs) if secs else 10 ** 9)
+
+
+def _watch_pods(h: _Handler, fake, ns: str | None) -> None:
+    """Chunked watch: initial ADDED (when no/zero resourceVersion) then live events."""
+    state, fsel = fake.state, h.query.get("fieldSelector", "")
+    lsel = h.query.get("labelSelector", "")
+    want = lambda o: ((ns is None or o["metadata"].get("namespace") == ns)  # noqa: E731
+                      and _field_match(o, fsel) and _label_match(o, lsel))
+    start_rv = h.query.get("resourceVersion", "")
+    with state.cond:
+        if start_rv in ("", "0"):
+            initial = [p for p in state.pods.values() if want(p)]
+            last = state.rv
+        else:
+            initial, last = [], int(start_rv)
+    h.start_chunked("application/json")
+    for pod in initial:
+        h.write_chunk(_watch_event(h, "ADDED", pod))
+    deadline = _watch_deadline(h)
+    while True:
+        with state.cond:
+            state.cond.wait_for(lambda: state.stopped or state.rv > last
+                                or time.monotonic() >= deadline,
+                                timeout=max(0.0, deadline - time.monotonic()))
+            if state.stopped or time.monotonic() >= deadline:
+                break
+            events = [e for e in state.events if e[0] > last]
+            last = state.rv
+        for _, etype, obj in events:
+            if want(obj):
+                h.write_chunk(_watch_event(h, etype, obj))
+    h.end_chunked()
+
+
+def _watch_static(h: _Handler, fake, kind: str, objs: list) -> None:
+    """Watch of a static collection (nodes): initial ADDED, then idle until end."""
+    h.start_chunked("application/json")
+    if h.query.get("resourceVersion", "") in ("", "0"):
+        for obj in objs:
+            h.write_chunk(_watch_event(h, "ADDED", obj))
+    deadline = _watch_deadline(h)
+    with fake.state.cond:
+        fake.state.cond.wait_for(lambda: fake.state.stopped
+                                 or time.monotonic() >= deadline,
+                                 timeout=max(0.0, deadline - time.monotonic()))
+    h.end_chunked()
+
+
+def _pod_log(h: _Handler, fake, ns: str, name: str) -> None:
+    """Pod logs: plain text, or a chunked follow stream."""
+    state = fake.state
+    with state.cond:
+        lines = list(state.logs.get((ns, name), []))
+        epoch = state.log_epoch
+    if h.query.get("follow", "").lower() not in ("true", "1"):
+        return h.send_bytes(200, "".join(lines).encode(), "text/plain")
+    h.start_chunked("text/plain")
+    h.write_chunk("".join(lines).encode())
+    sent = len(lines)
+    while True:
+        with state.cond:
+            state.cond.wait_for(lambda: state.stopped or state.log_epoch != epoch
+                                or (ns, name) not in state.pods
+                                or len(state.logs.get((ns, name), [])) > sent)
+            new = state.logs.get((ns, name), [])[sent:]
+            done = state.stopped or state.log_epoch != epoch or (ns, name) not in state.pods
+        sent += len(new)
+        h.write_chunk("".join(new).encode())
+        if done:
+            break
+    h.end_chunked()
+
+
+# --------------------------------------------------------------------------
+# Exec: upgrade negotiation
+# --------------------------------------------------------------------------
+def _header_tokens(h: _Handler, name: str) -> list:
+    """All comma-separated tokens of (possibly repeated) header `name`."""
+    values = h.headers.get_all(name) or []
+    return [t.strip() for v in values for t in v.split(",") if t.strip()]
+
+
+def _pod_exec(h: _Handler, fake) -> None:
+    """Pod exec: upgrade to WebSocket or SPDY/3.1 and run a fake `cat`."""
+    upgrade = (h.headers.get("Upgrade") or "").lower()
+    if upgrade == "websocket":
+        return _exec_websocket(h, fake)
+    if upgrade.startswith("spdy/3.1"):
+        return _exec_spdy(h, fake)
+    h.send_status(400, "BadRequest", "Upgrade request required")
+
+
+def _exec_websocket(h: _Handler, fake) -> None:
+    """WebSocket handshake (RFC 6455) with a k8s channel subprotocol."""
+    offered = _header_tokens(h, "Sec-WebSocket-Protocol")
+    proto = next((p for p in WS_PROTOCOLS if p in offered), None)
+    key = h.headers.get("Sec-WebSocket-Key")
+    if not key or proto is None:
+        return h.send_status(400, "BadRequest",
+                             f"unsupported websocket subprotocols {offered}")
+    accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+    h.send_response(101, "Switching Protocols")
+    h.send_header("Upgrade", "websocket")
+    h.send_header("Connection", "Upgrade")
+    h.send_header("Sec-WebSocket-Accept", accept)
+    h.send_header("Sec-WebSocket-Protocol", proto)
+    h.end_headers()
+    h.close_connection = True
+    fake._note_exec("websocket", proto)
+    _WsExecSession(h, proto).run()
+
+
+def _exec_spdy(h: _Handler, fake) -> None:
+    """SPDY/3.1 upgrade with X-Stream-Protocol-Version negotiation."""
+    offered = _header_tokens(h, "X-Stream-Protocol-Version")
+    proto = next((p for p in SPDY_PROTOCOLS if p in offered), None)
+    if offered and proto is None:
+        return h.send_status(403, "Forbidden", f"unsupported stream protocols {offered}")
+    h.send_response(101, "Switching Protocols")
+    h.send_header("Connection", "Upgrade")
+    h.send_header("Upgrade", "SPDY/3.1")
+    if proto:
+        h.send_header("X-Stream-Protocol-Version", proto)
+    h.end_headers()
+    h.close_connection = True
+    fake._note_exec("spdy", proto or "")
+    _SpdyExecSession(h, proto or "channel.k8s.io").run()
+
+
+def _exec_stdin_enabled(query: dict, name: str) -> bool:
+    """Whether exec query parameter `name` (stdin/stdout/stderr/tty) is true."""
+    return query.get(name, "").lower() in ("true", "1")
+
+
+@dataclasses.dataclass
+class _ExecPlan:
+    """What the fake command does: fixed output, echo stdin?, exit code."""
+    output: bytes = b""
+    echo_stdin: bool = True
+    exit_code: int = 0
+
+
+def _exec_plan(command: list) -> _ExecPlan:
+    """Fake commands: `echo ARGS`, `false` (exit 1), `exit N`; anything else is `cat`."""
+    name = command[0] if command else "cat"
+    if name == "echo":
+        return _ExecPlan((" ".join(command[1:]) + "\n").encode(), False, 0)
+    if name == "false":
+        return _ExecPlan(b"", False, 1)
+    if name == "exit":
+        return _ExecPlan(b"", False, int(command[1]) if len(command) > 1 else 0)
+    return _ExecPlan()
+
+
+def _exec_status(command: list, code: int) -> bytes:
+    """v4+ status JSON for the error channel/stream."""
+    if code == 0:
+        return EXEC_SUCCESS
+    msg = (f"command terminated with non-zero exit code: error executing command "
+           f"{command}, exit code {code}")
+    return json.dumps({"metadata": {}, "status": "Failure", "message": msg,
+                       "reason": "NonZeroExitCode", "details": {"causes": [
+                           {"reason": "ExitCode", "message": str(code)}]}},
+                      separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------
+# Exec over WebSocket
+# --------------------------------------------------------------------------
+class _WsExecSession:
+    """cat over the k8s WebSocket channel protocol (v4/v5 binary framing)."""
+
+    def __init__(self, h: _Handler, proto: str):
+        """Bind to the upgraded connection."""
+        self.rfile, self.wfile = h.rfile, h.wfile
+        self.proto = proto
+        self.stdout = _exec_stdin_enabled(h.query, "stdout")
+        self.stdin = _exec_stdin_enabled(h.query, "stdin")
+        self.command = h.query_all.get("command", [])
+        self.plan = _exec_plan(self.command)
+
+    def run(self) -> None:
+        """Echo stdin to stdout until stdin closes (v5) or the client closes."""
+        try:
+            if self.plan.output and self.stdout:
+                self._send_frame(WS_OP_BIN, bytes([CH_STDOUT]) + self.plan.output)
+            if not self.stdin or not self.plan.echo_stdin:
+                self._finish()
+            while True:
+                opcode, payload = self._read_message()
+                if opcode == WS_OP_CLOSE:
+                    self._send_frame(WS_OP_CLOSE, payload[:2])
+                    return
+                if opcode == WS_OP_BIN and payload:
+                    self._on_channel_data(payload[0], payload[1:])
+        except (_ExecDone, EOFError, OSError, ValueError):
+            return
+
+    def _on_channel_data(self, channel: int, data: bytes) -> None:
+        """Handle one channel message from the client."""
+        if channel == CH_STDIN and data and self.stdout and self.plan.echo_stdin:
+            self._send_frame(WS_OP_BIN, bytes([CH_STDOUT]) + data)
+        elif channel == CH_CLOSE and data[:1] == bytes([CH_STDIN]):
+            self._finish()
+
+    def _finish(self) -> None:
+        """Send the Success status on the error channel, then a close frame."""
+        status = _exec_status(self.command, self.plan.exit_code)
+        self._send_frame(WS_OP_BIN, bytes([CH_ERROR]) + status)
+        self._send_frame(WS_OP_CLOSE, struct.pack(">H", 1000))
+        self._drain_until_close()
+        raise _ExecDone()
+
+    def _drain_until_close(self) -> None:
+        """Read (and drop) client frames until its close frame or EOF (max 5 s)."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            opcode, _ = self._read_message()
+            if opcode == WS_OP_CLOSE:
+                return
+
+    def _read_exact(self, n: int) -> bytes:
+        """Read exactly n bytes or raise EOFError."""
+        data = self.rfile.read(n) if n else b""
+        if len(data) != n:
+            raise EOFError
+        return data
+
+    def _read_frame(self):
+        """Read one frame: (fin, opcode, unmasked payload)."""
+        b0, b1 = self._read_exact(2)
+        length = b1 & 0x7F
+        if length == 126:
+            length = struct.unpack(">H", self._read_exact(2))[0]
+        elif length == 127:
+            length = struct.unpack(">Q", self._read_exact(8))[0]
+        mask = self._read_exact(4) if b1 & 0x80 else b""
+        payload = self._read_exact(length)
+        if mask:
+            payload = _ws_unmask(payload, mask)
+        return bool(b0 & 0x80), b0 & 0x0F, payload
+
+    def _read_message(self):
+        """Read a complete message (reassembling fragments, answering pings)."""
+        fin, opcode, payload = self._read_frame()
+        while True:
+            if opcode == WS_OP_PING:
+                self._send_frame(WS_OP_PONG, payload)
+            elif opcode != WS_OP_PONG:
+                break
+            fin, opcode, payload = self._read_frame()
+        while not fin:
+            fin, _, more = self._read_frame()
+            payload += more
+        return opcode, payload
+
+    def _send_frame(self, opcode: int, payload: bytes) -> None:
+        """Send one unmasked server frame."""
+        n = len(payload)
+        if n < 126:
+            head = struct.pack(">BB", 0x80 | opcode, n)
+        elif n < 65536:
+            head = struct.pack(">BBH", 0x80 | opcode, 126, n)
+        else:
+            head = struct.pack(">BBQ", 0x80 | opcode, 127, n)
+        self.wfile.write(head + payload)
+
+
+def _ws_unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR-unmask a WebSocket payload (fast, via big integers)."""
+    n = len(payload)
+    if n == 0:
+        return payload
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+# --------------------------------------------------------------------------
+# Exec over SPDY/3.1
+# --------------------------------------------------------------------------
+class _SpdyExecSession:
+    """cat over SPDY/3.1 streams (k8s remotecommand v1-v4 stream protocols)."""
+
+    def __init__(self, h: _Handler, proto: str):
+        """Bind to the upgraded connection; create zlib header contexts."""
+        self.rfile, self.wfile = h.rfile, h.wfile
+        self.proto = proto
+        self.inflater = zlib.decompressobj(zdict=SPDY_DICT)
+        self.deflater = zlib.compressobj(zlib.Z_BEST_COMPRESSION, zdict=SPDY_DICT)
+        self.streams: dict[str, int] = {}  # streamtype -> stream id
+        self.expected = {"error"} | {n for n in ("stdin", "stdout", "stderr")
+                                     if _exec_stdin_enabled(h.query, n)}
+        if _exec_stdin_enabled(h.query, "tty"):
+            self.expected = (self.expected - {"stderr"}) | {"resize"}
+        self.command = h.query_all.get("command", [])
+        self.plan = _exec_plan(self.command)
+        self.pending_stdout: list[bytes] = [self.plan.output] if self.plan.output else []
+        self.stdin_done = "stdin" not in self.expected or not self.plan.echo_stdin
+        self.finished = False
+
+    def run(self) -> None:
+        """Frame loop until the client goes away."""
+        try:
+            while True:
+                head = self._read_exact(8)
+                word, flags_len = struct.unpack(">II", head)
+                flags, length = flags_len >> 24, flags_len & 0xFFFFFF
+                payload = self._read_exact(length)
+                if word & 0x80000000:
+                    self._on_control(word & 0xFFFF, flags, payload)
+                else:
+                    self._on_data(word & 0x7FFFFFFF, flags, payload)
+        except (_ExecDone, EOFError, OSError, ValueError, zlib.error):
+            return
+
+    def _read_exact(self, n: int) -> bytes:
+        """Read exactly n bytes or raise EOFError."""
+        data = self.rfile.read(n) if n else b""
+        if len(data) != n:
+            raise EOFError
+        return data
+
+    # ---- frames in ----------------------------------------------------------
+    def _on_control(self, ftype: int, flags: int, payload: bytes) -> None:
+        """Handle a control frame."""
+        if ftype == SPDY_SYN_STREAM:
+            sid = struct.unpack(">I", payload[:4])[0] & 0x7FFFFFFF
+            headers = self._decode_headers(payload[10:])
+            self._on_syn_stream(sid, headers, flags)
+        elif ftype in (SPDY_SYN_REPLY, SPDY_HEADERS):
+            self._decode_headers(payload[4:])  # keep the zlib context in sync
+        elif ftype == SPDY_PING:
+            self._send_control(SPDY_PING, 0, payload)
+        elif ftype == SPDY_GOAWAY:
+            raise _ExecDone()
+        elif ftype == SPDY_RST_STREAM:
+            sid = struct.unpack(">I", payload[:4])[0] & 0x7FFFFFFF
+            if sid == self.streams.get("stdin"):
+                self._stdin_closed()
+        # SETTINGS and WINDOW_UPDATE: nothing to do (no flow control enforced)
+
+    def _on_syn_stream(self, sid: int, headers: dict, flags: int) -> None:
+        """Record the stream by its streamtype and reply."""
+        stype = headers.get("streamtype", "")
+        self.streams[stype] = sid
+        self._send_control(SPDY_SYN_REPLY, 0,
+                           struct.pack(">I", sid) + self._encode_headers({}))
+        if stype == "stdin" and flags & SPDY_FLAG_FIN:
+            self._stdin_closed()
+        self._maybe_start()
+
+    def _on_data(self, sid: int, flags: int, data: bytes) -> None:
+        """Echo stdin data to stdout; handle stdin FIN."""
+        if sid == self.streams.get("stdin"):
+            if data and self.plan.echo_stdin:
+                self._send_stdout(data)
+                if SPDY_SEND_WINDOW_UPDATES:
+                    self._send_control(SPDY_WINDOW_UPDATE, 0,
+                                       struct.pack(">II", sid, len(data)))
+            if flags & SPDY_FLAG_FIN:
+                self._stdin_closed()
+
+    # ---- exec logic -----------------------------------------------------------
+    def _expected_streams(self) -> bool:
+        """True once every stream implied by the query exists."""
+        return self.expected <= set(self.streams)
+
+    def _maybe_start(self) -> None:
+        """Flush buffered output, finish if stdin already closed."""
+        if not self._expected_streams():
+            return
+        for data in self.pending_stdout:
+            if "stdout" in self.streams:
+                self._send_data(self.streams["stdout"], data, 0)
+        self.pending_stdout.clear()
+        if self.stdin_done:
+            self._finish()
+
+    def _send_stdout(self, data: bytes) -> None:
+        """Send to stdout now, or buffer until the stream exists."""
+        if "stdout" not in self.expected:
+            return
+        if "stdout" in self.streams and self._expected_streams():
+            self._send_data(self.streams["stdout"], data, 0)
+        else:
+            self.pending_stdout.append(data)
+
+    def _stdin_closed(self) -> None:
+        """stdin reached EOF: finish when all output streams are known."""
+        self.stdin_done = True
+        if self._expected_streams():
+            self._finish()
+
+    def _finish(self) -> None:
+        """Send Success on the error stream and FIN all server-side streams."""
+        if self.finished:
+            return
+        self.finished = True
+        for stype in ("stdout", "stderr"):
+            if stype in self.streams:
+                self._send_data(self.streams[stype], b"", SPDY_FLAG_FIN)
+        status = _exec_status(self.command, self.plan.exit_code)
+        if not self.proto.startswith("v4"):  # v1-v3: plain error text
+            status = b"" if self.plan.exit_code == 0 else json.loads(status)["message"].encode()
+        self._send_data(self.streams["error"], status, SPDY_FLAG_FIN)
+
+    # ---- frames out -------------------------------------------------------------
+    def _decode_headers(self, block: bytes) -> dict:
+        """Decompress and parse a name/value header block."""
+        raw = self.inflater.decompress(block)
+        count, pos, out = struct.unpack(">I", raw[:4])[0], 4, {}
+        for _ in range(count):
+            nlen = struct.unpack(">I", raw[pos:pos + 4])[0]
+            name = raw[pos + 4:pos + 4 + nlen].decode().lower()
+            pos += 4 + nlen
+            vlen = struct.unpack(">I", raw[pos:pos + 4])[0]
+            out[name] = raw[pos + 4:pos + 4 + vlen].decode().split("\x00")[0]
+            pos += 4 + vlen
+        return out
+
+    def _encode_headers(self, headers: dict) -> bytes:
+        """Build and compress a name/value header block (persistent context)."""
+        raw = struct.pack(">I", len(headers))
+        for k, v in headers.items():
+            raw += struct.pack(">I", len(k)) + k.encode()
+            raw += struct.pack(">I", len(v)) + v.encode()
+        return self.deflater.compress(raw) + self.deflater.flush(zlib.Z_SYNC_FLUSH)
+
+    def _send_control(self, ftype: int, flags: int, payload: bytes) -> None:
+        """Write a control frame."""
+        head = struct.pack(">HHI", 0x8000 | SPDY_VERSION, ftype,
+                           (flags << 24) | len(payload))
+        self.wfile.write(head + payload)
+
+    def _send_data(self, sid: int, data: bytes, flags: int) -> None:
+        """Write a data frame (split at 16 MiB-1 if needed)."""
+        while len(data) > 0xFFFFFF:
+            self._send_data(sid, data[:0xFFFFFF], 0)
+            data = data[0xFFFFFF:]
+        head = struct.pack(">II", sid & 0x7FFFFFFF, (flags << 24) | len(data))
+        self.wfile.write(head + data)
+
+
+# --------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------
+class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """Threading TCP server; TLS is done per connection in the handler thread."""
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    block_on_close = False
+
+    def process_request(self, request, client_address) -> None:
+        """Start a daemon thread per connection and remember it for join."""
+        t = threading.Thread(target=self.process_request_thread,
+                             args=(request, client_address), daemon=True)
+        self.fake._track_thread(t)
+        t.start()
+
+    def handle_error(self, request, client_address) -> None:
+        """Ignore per-connection errors (peer went away, etc.)."""
+
+
+class FakeApiServer:
+    """A fake kube-apiserver over TLS requiring client certificates."""
+
+    def __init__(self, *, server_cert_pem: bytes, server_key_pem: bytes,
+                 client_ca_pem: bytes, host: str = "127.0.0.1",
+                 tls_versions: tuple = ("1.2", "1.3"), path_prefix: str = "",
+                 git_version: str = DEFAULT_GIT_VERSION):
+        """Configure TLS (CERT_REQUIRED against client_ca_pem) and state.
+
+        git_version is what /version reports; note that the gcloud kubectl
+        *dispatcher* (/usr/bin/kubectl) execs the kubectl.1.xx binary that
+        matches the server's minor version."""
+        self.host = host
+        major, minor = git_version.lstrip("v").split(".")[:2]
+        self.version_info = dict(FAKE_VERSION, gitVersion=git_version,
+                                 major=major, minor=minor)
+        self.path_prefix = path_prefix.rstrip("/")
+        self.ssl_context = _make_ssl_context(server_cert_pem, server_key_pem,
+                                             client_ca_pem, tls_versions)
+        self.state = _State()
+        self.port = 0
+        self.url = ""
+        self.requests: list[RequestRecord] = []
+        self.exec_sessions: list[tuple] = []  # (transport, subprotocol)
+        self._handshakes = 0
+        self._lock = threading.Lock()
+        self._conns: set = set()
+        self._threads: list[threading.Thread] = []
+        self._stop_event = threading.Event()
+        self._server: _TCPServer | None = None
+        self._serve_thread: threading.Thread | None = None
+
+    # ---- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        """Bind an ephemeral port and serve in a background thread."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        _TCPServer.address_family = family
+        srv = _TCPServer((self.host, 0), _Handler, bind_and_activate=True)
+        srv.fake = self
+        self._server = srv
+        self.port = srv.server_address[1]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"https://{host}:{self.port}{self.path_prefix}"
+        self._serve_thread = threading.Thread(target=srv.serve_forever,
+                                              kwargs={"poll_interval": 0.1},
+                                              name="fake-apiserver", daemon=True)
+        self._serve_thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting, end streams, close connections, join threads."""
+        if self._server is None:
+            return
+        self._stop_event.set()
+        self.state.stop()
+        self._server.shutdown()
+        self._server.server_close()
+        time.sleep(0.05)  # let streams write their terminating chunk
+        with self._lock:
+            conns, threads = list(self._conns), list(self._threads)
+        for sock in conns:
+            _shutdown_quietly(sock)
+        for t in threads:
+            t.join(JOIN_TIMEOUT)
+        self._serve_thread.join(JOIN_TIMEOUT)
+        self._server = None
+
+    def __enter__(self):
+        """Context manager: start."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        """Context manager: stop."""
+        self.stop()
+
+    # ---- observation -------------------------------------------------------
+    @property
+    def handshakes(self) -> int:
+        """Number of completed TLS handshakes."""
+        with self._lock:
+            return self._handshakes
+
+    def _conn_opened(self, sock) -> None:
+        """Count a completed handshake and track the connection."""
+        with self._lock:
+            self._handshakes += 1
+            self._conns.add(sock)
+
+    def _conn_closed(self, sock) -> None:
+        """Forget a connection."""
+        with self._lock:
+            self._conns.discard(sock)
+
+    def _track_thread(self, t: threading.Thread) -> None:
+        """Remember a connection thread (pruning finished ones)."""
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+
+    def _record(self, h: _Handler) -> None:
+        """Append a RequestRecord for the current request."""
+        sock = h.request
+        headers: dict = {}
+        for k, v in h.headers.items():  # repeated headers are joined with ", "
+            k = k.lower()
+            headers[k] = f"{headers[k]}, {v}" if k in headers else v
+        rec = RequestRecord(h.command, h.path, headers,
+                            h.peer_subject, sock.version() or "",
+                            sock.selected_alpn_protocol())
+        with self._lock:
+            self.requests.append(rec)
+
+    def _note_exec(self, transport: str, proto: str) -> None:
+        """Remember which exec transport/subprotocol was negotiated."""
+        with self._lock:
+            self.exec_sessions.append((transport, proto))
+
+    # ---- state mutation ----------------------------------------------------
+    def add_pod(self, name: str, namespace: str = "default") -> None:
+        """Create a Running pod; watchers get ADDED."""
+        self.state.add_pod(name, namespace)
+
+    def delete_pod(self, name: str, namespace: str = "default") -> None:
+        """Delete a pod; watchers get DELETED."""
+        self.state.delete_pod(name, namespace)
+
+    def append_log(self, pod: str, line: str, namespace: str = "default") -> None:
+        """Append a log line; follow streams get it immediately."""
+        self.state.append_log(namespace, pod, line)
+
+    def close_logs(self) -> None:
+        """End all currently open `logs -f` streams."""
+        self.state.bump_log_epoch()
+
+
+def _make_ssl_context(cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes,
+                      tls_versions: tuple) -> ssl.SSLContext:
+    """Server SSLContext: given versions, CERT_REQUIRED, ALPN http/1.1."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    versions = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+    chosen = sorted(versions[v] for v in tls_versions)
+    ctx.minimum_version, ctx.maximum_version = chosen[0], chosen[-1]
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=client_ca_pem.decode())
+    ctx.set_alpn_protocols(["http/1.1"])
+    _load_cert_chain_from_memory(ctx, cert_pem, key_pem)
+    return ctx
+
+
+def _load_cert_chain_from_memory(ctx: ssl.SSLContext, cert_pem: bytes,
+                                 key_pem: bytes) -> None:
+    """load_cert_chain needs files: use a private temp dir, removed afterwards."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="fake-apiserver-") as d:
+        cert_path, key_path = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
+        _write(cert_path, cert_pem)
+        _write(key_path, key_pem)
+        ctx.load_cert_chain(cert_path, key_path)
+
+
+def _shutdown_quietly(sock) -> None:
+    """shutdown(SHUT_RDWR) a socket, ignoring errors."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+
+
+__all__ = ["FakeApiServer", "FakePki", "make_test_pki", "make_ca",
+           "make_client_cert", "make_server_cert", "RequestRecord", "SPDY_DICT",
+           "PATTERN_BLOCK", "status_obj", "to_table"]
+
+
+# =============================================================================
 # The PC/SC rig: pcscd with vpcd readers, cards inserted by the tests
 # =============================================================================
 
@@ -1933,3 +3485,482 @@ def test_installed_entry_points(tmp_path):
     done = subprocess.run([str(script), "--version"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert (done.returncode, done.stdout) == (0, f"yubikey-kube-proxy {yk.__version__}\n")
+
+
+# =============================================================================
+# proxy: real kubectl -> proxy -> test API server, through pcscd and the card
+# =============================================================================
+
+
+@dataclasses.dataclass
+class Cluster:
+    """A test API server and the kubeconfig that reaches it with a client key."""
+
+    api: "FakeApiServer"
+    ident: Identity
+    kubeconfig: Path
+    server_ca: x509.Certificate
+
+
+def make_server_pki(names=("localhost",), ips=("127.0.0.1",), days=365):
+    ca_key = new_key("p256")
+    ca = make_cert(ca_key, ca_key, "CN=k3s-server-ca", "CN=k3s-server-ca", ca=True,
+                   days=3650)
+    key = new_key("p256")
+    sans = [x509.DNSName(n) for n in names] + [
+        x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    start = -1 if days > 0 else days - 30
+    cert = make_cert(key, ca_key, "CN=k3s", "CN=k3s-server-ca", sans=sans, days=days,
+                     start_days=start)
+    return ca, cert, key
+
+
+def start_cluster(tmp_path: Path, kind: str = "p256", tls_versions=("1.2", "1.3"),
+                  path_prefix: str = "", server_pki=None, **cluster_extra) -> Cluster:
+    ident = make_identity(kind)
+    server_ca, server_cert, server_key = server_pki or make_server_pki()
+    api = FakeApiServer(server_cert_pem=pem(server_cert), server_key_pem=pem(server_key),
+                        client_ca_pem=pem(ident.ca_cert), tls_versions=tls_versions,
+                        path_prefix=path_prefix, git_version="v1.32.0")
+    api.start()
+    path = write_kubeconfig(tmp_path / "cluster.yaml", ident,
+                            server=f"https://127.0.0.1:{api.port}{path_prefix}",
+                            extra_cluster=cluster_extra)
+    doc = yaml.safe_load(path.read_text())
+    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(pem(server_ca))
+    path.write_text(yaml.safe_dump(doc))
+    return Cluster(api, ident, path, server_ca)
+
+
+class ProxyProcess:
+    """`yubikey-kube-proxy proxy` as a user runs it, on a free loopback port."""
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.workdir = workdir
+        self.stderr_path = workdir / "proxy.stderr"
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "yk_kube_proxy.py"), "proxy", "--kubeconfig",
+             str(workdir / "proxy.yml"), "--listen", "127.0.0.1:0", "-v", *extra],
+            stderr=open(self.stderr_path, "wb"), stdin=subprocess.DEVNULL)
+        wait_until(lambda: "listening on" in self.stderr() or self.process.poll() is not None,
+                   30, "the proxy to listen")
+        line = next((l for l in self.stderr().splitlines() if "listening on" in l), "")
+        if not line:
+            raise AssertionError(f"proxy did not start: {self.stderr()}")
+        self.port = int(line.split("://127.0.0.1:")[1].split()[0])
+        self.client_config = workdir / "client-live.yml"
+        doc = yaml.safe_load((workdir / "client.yml").read_text())
+        server = doc["clusters"][0]["cluster"]["server"]
+        doc["clusters"][0]["cluster"]["server"] = server.rsplit(":", 1)[0] + f":{self.port}"
+        self.client_config.write_text(yaml.safe_dump(doc))
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def kubectl(proxy: ProxyProcess, *args: str, input: str | None = None, env=None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["kubectl", "--kubeconfig", str(proxy.client_config),
+                           "--request-timeout", "30s", *args],
+                          input=input, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cluster = start_cluster(tmp_path)
+    yield cluster
+    cluster.api.stop()
+
+
+def setup_and_proxy(cluster: Cluster, workdir: Path, *setup_extra: str,
+                    proxy_extra=()) -> ProxyProcess:
+    code = yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
+                    str(workdir), *setup_extra])
+    assert code == 0
+    return ProxyProcess(workdir, *proxy_extra)
+
+
+@pytest.fixture
+def proxied(card57, cluster, tmp_path, capsys):
+    """kubectl -> proxy (mutual TLS on loopback) -> API server, key on the card."""
+    proxy = setup_and_proxy(cluster, tmp_path / "yk")
+    capsys.readouterr()
+    yield proxy
+    proxy.stop()
+
+
+def test_kubectl_get_version_one_handshake_and_signature_per_request(proxied, cluster,
+                                                                      card57):
+    signed_before = card57.sign_count  # setup's proof
+    done = kubectl(proxied, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
+    for _ in range(2):
+        assert kubectl(proxied, "get", "--raw", "/version").returncode == 0
+    requests = list(cluster.api.requests)
+    # /usr/bin/kubectl may be a dispatcher that asks /version?timeout=5s first.
+    ours = "/version?timeout=30s"  # --request-timeout 30s
+    assert [r["path"] for r in requests if r["path"] == ours] == [ours] * 3
+    assert {r["path"] for r in requests} <= {ours, "/version?timeout=5s"}
+    assert cluster.api.handshakes == len(requests)
+    assert card57.sign_count - signed_before == len(requests)
+    assert {r["client_subject"] for r in requests} == {"CN=system:admin,O=system:masters"}
+    assert {r["headers"]["host"] for r in requests} == {f"127.0.0.1:{cluster.api.port}"}
+    version_size = len(json.dumps(cluster.api.version_info, separators=(",", ":")))
+    assert re.search(rf"INFO: GET /version\?timeout=30s 200 {version_size} bytes "
+                     r"[0-9.]+ ms \(card [0-9.]+ ms\)\n", proxied.stderr()), proxied.stderr()
+
+
+def test_kubectl_get_nodes_pods_create_delete(proxied, cluster, card57, tmp_path):
+    done = kubectl(proxied, "get", "nodes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split()[:2] == ["NAME", "STATUS"]
+    assert [line.split()[0] for line in done.stdout.splitlines()[1:]] == list(NODE_NAMES)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
+           "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+    (tmp_path / "pod.json").write_text(json.dumps(pod))
+    done = kubectl(proxied, "create", "-f", str(tmp_path / "pod.json"))
+    assert (done.returncode, done.stdout) == (0, "pod/web created\n"), done.stderr
+    created = [r for r in cluster.api.requests if r["method"] == "POST"]
+    assert created[-1]["path"].startswith("/api/v1/namespaces/team-a/pods")
+    done = kubectl(proxied, "get", "pods", "-o", "name")
+    assert (done.returncode, done.stdout) == (0, "pod/web\n"), done.stderr
+    done = kubectl(proxied, "delete", "pod", "web", "--wait=false")
+    assert (done.returncode, done.stdout) == (0, 'pod "web" deleted\n'), done.stderr
+    assert card57.sign_count - 1 == cluster.api.handshakes
+
+
+def test_kubectl_watch_sees_events_as_they_happen(proxied, cluster):
+    cluster.api.add_pod("first", namespace="team-a")
+    watch = subprocess.Popen(
+        ["kubectl", "--kubeconfig", str(proxied.client_config), "get", "pods", "-w",
+         "--no-headers", "-o", "custom-columns=NAME:.metadata.name"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout.readline() == "first\n"
+        wait_until(lambda: any("watch=" in r["path"] for r in cluster.api.requests), 20,
+                   "the watch request")
+        for name in ("second", "third"):
+            cluster.api.add_pod(name, namespace="team-a")
+            assert watch.stdout.readline() == f"{name}\n"  # arrives while the watch is open
+    finally:
+        watch.terminate()
+        watch.wait(10)
+
+
+def test_kubectl_logs_follow_streams_lines(proxied, cluster):
+    cluster.api.add_pod("app", namespace="team-a")
+    cluster.api.append_log("app", "line one", namespace="team-a")
+    logs = subprocess.Popen(["kubectl", "--kubeconfig", str(proxied.client_config), "logs",
+                             "-f", "app"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert logs.stdout.readline() == "line one\n"
+        cluster.api.append_log("app", "line two", namespace="team-a")
+        assert logs.stdout.readline() == "line two\n"
+        cluster.api.close_logs()
+        assert logs.wait(20) == 0
+    finally:
+        if logs.poll() is None:
+            logs.kill()
+
+
+@pytest.mark.parametrize("websockets", ["true", "false"])
+def test_kubectl_exec_stdin_echo(proxied, cluster, websockets):
+    cluster.api.add_pod("shell", namespace="team-a")
+    text = "hello through the card\n" + "x" * 300_000 + "\nend\n"
+    done = kubectl(proxied, "exec", "-i", "shell", "--", "cat", input=text,
+                   env={"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": websockets})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == text
+    upgrade = [r for r in cluster.api.requests if "/exec" in r["path"]][-1]
+    expected = "websocket" if websockets == "true" else "spdy/3.1"
+    assert upgrade["headers"]["upgrade"].lower() == expected
+
+
+def test_large_response_arrives_intact(proxied, cluster):
+    size = 20_000_000
+    done = subprocess.run(["kubectl", "--kubeconfig", str(proxied.client_config), "get",
+                           "--raw", f"/bytes?n={size}"], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout) == size
+    assert done.stdout == expected_bytes(size)
+
+
+def expected_bytes(n: int) -> bytes:
+    """What /bytes serves: byte i is i % 256."""
+    return (bytes(range(256)) * (n // 256 + 1))[:n]
+
+
+def test_fast_aead_is_the_record_layer_in_use(card57, cluster, tmp_path, capsys):
+    code = yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
+                    str(tmp_path)])
+    assert code == 0
+    args = yk.build_parser().parse_args(["proxy", "--kubeconfig", str(tmp_path / "proxy.yml")])
+    settings = yk.proxy_settings(args)
+    card = yk.open_card()
+    try:
+        upstream = yk.build_upstream(settings, card, args)
+        for versions in (("1.2",), ("1.3",)):
+            sock = upstream.connect()
+            try:
+                assert sock.conn.getCipherImplementation() == "cryptography"
+                assert sock.conn.getCipherName() in ("aes128gcm", "aes256gcm",
+                                                     "chacha20-poly1305")
+            finally:
+                sock.close()
+    finally:
+        card.close()
+
+
+@pytest.mark.parametrize("versions, kind", [(("1.2",), "p256"), (("1.3",), "p256"),
+                                            (("1.2",), "rsa2048"), (("1.3",), "rsa2048"),
+                                            (("1.3",), "p384")])
+def test_tls_versions_and_key_types(card57, tmp_path, capsys, versions, kind):
+    cluster = start_cluster(tmp_path, kind=kind, tls_versions=versions)
+    try:
+        proxy = setup_and_proxy(cluster, tmp_path / "yk")
+        try:
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 0, done.stderr
+            record = cluster.api.requests[-1]
+            assert record["tls_version"] == {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}[versions[0]]
+            assert record["alpn"] == "http/1.1"
+        finally:
+            proxy.stop()
+    finally:
+        cluster.api.stop()
+
+
+def test_path_prefix_is_kept(card57, tmp_path, capsys):
+    cluster = start_cluster(tmp_path, path_prefix="/k8s/clusters/c1")
+    try:
+        proxy = setup_and_proxy(cluster, tmp_path / "yk")
+        try:
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 0, done.stderr
+            assert cluster.api.requests[-1]["path"] == "/k8s/clusters/c1/version?timeout=30s"
+        finally:
+            proxy.stop()
+    finally:
+        cluster.api.stop()
+
+
+# -- the API server is verified before the card signs ------------------------------
+
+
+def status_error(done: subprocess.CompletedProcess) -> str:
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_mitm_server_gets_zero_signatures(card57, tmp_path, capsys):
+    # The proxy's kubeconfig trusts one CA; the server presents a certificate of another.
+    cluster = start_cluster(tmp_path)
+    try:
+        impostor_ca, _, _ = make_server_pki()
+        doc = yaml.safe_load(cluster.kubeconfig.read_text())
+        doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(pem(impostor_ca))
+        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+        proxy = setup_and_proxy(cluster, tmp_path / "yk")
+        signed = card57.sign_count
+        try:
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 1
+            assert status_error(done) == (
+                "Error from server (BadGateway): the API server at 127.0.0.1:"
+                f"{cluster.api.port} presented a certificate we do not trust for "
+                "'127.0.0.1' (it is not signed by the cluster's CA): check the server URL, "
+                "certificate-authority and tls-server-name in the kubeconfig")
+            assert card57.sign_count == signed
+            assert cluster.api.requests == []
+        finally:
+            proxy.stop()
+    finally:
+        cluster.api.stop()
+
+
+def test_wrong_host_name_gets_zero_signatures(card57, tmp_path, capsys):
+    cluster = start_cluster(tmp_path, **{"tls-server-name": "kubernetes.default"})
+    try:
+        proxy = setup_and_proxy(cluster, tmp_path / "yk")
+        signed = card57.sign_count
+        try:
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 1
+            assert ("presented a certificate we do not trust for 'kubernetes.default' "
+                    "(leaf certificate has no matching subjectAltName)") in status_error(done)
+            assert card57.sign_count == signed
+        finally:
+            proxy.stop()
+    finally:
+        cluster.api.stop()
+
+
+def test_expired_server_certificate_is_refused(card57, tmp_path, capsys):
+    cluster = start_cluster(tmp_path, server_pki=make_server_pki(days=-1))
+    try:
+        proxy = setup_and_proxy(cluster, tmp_path / "yk")
+        signed = card57.sign_count
+        try:
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert "(it expired on " in status_error(done)
+            assert card57.sign_count == signed
+        finally:
+            proxy.stop()
+    finally:
+        cluster.api.stop()
+
+
+def test_client_certificate_rejected_by_the_server(card57, tmp_path, capsys):
+    cluster = start_cluster(tmp_path)
+    try:
+        # A client certificate from a CA the API server does not know.
+        other = make_identity()
+        doc = yaml.safe_load(cluster.kubeconfig.read_text())
+        doc["users"][0]["user"] = {"client-certificate-data": b64(pem(other.cert)),
+                                   "client-key-data": b64(pem(other.key))}
+        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+        proxy = setup_and_proxy(cluster, tmp_path / "yk")
+        try:
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 1
+            assert status_error(done) == (
+                f"Error from server (BadGateway): the API server at 127.0.0.1:{cluster.api.port}"
+                " refused the YubiKey's client certificate (CN=system:admin,O=system:masters):"
+                " it may have expired or belong to another cluster; check it with "
+                "'yubikey-kube-proxy status' and run 'yubikey-kube-proxy setup' with a "
+                "current certificate")
+        finally:
+            proxy.stop()
+    finally:
+        cluster.api.stop()
+
+
+# -- the local side is not an open door ----------------------------------------------
+
+
+def local_request(proxy: ProxyProcess, raw: bytes, with_cert: bool = True) -> bytes:
+    """Send raw HTTP over the local mutual-TLS hop; return everything answered."""
+    import ssl
+
+    doc = yaml.safe_load(proxy.client_config.read_text())
+    context = ssl.create_default_context(cadata=base64.b64decode(
+        doc["clusters"][0]["cluster"]["certificate-authority-data"]).decode())
+    if with_cert:
+        user = doc["users"][0]["user"]
+        bundle = proxy.workdir / "local-client.pem"
+        bundle.write_bytes(base64.b64decode(user["client-certificate-data"])
+                           + base64.b64decode(user["client-key-data"]))
+        context.load_cert_chain(bundle)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as raw_sock:
+        with context.wrap_socket(raw_sock, server_hostname="127.0.0.1") as tls:
+            tls.sendall(raw)
+            chunks = []
+            while data := tls.recv(65536):
+                chunks.append(data)
+            return b"".join(chunks)
+
+
+def response_status_and_body(answer: bytes) -> tuple[str, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), json.loads(body)
+
+
+@pytest.mark.parametrize("headers, message", [
+    ("Host: evil.example:{port}\r\n",
+     "refused: Host 'evil.example:{port}' does not name this proxy's loopback listener "
+     "(DNS rebinding?)"),
+    ("Host: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\n",
+     "refused: requests from web browsers are not relayed"),
+    ("Host: 127.0.0.1:{port}\r\nSec-Fetch-Mode: cors\r\n",
+     "refused: requests from web browsers are not relayed"),
+])
+def test_host_and_browser_refusals(proxied, cluster, card57, headers, message):
+    signed = card57.sign_count
+    raw = f"GET /version HTTP/1.1\r\n{headers}Connection: close\r\n\r\n"
+    status, body = response_status_and_body(
+        local_request(proxied, raw.format(port=proxied.port).encode()))
+    assert status == "HTTP/1.1 403 Forbidden"
+    assert body == {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "message": message.format(port=proxied.port),
+                    "reason": "Forbidden", "code": 403}
+    assert card57.sign_count == signed and cluster.api.requests == []
+
+
+def test_local_client_without_certificate_is_refused(proxied, cluster, card57):
+    import ssl
+
+    signed = card57.sign_count
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        answer = local_request(proxied, b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                               with_cert=False)
+        if answer == b"":  # TLS 1.3: the refusal arrives as the connection closes
+            raise ssl.SSLError("closed without an answer")
+    assert card57.sign_count == signed and cluster.api.requests == []
+
+
+def test_plain_http_mode_still_checks_host(card57, cluster, tmp_path, capsys):
+    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--plain-http")
+    try:
+        done = kubectl(proxy, "get", "--raw", "/version")
+        assert done.returncode == 0, done.stderr
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+            sock.sendall(b"GET /version HTTP/1.1\r\nHost: attacker.example\r\n"
+                         b"Connection: close\r\n\r\n")
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert response_status_and_body(answer)[0] == "HTTP/1.1 403 Forbidden"
+    finally:
+        proxy.stop()
+
+
+# -- the card goes away -------------------------------------------------------------
+
+
+def test_card_pulled_next_request_fails_fast(rig, cluster, tmp_path, capsys):
+    piv = VirtualPiv(serial=71000007)
+    inserted = rig.insert(piv)
+    proxy = setup_and_proxy(cluster, tmp_path / "yk")
+    try:
+        assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+        relayed = len(cluster.api.requests)
+        rig.remove(inserted)
+        started = time.monotonic()
+        done = kubectl(proxy, "get", "--raw", "/version")
+        elapsed = time.monotonic() - started
+        assert done.returncode == 1
+        assert status_error(done) == (
+            "Error from server (ServiceUnavailable): YubiKey not present in reader "
+            f"'{YUBIKEY_READER} 00 00' - insert it")
+        assert elapsed < 20, elapsed  # kubectl's retries included: no hang
+        assert len(cluster.api.requests) == relayed
+    finally:
+        proxy.stop()
+        if inserted.inserted:
+            rig.remove(inserted)
+
+
+def test_proxy_start_errors(card57, cluster, tmp_path, capsys):
+    code = yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
+                    str(tmp_path)])
+    assert code == 0
+    capsys.readouterr()
+    code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), "--listen",
+                    "0.0.0.0:0"])
+    assert (code, capsys.readouterr().err) == (1, (
+        "yubikey-kube-proxy: error: --listen '0.0.0.0:0' is not a loopback address: anyone "
+        "who can reach it could use your cluster; pass --unsafe-listen if you really mean "
+        "it\n"))
+    code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), "--slot", "9c"])
+    assert (code, capsys.readouterr().err) == (1, (
+        "yubikey-kube-proxy: error: slot 9c of the YubiKey holds no certificate: run "
+        "'yubikey-kube-proxy setup' first\n"))

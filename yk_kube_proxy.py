@@ -1668,6 +1668,7 @@ class Upstream:
         self.key = tls_private_key(signer, public_key)
         self.timeout = timeout
         self.settings = tls_settings()
+        self.subject = cert_subject(cert_chain)
 
     @property
     def host_header(self) -> str:
@@ -1677,13 +1678,15 @@ class Upstream:
     def connect(self) -> TLSSocket:
         raw = self._tcp_connect()
         conn = make_tls_connection(raw, self.verifier, self.address.where)
+        signatures = self.signer.signatures
         try:
             conn.handshakeClientCert(
                 self.cert_chain, self.key, settings=self.settings,
                 serverName=self.address.sni, alpn=[bytearray(b"http/1.1")])
         except BaseException as exc:
             raw.close()
-            raise self._handshake_error(conn, exc) from None
+            signed = self.signer.signatures != signatures
+            raise self._handshake_error(conn, exc, signed) from None
         raw.settimeout(None)
         return TLSSocket(conn, raw)
 
@@ -1706,7 +1709,9 @@ class Upstream:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return raw
 
-    def _handshake_error(self, conn: Any, exc: BaseException) -> BaseException:
+    def _handshake_error(self, conn: Any, exc: BaseException, signed: bool) -> BaseException:
+        """The error to report for a failed handshake. A server that hangs up or
+        alerts right after our signed certificate went out refused that certificate."""
         from tlslite.errors import TLSAbruptCloseError, TLSError, TLSRemoteAlert
 
         where = self.address.where
@@ -1714,8 +1719,10 @@ class Upstream:
             return conn.rejection
         if isinstance(exc, (ProxyError, KeyboardInterrupt)):
             return exc
-        if isinstance(exc, TLSRemoteAlert):
-            return client_certificate_rejected(where, exc)
+        if signed and isinstance(exc, (TLSRemoteAlert, TLSAbruptCloseError, OSError)):
+            return client_certificate_rejected(where, self.subject)
+        if isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS:
+            return client_certificate_rejected(where, self.subject)
         if isinstance(exc, TimeoutError):
             return UpstreamTimeout(f"the TLS handshake with the API server at {where} took "
                                    f"longer than {self.timeout:g} s")
@@ -1728,11 +1735,22 @@ class Upstream:
         return exc
 
 
-def client_certificate_rejected(where: str, alert: Any) -> UpstreamError:
+# TLS alerts by which a server refuses a client certificate (RFC 8446 6.2).
+CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48, 49, 51, 116}
+
+
+def cert_subject(cert_chain: Any) -> str:
+    from cryptography import x509
+
+    der = bytes(cert_chain.x509List[0].bytes)
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+
+
+def client_certificate_rejected(where: str, subject: str) -> UpstreamError:
     return UpstreamError(
-        f"the API server at {where} rejected the YubiKey's client certificate (TLS alert "
-        f"{alert}): it may have expired or belong to another cluster; check it with "
-        f"'{PROG} status' and run '{PROG} setup' with a current certificate")
+        f"the API server at {where} refused the YubiKey's client certificate ({subject}): "
+        f"it may have expired or belong to another cluster; check it with '{PROG} status' "
+        f"and run '{PROG} setup' with a current certificate")
 
 
 # =============================================================================
@@ -1847,20 +1865,21 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         except Exception as exc:  # noqa: BLE001 - the upstream failed mid-request
             return self.upstream_failed(exc)
         if response.status == 101:
-            self.tunnel(response, upstream)
+            sent = self.tunnel(response, upstream)
         else:
-            self.forward_response(response)
+            sent = self.forward_response(response)
         signer = self.server.upstream.signer
-        log.info("%s %s -> %d (%.1f ms, card %.1f ms)", self.command, self.path,
-                 response.status, (time.perf_counter() - started) * 1000,
+        log.info("%s %s %d %d bytes %.1f ms (card %.1f ms)", self.command, self.path,
+                 response.status, sent, (time.perf_counter() - started) * 1000,
                  signer.last_seconds * 1000)
 
     def upstream_failed(self, exc: Exception) -> None:
         from tlslite.errors import TLSRemoteAlert
 
-        where = self.server.upstream.address.where
-        if isinstance(exc, TLSRemoteAlert):
-            error: ProxyError = client_certificate_rejected(where, exc)
+        upstream = self.server.upstream
+        where = upstream.address.where
+        if isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS:
+            error: ProxyError = client_certificate_rejected(where, upstream.subject)
         else:
             error = UpstreamError(f"the API server at {where} failed during the request "
                                   f"({type(exc).__name__}: {exc}): try again")
@@ -1902,7 +1921,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             http_conn.send(b"\r\n")
             self.rfile.readline(1024)
 
-    def forward_response(self, response: http.client.HTTPResponse) -> None:
+    def forward_response(self, response: http.client.HTTPResponse) -> int:
+        """Status, headers and body (streamed); returns the body's size."""
         self.send_response_only(response.status, response.reason)
         for name, value in end_to_end_headers(response.headers):
             self.send_header(name, value)
@@ -1913,27 +1933,30 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             if length is not None:
                 self.send_header("Content-Length", length)
             self.end_headers()
-        elif response.length is not None and not response.chunked:
-            self.send_header("Content-Length", str(response.length))
+            return 0
+        size = response.length  # http.client counts it down while reading
+        if size is not None and not response.chunked:
+            self.send_header("Content-Length", str(size))
             self.end_headers()
-            copy_exact(response, self.wfile.write, response.length)
-        else:
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            self.stream_chunked(response)
+            copy_exact(response, self.wfile.write, size)
+            return size
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        return self.stream_chunked(response)
 
-    def stream_chunked(self, response: http.client.HTTPResponse) -> None:
+    def stream_chunked(self, response: http.client.HTTPResponse) -> int:
         """Relay as chunks as they arrive (watch, logs -f), flushing each one."""
-        while True:
-            data = response.read1(CHUNK)
-            if not data:
-                break
+        sent = 0
+        while data := response.read1(CHUNK):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
+            sent += len(data)
         self.wfile.write(b"0\r\n\r\n")
+        return sent
 
-    def tunnel(self, response: http.client.HTTPResponse, upstream: TLSSocket) -> None:
-        """After 101 Switching Protocols: bytes both ways until either side closes."""
+    def tunnel(self, response: http.client.HTTPResponse, upstream: TLSSocket) -> int:
+        """After 101 Switching Protocols: bytes both ways until either side closes;
+        returns the bytes sent to the client."""
         self.send_response_only(101, response.reason)
         for name, value in response.headers.items():
             self.send_header(name, value)
@@ -1949,13 +1972,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
         sender = threading.Thread(target=client_to_server, daemon=True)
         sender.start()
+        sent = 0
         with contextlib.suppress(Exception):
             while data := response.fp.read1(CHUNK):
                 self.wfile.write(data)
+                sent += len(data)
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
         upstream.shutdown()
         sender.join()
+        return sent
 
     def send_status(self, code: int, message: str) -> None:
         body = status_body(code, STATUS_REASONS.get(code, "InternalError"), message)
