@@ -3964,3 +3964,39 @@ def test_proxy_start_errors(card57, cluster, tmp_path, capsys):
     assert (code, capsys.readouterr().err) == (1, (
         "yubikey-kube-proxy: error: slot 9c of the YubiKey holds no certificate: run "
         "'yubikey-kube-proxy setup' first\n"))
+
+
+# -- PIN in the proxy ---------------------------------------------------------------
+
+
+def test_proxy_with_pin_policy_once(card57, cluster, tmp_path, capsys):
+    pins = pin_file(tmp_path, "123456")
+    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--pin-policy", "once", "--pin-file",
+                            str(pins), proxy_extra=("--pin-file", str(pins)))
+    try:
+        for _ in range(2):
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 0, done.stderr
+        assert card57.pin_tries_left == 3
+        assert card57.sign_count - 1 == cluster.api.handshakes
+    finally:
+        proxy.stop()
+
+
+def test_proxy_wrong_pin_fails_at_start_and_costs_one_try(card57, cluster, tmp_path, capsys):
+    pins = pin_file(tmp_path, "123456")
+    code = yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
+                    str(tmp_path), "--pin-policy", "always", "--pin-file", str(pins)])
+    assert code == 0
+    capsys.readouterr()
+    attempts = card57.verify_attempts
+    wrong = tmp_path / "wrong-pin"
+    wrong.write_text("000000\n")
+    wrong.chmod(0o600)
+    code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), "--listen",
+                    "127.0.0.1:0", "--pin-file", str(wrong)])
+    assert (code, capsys.readouterr().err) == (1, (
+        "yubikey-kube-proxy: error: wrong PIN: the YubiKey has 2 tries left before it "
+        "blocks the PIN; check the PIN (or the PIN file) and try again\n"))
+    assert (card57.verify_attempts - attempts, card57.pin_tries_left) == (1, 2)
+    assert cluster.api.handshakes == 0
