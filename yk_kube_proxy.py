@@ -27,6 +27,7 @@ import getpass
 import gzip
 import hashlib
 import hmac
+import http
 import http.client
 import http.server
 import io
@@ -34,13 +35,15 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
 import types
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 __version__ = "0.1.0"
 __all__ = ["main", "PivSession", "Card", "open_card", "ProxyError"]
@@ -59,6 +62,11 @@ EXPIRY_WARNING_DAYS = 30
 CHUNK = 64 * 1024  # largest write on either side of the relay
 HANDSHAKE_TIMEOUT = 30.0  # seconds: longer than a YubiKey's 15 s touch window
 LOCAL_PKI_DAYS = 3650  # the local hop's certificates; setup makes new ones
+TOUCH_REMINDER_SECONDS = 0.2
+SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight requests may finish after SIGTERM
+PIN_RELOAD_HINT = (" (the proxy will not send it again: fix the PIN or the PIN file, then "
+                   f"reload the proxy with kill -HUP or 'systemctl --user reload {PROG}', "
+                   "or restart it)")
 
 # PIV application (NIST SP 800-73-4 part 2) and Yubico's extensions.
 PIV_AID = bytes.fromhex("A000000308")
@@ -129,6 +137,7 @@ SCARD_E_SERVICE_STOPPED = 0x8010001E
 SCARD_E_NO_READERS_AVAILABLE = 0x8010002E
 SCARD_W_REMOVED_CARD = 0x80100069
 SCARD_W_RESET_CARD = 0x80100068
+SCARD_E_INVALID_HANDLE = 0x80100003
 SCARD_STATE_PRESENT = 0x20
 SCARD_CARD_GONE = {SCARD_E_NO_SMARTCARD, SCARD_W_REMOVED_CARD, 0x80100017, 0x80100009}
 BUSY_SUSPECTS = (
@@ -165,6 +174,11 @@ class NoCardError(CardError):
 
 class CardBusyError(CardError):
     """Another program holds the card exclusively."""
+
+
+class TransientCardError(CardError):
+    """The card was reset by another program or pcscd restarted: reconnecting
+    and repeating the operation is safe."""
 
 
 class ApduError(CardError):
@@ -523,7 +537,10 @@ def pcsc_error(hresult: int, reader: str = "") -> CardError:
     """Turn a PC/SC return code into an error that says what to do."""
     code = hresult & 0xFFFFFFFF
     where = f" in reader {reader!r}" if reader else ""
-    if code in (SCARD_E_NO_SERVICE, SCARD_E_SERVICE_STOPPED):
+    if code in (SCARD_W_RESET_CARD, SCARD_E_INVALID_HANDLE, SCARD_E_SERVICE_STOPPED):
+        return TransientCardError(f"the card{where} was reset or pcscd restarted "
+                                  f"(0x{code:08X}): try again")
+    if code == SCARD_E_NO_SERVICE:
         return CardError(
             "cannot reach the PC/SC daemon (pcscd): start it with "
             "'sudo systemctl start pcscd.socket' (or install the pcscd package)"
@@ -868,45 +885,117 @@ class PivSession:
 
 
 class Card:
-    """One YubiKey in one reader. Every operation runs inside ``session()``:
-    the card lock, a shared PC/SC connection opened on demand, a transaction."""
+    """One YubiKey, found by reader name and kept track of by serial number.
 
-    def __init__(self, reader: str) -> None:
+    Every operation runs under the card's lock, in a PC/SC transaction on a shared
+    connection that is opened for it and closed after it, so other programs (ykman,
+    a second proxy) can use the card between requests. A card that moved to
+    another reader (unplugged and plugged back) is found again by its serial."""
+
+    def __init__(self, reader: str, reader_filter: str | None = None) -> None:
         self.reader = reader
+        self.reader_filter = reader_filter
         self.info: CardInfo | None = None
         self._lock = threading.RLock()
         self._context: PcscContext | None = None
-        self._transport: PcscTransport | None = None
 
     @contextlib.contextmanager
     def session(self) -> Iterator[PivSession]:
+        """A PIV session on this card (SELECTed, identity checked)."""
+        with self._lock:
+            transport = self._connect()
+            try:
+                with transport.transaction():
+                    piv = PivSession(transport, self.reader)
+                    piv.select()
+                    self._check_identity(piv)
+                    yield piv
+            except TransientCardError:
+                self._drop_context()
+                raise
+            finally:
+                transport.close()
+
+    def run(self, operation: Callable[[PivSession], Any]) -> Any:
+        """``operation(piv)`` in a session. A card reset by another program or a
+        restarted pcscd gets one retry on a fresh connection, so no request is lost."""
         with self._lock:
             try:
-                if self._transport is None:
-                    if self._context is None:
-                        self._context = PcscContext()
-                    self._transport = self._context.connect(self.reader)
-                with self._transport.transaction():
-                    piv = PivSession(self._transport, self.reader)
-                    piv.select()
-                    yield piv
-            except CardError:
-                self.close()  # the next session reconnects
+                with self.session() as piv:
+                    return operation(piv)
+            except TransientCardError as exc:
+                log.info("retrying on a fresh connection: %s", exc)
+            with self.session() as piv:
+                return operation(piv)
+
+    def _connect(self) -> PcscTransport:
+        for attempt in (1, 2):
+            if self._context is None:
+                self._context = PcscContext()
+            try:
+                return self._connect_reader()
+            except TransientCardError:
+                self._drop_context()  # pcscd restarted: a new context, once
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _connect_reader(self) -> PcscTransport:
+        assert self._context is not None
+        try:
+            return self._context.connect(self.reader)
+        except NoCardError:
+            moved = self._find_moved_card()
+            if moved is None:
                 raise
+            log.info("YubiKey serial %s is now in reader %r", self.info.serial, moved)
+            self.reader = moved
+            return self._context.connect(moved)
+
+    def _find_moved_card(self) -> str | None:
+        """The reader that now holds our card (by serial), if any."""
+        if self.info is None or self.info.serial is None or self._context is None:
+            return None
+        for name in self._context.readers():
+            if name == self.reader or not reader_matches(name, self.reader_filter):
+                continue
+            if not self._context.card_present(name):
+                continue
+            with contextlib.suppress(CardError):
+                transport = self._context.connect(name)
+                try:
+                    piv = PivSession(transport, name)
+                    piv.select()
+                    if piv.get_serial() == self.info.serial:
+                        return name
+                finally:
+                    transport.close()
+        return None
+
+    def _check_identity(self, piv: PivSession) -> None:
+        if self.info is None or self.info.serial is None:
+            return
+        serial = piv.get_serial()
+        if serial != self.info.serial:
+            raise NoCardError(
+                f"the YubiKey in reader {self.reader!r} is serial {serial}, not serial "
+                f"{self.info.serial} that holds the key: insert that one")
 
     def identify(self) -> CardInfo:
         with self.session() as piv:
             self.info = CardInfo(self.reader, piv.get_serial(), piv.version)
         return self.info
 
-    def close(self) -> None:
-        with self._lock:
-            if self._transport is not None:
-                self._transport.close()
-                self._transport = None
-            if self._context is not None:
+    def _drop_context(self) -> None:
+        if self._context is not None:
+            with contextlib.suppress(Exception):
                 self._context.close()
-                self._context = None
+            self._context = None
+
+    def close(self) -> None:
+        """Release everything held in PC/SC (the next operation starts afresh)."""
+        with self._lock:
+            self._drop_context()
 
 
 def reader_matches(name: str, wanted: str | None) -> bool:
@@ -928,7 +1017,7 @@ def find_cards(reader: str | None = None) -> list[Card]:
         context.close()
     cards, failures = [], []
     for name in present:
-        card = Card(name)
+        card = Card(name, reader)
         try:
             card.identify()
             cards.append(card)
@@ -976,9 +1065,11 @@ class PinSource:
     Asked only when the card says the PIN is needed; never asked twice for
     one failure: a rejected PIN raises and is not tried again."""
 
-    def __init__(self, path: str | None = None, label: str = "YubiKey") -> None:
+    def __init__(self, path: str | None = None, label: str = "YubiKey",
+                 reload_hint: str = "") -> None:
         self.path = path
         self.label = label
+        self.reload_hint = reload_hint
         self.rejected: PinError | None = None  # set once the card refused the PIN
         self._pin: str | None = None
 
@@ -988,6 +1079,17 @@ class PinSource:
         if self._pin is None:
             self._pin = self._read_file() if self.path else self._prompt()
         return self._pin
+
+    def reject(self, error: PinError) -> None:
+        """Remember a rejection: the PIN is not sent to the card again until reload()."""
+        message = f"{error}{self.reload_hint}" if error.attempts_remaining else str(error)
+        self.rejected = PinError(message, error.attempts_remaining)
+        self._pin = None
+
+    def reload(self) -> None:
+        """Forget the PIN and any rejection (SIGHUP): the file is read again."""
+        self.rejected = None
+        self._pin = None
 
     def _prompt(self) -> str:
         if not sys.stdin.isatty():
@@ -1024,7 +1126,7 @@ def ensure_pin(piv: PivSession, policy: PinPolicy, pins: PinSource) -> None:
     try:
         piv.verify_pin(pins.get())
     except PinError as exc:
-        pins.rejected = exc  # never sent to the card again
+        pins.reject(exc)  # never sent to the card again
         raise
 
 
@@ -1280,23 +1382,51 @@ class CardSigner:
     rejected is never sent again (see PinSource.rejected)."""
 
     def __init__(self, card: Card, slot: Slot, algorithm: KeyAlgorithm,
-                 pin_policy: PinPolicy, pins: PinSource) -> None:
+                 pin_policy: PinPolicy, pins: PinSource,
+                 touch_policy: TouchPolicy = TouchPolicy.NEVER, notify: bool = False) -> None:
         self.card = card
         self.slot = slot
         self.algorithm = algorithm
         self.pin_policy = pin_policy
         self.pins = pins
+        self.touch_policy = touch_policy
+        self.notify = notify
         self.signatures = 0
         self.last_seconds = 0.0
 
     def __call__(self, prepared: bytes) -> bytes:
-        with self.card.session() as piv:
-            ensure_pin(piv, self.pin_policy, self.pins)
-            start = time.perf_counter()
+        return self.card.run(lambda piv: self._sign(piv, prepared))
+
+    def _sign(self, piv: PivSession, prepared: bytes) -> bytes:
+        ensure_pin(piv, self.pin_policy, self.pins)
+        start = time.perf_counter()
+        with self.touch_reminder():
             result = piv.sign_raw(self.slot, self.algorithm, prepared)
-            self.last_seconds = time.perf_counter() - start
-            self.signatures += 1
+        self.last_seconds = time.perf_counter() - start
+        self.signatures += 1
         return result
+
+    @contextlib.contextmanager
+    def touch_reminder(self) -> Iterator[None]:
+        """Say "touch your YubiKey" when a touch-policy signature takes a while."""
+        if self.touch_policy not in (TouchPolicy.ALWAYS, TouchPolicy.CACHED):
+            yield
+            return
+        timer = threading.Timer(TOUCH_REMINDER_SECONDS, self.remind)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def remind(self) -> None:
+        message = f"touch your YubiKey ({self.card.info.describe() if self.card.info else self.card.reader}) to approve a kubectl request"
+        log.warning("%s", message)
+        if self.notify and shutil.which("notify-send"):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["notify-send", "-u", "critical", PROG, message],
+                               timeout=5, check=False)
 
 
 def tls_private_key(signer: CardSigner, public_key: Any) -> Any:
@@ -1788,11 +1918,23 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                  tls_context: Any = None) -> None:
         self.upstream = upstream
         self.tls_context = tls_context
+        self.inflight = 0
+        self.idle = threading.Condition()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, RelayHandler)
         port = self.server_address[1]
         self.allowed_hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}",
                               f"{address[0]}:{port}", f"[{address[0]}]:{port}"}
+
+    def track(self, change: int) -> None:
+        """Count requests in flight (for a graceful stop)."""
+        with self.idle:
+            self.inflight += change
+            self.idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self.idle:
+            return self.idle.wait_for(lambda: self.inflight == 0, timeout)
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = self.socket.accept()
@@ -1821,6 +1963,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.connection.settimeout(None)
 
     def do_relay(self) -> None:
+        self.server.track(+1)
+        try:
+            self.relay()
+        finally:
+            self.server.track(-1)
+
+    def relay(self) -> None:
         started = time.perf_counter()
         refusal = self.refusal()
         if refusal:
@@ -1847,8 +1996,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return 403, "refused: requests from web browsers are not relayed"
         if not self.path.startswith("/"):
             return 400, "refused: the request target must be a path"
-        if "Transfer-Encoding" in self.headers and "Content-Length" in self.headers:
+        coding = self.headers.get("Transfer-Encoding")
+        if coding is not None and "Content-Length" in self.headers:
             return 400, "refused: both Transfer-Encoding and Content-Length are set"
+        if coding is not None and coding.strip().lower() != "chunked":
+            return 400, f"refused: unsupported Transfer-Encoding {coding!r}"
         length = self.headers.get("Content-Length")
         if length is not None and not length.isdigit():
             return 400, f"refused: invalid Content-Length {length!r}"
@@ -1982,6 +2134,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         upstream.shutdown()
         sender.join()
         return sent
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """Malformed requests (bad request line, oversized headers) get a Status too."""
+        self.close_connection = True
+        text = message or http.HTTPStatus(code).phrase
+        self.send_status(code, f"refused: {text.lower()}" + (f" ({explain})" if explain else ""))
 
     def send_status(self, code: int, message: str) -> None:
         body = status_body(code, STATUS_REASONS.get(code, "InternalError"), message)
@@ -2118,8 +2277,8 @@ def proxy_settings(args: argparse.Namespace) -> ProxySettings:
                          serial, listen, local_tls_from(ext))
 
 
-def slot_identity(card: Card, slot: Slot) -> tuple[Any, PinPolicy]:
-    """The slot's certificate and PIN policy, checked against the slot's key."""
+def slot_identity(card: Card, slot: Slot) -> tuple[Any, SlotMetadata | None]:
+    """The slot's certificate, checked against the slot's key, and its metadata."""
     with card.session() as piv:
         der = piv.get_certificate(slot)
         meta = piv.slot_metadata(slot) if piv.has_metadata() else None
@@ -2127,36 +2286,47 @@ def slot_identity(card: Card, slot: Slot) -> tuple[Any, PinPolicy]:
         raise ConfigError(f"slot {slot.name} of the YubiKey holds no certificate: run "
                           f"'{PROG} setup' first")
     cert = load_certificate(der, f"the certificate in slot {slot.name}")
-    if meta is None:
-        return cert, PinPolicy.DEFAULT
-    public = public_key_from_metadata(meta.algorithm, meta.public_key)
-    if not same_public_key(public, cert.public_key()):
-        raise KeyMismatchError(f"the certificate in slot {slot.name} does not belong to its "
-                               f"key: run '{PROG} setup --force'")
-    return cert, meta.pin_policy
+    if meta is not None:
+        public = public_key_from_metadata(meta.algorithm, meta.public_key)
+        if not same_public_key(public, cert.public_key()):
+            raise KeyMismatchError(f"the certificate in slot {slot.name} does not belong to "
+                                   f"its key: run '{PROG} setup --force'")
+    return cert, meta
+
+
+def warn_expiry(cert: Any, slot: Slot) -> None:
+    left = days_left(cert)
+    if left < 0:
+        log.warning("the client certificate in slot %s expired on %s: the API server will "
+                    "refuse it; run '%s setup' with a current one", slot.name,
+                    not_after(cert).date(), PROG)
+    elif left < EXPIRY_WARNING_DAYS:
+        log.warning("the client certificate in slot %s expires in %d days (%s)", slot.name,
+                    left, not_after(cert).date())
+
+
+def card_signer(card: Card, settings: ProxySettings, args: argparse.Namespace,
+                cert: Any, meta: SlotMetadata | None) -> CardSigner:
+    """The slot's signer; its PIN is verified now so that a wrong one shows at once."""
+    pin_policy = meta.pin_policy if meta else (
+        PinPolicy.ONCE if args.pin_file else PinPolicy.NEVER)  # no metadata: trust the user
+    touch_policy = meta.touch_policy if meta else TouchPolicy.NEVER
+    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {settings.slot.name}"
+    pins = PinSource(args.pin_file, label, reload_hint=PIN_RELOAD_HINT)
+    signer = CardSigner(card, settings.slot, key_algorithm(cert.public_key()), pin_policy,
+                        pins, touch_policy, args.notify)
+    if pin_policy != PinPolicy.NEVER:
+        card.run(lambda piv: ensure_pin(piv, PinPolicy.ALWAYS, pins))
+    return signer
 
 
 def build_upstream(settings: ProxySettings, card: Card, args: argparse.Namespace) -> Upstream:
     from cryptography.hazmat.primitives import serialization
     from tlslite import X509CertChain
 
-    cert, pin_policy = slot_identity(card, settings.slot)
-    left = days_left(cert)
-    if left < 0:
-        log.warning("the client certificate in slot %s expired on %s: the API server will "
-                    "refuse it; run '%s setup' with a current one", settings.slot.name,
-                    not_after(cert).date(), PROG)
-    elif left < EXPIRY_WARNING_DAYS:
-        log.warning("the client certificate in slot %s expires in %d days (%s)",
-                    settings.slot.name, left, not_after(cert).date())
-    if pin_policy == PinPolicy.DEFAULT:  # firmware without metadata: trust the user
-        pin_policy = PinPolicy.ONCE if args.pin_file else PinPolicy.NEVER
-    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {settings.slot.name}"
-    signer = CardSigner(card, settings.slot, key_algorithm(cert.public_key()), pin_policy,
-                        PinSource(args.pin_file, label))
-    if pin_policy != PinPolicy.NEVER:
-        with card.session() as piv:  # a wrong PIN shows now, not at the first request
-            ensure_pin(piv, PinPolicy.ALWAYS, signer.pins)
+    cert, meta = slot_identity(card, settings.slot)
+    warn_expiry(cert, settings.slot)
+    signer = card_signer(card, settings, args, cert, meta)
     chain = X509CertChain()
     chain.parsePemList(cert.public_bytes(serialization.Encoding.PEM).decode())
     verifier = ServerVerifier(settings.roots, settings.address.server_name, settings.insecure)
@@ -2180,7 +2350,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
           f"https://{settings.address.where}{settings.address.prefix} (slot "
           f"{settings.slot.name}, {card.info.describe() if card.info else 'YubiKey'})",
           file=sys.stderr, flush=True)
-    serve_until_signal(server)
+    serve_until_signal(server, card, upstream.signer.pins)
     card.close()
     return 0
 
@@ -2200,22 +2370,33 @@ def start_server(settings: ProxySettings, upstream: Upstream) -> ProxyServer:
                           "running? choose another address with --listen") from None
 
 
-def serve_until_signal(server: ProxyServer) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting and close."""
+def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None:
+    """Serve until SIGTERM or SIGINT; then stop accepting and give in-flight
+    requests up to SHUTDOWN_GRACE_SECONDS. SIGHUP releases the card and reads the
+    PIN file again."""
     import signal
 
     def stop(signum: int, frame: Any) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def reload(signum: int, frame: Any) -> None:
+        log.warning("reloading: releasing the card and reading the PIN again")
+        pins.reload()
+        threading.Thread(target=card.close, daemon=True).start()
+
+    handlers = {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: reload}
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         server.serve_forever()
     finally:
+        server.server_close()
+        if not server.wait_idle(SHUTDOWN_GRACE_SECONDS):
+            log.warning("stopping with requests still open (after %g s)",
+                        SHUTDOWN_GRACE_SECONDS)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        server.server_close()
 
 
 # =============================================================================
@@ -2655,7 +2836,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow a --listen address that is not loopback")
     proxy.add_argument("--slot", type=slot_arg, help="PIV slot (default: from setup)")
     proxy.add_argument("--pin-file", metavar="PATH",
-                       help="read the PIN from this file instead of prompting")
+                       help="read the PIN from this file instead of prompting "
+                            "(read again on SIGHUP)")
+    proxy.add_argument("--notify", action="store_true",
+                       help="desktop notification (notify-send) when the card waits "
+                            "for a touch")
     proxy.set_defaults(func=cmd_proxy)
 
     status = commands.add_parser(
