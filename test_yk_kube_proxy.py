@@ -11,6 +11,7 @@ the tests from pure functions up to whole commands.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import socketserver
 import ssl
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 import uuid
 import zlib
@@ -4000,3 +4003,474 @@ def test_proxy_wrong_pin_fails_at_start_and_costs_one_try(card57, cluster, tmp_p
         "blocks the PIN; check the PIN (or the PIN file) and try again\n"))
     assert (card57.verify_attempts - attempts, card57.pin_tries_left) == (1, 2)
     assert cluster.api.handshakes == 0
+
+
+# =============================================================================
+# Fault suite: the card, pcscd, the network and the client misbehave
+# =============================================================================
+
+FAULT_FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fault_figures(request):
+    """Print the fault suite's figures at the end of the run."""
+    yield
+    if FAULT_FIGURES:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("")
+            reporter.write_sep("=", "fault suite figures")
+            for line in FAULT_FIGURES:
+                reporter.write_line(line)
+
+
+class LocalClient:
+    """An HTTPS client holding the local hop's client certificate from client.yml."""
+
+    def __init__(self, proxy: ProxyProcess) -> None:
+        doc = yaml.safe_load(proxy.client_config.read_text())
+        self.context = ssl.create_default_context(cadata=base64.b64decode(
+            doc["clusters"][0]["cluster"]["certificate-authority-data"]).decode())
+        user = doc["users"][0]["user"]
+        bundle = proxy.workdir / "local-client.pem"
+        bundle.write_bytes(base64.b64decode(user["client-certificate-data"])
+                           + base64.b64decode(user["client-key-data"]))
+        self.context.load_cert_chain(bundle)
+        self.port = proxy.port
+
+    def connection(self) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context,
+                                           timeout=60)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        conn = self.connection()
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+
+def process_counts(pid: int) -> tuple[int, int]:
+    """(threads, open file descriptors) of a process."""
+    return (len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def wait_for_counts(pid: int, baseline: tuple[int, int], timeout: float = 15) -> None:
+    wait_until(lambda: process_counts(pid) <= baseline, timeout,
+               f"threads and sockets back to {baseline} (now {process_counts(pid)})")
+
+
+@pytest.fixture
+def proxied_rig(rig, cluster, tmp_path, capsys):
+    """A card, the proxy and a local client; the card is the test's to pull."""
+    piv = VirtualPiv(serial=81000008)
+    state = types.SimpleNamespace(piv=piv, inserted=rig.insert(piv), index=0)
+    state.proxy = setup_and_proxy(cluster, tmp_path / "yk")
+    state.client = LocalClient(state.proxy)
+    capsys.readouterr()
+    yield state
+    state.proxy.stop()
+    if state.inserted.inserted:
+        rig.remove(state.inserted, index=state.index)
+
+
+def test_card_removed_during_a_burst_and_reinserted_elsewhere(proxied_rig, rig, cluster):
+    state = proxied_rig
+    before = [state.client.get("/version")[0] for _ in range(5)]
+    rig.remove(state.inserted)
+    absent = [state.client.get("/version") for _ in range(5)]
+    # Plugged back in, the key shows up in the other reader: found again by serial.
+    state.inserted, state.index = rig.insert(state.piv, index=1), 1
+    after = [state.client.get("/version")[0] for _ in range(10)]
+    failed_absent = sum(status != 200 for status, _ in absent)
+    failed_after = sum(status != 200 for status in after)
+    FAULT_FIGURES.append(f"card pulled mid-burst: {len(before)} ok before, {failed_absent}/"
+                         f"{len(absent)} failed while absent, {failed_after}/{len(after)} "
+                         "failed after re-insertion")
+    assert before == [200] * 5
+    assert {status for status, _ in absent} == {503}
+    assert json.loads(absent[0][1])["message"] == (
+        f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it")
+    assert failed_after == 0
+    assert state.piv.sign_count - 1 == cluster.api.handshakes == 15
+
+
+def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
+    state = proxied_rig
+    cluster.api.add_pod("box", namespace="team-a")
+    conn = state.client.connection()
+    conn.request("GET", "/bytes?n=50000000")
+    response = conn.getresponse()
+    first = response.read(1_000_000)
+    exec_proc = subprocess.Popen(
+        ["kubectl", "--kubeconfig", str(state.proxy.client_config), "exec", "-i", "box",
+         "--", "cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    exec_proc.stdin.write(b"before\n")
+    exec_proc.stdin.flush()
+    assert exec_proc.stdout.readline() == b"before\n"
+    rig.remove(state.inserted)  # the handshakes are done: the streams go on
+    rest = response.read()
+    conn.close()
+    exec_proc.stdin.write(b"after\n")
+    exec_proc.stdin.close()
+    out = exec_proc.stdout.read()
+    assert (exec_proc.wait(30), out) == (0, b"after\n")
+    assert first + rest == expected_bytes(50_000_000)
+    assert state.client.get("/version")[0] == 503
+    state.inserted = rig.insert(state.piv)
+    assert state.client.get("/version")[0] == 200
+
+
+def test_pcscd_restart_is_recovered(proxied_rig, rig, cluster):
+    state = proxied_rig
+    assert state.client.get("/version")[0] == 200
+    state.inserted.remove()
+    rig.stop()
+    rig.start()
+    state.inserted = rig.insert(state.piv)
+    statuses = [state.client.get("/version")[0] for _ in range(3)]
+    FAULT_FIGURES.append(f"pcscd restarted: {statuses.count(200)}/3 requests ok after")
+    assert statuses == [200, 200, 200]
+
+
+def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
+    from smartcard import scard
+
+    state = proxied_rig
+    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    hresult, handle, _ = scard.SCardConnect(context, rig.reader(), scard.SCARD_SHARE_SHARED,
+                                            scard.SCARD_PROTOCOL_T1)
+    assert hresult == 0 and scard.SCardBeginTransaction(handle) == 0
+    results = []
+    worker = threading.Thread(target=lambda: results.append(state.client.get("/version")))
+    started = time.monotonic()
+    worker.start()
+    time.sleep(1.0)  # the other program holds the card for a while
+    assert results == []  # the request waits for the card
+    scard.SCardEndTransaction(handle, scard.SCARD_LEAVE_CARD)
+    worker.join(30)
+    scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+    scard.SCardReleaseContext(context)
+    FAULT_FIGURES.append(f"another program's 1 s transaction: request waited "
+                         f"{time.monotonic() - started:.2f} s and got {results[0][0]}")
+    assert results[0][0] == 200
+
+
+@pytest.mark.parametrize("kind", ["p256", "rsa2048"])
+def test_fifty_concurrent_requests(rig, tmp_path, capsys, kind):
+    piv = VirtualPiv(serial=91000009)
+    inserted = rig.insert(piv)
+    cluster = start_cluster(tmp_path, kind=kind)
+    try:
+        proxy = setup_and_proxy(cluster, tmp_path / "yk")
+        try:
+            client = LocalClient(proxy)
+            signed = piv.sign_count
+            results: list[int] = []
+            threads = [threading.Thread(target=lambda: results.append(
+                client.get("/version")[0])) for _ in range(50)]
+            started = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            elapsed = time.monotonic() - started
+            FAULT_FIGURES.append(f"50 concurrent requests, {kind}: {results.count(200)} ok "
+                                 f"in {elapsed:.2f} s, {piv.sign_count - signed} signatures,"
+                                 f" {cluster.api.handshakes} handshakes")
+            assert results == [200] * 50
+            assert piv.sign_count - signed == cluster.api.handshakes == 50
+        finally:
+            proxy.stop()
+    finally:
+        cluster.api.stop()
+        rig.remove(inserted)
+
+
+def test_upstream_down_costs_no_signature(proxied_rig, cluster):
+    state = proxied_rig
+    signed = state.piv.sign_count
+    cluster.api.stop()
+    status, body = state.client.get("/version")
+    assert status == 502
+    assert json.loads(body)["message"] == (
+        f"cannot connect to the API server at 127.0.0.1:{cluster.api.port} (Connection "
+        "refused): is the cluster up and reachable?")
+    assert state.piv.sign_count == signed
+
+
+def silent_server() -> tuple[socket.socket, int]:
+    """Accepts connections and never answers (a hung API server)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    return listener, listener.getsockname()[1]
+
+
+def test_upstream_handshake_timeout(card57, tmp_path, capsys):
+    listener, port = silent_server()
+    ident = make_identity()
+    kubeconfig = write_kubeconfig(tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}")
+    try:
+        proxy = setup_and_proxy(types.SimpleNamespace(kubeconfig=kubeconfig), tmp_path / "yk",
+                                proxy_extra=("--handshake-timeout", "1"))
+        try:
+            started = time.monotonic()
+            status, body = LocalClient(proxy).get("/version")
+            elapsed = time.monotonic() - started
+            assert status == 504
+            assert json.loads(body)["message"] == (
+                f"the TLS handshake with the API server at 127.0.0.1:{port} took longer "
+                "than 1 s")
+            assert elapsed < 10
+        finally:
+            proxy.stop()
+    finally:
+        listener.close()
+
+
+def truncating_server(server_pki, client_ca: x509.Certificate) -> tuple[socket.socket, int]:
+    """A TLS API server that sends half a body and hangs up."""
+    ca, cert, key = server_pki
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    bundle = tempfile_bytes(pem(cert) + pem(key))
+    context.load_cert_chain(bundle)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=pem(client_ca).decode())
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError, ssl.SSLError):
+                with context.wrap_socket(raw, server_side=True) as tls:
+                    tls.recv(65536)
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
+                                + b"x" * 400_000)
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, listener.getsockname()[1]
+
+
+def tempfile_bytes(data: bytes) -> str:
+    import tempfile
+
+    handle = tempfile.NamedTemporaryFile(delete=False)
+    handle.write(data)
+    handle.close()
+    return handle.name
+
+
+def test_client_leaving_mid_response_leaks_nothing(proxied_rig, cluster):
+    state = proxied_rig
+    pid = state.proxy.process.pid
+    assert state.client.get("/version")[0] == 200
+    baseline = process_counts(pid)
+    # The client leaves after 1 MB of a 200 MB download.
+    for _ in range(3):
+        conn = state.client.connection()
+        conn.request("GET", "/bytes?n=200000000")
+        response = conn.getresponse()
+        assert len(response.read(1_000_000)) == 1_000_000
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    wait_for_counts(pid, baseline)
+    threads, fds = process_counts(pid)
+    FAULT_FIGURES.append(f"client left 3 downloads mid-way: proxy threads {baseline[0]} -> "
+                         f"{threads}, descriptors {baseline[1]} -> {fds}")
+    assert state.client.get("/version")[0] == 200
+
+
+def test_upstream_closing_mid_response(card57, tmp_path, capsys):
+    server_pki = make_server_pki()
+    ident = make_identity()
+    listener, port = truncating_server(server_pki, ident.ca_cert)
+    kubeconfig = write_kubeconfig(tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}")
+    doc = yaml.safe_load(kubeconfig.read_text())
+    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(pem(server_pki[0]))
+    kubeconfig.write_text(yaml.safe_dump(doc))
+    try:
+        proxy = setup_and_proxy(types.SimpleNamespace(kubeconfig=kubeconfig), tmp_path / "yk")
+        try:
+            client = LocalClient(proxy)
+            pid = proxy.process.pid
+            conn = client.connection()
+            conn.request("GET", "/version")
+            response = conn.getresponse()
+            assert response.status == 200
+            with pytest.raises(http.client.IncompleteRead) as short:
+                response.read()
+            conn.close()
+            assert len(short.value.partial) == 400_000
+            baseline = process_counts(pid)
+            for _ in range(3):
+                with contextlib.suppress(http.client.IncompleteRead):
+                    client.get("/version")
+            wait_for_counts(pid, baseline)
+            FAULT_FIGURES.append(f"upstream hung up mid-response: client got "
+                                 f"{len(short.value.partial)} of 1000000 bytes, proxy "
+                                 f"threads/descriptors back to {process_counts(pid)}")
+        finally:
+            proxy.stop()
+    finally:
+        listener.close()
+
+
+def test_wrong_pin_file_costs_exactly_one_try(rig, cluster, tmp_path, capsys):
+    piv = VirtualPiv(serial=10100010)
+    inserted = rig.insert(piv)
+    pins = pin_file(tmp_path, "123456")
+    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--pin-policy", "once", "--pin-file",
+                            str(pins), proxy_extra=("--pin-file", str(pins)))
+    try:
+        client = LocalClient(proxy)
+        assert client.get("/version")[0] == 200
+        pins.write_text("999999\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
+        tries = piv.pin_tries_left
+        answers = [client.get("/version") for _ in range(6)]
+        FAULT_FIGURES.append(f"wrong PIN file, 6 requests: the card's tries went {tries} -> "
+                             f"{piv.pin_tries_left}")
+        assert {status for status, _ in answers} == {503}
+        assert piv.pin_tries_left == tries - 1
+        assert json.loads(answers[-1][1])["message"] == (
+            "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check the PIN "
+            "(or the PIN file) and try again (the proxy will not send it again: fix the PIN "
+            "or the PIN file, then reload the proxy with kill -HUP or 'systemctl --user "
+            "reload yubikey-kube-proxy', or restart it)")
+        pins.write_text("123456\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: proxy.stderr().count("reloading") == 2, 10, "the second reload")
+        assert client.get("/version")[0] == 200
+        assert piv.pin_tries_left == 3
+    finally:
+        proxy.stop()
+        rig.remove(inserted)
+
+
+def test_touch_slow_and_never(rig, cluster, tmp_path, capsys):
+    touches = {"delay": 0.0, "given": True}
+
+    def touch(slot):
+        time.sleep(touches["delay"])
+        return touches["given"]
+
+    piv = VirtualPiv(serial=10200011, touch=touch)
+    inserted = rig.insert(piv)
+    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--touch-policy", "always")
+    try:
+        client = LocalClient(proxy)
+        touches["delay"] = 1.5
+        assert client.get("/version")[0] == 200
+        assert "WARNING: touch your YubiKey (YubiKey serial 10200011" in proxy.stderr()
+        touches.update(delay=2.0, given=False)  # the card's wait runs out
+        results: list[tuple[int, bytes]] = []
+        threads = [threading.Thread(target=lambda: results.append(client.get("/version")))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert [status for status, _ in results] == [503, 503]  # both answered, one by one
+        assert json.loads(results[0][1])["message"] == (
+            "the YubiKey refused to sign with slot 9a: the PIN was not verified or the key "
+            "was not touched in time")
+        touches.update(delay=0.0, given=True)
+        assert client.get("/version")[0] == 200
+    finally:
+        proxy.stop()
+        rig.remove(inserted)
+
+
+@pytest.mark.parametrize("raw, status, message", [
+    (b"POST /api/v1/namespaces HTTP/1.1\r\nHost: {host}\r\nContent-Length: -5\r\n\r\n", 400,
+     "refused: invalid Content-Length '-5'"),
+    (b"POST /api/v1/namespaces HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
+     "refused: both Transfer-Encoding and Content-Length are set"),
+    (b"GET /version HTTP/1.1\r\nHost: {host}\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431,
+     "refused: line too long (got more than 65536 bytes when reading header line)"),
+    (b"GET /version HTTP/1.1\r\nHost: {host}\r\n" + b"X-Many: 1\r\n" * 120 + b"\r\n", 431,
+     "refused: too many headers (got more than 100 headers)"),
+], ids=["negative-length", "length-and-chunked", "long-header", "many-headers"])
+def test_malformed_requests_are_refused_never_forwarded(proxied, cluster, card57, raw,
+                                                         status, message):
+    signed = card57.sign_count
+    answer = local_request(proxied, raw.replace(b"{host}",
+                                                f"127.0.0.1:{proxied.port}".encode()))
+    head, body = response_status_and_body(answer)
+    assert int(head.split()[1]) == status
+    assert body["message"] == message and body["code"] == status
+    assert cluster.api.requests == [] and card57.sign_count == signed
+
+
+# =============================================================================
+# The systemd user unit and the shell
+# =============================================================================
+
+
+def test_systemd_unit_verifies(tmp_path):
+    unit = (HERE / "yubikey-kube-proxy.service").read_text()
+    directives = [line.strip() for line in unit.splitlines()]
+    for expected in ("ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
+                     "%h/.kube/yubikey/proxy.yml", "ExecReload=/bin/kill -HUP $MAINPID",
+                     "Restart=on-failure", "UMask=0077", "NoNewPrivileges=yes",
+                     "ProtectSystem=strict", "PrivateTmp=yes",
+                     "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
+        assert expected in directives
+    assert "pcscd.socket" in next(d for d in directives if d.startswith("After="))
+    home, runtime = tmp_path / "home", tmp_path / "run"
+    (home / ".local" / "bin").mkdir(parents=True)
+    runtime.mkdir(mode=0o700)
+    program = home / ".local" / "bin" / "yubikey-kube-proxy"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    shutil.copy(HERE / "yubikey-kube-proxy.service", tmp_path)
+    done = subprocess.run(["systemd-analyze", "--user", "verify",
+                           str(tmp_path / "yubikey-kube-proxy.service")],
+                          env={**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)},
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_shell_runs_a_command_through_the_card_and_passes_its_exit_code(card57, cluster,
+                                                                         tmp_path, capsys):
+    assert yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
+                    str(tmp_path)]) == 0
+    script = ("kubectl get --raw /version --request-timeout 30s > "
+              f"{tmp_path / 'out.json'} && test -n \"$YUBIKEY_KUBE_PROXY_SHELL\" && exit 7")
+    done = subprocess.run([sys.executable, str(HERE / "yk_kube_proxy.py"), "shell",
+                           "--kubeconfig", str(tmp_path / "proxy.yml"), "--", "sh", "-c",
+                           script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 7, done.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["gitVersion"] == "v1.32.0"
+    assert "through the YubiKey; exit the shell to stop" in done.stderr
+    nested = subprocess.run([sys.executable, str(HERE / "yk_kube_proxy.py"), "shell",
+                             "--kubeconfig", str(tmp_path / "proxy.yml")],
+                            env={**os.environ, "YUBIKEY_KUBE_PROXY_SHELL": "1",
+                                 "KUBECONFIG": "/x/client.yml"},
+                            capture_output=True, text=True, timeout=60)
+    assert (nested.returncode, nested.stderr) == (1, (
+        "yubikey-kube-proxy: error: this is already a yubikey-kube-proxy shell "
+        "(KUBECONFIG=/x/client.yml): exit it first\n"))
+
+
+def test_sigterm_lets_an_open_request_finish(proxied, cluster):
+    client = LocalClient(proxied)
+    conn = client.connection()
+    conn.request("GET", "/slow?seconds=2")
+    time.sleep(0.5)  # the request is in flight
+    proxied.process.send_signal(signal.SIGTERM)
+    response = conn.getresponse()
+    assert response.status == 200
+    response.read()
+    assert proxied.process.wait(20) == 0

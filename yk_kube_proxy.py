@@ -63,6 +63,7 @@ CHUNK = 64 * 1024  # largest write on either side of the relay
 HANDSHAKE_TIMEOUT = 30.0  # seconds: longer than a YubiKey's 15 s touch window
 LOCAL_PKI_DAYS = 3650  # the local hop's certificates; setup makes new ones
 TOUCH_REMINDER_SECONDS = 0.2
+SHELL_ENV = "YUBIKEY_KUBE_PROXY_SHELL"  # set inside a shell, to refuse nesting
 SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight requests may finish after SIGTERM
 PIN_RELOAD_HINT = (" (the proxy will not send it again: fix the PIN or the PIN file, then "
                    f"reload the proxy with kill -HUP or 'systemctl --user reload {PROG}', "
@@ -929,16 +930,22 @@ class Card:
                 return operation(piv)
 
     def _connect(self) -> PcscTransport:
-        for attempt in (1, 2):
+        """A connection to the card; a stale context (pcscd restarted) is replaced once."""
+        fresh = self._context is None
+        try:
             if self._context is None:
                 self._context = PcscContext()
-            try:
-                return self._connect_reader()
-            except TransientCardError:
-                self._drop_context()  # pcscd restarted: a new context, once
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+            return self._connect_reader()
+        except CardError:
+            self._drop_context()
+            if fresh:
+                raise
+        self._context = PcscContext()
+        try:
+            return self._connect_reader()
+        except CardError:
+            self._drop_context()
+            raise
 
     def _connect_reader(self) -> PcscTransport:
         assert self._context is not None
@@ -1123,8 +1130,9 @@ def ensure_pin(piv: PivSession, policy: PinPolicy, pins: PinSource) -> None:
         return
     if policy != PinPolicy.ALWAYS and piv.pin_verified():
         return
+    pin = pins.get()  # raises the remembered rejection without asking the card
     try:
-        piv.verify_pin(pins.get())
+        piv.verify_pin(pin)
     except PinError as exc:
         pins.reject(exc)  # never sent to the card again
         raise
@@ -2143,10 +2151,14 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.send_status(code, f"refused: {text.lower()}" + (f" ({explain})" if explain else ""))
 
     def send_status(self, code: int, message: str) -> None:
+        """A Status answer from the proxy itself; the connection closes after it, as
+        the request's body may not have been read."""
+        self.close_connection = True
         body = status_body(code, STATUS_REASONS.get(code, "InternalError"), message)
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -2330,7 +2342,8 @@ def build_upstream(settings: ProxySettings, card: Card, args: argparse.Namespace
     chain = X509CertChain()
     chain.parsePemList(cert.public_bytes(serialization.Encoding.PEM).decode())
     verifier = ServerVerifier(settings.roots, settings.address.server_name, settings.insecure)
-    return Upstream(settings.address, verifier, chain, signer, cert.public_key())
+    return Upstream(settings.address, verifier, chain, signer, cert.public_key(),
+                    args.handshake_timeout)
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
@@ -2397,6 +2410,59 @@ def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None
                         SHUTDOWN_GRACE_SECONDS)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def shell_client_config(args: argparse.Namespace, port: int, directory: Path) -> Path:
+    """A copy of setup's client.yml pointing at the port the shell's proxy got."""
+    import yaml
+
+    source = Path(args.client_config or Path(args.kubeconfig or ".").expanduser().parent
+                  / "client.yml").expanduser()
+    doc = _load_yaml(source)
+    try:
+        cluster = doc["clusters"][0]["cluster"]
+        scheme = cluster["server"].split("://", 1)[0]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ConfigError(f"{source} is not the client.yml that setup wrote: pass it with "
+                          "--client-config PATH") from None
+    cluster["server"] = f"{scheme}://127.0.0.1:{port}"
+    path = directory / "client.yml"
+    write_private_file(path, yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    """A subshell (or a command) whose kubectl goes through a proxy of its own."""
+    import signal
+    import tempfile
+
+    if os.environ.get(SHELL_ENV):
+        raise ConfigError(f"this is already a {PROG} shell (KUBECONFIG="
+                          f"{os.environ.get('KUBECONFIG', '')}): exit it first")
+    settings = proxy_settings(args)
+    card = open_card(args.reader, settings.serial)
+    try:
+        server = start_server(settings, build_upstream(settings, card, args))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        with tempfile.TemporaryDirectory(prefix="yk-kube-proxy-") as directory:
+            config = shell_client_config(args, server.server_address[1], Path(directory))
+            command = args.command[1:] if args.command[:1] == ["--"] else args.command
+            command = command or [os.environ.get("SHELL") or "/bin/sh"]
+            print(f"{PROG}: KUBECONFIG={config} through the YubiKey; exit the shell to stop",
+                  file=sys.stderr, flush=True)
+            env = {**os.environ, "KUBECONFIG": str(config), SHELL_ENV: str(os.getpid())}
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the shell's
+            try:
+                code = subprocess.call(command, env=env)
+            except OSError as exc:
+                raise ConfigError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+            finally:
+                signal.signal(signal.SIGINT, previous)
+        server.shutdown()
+        server.server_close()
+    finally:
+        card.close()
+    return code if code >= 0 else 128 - code
 
 
 # =============================================================================
@@ -2787,6 +2853,28 @@ def card_options() -> argparse.ArgumentParser:
     return common
 
 
+def proxy_options() -> argparse.ArgumentParser:
+    """Options of proxy and shell."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--kubeconfig", metavar="PATH",
+                         help="the proxy.yml setup wrote (default: $KUBECONFIG, else "
+                              "~/.kube/config)")
+    options.add_argument("--context", metavar="NAME",
+                         help="context (default: current-context)")
+    options.add_argument("--slot", type=slot_arg, help="PIV slot (default: from setup)")
+    options.add_argument("--pin-file", metavar="PATH",
+                         help="read the PIN from this file instead of prompting "
+                              "(read again on SIGHUP)")
+    options.add_argument("--notify", action="store_true",
+                         help="desktop notification (notify-send) when the card waits "
+                              "for a touch")
+    options.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
+                         metavar="SECONDS",
+                         help="connecting and the TLS handshake with the API server, card "
+                              f"touch included (default: {HANDSHAKE_TIMEOUT:g})")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Keep the key that opens a Kubernetes cluster on a YubiKey.")
@@ -2823,25 +2911,27 @@ def build_parser() -> argparse.ArgumentParser:
     setup.set_defaults(func=cmd_setup)
 
     proxy = commands.add_parser(
-        "proxy", parents=[common], help="relay kubectl's requests, the YubiKey signing each",
+        "proxy", parents=[common, proxy_options()],
+        help="relay kubectl's requests, the YubiKey signing each",
         description="Listen on loopback and relay each request over a fresh mutual-TLS "
                     "connection to the API server, whose handshake the YubiKey signs.")
-    proxy.add_argument("--kubeconfig", metavar="PATH",
-                       help="the proxy.yml setup wrote (default: $KUBECONFIG, else "
-                            "~/.kube/config)")
-    proxy.add_argument("--context", metavar="NAME", help="context (default: current-context)")
     proxy.add_argument("--listen", metavar="HOST:PORT",
                        help="local address (default: from setup, else 127.0.0.1:8080)")
     proxy.add_argument("--unsafe-listen", action="store_true",
                        help="allow a --listen address that is not loopback")
-    proxy.add_argument("--slot", type=slot_arg, help="PIV slot (default: from setup)")
-    proxy.add_argument("--pin-file", metavar="PATH",
-                       help="read the PIN from this file instead of prompting "
-                            "(read again on SIGHUP)")
-    proxy.add_argument("--notify", action="store_true",
-                       help="desktop notification (notify-send) when the card waits "
-                            "for a touch")
     proxy.set_defaults(func=cmd_proxy)
+
+    shell = commands.add_parser(
+        "shell", parents=[common, proxy_options()],
+        help="a shell whose kubectl goes through the YubiKey",
+        description="Start the proxy on a free loopback port and a subshell (or COMMAND) "
+                    "with KUBECONFIG pointing at it; the proxy stops when the shell exits, "
+                    "and the shell's exit code is passed on.")
+    shell.add_argument("--client-config", metavar="PATH",
+                       help="the client.yml setup wrote (default: beside --kubeconfig)")
+    shell.add_argument("command", nargs=argparse.REMAINDER,
+                       help="run this instead of $SHELL (after --)")
+    shell.set_defaults(func=cmd_shell, listen="127.0.0.1:0", unsafe_listen=False)
 
     status = commands.add_parser(
         "status", parents=[common], help="show the YubiKeys, their slot and certificate",
