@@ -4474,3 +4474,42 @@ def test_sigterm_lets_an_open_request_finish(proxied, cluster):
     assert response.status == 200
     response.read()
     assert proxied.process.wait(20) == 0
+
+
+def test_card_reset_by_another_program_is_recovered(proxied_rig, rig):
+    from smartcard import scard
+
+    state = proxied_rig
+    assert state.client.get("/version")[0] == 200
+    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    hresult, handle, _ = scard.SCardConnect(context, rig.reader(), scard.SCARD_SHARE_SHARED,
+                                            scard.SCARD_PROTOCOL_T1)
+    hresult, _ = scard.SCardReconnect(handle, scard.SCARD_SHARE_SHARED,
+                                      scard.SCARD_PROTOCOL_T1, scard.SCARD_RESET_CARD)
+    assert hresult == 0
+    scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+    scard.SCardReleaseContext(context)
+    statuses = [state.client.get("/version")[0] for _ in range(3)]
+    FAULT_FIGURES.append(f"card reset by another program: {statuses.count(200)}/3 ok after")
+    assert statuses == [200, 200, 200]
+
+
+def test_insecure_skip_tls_verify_warns_at_start_and_in_status(card57, tmp_path, capsys):
+    cluster = start_cluster(tmp_path, **{"insecure-skip-tls-verify": True})
+    try:
+        doc = yaml.safe_load(cluster.kubeconfig.read_text())
+        del doc["clusters"][0]["cluster"]["certificate-authority-data"]
+        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+        proxy = setup_and_proxy(cluster, tmp_path / "yk")
+        try:
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 0, done.stderr
+            assert f"WARNING: {yk.INSECURE_WARNING}\n" in proxy.stderr()
+        finally:
+            proxy.stop()
+        code, stdout, _ = run_cli("status", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml"),
+                                  capsys=capsys)
+        assert code == 0
+        assert stdout.endswith(f"warning: {yk.INSECURE_WARNING}\n")
+    finally:
+        cluster.api.stop()

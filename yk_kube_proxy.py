@@ -63,6 +63,9 @@ CHUNK = 64 * 1024  # largest write on either side of the relay
 HANDSHAKE_TIMEOUT = 30.0  # seconds: longer than a YubiKey's 15 s touch window
 LOCAL_PKI_DAYS = 3650  # the local hop's certificates; setup makes new ones
 TOUCH_REMINDER_SECONDS = 0.2
+INSECURE_WARNING = ("insecure-skip-tls-verify is set: the API server's certificate is NOT "
+                    "checked, so anyone on the network path can impersonate it and use "
+                    "your card's signatures; remove it and set certificate-authority-data")
 SHELL_ENV = "YUBIKEY_KUBE_PROXY_SHELL"  # set inside a shell, to refuse nesting
 SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight requests may finish after SIGTERM
 PIN_RELOAD_HINT = (" (the proxy will not send it again: fix the PIN or the PIN file, then "
@@ -2349,8 +2352,7 @@ def build_upstream(settings: ProxySettings, card: Card, args: argparse.Namespace
 def cmd_proxy(args: argparse.Namespace) -> int:
     settings = proxy_settings(args)
     if settings.insecure:
-        log.warning("insecure-skip-tls-verify is set: the API server's certificate is NOT "
-                    "checked, so anyone on the path can impersonate it")
+        log.warning("%s", INSECURE_WARNING)
     card = open_card(args.reader, settings.serial)
     try:
         upstream = build_upstream(settings, card, args)
@@ -2783,6 +2785,14 @@ def print_card_report(report: dict[str, Any]) -> None:
             print(f"    {problem['level']}: {problem['message']}")
 
 
+def config_warnings(path: str) -> list[str]:
+    """What is unsafe about a proxy kubeconfig (for status)."""
+    ctx = Kubeconfig([Path(path).expanduser()]).resolve(None)
+    if ctx.cluster.body.get("insecure-skip-tls-verify"):
+        return [INSECURE_WARNING]
+    return []
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     found = find_cards(args.reader)
     try:
@@ -2796,11 +2806,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         reports = [card_report(card, slots) for card in cards]
     finally:
         _close_all(found)
+    warnings = config_warnings(args.kubeconfig) if args.kubeconfig else []
     if args.json:
-        print(json.dumps({"cards": reports}, indent=2))
+        print(json.dumps({"cards": reports, "warnings": warnings}, indent=2))
     else:
         for report in reports:
             print_card_report(report)
+        for warning in warnings:
+            print(f"warning: {warning}")
     failed = any(p["level"] == "error" for r in reports for s in r["slots"]
                  for p in s["problems"])
     return 1 if failed else 0
@@ -2939,6 +2952,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exits 1 when the slot is empty or its certificate expired.")
     status.add_argument("--slot", type=slot_arg, help="PIV slot (default: 9a)")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--kubeconfig", metavar="PATH",
+                        help="also check the proxy.yml setup wrote (e.g. insecure settings)")
     status.set_defaults(func=cmd_status)
     return parser
 
