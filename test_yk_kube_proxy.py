@@ -3721,7 +3721,7 @@ def test_fast_aead_is_the_record_layer_in_use(card57, cluster, tmp_path, capsys)
                 assert sock.conn.getCipherName() in ("aes128gcm", "aes256gcm",
                                                      "chacha20-poly1305")
             finally:
-                sock.close()
+                sock.release()
     finally:
         card.close()
 
@@ -4513,3 +4513,37 @@ def test_insecure_skip_tls_verify_warns_at_start_and_in_status(card57, tmp_path,
         assert stdout.endswith(f"warning: {yk.INSECURE_WARNING}\n")
     finally:
         cluster.api.stop()
+
+
+def test_reuse_while_present_one_signature_per_local_connection(rig, cluster, tmp_path,
+                                                                capsys):
+    piv = VirtualPiv(serial=10300012)
+    inserted = rig.insert(piv)
+    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--reuse-while-present")
+    try:
+        client = LocalClient(proxy)
+        signed = piv.sign_count
+        conn = client.connection()  # one local connection, as one kubectl run keeps
+        for _ in range(4):
+            conn.request("GET", "/version")
+            response = conn.getresponse()
+            assert response.status == 200
+            response.read()
+        assert (piv.sign_count - signed, cluster.api.handshakes) == (1, 1)
+        done = kubectl(proxy, "get", "pods")
+        assert done.returncode == 0, done.stderr
+        per_kubectl = piv.sign_count - signed - 1
+        FAULT_FIGURES.append(f"--reuse-while-present: 4 requests on one local connection, 1 "
+                             f"signature; kubectl get pods: {per_kubectl} signatures")
+        # The card goes away: the next request on the kept connection fails at once.
+        rig.remove(inserted)
+        conn.request("GET", "/version")
+        response = conn.getresponse()
+        assert response.status == 503
+        assert json.loads(response.read())["message"] == (
+            f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it")
+        conn.close()
+    finally:
+        proxy.stop()
+        if inserted.inserted:
+            rig.remove(inserted)

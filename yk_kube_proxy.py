@@ -1756,6 +1756,10 @@ class TLSSocket:
             self.raw.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """http.client closes its socket as soon as a response says "Connection:
+        close", while the body is still to be read: the relay calls release()."""
+
+    def release(self) -> None:
         with contextlib.suppress(Exception):
             self.conn.close()
         self.raw.close()
@@ -1926,9 +1930,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], upstream: Upstream,
-                 tls_context: Any = None) -> None:
+                 tls_context: Any = None, reuse_while_present: bool = False) -> None:
         self.upstream = upstream
         self.tls_context = tls_context
+        self.reuse_while_present = reuse_while_present
         self.inflight = 0
         self.idle = threading.Condition()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -1965,6 +1970,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = PROG
     server: ProxyServer
+    kept: http.client.HTTPConnection | None = None  # --reuse-while-present only
 
     def setup(self) -> None:
         super().setup()
@@ -1986,14 +1992,40 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if refusal:
             return self.send_status(*refusal)
         try:
-            upstream = self.server.upstream.connect()
+            link = self.upstream_link()
         except ProxyError as exc:
             log.warning("%s %s: %s", self.command, self.path, exc)
             return self.send_status(exc.http_status, str(exc))
+        keep = False
         try:
-            self.exchange(upstream, started)
+            keep = self.exchange(link, started) and self.server.reuse_while_present
         finally:
-            upstream.close()
+            if keep:
+                self.kept = link
+            else:
+                link.sock.release()
+
+    def upstream_link(self) -> http.client.HTTPConnection:
+        """A fresh upstream connection (the card signs its handshake) or, with
+        --reuse-while-present, this local connection's previous one, once the card
+        has answered a presence check (same serial, PIV applet selected)."""
+        kept, self.kept = self.kept, None
+        if kept is not None:
+            try:
+                self.server.upstream.signer.card.run(lambda piv: None)
+                return kept
+            except ProxyError:
+                kept.sock.release()
+                raise
+        link = http.client.HTTPConnection(self.server.upstream.address.host)
+        link.sock = self.server.upstream.connect()
+        return link
+
+    def finish(self) -> None:
+        super().finish()
+        if self.kept is not None:
+            self.kept.sock.release()
+            self.kept = None
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_relay
 
@@ -2017,24 +2049,27 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return 400, f"refused: invalid Content-Length {length!r}"
         return None
 
-    def exchange(self, upstream: TLSSocket, started: float) -> None:
-        http_conn = http.client.HTTPConnection(self.server.upstream.address.host)
-        http_conn.sock = upstream
+    def exchange(self, link: http.client.HTTPConnection, started: float) -> bool:
+        """Relay one request and its response; True when the upstream connection
+        could carry another request."""
         try:
-            self.forward_request(http_conn)
-            response = http_conn.getresponse()
+            self.forward_request(link)
+            response = link.getresponse()
         except ProxyError as exc:
-            return self.send_status(exc.http_status, str(exc))
+            self.send_status(exc.http_status, str(exc))
+            return False
         except Exception as exc:  # noqa: BLE001 - the upstream failed mid-request
-            return self.upstream_failed(exc)
+            self.upstream_failed(exc)
+            return False
         if response.status == 101:
-            sent = self.tunnel(response, upstream)
+            sent = self.tunnel(response, link.sock)
         else:
             sent = self.forward_response(response)
         signer = self.server.upstream.signer
         log.info("%s %s %d %d bytes %.1f ms (card %.1f ms)", self.command, self.path,
                  response.status, sent, (time.perf_counter() - started) * 1000,
                  signer.last_seconds * 1000)
+        return response.status != 101 and not response.will_close and response.isclosed()
 
     def upstream_failed(self, exc: Exception) -> None:
         from tlslite.errors import TLSRemoteAlert
@@ -2235,6 +2270,7 @@ class ProxySettings:
     serial: int | None
     listen: tuple[str, int]
     local_tls: LocalTls | None
+    reuse_while_present: bool = False
 
 
 def parse_listen(text: str, unsafe: bool) -> tuple[str, int]:
@@ -2288,8 +2324,9 @@ def proxy_settings(args: argparse.Namespace) -> ProxySettings:
     serial = args.serial if args.serial is not None else ext.get("serial")
     listen = parse_listen(args.listen or ext.get("listen") or f"127.0.0.1:{DEFAULT_PORT}",
                           args.unsafe_listen)
+    reuse = args.reuse_while_present or bool(ext.get("reuse-while-present"))
     return ProxySettings(address, roots, bool(body.get("insecure-skip-tls-verify")), slot,
-                         serial, listen, local_tls_from(ext))
+                         serial, listen, local_tls_from(ext), reuse)
 
 
 def slot_identity(card: Card, slot: Slot) -> tuple[Any, SlotMetadata | None]:
@@ -2378,7 +2415,7 @@ def format_address(address: tuple[Any, ...]) -> str:
 def start_server(settings: ProxySettings, upstream: Upstream) -> ProxyServer:
     context = settings.local_tls.context() if settings.local_tls else None
     try:
-        return ProxyServer(settings.listen, upstream, context)
+        return ProxyServer(settings.listen, upstream, context, settings.reuse_while_present)
     except OSError as exc:
         where = format_address(settings.listen)
         raise ConfigError(f"cannot listen on {where} ({exc.strerror}): is another proxy "
@@ -2674,6 +2711,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {"slot": args.slot.name, "listen": f"127.0.0.1:{args.port}"}
     if card.info and card.info.serial is not None:
         settings["serial"] = card.info.serial
+    if args.reuse_while_present:
+        settings["reuse-while-present"] = True
     pki = None if args.plain_http else make_local_pki()
     if pki:
         settings["local-tls"] = {"server-certificate-data": b64encode(pki.server_cert),
@@ -2881,6 +2920,10 @@ def proxy_options() -> argparse.ArgumentParser:
     options.add_argument("--notify", action="store_true",
                          help="desktop notification (notify-send) when the card waits "
                               "for a touch")
+    options.add_argument("--reuse-while-present", action="store_true",
+                         help="reuse an upstream connection for the next request on the same "
+                              "local connection (one kubectl run) after checking the card is "
+                              "still there: fewer signatures (default: from setup, else off)")
     options.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
                          metavar="SECONDS",
                          help="connecting and the TLS handshake with the API server, card "
@@ -2921,6 +2964,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="overwrite an occupied slot and existing proxy.yml/client.yml")
     setup.add_argument("--plain-http", action="store_true",
                        help="kubectl reaches the proxy over plain HTTP instead of mutual TLS")
+    setup.add_argument("--reuse-while-present", action="store_true",
+                       help="make the proxy reuse upstream connections within one kubectl "
+                            "run while the card answers (see proxy --help)")
     setup.set_defaults(func=cmd_setup)
 
     proxy = commands.add_parser(
