@@ -3551,7 +3551,7 @@ class ProxyProcess:
         if not line:
             raise AssertionError(f"proxy did not start: {self.stderr()}")
         self.port = int(line.split("://127.0.0.1:")[1].split()[0])
-        self.client_config = workdir / "client-live.yml"
+        self.client_config = workdir / f"client-{self.port}.yml"
         doc = yaml.safe_load((workdir / "client.yml").read_text())
         server = doc["clusters"][0]["cluster"]["server"]
         doc["clusters"][0]["cluster"]["server"] = server.rsplit(":", 1)[0] + f":{self.port}"
@@ -3705,6 +3705,21 @@ def expected_bytes(n: int) -> bytes:
     return (bytes(range(256)) * (n // 256 + 1))[:n]
 
 
+def test_fast_x25519_matches_rfc_7748_and_tlslite():
+    from tlslite.utils.x25519 import x25519 as pure_python
+
+    scalar = bytes.fromhex("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4")
+    point = bytes.fromhex("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c")
+    assert yk.fast_x25519(scalar, point) == bytes.fromhex(
+        "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552")  # RFC 7748 5.2
+    for _ in range(3):
+        scalar = os.urandom(32)
+        public = yk.fast_x25519(scalar, yk.X25519_BASE_POINT)
+        assert public == pure_python(bytearray(scalar), bytearray(yk.X25519_BASE_POINT))
+        assert yk.fast_x25519(os.urandom(32), public) != bytearray(32)
+    assert yk.fast_x25519(scalar, bytes(32)) == bytearray(32)  # low order: tlslite refuses
+
+
 def test_fast_aead_is_the_record_layer_in_use(card57, cluster, tmp_path, capsys):
     code = yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
                     str(tmp_path)])
@@ -3717,6 +3732,9 @@ def test_fast_aead_is_the_record_layer_in_use(card57, cluster, tmp_path, capsys)
         for versions in (("1.2",), ("1.3",)):
             sock = upstream.connect()
             try:
+                from tlslite import keyexchange
+
+                assert keyexchange.x25519 is yk.fast_x25519
                 assert sock.conn.getCipherImplementation() == "cryptography"
                 assert sock.conn.getCipherName() in ("aes128gcm", "aes256gcm",
                                                      "chacha20-poly1305")
@@ -4547,3 +4565,200 @@ def test_reuse_while_present_one_signature_per_local_connection(rig, cluster, tm
         proxy.stop()
         if inserted.inserted:
             rig.remove(inserted)
+
+
+# =============================================================================
+# Benchmark (python -m pytest -m bench -s): figures side by side, no assertions on time
+# =============================================================================
+
+BENCH_RUNS = 30
+REAL_CARD_SECONDS = {"p256": 0.072, "rsa2048": 0.138}  # a YubiKey 5 signing (KNOWLEDGE)
+
+
+class DirectClient:
+    """The baseline: stdlib ssl straight to the API server, the key on disk."""
+
+    def __init__(self, cluster: Cluster, workdir: Path) -> None:
+        self.context = ssl.create_default_context(cadata=pem(cluster.server_ca).decode())
+        bundle = workdir / "direct-client.pem"
+        bundle.write_bytes(pem(cluster.ident.cert) + pem(cluster.ident.key))
+        self.context.load_cert_chain(bundle)
+        self.port = cluster.api.port
+
+    def connection(self) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context,
+                                           timeout=120)
+
+    get = LocalClient.get
+
+
+def timings(action, runs: int = BENCH_RUNS) -> list[float]:
+    result = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        action()
+        result.append(time.perf_counter() - started)
+    return result
+
+
+def med(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
+
+
+def download(client, size: int) -> float:
+    """MB/s of one download of ``size`` bytes, read in 64 KB pieces."""
+    conn = client.connection()
+    started = time.perf_counter()
+    conn.request("GET", f"/bytes?n={size}")
+    response = conn.getresponse()
+    received = 0
+    while data := response.read(65536):
+        received += len(data)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    assert received == size
+    return size / elapsed / 1e6
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def parallel(client, clients: int = 8, each: int = 10) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+
+    def worker() -> None:
+        latencies.extend(timings(lambda: client.get("/version"), each))
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return clients * each / (time.perf_counter() - started), latencies
+
+
+def kubectl_wall(config: Path, cache: Path | None, runs: int = 5) -> list[float]:
+    def run() -> None:
+        cache_dir = cache or Path(tempfile_dir())
+        done = subprocess.run(["kubectl", "--kubeconfig", str(config), "--cache-dir",
+                               str(cache_dir), "get", "pods"], capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    return timings(run, runs)
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="kubectl-cache-")
+
+
+@pytest.mark.bench
+def test_benchmark(rig, tmp_path):
+    rows: list[str] = []
+    for kind in ("p256", "rsa2048"):
+        rows += bench_latency(rig, tmp_path / kind, kind)
+    rows += bench_transfer_kubectl_memory(rig, tmp_path / "more")
+    print("\n".join(["", "=" * 78, "yubikey-kube-proxy benchmark (median / p90 of "
+                     f"{BENCH_RUNS} runs unless noted)", "=" * 78, *rows]))
+
+
+def bench_latency(rig, workdir: Path, kind: str) -> list[str]:
+    workdir.mkdir()
+    piv = VirtualPiv(serial=20000000 + len(kind))
+    inserted = rig.insert(piv)
+    cluster = start_cluster(workdir, kind=kind)
+    proxy = setup_and_proxy(cluster, workdir / "yk")
+    try:
+        direct, local = DirectClient(cluster, workdir), LocalClient(proxy)
+        a = timings(lambda: direct.get("/version"))
+        b = timings(lambda: local.get("/version"))
+        piv.sign_delay = REAL_CARD_SECONDS[kind]
+        c = timings(lambda: local.get("/version"))
+        rps_fast = rps_slow = 0.0
+        piv.sign_delay = 0.0
+        rps_fast, lat_fast = parallel(local)
+        piv.sign_delay = REAL_CARD_SECONDS[kind]
+        rps_slow, lat_slow = parallel(local)
+        card_ms = REAL_CARD_SECONDS[kind] * 1000
+        ceiling = 1000 / card_ms
+        return [
+            f"-- {kind}: one request per fresh connection (GET /version)",
+            f"  (a) direct, key on disk, stdlib ssl  {med(a)*1000:7.2f} / {p90(a)*1000:7.2f} ms",
+            f"  (b) proxy, instant card              {med(b)*1000:7.2f} / {p90(b)*1000:7.2f} ms",
+            f"  (c) proxy, {card_ms:.0f} ms card                {med(c)*1000:7.2f} / "
+            f"{p90(c)*1000:7.2f} ms",
+            f"  proxy's own cost (b)-(a)             {(med(b)-med(a))*1000:7.2f} ms",
+            f"  what a user feels (c)/((a)+card)     {med(c)/(med(a)+card_ms/1000):7.2f} x",
+            f"  8 clients x 10 requests, instant card {rps_fast:6.1f} req/s, p90 "
+            f"{p90(lat_fast)*1000:.1f} ms",
+            f"  8 clients x 10 requests, {card_ms:.0f} ms card  {rps_slow:6.1f} req/s "
+            f"({rps_slow/ceiling:.0%} of the card's {ceiling:.1f}/s), p90 "
+            f"{p90(lat_slow)*1000:.1f} ms",
+        ]
+    finally:
+        proxy.stop()
+        cluster.api.stop()
+        rig.remove(inserted)
+
+
+def bench_transfer_kubectl_memory(rig, workdir: Path) -> list[str]:
+    workdir.mkdir()
+    piv = VirtualPiv(serial=20000099)
+    inserted = rig.insert(piv)
+    cluster = start_cluster(workdir)
+    proxy = setup_and_proxy(cluster, workdir / "yk")
+    reuse = ProxyProcess(workdir / "yk", "--reuse-while-present")
+    try:
+        rows = ["-- throughput (median of 3 downloads)"]
+        direct, local = DirectClient(cluster, workdir), LocalClient(proxy)
+        idle = (local.get("/version"), peak_rss_mb(proxy.process.pid))[1]
+        for size in (20_000_000, 200_000_000):
+            d = med([download(direct, size) for _ in range(3)])
+            p = med([download(local, size) for _ in range(3)])
+            rows.append(f"  {size // 1_000_000:3d} MB: direct {d:7.1f} MB/s, proxy {p:7.1f} "
+                        f"MB/s ({p / d:.0%} of direct)")
+        rows.append(f"-- proxy peak RSS: idle {idle:.1f} MB, after the 200 MB downloads "
+                    f"{peak_rss_mb(proxy.process.pid):.1f} MB")
+        rows += bench_kubectl(cluster, piv, proxy, reuse, workdir)
+        return rows
+    finally:
+        reuse.stop()
+        proxy.stop()
+        cluster.api.stop()
+        rig.remove(inserted)
+
+
+def bench_kubectl(cluster, piv, proxy, reuse, workdir: Path) -> list[str]:
+    rows = ["-- kubectl get pods wall time (median / p90 of 5; cold = empty discovery cache)"]
+    warm = workdir / "warm-cache"
+    for label, config in (("direct, key on disk", cluster.kubeconfig),
+                          ("proxy, instant card", proxy.client_config)):
+        kubectl_wall(config, warm / label.split(",")[0], 1)
+        cold = kubectl_wall(config, None)
+        hot = kubectl_wall(config, warm / label.split(",")[0])
+        rows.append(f"  {label:28s} cold {med(cold)*1000:6.0f} / {p90(cold)*1000:6.0f} ms,"
+                    f" warm {med(hot)*1000:6.0f} / {p90(hot)*1000:6.0f} ms")
+    piv.sign_delay = REAL_CARD_SECONDS["p256"]
+    for label, process in (("fresh connection per request", proxy),
+                           ("--reuse-while-present", reuse)):
+        for temperature, cache in (("cold", None), ("warm", warm / label[:5])):
+            if cache:
+                kubectl_wall(process.client_config, cache, 1)
+            before = piv.sign_count
+            walls = kubectl_wall(process.client_config, cache)
+            signatures = (piv.sign_count - before) / len(walls)
+            rows.append(f"  72 ms card, {label:28s} {temperature} {med(walls)*1000:6.0f} ms,"
+                        f" {signatures:4.1f} card signatures per kubectl get pods")
+    piv.sign_delay = 0.0
+    return rows

@@ -1569,10 +1569,11 @@ class FastAead:
             return None
 
 
-def install_fast_aead() -> None:
-    """Point tlslite's record layer at FastAead (idempotent)."""
+def install_fast_crypto() -> None:
+    """Point tlslite's record layer at FastAead and its X25519 at cryptography's
+    (pure Python costs 3 ms per use); idempotent."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-    from tlslite import recordlayer
+    from tlslite import keyexchange, recordlayer
 
     def aes_gcm(key: bytes, impl_list: Any = None) -> FastAead:
         return FastAead("aes128gcm" if len(key) == 16 else "aes256gcm", key, AESGCM)
@@ -1582,6 +1583,48 @@ def install_fast_aead() -> None:
 
     recordlayer.createAESGCM = aes_gcm
     recordlayer.createCHACHA20 = chacha20
+    keyexchange.x25519 = fast_x25519
+
+
+X25519_BASE_POINT = bytes([9]) + bytes(31)
+
+
+def fast_x25519(scalar: bytes, point: bytes) -> bytearray:
+    """RFC 7748 X25519 with cryptography; all zeros for a low-order point, which
+    tlslite checks for."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    private = X25519PrivateKey.from_private_bytes(bytes(scalar))
+    if bytes(point) == X25519_BASE_POINT:
+        return bytearray(private.public_key().public_bytes_raw())
+    try:
+        return bytearray(private.exchange(X25519PublicKey.from_public_bytes(bytes(point))))
+    except ValueError:
+        return bytearray(32)
+
+
+def fast_server_key(tls_key: Any, leaf: Any) -> Any:
+    """The server's EC key with cryptography verifying its signature (python-ecdsa,
+    which tlslite uses, takes 5 ms); other key types are left as they are."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from tlslite.utils.python_ecdsakey import Python_ECDSAKey
+
+    public = leaf.public_key()
+    if not isinstance(tls_key, Python_ECDSAKey) or not isinstance(
+            public, ec.EllipticCurvePublicKey):
+        return tls_key
+
+    class FastECDSAPublicKey(Python_ECDSAKey):
+        def __init__(self) -> None:
+            self.__dict__.update(tls_key.__dict__)
+
+        def _verify(self, signature: bytes, hash_bytes: bytes) -> bool:
+            return verify_prehashed(public, bytes(signature), bytes(hash_bytes))
+
+    return FastECDSAPublicKey()
 
 
 def tls_settings() -> Any:
@@ -1641,13 +1684,14 @@ class ServerVerifier:
         except ValueError:
             return DNSName(self.server_name)
 
-    def verify(self, chain_der: list[bytes], where: str) -> None:
+    def verify(self, chain_der: list[bytes], where: str) -> Any:
+        """Raise ServerCertificateError unless the chain passes; return the leaf."""
         from cryptography import x509
         from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-        if self.insecure:
-            return
         certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
+        if self.insecure:
+            return certs[0]
         ca_policy, ee_policy = go_like_policies()
         verifier = (PolicyBuilder().store(Store(self.roots))
                     .time(datetime.datetime.now(datetime.timezone.utc))
@@ -1661,6 +1705,7 @@ class ServerVerifier:
                 f"{self.server_name!r} ({verification_reason(exc, certs[0])}): check the "
                 "server URL, certificate-authority and tls-server-name in the kubeconfig"
             ) from None
+        return certs[0]
 
 
 def verification_reason(exc: Exception, leaf: Any) -> str:
@@ -1702,11 +1747,15 @@ def make_tls_connection(sock: socket.socket, verifier: ServerVerifier, where: st
         def _clientGetKeyFromChain(self, certificate: Any, settings: Any,  # noqa: N802
                                    tack_ext: Any = None) -> Iterator[Any]:
             try:
-                verifier.verify([c.bytes for c in certificate.cert_chain.x509List], where)
+                leaf = verifier.verify([c.bytes for c in certificate.cert_chain.x509List],
+                                       where)
             except ServerCertificateError as exc:
                 self.rejection = exc
                 yield from self._sendError(AlertDescription.bad_certificate, str(exc))
-            yield from super()._clientGetKeyFromChain(certificate, settings, tack_ext)
+            for result in super()._clientGetKeyFromChain(certificate, settings, tack_ext):
+                if isinstance(result, tuple):  # (public key, chain, tack): the outcome
+                    result = (fast_server_key(result[0], leaf), *result[1:])
+                yield result
 
     return VerifyingTLSConnection(sock)
 
@@ -1805,7 +1854,7 @@ class Upstream:
     def __init__(self, address: UpstreamAddress, verifier: ServerVerifier,
                  cert_chain: Any, signer: CardSigner, public_key: Any,
                  timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        install_fast_aead()
+        install_fast_crypto()
         self.address = address
         self.verifier = verifier
         self.cert_chain = cert_chain
