@@ -123,7 +123,11 @@ EC_CURVES = {
     ALG_ECCP256: (ec.SECP256R1(), 32, hashes.SHA256()),
     ALG_ECCP384: (ec.SECP384R1(), 48, hashes.SHA384()),
 }
-ALG_MIN_VERSION = {ALG_RSA3072: (5, 7, 0), ALG_RSA4096: (5, 7, 0), ALG_ED25519: (5, 7, 0)}
+ALG_MIN_VERSION = {
+    ALG_RSA3072: (5, 7, 0),
+    ALG_RSA4096: (5, 7, 0),
+    ALG_ED25519: (5, 7, 0),
+}
 MIN_VERSION_METADATA = (5, 3, 0)
 MIN_VERSION_AES_MGMT = (5, 4, 0)
 MIN_VERSION_SERIAL_INS = (5, 0, 0)
@@ -138,8 +142,16 @@ SLOT_KEY_MANAGEMENT = 0x9D
 SLOT_CARD_AUTH = 0x9E
 SLOT_ATTESTATION = 0xF9
 RETIRED_SLOTS = range(0x82, 0x96)
-KEY_SLOTS = frozenset([SLOT_AUTHENTICATION, SLOT_SIGNATURE, SLOT_KEY_MANAGEMENT,
-                       SLOT_CARD_AUTH, SLOT_ATTESTATION, *RETIRED_SLOTS])
+KEY_SLOTS = frozenset(
+    [
+        SLOT_AUTHENTICATION,
+        SLOT_SIGNATURE,
+        SLOT_KEY_MANAGEMENT,
+        SLOT_CARD_AUTH,
+        SLOT_ATTESTATION,
+        *RETIRED_SLOTS,
+    ]
+)
 SLOT_OBJECTS = {
     SLOT_AUTHENTICATION: 0x5FC105,
     SLOT_SIGNATURE: 0x5FC10A,
@@ -235,7 +247,7 @@ def _read_length(buf: bytes, pos: int) -> tuple[int, int]:
     count = first & 0x7F
     if count == 0 or count > 3 or pos + count > len(buf):
         raise CardStatus(SW_WRONG_DATA)
-    return int.from_bytes(buf[pos:pos + count], "big"), pos + count
+    return int.from_bytes(buf[pos : pos + count], "big"), pos + count
 
 
 def parse_tlvs(buf: bytes) -> dict[int, bytes]:
@@ -246,7 +258,7 @@ def parse_tlvs(buf: bytes) -> dict[int, bytes]:
         while pos < len(buf):
             tag, pos = _read_tag(buf, pos)
             length, pos = _read_length(buf, pos)
-            value = bytes(buf[pos:pos + length])
+            value = bytes(buf[pos : pos + length])
             if len(value) != length:
                 raise CardStatus(SW_WRONG_DATA)
             out.setdefault(tag, value)
@@ -287,14 +299,14 @@ def parse_apdu(apdu: bytes) -> Command:
         return Command(cla, ins, p1, p2, b"")
     if body[0] != 0:
         lc = body[0]
-        data, rest = body[1:1 + lc], body[1 + lc:]
+        data, rest = body[1 : 1 + lc], body[1 + lc :]
         if len(data) != lc or len(rest) > 1:
             raise CardStatus(SW_WRONG_LENGTH)
         return Command(cla, ins, p1, p2, bytes(data))
     if len(body) == 3:
         return Command(cla, ins, p1, p2, b"", extended=True)
     lc = int.from_bytes(body[1:3], "big")
-    data, rest = body[3:3 + lc], body[3 + lc:]
+    data, rest = body[3 : 3 + lc], body[3 + lc :]
     if lc == 0 or len(data) != lc or len(rest) not in (0, 2):
         raise CardStatus(SW_WRONG_LENGTH)
     return Command(cla, ins, p1, p2, bytes(data), extended=True)
@@ -397,10 +409,19 @@ class VirtualPiv:
     PIV AID clears PIN and management-key authentication, like a real YubiKey.
     """
 
-    def __init__(self, *, version=(5, 7, 1), serial=12345678, mgmt_algorithm=ALG_AES192,
-                 mgmt_key=DEFAULT_MGMT_KEY, pin=DEFAULT_PIN, puk=DEFAULT_PUK,
-                 sign_delay=0.0, touch: Optional[Callable[[int], bool]] = None,
-                 select_resets_auth=True):
+    def __init__(
+        self,
+        *,
+        version=(5, 7, 1),
+        serial=12345678,
+        mgmt_algorithm=ALG_AES192,
+        mgmt_key=DEFAULT_MGMT_KEY,
+        pin=DEFAULT_PIN,
+        puk=DEFAULT_PUK,
+        sign_delay=0.0,
+        touch: Optional[Callable[[int], bool]] = None,
+        select_resets_auth=True,
+    ):
         if MGMT_KEY_LENGTHS.get(mgmt_algorithm) != len(mgmt_key):
             raise ValueError("management key length does not match its algorithm")
         self.version = tuple(version)
@@ -479,7 +500,7 @@ class VirtualPiv:
         with self._lock:
             self.apdu_log.append(apdu)
             if len(self.apdu_log) > APDU_LOG_LIMIT:
-                del self.apdu_log[:len(self.apdu_log) - APDU_LOG_LIMIT]
+                del self.apdu_log[: len(self.apdu_log) - APDU_LOG_LIMIT]
             try:
                 return self._process(parse_apdu(apdu))
             except CardStatus as err:
@@ -565,7 +586,10 @@ class VirtualPiv:
         if policy not in (TOUCH_POLICY_ALWAYS, TOUCH_POLICY_CACHED):
             return
         now = time.monotonic()
-        if policy == TOUCH_POLICY_CACHED and now - self._last_touch < TOUCH_CACHE_SECONDS:
+        if (
+            policy == TOUCH_POLICY_CACHED
+            and now - self._last_touch < TOUCH_CACHE_SECONDS
+        ):
             return
         if self.touch is not None and not self.touch(slot):
             raise CardStatus(SW_SECURITY_NOT_SATISFIED)
@@ -690,7 +714,9 @@ class VirtualPiv:
         response = fields.get(TAG_RESPONSE)
         if witness == b"" and challenge is None:
             self._witness = os.urandom(size)
-            return tlv(TAG_DYN_AUTH, tlv(TAG_WITNESS, self._mgmt_encrypt(self._witness)))
+            return tlv(
+                TAG_DYN_AUTH, tlv(TAG_WITNESS, self._mgmt_encrypt(self._witness))
+            )
         if challenge == b"" and witness is None:
             self._challenge = os.urandom(size)
             return tlv(TAG_DYN_AUTH, tlv(TAG_CHALLENGE, self._challenge))
@@ -739,7 +765,9 @@ class VirtualPiv:
             return self._authenticate_mgmt(p1, fields)
         return self._key_operation(p1, p2, fields)
 
-    def _key_operation(self, algorithm: int, slot: int, fields: dict[int, bytes]) -> bytes:
+    def _key_operation(
+        self, algorithm: int, slot: int, fields: dict[int, bytes]
+    ) -> bytes:
         """Sign/decrypt (tag 81) or ECDH (tag 85) with the key in ``slot``."""
         entry = self._slots.get(slot)
         if slot not in KEY_SLOTS or entry is None:
@@ -783,12 +811,15 @@ class VirtualPiv:
 
     # --- key import / generation -------------------------------------------------------------
     def _check_key_algorithm(self, algorithm: int) -> None:
-        known = algorithm in RSA_BITS or algorithm in EC_CURVES or algorithm == ALG_ED25519
+        known = (
+            algorithm in RSA_BITS or algorithm in EC_CURVES or algorithm == ALG_ED25519
+        )
         if not known or self.version < ALG_MIN_VERSION.get(algorithm, (0, 0, 0)):
             raise CardStatus(SW_WRONG_DATA)
 
-    def _store_key(self, slot: int, key, algorithm: int, fields: dict[int, bytes],
-                   origin: int) -> None:
+    def _store_key(
+        self, slot: int, key, algorithm: int, fields: dict[int, bytes], origin: int
+    ) -> None:
         """Store a key with its (resolved) PIN and touch policies."""
         pin_policy = self._policy(fields, TAG_PIN_POLICY) or _default_pin_policy(slot)
         touch_policy = self._policy(fields, TAG_TOUCH_POLICY) or TOUCH_POLICY_NEVER
@@ -866,19 +897,28 @@ class VirtualPiv:
         self._require_version(MIN_VERSION_METADATA)
         if p2 in (REF_PIN, REF_PUK):
             ref = self._reference(p2)
-            return (tlv(0x01, bytes([ALG_PIN_PUK])) + tlv(0x02, b"\x00\x00")
-                    + tlv(0x05, bytes([ref.value == ref.default]))
-                    + tlv(0x06, bytes([ref.max_tries, max(ref.tries_left, 0)])))
+            return (
+                tlv(0x01, bytes([ALG_PIN_PUK]))
+                + tlv(0x02, b"\x00\x00")
+                + tlv(0x05, bytes([ref.value == ref.default]))
+                + tlv(0x06, bytes([ref.max_tries, max(ref.tries_left, 0)]))
+            )
         if p2 == SLOT_MGMT:
             touch = TOUCH_POLICY_ALWAYS if self.mgmt_touch else TOUCH_POLICY_NEVER
-            return (tlv(0x01, bytes([self.mgmt_algorithm])) + tlv(0x02, bytes([0x01, touch]))
-                    + tlv(0x05, bytes([self.mgmt_key == DEFAULT_MGMT_KEY])))
+            return (
+                tlv(0x01, bytes([self.mgmt_algorithm]))
+                + tlv(0x02, bytes([0x01, touch]))
+                + tlv(0x05, bytes([self.mgmt_key == DEFAULT_MGMT_KEY]))
+            )
         entry = self._slots.get(p2)
         if entry is None:
             raise CardStatus(SW_REFERENCE_NOT_FOUND)
-        return (tlv(0x01, bytes([entry.algorithm]))
-                + tlv(0x02, bytes([entry.pin_policy, entry.touch_policy]))
-                + tlv(0x03, bytes([entry.origin])) + tlv(0x04, _public_key_tlvs(entry.key)))
+        return (
+            tlv(0x01, bytes([entry.algorithm]))
+            + tlv(0x02, bytes([entry.pin_policy, entry.touch_policy]))
+            + tlv(0x03, bytes([entry.origin]))
+            + tlv(0x04, _public_key_tlvs(entry.key))
+        )
 
     # --- data objects ----------------------------------------------------------------------------
     @staticmethod
@@ -932,7 +972,7 @@ class VirtualPiv:
     }
 
 
-# --- vpcd transport ---------------------------------------------------------------------------------
+# --- vpcd transport ---------------------------------------------------------------
 VPCD_POWER_OFF = 0x00
 VPCD_POWER_ON = 0x01
 VPCD_RESET = 0x02
@@ -968,8 +1008,9 @@ class VpcdCard:
             return
         sock = self._connect()
         self._sock = sock
-        self._thread = threading.Thread(target=self._serve, args=(sock,), daemon=True,
-                                        name=f"vpcd-card-{self.port}")
+        self._thread = threading.Thread(
+            target=self._serve, args=(sock,), daemon=True, name=f"vpcd-card-{self.port}"
+        )
         self._thread.start()
 
     def remove(self) -> None:
@@ -1064,10 +1105,15 @@ class VpcdCard:
 # --------------------------------------------------------------------------
 DEFAULT_GIT_VERSION = "v1.31.0"
 FAKE_VERSION = {
-    "major": "1", "minor": "31", "gitVersion": DEFAULT_GIT_VERSION,
+    "major": "1",
+    "minor": "31",
+    "gitVersion": DEFAULT_GIT_VERSION,
     "gitCommit": "0000000000000000000000000000000000000000",
-    "gitTreeState": "clean", "buildDate": "2024-08-13T07:28:49Z",
-    "goVersion": "go1.22.5", "compiler": "gc", "platform": "linux/amd64",
+    "gitTreeState": "clean",
+    "buildDate": "2024-08-13T07:28:49Z",
+    "goVersion": "go1.22.5",
+    "compiler": "gc",
+    "platform": "linux/amd64",
 }
 NODE_NAMES = ("node-1", "node-2")
 KUBELET_VERSION = "v1.31.0+k3s1"
@@ -1078,10 +1124,19 @@ PATTERN_BLOCK = bytes(range(256)) * (CHUNK_SIZE // 256)  # byte i == i % 256
 HANDSHAKE_TIMEOUT = 10.0
 JOIN_TIMEOUT = 5.0
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-WS_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io",
-                "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io")
-SPDY_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io",
-                  "v2.channel.k8s.io", "channel.k8s.io")
+WS_PROTOCOLS = (
+    "v5.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "v3.channel.k8s.io",
+    "v2.channel.k8s.io",
+    "channel.k8s.io",
+)
+SPDY_PROTOCOLS = (
+    "v4.channel.k8s.io",
+    "v3.channel.k8s.io",
+    "v2.channel.k8s.io",
+    "channel.k8s.io",
+)
 EXEC_SUCCESS = b'{"metadata":{},"status":"Success"}'
 CH_STDIN, CH_STDOUT, CH_STDERR, CH_ERROR, CH_RESIZE, CH_CLOSE = 0, 1, 2, 3, 4, 255
 WS_OP_CONT, WS_OP_TEXT, WS_OP_BIN = 0x0, 0x1, 0x2
@@ -1105,8 +1160,16 @@ _SPDY_DICT_NAMES = (
     "proxy-authenticate proxy-authorization range referer retry-after server "
     "te trailer transfer-encoding upgrade user-agent vary via warning "
     "www-authenticate method get status"
-).split() + ["200 OK", "version", "HTTP/1.1", "url", "public", "set-cookie",
-             "keep-alive", "origin"]
+).split() + [
+    "200 OK",
+    "version",
+    "HTTP/1.1",
+    "url",
+    "public",
+    "set-cookie",
+    "keep-alive",
+    "origin",
+]
 _SPDY_DICT_TAIL = (
     "100101201202205206300302303304305306307402405406407408409410411412413414"
     "415416417502504505203 Non-Authoritative Information204 No Content"
@@ -1118,31 +1181,80 @@ _SPDY_DICT_TAIL = (
     "text/plain,text/javascript,publicprivatemax-age=gzip,deflate,sdch"
     "charset=utf-8charset=iso-8859-1,utf-,*,enq=0."
 )
-SPDY_DICT = b"".join(struct.pack(">I", len(n)) + n.encode()
-                     for n in _SPDY_DICT_NAMES) + _SPDY_DICT_TAIL.encode()
+SPDY_DICT = (
+    b"".join(struct.pack(">I", len(n)) + n.encode() for n in _SPDY_DICT_NAMES)
+    + _SPDY_DICT_TAIL.encode()
+)
 assert len(SPDY_DICT) == 1423 and zlib.adler32(SPDY_DICT) == 0xE3C6A7C2
 
 API_RESOURCES_V1 = [
-    {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod",
-     "verbs": ["create", "delete", "deletecollection", "get", "list", "patch",
-               "update", "watch"], "shortNames": ["po"], "categories": ["all"]},
-    {"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod",
-     "verbs": ["get"]},
-    {"name": "pods/exec", "singularName": "", "namespaced": True,
-     "kind": "PodExecOptions", "verbs": ["create", "get"]},
-    {"name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node",
-     "verbs": ["get", "list", "watch"], "shortNames": ["no"]},
-    {"name": "namespaces", "singularName": "namespace", "namespaced": False,
-     "kind": "Namespace", "verbs": ["create", "delete", "get", "list", "watch"],
-     "shortNames": ["ns"]},
-    {"name": "configmaps", "singularName": "configmap", "namespaced": True,
-     "kind": "ConfigMap", "verbs": ["create", "delete", "get", "list", "watch"],
-     "shortNames": ["cm"]},
+    {
+        "name": "pods",
+        "singularName": "pod",
+        "namespaced": True,
+        "kind": "Pod",
+        "verbs": [
+            "create",
+            "delete",
+            "deletecollection",
+            "get",
+            "list",
+            "patch",
+            "update",
+            "watch",
+        ],
+        "shortNames": ["po"],
+        "categories": ["all"],
+    },
+    {
+        "name": "pods/log",
+        "singularName": "",
+        "namespaced": True,
+        "kind": "Pod",
+        "verbs": ["get"],
+    },
+    {
+        "name": "pods/exec",
+        "singularName": "",
+        "namespaced": True,
+        "kind": "PodExecOptions",
+        "verbs": ["create", "get"],
+    },
+    {
+        "name": "nodes",
+        "singularName": "node",
+        "namespaced": False,
+        "kind": "Node",
+        "verbs": ["get", "list", "watch"],
+        "shortNames": ["no"],
+    },
+    {
+        "name": "namespaces",
+        "singularName": "namespace",
+        "namespaced": False,
+        "kind": "Namespace",
+        "verbs": ["create", "delete", "get", "list", "watch"],
+        "shortNames": ["ns"],
+    },
+    {
+        "name": "configmaps",
+        "singularName": "configmap",
+        "namespaced": True,
+        "kind": "ConfigMap",
+        "verbs": ["create", "delete", "get", "list", "watch"],
+        "shortNames": ["cm"],
+    },
 ]
 API_RESOURCES_APPS_V1 = [
-    {"name": "deployments", "singularName": "deployment", "namespaced": True,
-     "kind": "Deployment", "verbs": ["get", "list", "watch"],
-     "shortNames": ["deploy"], "categories": ["all"]},
+    {
+        "name": "deployments",
+        "singularName": "deployment",
+        "namespaced": True,
+        "kind": "Deployment",
+        "verbs": ["get", "list", "watch"],
+        "shortNames": ["deploy"],
+        "categories": ["all"],
+    },
 ]
 TABLE_COLUMNS = {
     "Pod": ["Name", "Ready", "Status", "Restarts", "Age"],
@@ -1165,9 +1277,11 @@ def _pem_cert(cert: x509.Certificate) -> bytes:
 
 def _pem_key(key) -> bytes:
     """Private key to unencrypted PKCS8 PEM bytes."""
-    return key.private_bytes(serialization.Encoding.PEM,
-                             serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def _new_key(kind: str = "p256"):
@@ -1184,16 +1298,24 @@ def make_ca(common_name: str):
     key = _new_key("p256")
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True,
-                                         False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
     return cert, key
 
 
@@ -1201,56 +1323,81 @@ def _leaf_builder(ca_cert, subject: x509.Name, pubkey, days: int):
     """Common leaf certificate builder (validity, basic constraints, AKI)."""
     now = _now()
     not_after = now + datetime.timedelta(days=days)
-    not_before = min(now - datetime.timedelta(hours=1),
-                     not_after - datetime.timedelta(days=1))
+    not_before = min(
+        now - datetime.timedelta(hours=1), not_after - datetime.timedelta(days=1)
+    )
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
-    return (x509.CertificateBuilder().subject_name(subject)
-            .issuer_name(ca_cert.subject).public_key(pubkey)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before).not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(aki, critical=False))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(pubkey)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(aki, critical=False)
+    )
 
 
-def make_client_cert(ca_cert, ca_key, cn: str = "system:admin",
-                     org: str | None = "system:masters", key_type: str = "p256",
-                     days: int = 365):
+def make_client_cert(
+    ca_cert,
+    ca_key,
+    cn: str = "system:admin",
+    org: str | None = "system:masters",
+    key_type: str = "p256",
+    days: int = 365,
+):
     """Issue a clientAuth certificate; returns (cert_pem, key_pem PKCS8).
 
     days <= 0 yields an already expired certificate."""
     key = _new_key(key_type)
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)] if org else []
     subject = x509.Name(attrs + [x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    usage = x509.KeyUsage(True, key_type == "rsa2048", False, False, False,
-                          False, False, False, False)
-    cert = (_leaf_builder(ca_cert, subject, key.public_key(), days)
-            .add_extension(usage, critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    usage = x509.KeyUsage(
+        True, key_type == "rsa2048", False, False, False, False, False, False, False
+    )
+    cert = (
+        _leaf_builder(ca_cert, subject, key.public_key(), days)
+        .add_extension(usage, critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     return _pem_cert(cert), _pem_key(key)
 
 
 def make_server_cert(ca_cert, ca_key, names=("localhost",), ips=("127.0.0.1",)):
     """Issue a serverAuth EC certificate with DNS/IP SANs; returns (cert_pem, key_pem)."""
     key = _new_key("p256")
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "k3s"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, "k3s")])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "k3s"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "k3s"),
+        ]
+    )
     sans = [x509.DNSName(n) for n in names]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    cert = (_leaf_builder(ca_cert, subject, key.public_key(), 365)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, False,
-                                         False, False, False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        _leaf_builder(ca_cert, subject, key.public_key(), 365)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     return _pem_cert(cert), _pem_key(key)
 
 
 @dataclasses.dataclass
 class FakePki:
     """PEM material for a fake cluster (separate server and client CAs)."""
+
     __test__ = False  # not a pytest test class
     server_ca_pem: bytes
     server_cert_pem: bytes
@@ -1260,9 +1407,14 @@ class FakePki:
     client_cert_pem: bytes
     client_key_pem: bytes
 
-    def write_kubeconfig(self, path, server_url: str, embed: bool = True,
-                         client_cert_pem: bytes | None = None,
-                         client_key_pem: bytes | None = None) -> str:
+    def write_kubeconfig(
+        self,
+        path,
+        server_url: str,
+        embed: bool = True,
+        client_cert_pem: bytes | None = None,
+        client_key_pem: bytes | None = None,
+    ) -> str:
         """Write a kubeconfig for server_url; returns its path.
 
         embed=True puts the client certificate/key inline (base64
@@ -1271,20 +1423,37 @@ class FakePki:
         key = client_key_pem or self.client_key_pem
         path = os.fspath(path)
         if embed:
-            user = {"client-certificate-data": _b64(cert),
-                    "client-key-data": _b64(key)}
+            user = {"client-certificate-data": _b64(cert), "client-key-data": _b64(key)}
         else:
             _write(path + ".crt", cert)
             _write(path + ".key", key)
             user = {"client-certificate": path + ".crt", "client-key": path + ".key"}
-        cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
-               "clusters": [{"name": "fake", "cluster": {
-                   "server": server_url,
-                   "certificate-authority-data": _b64(self.server_ca_pem)}}],
-               "users": [{"name": "fake", "user": user}],
-               "contexts": [{"name": "fake", "context": {
-                   "cluster": "fake", "user": "fake", "namespace": "default"}}],
-               "preferences": {}}
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "fake",
+            "clusters": [
+                {
+                    "name": "fake",
+                    "cluster": {
+                        "server": server_url,
+                        "certificate-authority-data": _b64(self.server_ca_pem),
+                    },
+                }
+            ],
+            "users": [{"name": "fake", "user": user}],
+            "contexts": [
+                {
+                    "name": "fake",
+                    "context": {
+                        "cluster": "fake",
+                        "user": "fake",
+                        "namespace": "default",
+                    },
+                }
+            ],
+            "preferences": {},
+        }
         _write(path, json.dumps(cfg, indent=2).encode())  # JSON is valid YAML
         return path
 
@@ -1301,19 +1470,33 @@ def _write(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def make_test_pki(server_names=("localhost",), server_ips=("127.0.0.1",),
-                  client_key="p256", client_cn="system:admin",
-                  client_org="system:masters", client_days=365) -> FakePki:
+def make_test_pki(
+    server_names=("localhost",),
+    server_ips=("127.0.0.1",),
+    client_key="p256",
+    client_cn="system:admin",
+    client_org="system:masters",
+    client_days=365,
+) -> FakePki:
     """Create a k3s-like PKI: server CA + server cert, client CA + client cert."""
     ts = int(time.time())
     server_ca, server_ca_key = make_ca(f"k3s-server-ca@{ts}")
     client_ca, client_ca_key = make_ca(f"k3s-client-ca@{ts}")
-    srv_cert, srv_key = make_server_cert(server_ca, server_ca_key,
-                                         server_names, server_ips)
-    cli_cert, cli_key = make_client_cert(client_ca, client_ca_key, client_cn,
-                                         client_org, client_key, client_days)
-    return FakePki(_pem_cert(server_ca), srv_cert, srv_key, _pem_cert(client_ca),
-                   client_ca_key, cli_cert, cli_key)
+    srv_cert, srv_key = make_server_cert(
+        server_ca, server_ca_key, server_names, server_ips
+    )
+    cli_cert, cli_key = make_client_cert(
+        client_ca, client_ca_key, client_cn, client_org, client_key, client_days
+    )
+    return FakePki(
+        _pem_cert(server_ca),
+        srv_cert,
+        srv_key,
+        _pem_cert(client_ca),
+        client_ca_key,
+        cli_cert,
+        cli_key,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -1336,21 +1519,36 @@ def _age(t: float) -> str:
 
 def status_obj(code: int, reason: str, message: str, details=None) -> dict:
     """A metav1.Status failure object."""
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {},
-            "status": "Failure", "message": message, "reason": reason,
-            "details": details or {}, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "details": details or {},
+        "code": code,
+    }
 
 
 def _list_obj(kind: str, api_version: str, rv: str, items: list) -> dict:
     """A typed list object."""
-    return {"kind": kind, "apiVersion": api_version,
-            "metadata": {"resourceVersion": rv}, "items": items}
+    return {
+        "kind": kind,
+        "apiVersion": api_version,
+        "metadata": {"resourceVersion": rv},
+        "items": items,
+    }
 
 
 def _meta(name: str, namespace: str | None, rv: int, created: float) -> dict:
     """ObjectMeta with uid, resourceVersion and creationTimestamp."""
-    meta = {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": str(rv),
-            "creationTimestamp": _ts(created)}
+    meta = {
+        "name": name,
+        "uid": str(uuid.uuid4()),
+        "resourceVersion": str(rv),
+        "creationTimestamp": _ts(created),
+    }
     if namespace is not None:
         meta["namespace"] = namespace
     return meta
@@ -1358,22 +1556,43 @@ def _meta(name: str, namespace: str | None, rv: int, created: float) -> dict:
 
 def _make_node(name: str, rv: int, created: float) -> dict:
     """A Ready node object."""
-    return {"kind": "Node", "apiVersion": "v1",
-            "metadata": dict(_meta(name, None, rv, created), labels={
+    return {
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": dict(
+            _meta(name, None, rv, created),
+            labels={
                 "kubernetes.io/hostname": name,
-                "node-role.kubernetes.io/control-plane": "true"}),
-            "spec": {"podCIDR": "10.42.0.0/24"},
-            "status": {"conditions": [{
-                "type": "Ready", "status": "True", "reason": "KubeletReady",
-                "message": "kubelet is posting ready status",
-                "lastHeartbeatTime": _ts(created), "lastTransitionTime": _ts(created)}],
-                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                              {"type": "Hostname", "address": name}],
-                "nodeInfo": {"kubeletVersion": KUBELET_VERSION,
-                             "kubeProxyVersion": KUBELET_VERSION,
-                             "operatingSystem": "linux", "architecture": "amd64",
-                             "containerRuntimeVersion": "containerd://1.7.20",
-                             "osImage": "Fake Linux", "kernelVersion": "6.0.0"}}}
+                "node-role.kubernetes.io/control-plane": "true",
+            },
+        ),
+        "spec": {"podCIDR": "10.42.0.0/24"},
+        "status": {
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "kubelet is posting ready status",
+                    "lastHeartbeatTime": _ts(created),
+                    "lastTransitionTime": _ts(created),
+                }
+            ],
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": name},
+            ],
+            "nodeInfo": {
+                "kubeletVersion": KUBELET_VERSION,
+                "kubeProxyVersion": KUBELET_VERSION,
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "containerRuntimeVersion": "containerd://1.7.20",
+                "osImage": "Fake Linux",
+                "kernelVersion": "6.0.0",
+            },
+        },
+    }
 
 
 def _complete_pod(pod: dict, name: str, namespace: str, rv: int, now: float) -> dict:
@@ -1387,15 +1606,27 @@ def _complete_pod(pod: dict, name: str, namespace: str, rv: int, now: float) -> 
     spec.setdefault("nodeName", NODE_NAMES[0])
     started = {"running": {"startedAt": _ts(now)}}
     pod["status"] = {
-        "phase": "Running", "podIP": "10.42.0.10", "hostIP": "127.0.0.1",
+        "phase": "Running",
+        "podIP": "10.42.0.10",
+        "hostIP": "127.0.0.1",
         "startTime": _ts(now),
-        "conditions": [{"type": t, "status": "True", "lastTransitionTime": _ts(now)}
-                       for t in ("Initialized", "Ready", "ContainersReady",
-                                 "PodScheduled")],
-        "containerStatuses": [{"name": c.get("name", "main"), "ready": True,
-                               "started": True, "restartCount": 0,
-                               "image": c.get("image", ""), "imageID": "",
-                               "state": started} for c in containers]}
+        "conditions": [
+            {"type": t, "status": "True", "lastTransitionTime": _ts(now)}
+            for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
+        ],
+        "containerStatuses": [
+            {
+                "name": c.get("name", "main"),
+                "ready": True,
+                "started": True,
+                "restartCount": 0,
+                "image": c.get("image", ""),
+                "imageID": "",
+                "state": started,
+            }
+            for c in containers
+        ],
+    }
     return pod
 
 
@@ -1406,11 +1637,21 @@ def _row_cells(obj: dict) -> list:
     if obj.get("kind") == "Pod":
         statuses = obj.get("status", {}).get("containerStatuses", [])
         ready = sum(1 for s in statuses if s.get("ready"))
-        return [meta["name"], f"{ready}/{len(statuses)}",
-                obj.get("status", {}).get("phase", "Pending"), 0, _age(created)]
+        return [
+            meta["name"],
+            f"{ready}/{len(statuses)}",
+            obj.get("status", {}).get("phase", "Pending"),
+            0,
+            _age(created),
+        ]
     if obj.get("kind") == "Node":
-        return [meta["name"], "Ready", "control-plane", _age(created),
-                obj["status"]["nodeInfo"]["kubeletVersion"]]
+        return [
+            meta["name"],
+            "Ready",
+            "control-plane",
+            _age(created),
+            obj["status"]["nodeInfo"]["kubeletVersion"],
+        ]
     return [meta["name"], _age(created)]
 
 
@@ -1418,22 +1659,44 @@ def _parse_ts(value: str | None) -> float:
     """Parse an RFC3339 seconds timestamp to unix time (0 if missing)."""
     if not value:
         return 0.0
-    return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=datetime.timezone.utc).timestamp()
+    return (
+        datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+        .replace(tzinfo=datetime.timezone.utc)
+        .timestamp()
+    )
 
 
 def to_table(kind: str, objs: list, rv: str) -> dict:
     """Convert objects to a meta.k8s.io/v1 Table (rows carry PartialObjectMetadata)."""
     cols = TABLE_COLUMNS.get(kind, ["Name", "Age"])
-    defs = [{"name": c, "type": "integer" if c == "Restarts" else "string",
-             "format": "name" if c == "Name" else "", "description": c,
-             "priority": 0} for c in cols]
-    rows = [{"cells": _row_cells(o), "object": {
-        "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-        "metadata": o["metadata"]}} for o in objs]
-    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
-            "metadata": {"resourceVersion": rv}, "columnDefinitions": defs,
-            "rows": rows}
+    defs = [
+        {
+            "name": c,
+            "type": "integer" if c == "Restarts" else "string",
+            "format": "name" if c == "Name" else "",
+            "description": c,
+            "priority": 0,
+        }
+        for c in cols
+    ]
+    rows = [
+        {
+            "cells": _row_cells(o),
+            "object": {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": o["metadata"],
+            },
+        }
+        for o in objs
+    ]
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": rv},
+        "columnDefinitions": defs,
+        "rows": rows,
+    }
 
 
 def _field_match(obj: dict, selector: str) -> bool:
@@ -1488,7 +1751,9 @@ class _State:
         with self.cond:
             if (namespace, name) in self.pods:
                 return None, "exists"
-            pod = _complete_pod(body or {}, name, namespace, self._next_rv(), time.time())
+            pod = _complete_pod(
+                body or {}, name, namespace, self._next_rv(), time.time()
+            )
             self.pods[(namespace, name)] = pod
             self.events.append((self.rv, "ADDED", pod))
             self.cond.notify_all()
@@ -1510,15 +1775,19 @@ class _State:
     def list_pods(self, namespace: str | None):
         """Return (resourceVersion, pods) for a namespace or all namespaces."""
         with self.cond:
-            pods = [p for (ns, _), p in sorted(self.pods.items())
-                    if namespace is None or ns == namespace]
+            pods = [
+                p
+                for (ns, _), p in sorted(self.pods.items())
+                if namespace is None or ns == namespace
+            ]
             return str(self.rv), pods
 
     def append_log(self, namespace: str, pod: str, line: str) -> None:
         """Append a log line and wake followers."""
         with self.cond:
             self.logs.setdefault((namespace, pod), []).append(
-                line if line.endswith("\n") else line + "\n")
+                line if line.endswith("\n") else line + "\n"
+            )
             self.cond.notify_all()
 
     def bump_log_epoch(self) -> None:
@@ -1537,6 +1806,7 @@ class _State:
 @dataclasses.dataclass
 class RequestRecord:
     """One observed HTTP request."""
+
     method: str
     path: str
     headers: dict
@@ -1558,6 +1828,7 @@ class _ExecDone(Exception):
 # --------------------------------------------------------------------------
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Per-connection handler: TLS handshake, then HTTP/1.1 keep-alive requests."""
+
     protocol_version = "HTTP/1.1"
     server_version = "fake-apiserver"
     sys_version = ""
@@ -1624,16 +1895,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.query = {k: v[-1] for k, v in self.query_all.items()}
         path = url.path
         if fake.path_prefix:
-            if not (path == fake.path_prefix or path.startswith(fake.path_prefix + "/")):
-                return self.send_status(404, "NotFound",
-                                        "the server could not find the requested resource")
-            path = path[len(fake.path_prefix):] or "/"
+            if not (
+                path == fake.path_prefix or path.startswith(fake.path_prefix + "/")
+            ):
+                return self.send_status(
+                    404, "NotFound", "the server could not find the requested resource"
+                )
+            path = path[len(fake.path_prefix) :] or "/"
         try:
             _route(self, fake, path.rstrip("/") or "/")
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True
         except Exception as exc:  # a bug here: report it as 500 and close
             import traceback
+
             traceback.print_exc()
             self.close_connection = True
             self.send_status(500, "InternalError", f"fake apiserver error: {exc!r}")
@@ -1654,7 +1929,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     # ---- response helpers -------------------------------------------------
-    def send_bytes(self, code: int, data: bytes, ctype: str = "application/json") -> None:
+    def send_bytes(
+        self, code: int, data: bytes, ctype: str = "application/json"
+    ) -> None:
         """Send a complete response with Content-Length."""
         self.send_response(code)
         self.send_header("Content-Type", ctype)
@@ -1717,8 +1994,9 @@ def _route(h: _Handler, fake: "FakeApiServer", path: str) -> None:
     if parts[:2] == ["api", "v1"] and len(parts) > 2:
         return _route_core(h, fake, parts[2:])
     if parts[:3] == ["apis", "apps", "v1"] and len(parts) > 3:
-        return h.send_json(200, _list_obj("DeploymentList", "apps/v1",
-                                          str(fake.state.rv), []))
+        return h.send_json(
+            200, _list_obj("DeploymentList", "apps/v1", str(fake.state.rv), [])
+        )
     h.send_status(404, "NotFound", NOT_FOUND_MSG)
 
 
@@ -1729,8 +2007,9 @@ def _route_core(h: _Handler, fake: "FakeApiServer", rest: list) -> None:
         if resource == "pods":
             return _route_pods(h, fake, ns, tail)
         if resource == "configmaps" and not tail:
-            return h.send_json(200, _list_obj("ConfigMapList", "v1",
-                                              str(fake.state.rv), []))
+            return h.send_json(
+                200, _list_obj("ConfigMapList", "v1", str(fake.state.rv), [])
+            )
     elif rest[0] == "pods" and len(rest) == 1:
         return _pods_collection(h, fake, None)
     elif rest[0] == "nodes":
@@ -1748,8 +2027,9 @@ def _route_pods(h: _Handler, fake: "FakeApiServer", ns: str, tail: list) -> None
     with fake.state.cond:
         pod = fake.state.pods.get((ns, name))
     if pod is None:
-        return h.send_status(404, "NotFound", f'pods "{name}" not found',
-                             {"name": name, "kind": "pods"})
+        return h.send_status(
+            404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"}
+        )
     if sub == "" and h.command in ("GET", "HEAD"):
         return h.send_json(200, pod)
     if sub == "" and h.command == "DELETE":
@@ -1768,29 +2048,54 @@ def _version(h: _Handler, fake) -> None:
 
 def _api(h: _Handler, fake) -> None:
     """GET /api (legacy APIVersions; also served to aggregated-discovery requests)."""
-    h.send_json(200, {"kind": "APIVersions", "versions": ["v1"],
-                      "serverAddressByClientCIDRs": [{
-                          "clientCIDR": "0.0.0.0/0",
-                          "serverAddress": f"{fake.host}:{fake.port}"}]})
+    h.send_json(
+        200,
+        {
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{fake.host}:{fake.port}"}
+            ],
+        },
+    )
 
 
 def _apis(h: _Handler, fake) -> None:
     """GET /apis (APIGroupList with apps/v1)."""
     gv = {"groupVersion": "apps/v1", "version": "v1"}
-    h.send_json(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-        {"name": "apps", "versions": [gv], "preferredVersion": gv}]})
+    h.send_json(
+        200,
+        {
+            "kind": "APIGroupList",
+            "apiVersion": "v1",
+            "groups": [{"name": "apps", "versions": [gv], "preferredVersion": gv}],
+        },
+    )
 
 
 def _api_v1(h: _Handler, fake) -> None:
     """GET /api/v1 (APIResourceList)."""
-    h.send_json(200, {"kind": "APIResourceList", "groupVersion": "v1",
-                      "resources": API_RESOURCES_V1})
+    h.send_json(
+        200,
+        {
+            "kind": "APIResourceList",
+            "groupVersion": "v1",
+            "resources": API_RESOURCES_V1,
+        },
+    )
 
 
 def _apis_apps_v1(h: _Handler, fake) -> None:
     """GET /apis/apps/v1 (APIResourceList)."""
-    h.send_json(200, {"kind": "APIResourceList", "apiVersion": "v1",
-                      "groupVersion": "apps/v1", "resources": API_RESOURCES_APPS_V1})
+    h.send_json(
+        200,
+        {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": "apps/v1",
+            "resources": API_RESOURCES_APPS_V1,
+        },
+    )
 
 
 def _healthz(h: _Handler, fake) -> None:
@@ -1806,7 +2111,7 @@ def _bytes(h: _Handler, fake) -> None:
     h.send_header("Content-Length", str(n))
     h.end_headers()
     while n > 0 and h.command != "HEAD":
-        chunk = PATTERN_BLOCK[:min(n, CHUNK_SIZE)]
+        chunk = PATTERN_BLOCK[: min(n, CHUNK_SIZE)]
         h.wfile.write(chunk)
         n -= len(chunk)
 
@@ -1816,7 +2121,7 @@ def _chunked(h: _Handler, fake) -> None:
     n = int(h.query.get("n", "0"))
     h.start_chunked("application/octet-stream")
     while n > 0:
-        chunk = PATTERN_BLOCK[:min(n, CHUNK_SIZE)]
+        chunk = PATTERN_BLOCK[: min(n, CHUNK_SIZE)]
         h.write_chunk(chunk)
         n -= len(chunk)
     h.end_chunked()
@@ -1832,8 +2137,10 @@ def _slow(h: _Handler, fake) -> None:
 def _openapi_v3_root(h: _Handler, fake) -> None:
     """GET /openapi/v3: group-version index (kubectl create uses it to
     check server-side fieldValidation support)."""
-    paths = {gv: {"serverRelativeURL": f"/openapi/v3/{gv}?hash={OPENAPI_HASH}"}
-             for gv in ("api/v1", "apis/apps/v1")}
+    paths = {
+        gv: {"serverRelativeURL": f"/openapi/v3/{gv}?hash={OPENAPI_HASH}"}
+        for gv in ("api/v1", "apis/apps/v1")
+    }
     h.send_json(200, {"paths": paths})
 
 
@@ -1843,31 +2150,55 @@ def _openapi_v3_gv(h: _Handler, fake) -> None:
     group = "apps" if "/apps/" in h.path else ""
     base = "/apis/apps/v1" if group else "/api/v1"
     resources = API_RESOURCES_APPS_V1 if group else API_RESOURCES_V1
-    params = [{"name": n, "in": "query", "schema": {"type": "string"}}
-              for n in ("dryRun", "fieldManager", "fieldValidation", "force")]
+    params = [
+        {"name": n, "in": "query", "schema": {"type": "string"}}
+        for n in ("dryRun", "fieldManager", "fieldValidation", "force")
+    ]
     paths = {}
     for r in resources:
         if "/" in r["name"]:
             continue
         ns = "/namespaces/{namespace}" if r["namespaced"] else ""
         gvk = {"group": group, "version": "v1", "kind": r["kind"]}
-        op = {"operationId": f"patch{r['kind']}", "parameters": params,
-              "x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": "patch",
-              "responses": {"200": {"description": "OK"}}}
+        op = {
+            "operationId": f"patch{r['kind']}",
+            "parameters": params,
+            "x-kubernetes-group-version-kind": gvk,
+            "x-kubernetes-action": "patch",
+            "responses": {"200": {"description": "OK"}},
+        }
         paths[f"{base}{ns}/{r['name']}/{{name}}"] = {"patch": op}
-        paths[f"{base}{ns}/{r['name']}"] = {"post": dict(
-            op, operationId=f"create{r['kind']}", **{"x-kubernetes-action": "post"})}
-    h.send_json(200, {"openapi": "3.0.0", "info": {"title": "Kubernetes",
-                                                    "version": fake.version_info["gitVersion"]},
-                      "paths": paths, "components": {"schemas": {}}})
+        paths[f"{base}{ns}/{r['name']}"] = {
+            "post": dict(
+                op, operationId=f"create{r['kind']}", **{"x-kubernetes-action": "post"}
+            )
+        }
+    h.send_json(
+        200,
+        {
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": fake.version_info["gitVersion"]},
+            "paths": paths,
+            "components": {"schemas": {}},
+        },
+    )
 
 
 _SIMPLE_ROUTES = {
-    "/openapi/v3": _openapi_v3_root, "/openapi/v3/api/v1": _openapi_v3_gv,
+    "/openapi/v3": _openapi_v3_root,
+    "/openapi/v3/api/v1": _openapi_v3_gv,
     "/openapi/v3/apis/apps/v1": _openapi_v3_gv,
-    "/version": _version, "/api": _api, "/apis": _apis, "/api/v1": _api_v1,
-    "/apis/apps/v1": _apis_apps_v1, "/healthz": _healthz, "/readyz": _healthz,
-    "/livez": _healthz, "/bytes": _bytes, "/chunked": _chunked, "/slow": _slow,
+    "/version": _version,
+    "/api": _api,
+    "/apis": _apis,
+    "/api/v1": _api_v1,
+    "/apis/apps/v1": _apis_apps_v1,
+    "/healthz": _healthz,
+    "/readyz": _healthz,
+    "/livez": _healthz,
+    "/bytes": _bytes,
+    "/chunked": _chunked,
+    "/slow": _slow,
 }
 
 
@@ -1877,9 +2208,15 @@ def _nodes(h: _Handler, fake, name: str | None) -> None:
     if name is not None:
         node = next((n for n in nodes if n["metadata"]["name"] == name), None)
         if node is None:
-            return h.send_status(404, "NotFound", f'nodes "{name}" not found',
-                                 {"name": name, "kind": "nodes"})
-        return h.send_json(200, to_table("Node", [node], "1") if h.wants_table() else node)
+            return h.send_status(
+                404,
+                "NotFound",
+                f'nodes "{name}" not found',
+                {"name": name, "kind": "nodes"},
+            )
+        return h.send_json(
+            200, to_table("Node", [node], "1") if h.wants_table() else node
+        )
     if _is_watch(h):
         return _watch_static(h, fake, "Node", nodes)
     rv = str(fake.state.rv)
@@ -1892,15 +2229,25 @@ def _namespaces(h: _Handler, fake, name: str | None) -> None:
     """GET /api/v1/namespaces[/name]."""
     with fake.state.cond:
         names = sorted(set(DEFAULT_NAMESPACES) | {ns for ns, _ in fake.state.pods})
-    objs = [{"kind": "Namespace", "apiVersion": "v1",
-             "metadata": _meta(n, None, 1, fake.state.created),
-             "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
-            for n in names]
+    objs = [
+        {
+            "kind": "Namespace",
+            "apiVersion": "v1",
+            "metadata": _meta(n, None, 1, fake.state.created),
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        }
+        for n in names
+    ]
     if name is not None:
         obj = next((o for o in objs if o["metadata"]["name"] == name), None)
         if obj is None:
-            return h.send_status(404, "NotFound", f'namespaces "{name}" not found',
-                                 {"name": name, "kind": "namespaces"})
+            return h.send_status(
+                404,
+                "NotFound",
+                f'namespaces "{name}" not found',
+                {"name": name, "kind": "namespaces"},
+            )
         return h.send_json(200, obj)
     if h.wants_table():
         return h.send_json(200, to_table("Namespace", objs, str(fake.state.rv)))
@@ -1917,12 +2264,18 @@ def _pods_collection(h: _Handler, fake, ns: str | None) -> None:
     if h.command == "POST" and ns is not None:
         return _create_pod(h, fake, ns)
     if h.command not in ("GET", "HEAD"):
-        return h.send_status(405, "MethodNotAllowed", "the server does not allow this method")
+        return h.send_status(
+            405, "MethodNotAllowed", "the server does not allow this method"
+        )
     if _is_watch(h):
         return _watch_pods(h, fake, ns)
     rv, pods = fake.state.list_pods(ns)
-    pods = [p for p in pods if _field_match(p, h.query.get("fieldSelector", ""))
-            and _label_match(p, h.query.get("labelSelector", ""))]
+    pods = [
+        p
+        for p in pods
+        if _field_match(p, h.query.get("fieldSelector", ""))
+        and _label_match(p, h.query.get("labelSelector", ""))
+    ]
     if h.wants_table():
         return h.send_json(200, to_table("Pod", pods, rv))
     h.send_json(200, _list_obj("PodList", "v1", rv, pods))
@@ -1934,13 +2287,18 @@ def _create_pod(h: _Handler, fake, ns: str) -> None:
         body = json.loads(h.body or b"{}")
         name = body["metadata"]["name"]
     except (ValueError, KeyError, TypeError):
-        return h.send_status(400, "BadRequest",
-                             "invalid pod body (JSON with metadata.name required)")
+        return h.send_status(
+            400, "BadRequest", "invalid pod body (JSON with metadata.name required)"
+        )
     body["metadata"]["namespace"] = body["metadata"].get("namespace") or ns
     pod, err = fake.state.add_pod(name, ns, body)
     if err:
-        return h.send_status(409, "AlreadyExists", f'pods "{name}" already exists',
-                             {"name": name, "kind": "pods"})
+        return h.send_status(
+            409,
+            "AlreadyExists",
+            f'pods "{name}" already exists',
+            {"name": name, "kind": "pods"},
+        )
     h.send_json(201, pod)
 
 
@@ -1951,21 +2309,30 @@ def _watch_event(h: _Handler, etype: str, obj: dict) -> bytes:
     """Serialize one watch event line (object as Table row if requested)."""
     if h.wants_table() and etype != "BOOKMARK":
         obj = to_table(obj.get("kind", ""), [obj], obj["metadata"]["resourceVersion"])
-    return json.dumps({"type": etype, "object": obj}, separators=(",", ":")).encode() + b"\n"
+    return (
+        json.dumps({"type": etype, "object": obj}, separators=(",", ":")).encode()
+        + b"\n"
+    )
 
 
 def _watch_deadline(h: _Handler) -> float:
     """Absolute deadline from timeoutSeconds (or far future)."""
     secs = h.query.get("timeoutSeconds")
-    return time.monotonic() + (float(secs) if secs else 10 ** 9)
+    return time.monotonic() + (float(secs) if secs else 10**9)
 
 
 def _watch_pods(h: _Handler, fake, ns: str | None) -> None:
     """Chunked watch: initial ADDED (when no/zero resourceVersion) then live events."""
     state, fsel = fake.state, h.query.get("fieldSelector", "")
     lsel = h.query.get("labelSelector", "")
-    want = lambda o: ((ns is None or o["metadata"].get("namespace") == ns)  # noqa: E731
-                      and _field_match(o, fsel) and _label_match(o, lsel))
+
+    def want(o: dict) -> bool:
+        return (
+            (ns is None or o["metadata"].get("namespace") == ns)
+            and _field_match(o, fsel)
+            and _label_match(o, lsel)
+        )
+
     start_rv = h.query.get("resourceVersion", "")
     with state.cond:
         if start_rv in ("", "0"):
@@ -1979,9 +2346,12 @@ def _watch_pods(h: _Handler, fake, ns: str | None) -> None:
     deadline = _watch_deadline(h)
     while True:
         with state.cond:
-            state.cond.wait_for(lambda: state.stopped or state.rv > last
-                                or time.monotonic() >= deadline,
-                                timeout=max(0.0, deadline - time.monotonic()))
+            state.cond.wait_for(
+                lambda: (
+                    state.stopped or state.rv > last or time.monotonic() >= deadline
+                ),
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
             if state.stopped or time.monotonic() >= deadline:
                 break
             events = [e for e in state.events if e[0] > last]
@@ -2000,9 +2370,10 @@ def _watch_static(h: _Handler, fake, kind: str, objs: list) -> None:
             h.write_chunk(_watch_event(h, "ADDED", obj))
     deadline = _watch_deadline(h)
     with fake.state.cond:
-        fake.state.cond.wait_for(lambda: fake.state.stopped
-                                 or time.monotonic() >= deadline,
-                                 timeout=max(0.0, deadline - time.monotonic()))
+        fake.state.cond.wait_for(
+            lambda: fake.state.stopped or time.monotonic() >= deadline,
+            timeout=max(0.0, deadline - time.monotonic()),
+        )
     h.end_chunked()
 
 
@@ -2019,11 +2390,20 @@ def _pod_log(h: _Handler, fake, ns: str, name: str) -> None:
     sent = len(lines)
     while True:
         with state.cond:
-            state.cond.wait_for(lambda: state.stopped or state.log_epoch != epoch
-                                or (ns, name) not in state.pods
-                                or len(state.logs.get((ns, name), [])) > sent)
+            state.cond.wait_for(
+                lambda: (
+                    state.stopped
+                    or state.log_epoch != epoch
+                    or (ns, name) not in state.pods
+                    or len(state.logs.get((ns, name), [])) > sent
+                )
+            )
             new = state.logs.get((ns, name), [])[sent:]
-            done = state.stopped or state.log_epoch != epoch or (ns, name) not in state.pods
+            done = (
+                state.stopped
+                or state.log_epoch != epoch
+                or (ns, name) not in state.pods
+            )
         sent += len(new)
         h.write_chunk("".join(new).encode())
         if done:
@@ -2056,8 +2436,9 @@ def _exec_websocket(h: _Handler, fake) -> None:
     proto = next((p for p in WS_PROTOCOLS if p in offered), None)
     key = h.headers.get("Sec-WebSocket-Key")
     if not key or proto is None:
-        return h.send_status(400, "BadRequest",
-                             f"unsupported websocket subprotocols {offered}")
+        return h.send_status(
+            400, "BadRequest", f"unsupported websocket subprotocols {offered}"
+        )
     accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
     h.send_response(101, "Switching Protocols")
     h.send_header("Upgrade", "websocket")
@@ -2075,7 +2456,9 @@ def _exec_spdy(h: _Handler, fake) -> None:
     offered = _header_tokens(h, "X-Stream-Protocol-Version")
     proto = next((p for p in SPDY_PROTOCOLS if p in offered), None)
     if offered and proto is None:
-        return h.send_status(403, "Forbidden", f"unsupported stream protocols {offered}")
+        return h.send_status(
+            403, "Forbidden", f"unsupported stream protocols {offered}"
+        )
     h.send_response(101, "Switching Protocols")
     h.send_header("Connection", "Upgrade")
     h.send_header("Upgrade", "SPDY/3.1")
@@ -2095,6 +2478,7 @@ def _exec_stdin_enabled(query: dict, name: str) -> bool:
 @dataclasses.dataclass
 class _ExecPlan:
     """What the fake command does: fixed output, echo stdin?, exit code."""
+
     output: bytes = b""
     echo_stdin: bool = True
     exit_code: int = 0
@@ -2116,12 +2500,20 @@ def _exec_status(command: list, code: int) -> bytes:
     """v4+ status JSON for the error channel/stream."""
     if code == 0:
         return EXEC_SUCCESS
-    msg = (f"command terminated with non-zero exit code: error executing command "
-           f"{command}, exit code {code}")
-    return json.dumps({"metadata": {}, "status": "Failure", "message": msg,
-                       "reason": "NonZeroExitCode", "details": {"causes": [
-                           {"reason": "ExitCode", "message": str(code)}]}},
-                      separators=(",", ":")).encode()
+    msg = (
+        f"command terminated with non-zero exit code: error executing command "
+        f"{command}, exit code {code}"
+    )
+    return json.dumps(
+        {
+            "metadata": {},
+            "status": "Failure",
+            "message": msg,
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]},
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 # --------------------------------------------------------------------------
@@ -2232,7 +2624,9 @@ def _ws_unmask(payload: bytes, mask: bytes) -> bytes:
     if n == 0:
         return payload
     key = (mask * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(
+        n, "big"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -2248,13 +2642,16 @@ class _SpdyExecSession:
         self.inflater = zlib.decompressobj(zdict=SPDY_DICT)
         self.deflater = zlib.compressobj(zlib.Z_BEST_COMPRESSION, zdict=SPDY_DICT)
         self.streams: dict[str, int] = {}  # streamtype -> stream id
-        self.expected = {"error"} | {n for n in ("stdin", "stdout", "stderr")
-                                     if _exec_stdin_enabled(h.query, n)}
+        self.expected = {"error"} | {
+            n for n in ("stdin", "stdout", "stderr") if _exec_stdin_enabled(h.query, n)
+        }
         if _exec_stdin_enabled(h.query, "tty"):
             self.expected = (self.expected - {"stderr"}) | {"resize"}
         self.command = h.query_all.get("command", [])
         self.plan = _exec_plan(self.command)
-        self.pending_stdout: list[bytes] = [self.plan.output] if self.plan.output else []
+        self.pending_stdout: list[bytes] = (
+            [self.plan.output] if self.plan.output else []
+        )
         self.stdin_done = "stdin" not in self.expected or not self.plan.echo_stdin
         self.finished = False
 
@@ -2303,8 +2700,9 @@ class _SpdyExecSession:
         """Record the stream by its streamtype and reply."""
         stype = headers.get("streamtype", "")
         self.streams[stype] = sid
-        self._send_control(SPDY_SYN_REPLY, 0,
-                           struct.pack(">I", sid) + self._encode_headers({}))
+        self._send_control(
+            SPDY_SYN_REPLY, 0, struct.pack(">I", sid) + self._encode_headers({})
+        )
         if stype == "stdin" and flags & SPDY_FLAG_FIN:
             self._stdin_closed()
         self._maybe_start()
@@ -2315,8 +2713,9 @@ class _SpdyExecSession:
             if data and self.plan.echo_stdin:
                 self._send_stdout(data)
                 if SPDY_SEND_WINDOW_UPDATES:
-                    self._send_control(SPDY_WINDOW_UPDATE, 0,
-                                       struct.pack(">II", sid, len(data)))
+                    self._send_control(
+                        SPDY_WINDOW_UPDATE, 0, struct.pack(">II", sid, len(data))
+                    )
             if flags & SPDY_FLAG_FIN:
                 self._stdin_closed()
 
@@ -2361,7 +2760,11 @@ class _SpdyExecSession:
                 self._send_data(self.streams[stype], b"", SPDY_FLAG_FIN)
         status = _exec_status(self.command, self.plan.exit_code)
         if not self.proto.startswith("v4"):  # v1-v3: plain error text
-            status = b"" if self.plan.exit_code == 0 else json.loads(status)["message"].encode()
+            status = (
+                b""
+                if self.plan.exit_code == 0
+                else json.loads(status)["message"].encode()
+            )
         self._send_data(self.streams["error"], status, SPDY_FLAG_FIN)
 
     # ---- frames out -------------------------------------------------------------
@@ -2370,11 +2773,11 @@ class _SpdyExecSession:
         raw = self.inflater.decompress(block)
         count, pos, out = struct.unpack(">I", raw[:4])[0], 4, {}
         for _ in range(count):
-            nlen = struct.unpack(">I", raw[pos:pos + 4])[0]
-            name = raw[pos + 4:pos + 4 + nlen].decode().lower()
+            nlen = struct.unpack(">I", raw[pos : pos + 4])[0]
+            name = raw[pos + 4 : pos + 4 + nlen].decode().lower()
             pos += 4 + nlen
-            vlen = struct.unpack(">I", raw[pos:pos + 4])[0]
-            out[name] = raw[pos + 4:pos + 4 + vlen].decode().split("\x00")[0]
+            vlen = struct.unpack(">I", raw[pos : pos + 4])[0]
+            out[name] = raw[pos + 4 : pos + 4 + vlen].decode().split("\x00")[0]
             pos += 4 + vlen
         return out
 
@@ -2388,8 +2791,9 @@ class _SpdyExecSession:
 
     def _send_control(self, ftype: int, flags: int, payload: bytes) -> None:
         """Write a control frame."""
-        head = struct.pack(">HHI", 0x8000 | SPDY_VERSION, ftype,
-                           (flags << 24) | len(payload))
+        head = struct.pack(
+            ">HHI", 0x8000 | SPDY_VERSION, ftype, (flags << 24) | len(payload)
+        )
         self.wfile.write(head + payload)
 
     def _send_data(self, sid: int, data: bytes, flags: int) -> None:
@@ -2406,6 +2810,7 @@ class _SpdyExecSession:
 # --------------------------------------------------------------------------
 class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """Threading TCP server; TLS is done per connection in the handler thread."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
@@ -2413,8 +2818,11 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def process_request(self, request, client_address) -> None:
         """Start a daemon thread per connection and remember it for join."""
-        t = threading.Thread(target=self.process_request_thread,
-                             args=(request, client_address), daemon=True)
+        t = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            daemon=True,
+        )
         self.fake._track_thread(t)
         t.start()
 
@@ -2425,10 +2833,17 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 class FakeApiServer:
     """A fake kube-apiserver over TLS requiring client certificates."""
 
-    def __init__(self, *, server_cert_pem: bytes, server_key_pem: bytes,
-                 client_ca_pem: bytes, host: str = "127.0.0.1",
-                 tls_versions: tuple = ("1.2", "1.3"), path_prefix: str = "",
-                 git_version: str = DEFAULT_GIT_VERSION):
+    def __init__(
+        self,
+        *,
+        server_cert_pem: bytes,
+        server_key_pem: bytes,
+        client_ca_pem: bytes,
+        host: str = "127.0.0.1",
+        tls_versions: tuple = ("1.2", "1.3"),
+        path_prefix: str = "",
+        git_version: str = DEFAULT_GIT_VERSION,
+    ):
         """Configure TLS (CERT_REQUIRED against client_ca_pem) and state.
 
         git_version is what /version reports; note that the gcloud kubectl
@@ -2436,11 +2851,13 @@ class FakeApiServer:
         matches the server's minor version."""
         self.host = host
         major, minor = git_version.lstrip("v").split(".")[:2]
-        self.version_info = dict(FAKE_VERSION, gitVersion=git_version,
-                                 major=major, minor=minor)
+        self.version_info = dict(
+            FAKE_VERSION, gitVersion=git_version, major=major, minor=minor
+        )
         self.path_prefix = path_prefix.rstrip("/")
-        self.ssl_context = _make_ssl_context(server_cert_pem, server_key_pem,
-                                             client_ca_pem, tls_versions)
+        self.ssl_context = _make_ssl_context(
+            server_cert_pem, server_key_pem, client_ca_pem, tls_versions
+        )
         self.state = _State()
         self.port = 0
         self.url = ""
@@ -2465,9 +2882,12 @@ class FakeApiServer:
         self.port = srv.server_address[1]
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"https://{host}:{self.port}{self.path_prefix}"
-        self._serve_thread = threading.Thread(target=srv.serve_forever,
-                                              kwargs={"poll_interval": 0.1},
-                                              name="fake-apiserver", daemon=True)
+        self._serve_thread = threading.Thread(
+            target=srv.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="fake-apiserver",
+            daemon=True,
+        )
         self._serve_thread.start()
 
     def stop(self) -> None:
@@ -2528,9 +2948,14 @@ class FakeApiServer:
         for k, v in h.headers.items():  # repeated headers are joined with ", "
             k = k.lower()
             headers[k] = f"{headers[k]}, {v}" if k in headers else v
-        rec = RequestRecord(h.command, h.path, headers,
-                            h.peer_subject, sock.version() or "",
-                            sock.selected_alpn_protocol())
+        rec = RequestRecord(
+            h.command,
+            h.path,
+            headers,
+            h.peer_subject,
+            sock.version() or "",
+            sock.selected_alpn_protocol(),
+        )
         with self._lock:
             self.requests.append(rec)
 
@@ -2557,8 +2982,9 @@ class FakeApiServer:
         self.state.bump_log_epoch()
 
 
-def _make_ssl_context(cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes,
-                      tls_versions: tuple) -> ssl.SSLContext:
+def _make_ssl_context(
+    cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes, tls_versions: tuple
+) -> ssl.SSLContext:
     """Server SSLContext: given versions, CERT_REQUIRED, ALPN http/1.1."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     versions = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -2571,10 +2997,12 @@ def _make_ssl_context(cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes,
     return ctx
 
 
-def _load_cert_chain_from_memory(ctx: ssl.SSLContext, cert_pem: bytes,
-                                 key_pem: bytes) -> None:
+def _load_cert_chain_from_memory(
+    ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes
+) -> None:
     """load_cert_chain needs files: use a private temp dir, removed afterwards."""
     import tempfile
+
     with tempfile.TemporaryDirectory(prefix="fake-apiserver-") as d:
         cert_path, key_path = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
         _write(cert_path, cert_pem)
@@ -2590,9 +3018,19 @@ def _shutdown_quietly(sock) -> None:
         pass
 
 
-__all__ = ["FakeApiServer", "FakePki", "make_test_pki", "make_ca",
-           "make_client_cert", "make_server_cert", "RequestRecord", "SPDY_DICT",
-           "PATTERN_BLOCK", "status_obj", "to_table"]
+__all__ = [
+    "FakeApiServer",
+    "FakePki",
+    "make_test_pki",
+    "make_ca",
+    "make_client_cert",
+    "make_server_cert",
+    "RequestRecord",
+    "SPDY_DICT",
+    "PATTERN_BLOCK",
+    "status_obj",
+    "to_table",
+]
 
 
 # =============================================================================
@@ -2672,20 +3110,28 @@ class PcscRig:
         confdir.mkdir(exist_ok=True)
         driver_copy = self.workdir / "libifdvpcd-copy.so"
         shutil.copy(VPCD_DRIVER, driver_copy)
-        for name, port, lib in ((YUBIKEY_READER, self.yubikey_port, VPCD_DRIVER),
-                                (OTHER_READER, self.other_port, driver_copy)):
+        for name, port, lib in (
+            (YUBIKEY_READER, self.yubikey_port, VPCD_DRIVER),
+            (OTHER_READER, self.other_port, driver_copy),
+        ):
             (confdir / name.split()[0].lower()).write_text(
                 f'FRIENDLYNAME "{name}"\nDEVICENAME /dev/null:{port}\n'
-                f"LIBPATH {lib}\nCHANNELID {port}\n")
+                f"LIBPATH {lib}\nCHANNELID {port}\n"
+            )
         log = open(self.workdir / "pcscd.log", "wb")
-        self.process = subprocess.Popen(["pcscd", "-f", "-c", str(confdir)],
-                                        stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: len(self._safe_readers()) == 4, 20, "pcscd and its 4 readers")
+        self.process = subprocess.Popen(
+            ["pcscd", "-f", "-c", str(confdir)], stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_until(
+            lambda: len(self._safe_readers()) == 4, 20, "pcscd and its 4 readers"
+        )
 
     def _safe_readers(self) -> dict[str, bool]:
         if self.process and self.process.poll() is not None:
             log = (self.workdir / "pcscd.log").read_text(errors="replace")
-            raise RuntimeError(f"pcscd exited with {self.process.returncode}: {log[-2000:]}")
+            raise RuntimeError(
+                f"pcscd exited with {self.process.returncode}: {log[-2000:]}"
+            )
         try:
             return pcsc_readers()
         except yk.CardError:
@@ -2701,7 +3147,9 @@ class PcscRig:
                 self.process.wait()
             self.process = None
 
-    def insert(self, piv: "VirtualPiv", index: int = 0, generic: bool = False) -> "VpcdCard":
+    def insert(
+        self, piv: "VirtualPiv", index: int = 0, generic: bool = False
+    ) -> "VpcdCard":
         card = VpcdCard(piv, self.port(index, generic))
         card.insert()
         name = self.reader(index, generic)
@@ -2759,8 +3207,17 @@ def new_key(kind: str):
     return rsa.generate_private_key(65537, int(kind.removeprefix("rsa")))
 
 
-def make_cert(subject_key, issuer_key, subject: str, issuer: str, *, ca=False,
-              days=365, start_days=-1, sans=()):
+def make_cert(
+    subject_key,
+    issuer_key,
+    subject: str,
+    issuer: str,
+    *,
+    ca=False,
+    days=365,
+    start_days=-1,
+    sans=(),
+):
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name.from_rfc4514_string(subject))
@@ -2773,15 +3230,20 @@ def make_cert(subject_key, issuer_key, subject: str, issuer: str, *, ca=False,
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), False)
-    algorithm = None if isinstance(issuer_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    algorithm = (
+        None if isinstance(issuer_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    )
     return builder.sign(issuer_key, algorithm)
 
 
 def pem(obj) -> bytes:
     if isinstance(obj, x509.Certificate):
         return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return obj.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 @dataclasses.dataclass
@@ -2792,14 +3254,20 @@ class Identity:
     cert: x509.Certificate
 
 
-def make_identity(kind: str = "p256", days: int = 365,
-                  subject: str = "CN=system:admin,O=system:masters") -> Identity:
+def make_identity(
+    kind: str = "p256",
+    days: int = 365,
+    subject: str = "CN=system:admin,O=system:masters",
+) -> Identity:
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = make_cert(ca_key, ca_key, "CN=k3s-client-ca", "CN=k3s-client-ca", ca=True,
-                        days=3650)
+    ca_cert = make_cert(
+        ca_key, ca_key, "CN=k3s-client-ca", "CN=k3s-client-ca", ca=True, days=3650
+    )
     key = new_key(kind)
     start = -1 if days > 0 else days - 30
-    cert = make_cert(key, ca_key, subject, "CN=k3s-client-ca", days=days, start_days=start)
+    cert = make_cert(
+        key, ca_key, subject, "CN=k3s-client-ca", days=days, start_days=start
+    )
     return Identity(ca_key, ca_cert, key, cert)
 
 
@@ -2807,30 +3275,48 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def write_kubeconfig(path: Path, ident: Identity, *, inline: bool = True,
-                     namespace: str | None = "team-a", user: dict | None = None,
-                     server: str = "https://127.0.0.1:6443", extra_cluster=None) -> Path:
+def write_kubeconfig(
+    path: Path,
+    ident: Identity,
+    *,
+    inline: bool = True,
+    namespace: str | None = "team-a",
+    user: dict | None = None,
+    server: str = "https://127.0.0.1:6443",
+    extra_cluster=None,
+) -> Path:
     """A kubeconfig with one context 'default' (k3s style when inline, kubeadm-like
     file paths relative to the kubeconfig's folder otherwise)."""
     if user is None:
         if inline:
-            user = {"client-certificate-data": b64(pem(ident.cert)),
-                    "client-key-data": b64(pem(ident.key))}
+            user = {
+                "client-certificate-data": b64(pem(ident.cert)),
+                "client-key-data": b64(pem(ident.key)),
+            }
         else:
             (path.parent / "pki").mkdir(exist_ok=True)
             (path.parent / "pki" / "admin.crt").write_bytes(pem(ident.cert))
             (path.parent / "pki" / "admin.key").write_bytes(pem(ident.key))
-            user = {"client-certificate": "pki/admin.crt", "client-key": "pki/admin.key"}
-    cluster = {"server": server, "certificate-authority-data": b64(pem(ident.ca_cert)),
-               **(extra_cluster or {})}
+            user = {
+                "client-certificate": "pki/admin.crt",
+                "client-key": "pki/admin.key",
+            }
+    cluster = {
+        "server": server,
+        "certificate-authority-data": b64(pem(ident.ca_cert)),
+        **(extra_cluster or {}),
+    }
     context = {"cluster": "default", "user": "default"}
     if namespace:
         context["namespace"] = namespace
-    doc = {"apiVersion": "v1", "kind": "Config",
-           "clusters": [{"name": "default", "cluster": cluster}],
-           "contexts": [{"name": "default", "context": context}],
-           "current-context": "default",
-           "users": [{"name": "default", "user": user}]}
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "default", "cluster": cluster}],
+        "contexts": [{"name": "default", "context": context}],
+        "current-context": "default",
+        "users": [{"name": "default", "user": user}],
+    }
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -2864,13 +3350,17 @@ def test_ber_lengths_and_tlvs_encode_exact_bytes():
 
 def test_apdu_framing_pin_block_and_padding():
     assert yk.encode_apdu(0, 0xFD, 0, 0, b"", True) == bytes.fromhex("00fd000000")
-    assert yk.encode_apdu(0x10, 0xDB, 0x3F, 0xFF, b"\x01", False) == bytes.fromhex("10db3fff0101")
+    assert yk.encode_apdu(0x10, 0xDB, 0x3F, 0xFF, b"\x01", False) == bytes.fromhex(
+        "10db3fff0101"
+    )
     assert yk.pin_block("123456") == b"123456\xff\xff"
     with pytest.raises(yk.ConfigError, match="6 to 8 characters"):
         yk.pin_block("12345")
     block = yk.pkcs1v15_block(b"\xab" * 32, "sha256", 256)
     assert len(block) == 256 and block[:2] == b"\x00\x01"
-    assert block.endswith(bytes.fromhex("003031300d060960864801650304020105000420") + b"\xab" * 32)
+    assert block.endswith(
+        bytes.fromhex("003031300d060960864801650304020105000420") + b"\xab" * 32
+    )
     assert set(block[2:-52]) == {0xFF}
     assert yk.ecdsa_input(b"\x01" * 64, 32) == b"\x01" * 32
     assert yk.ecdsa_input(b"\x01" * 20, 32) == b"\x00" * 12 + b"\x01" * 20
@@ -2881,22 +3371,38 @@ def test_slots_pair_key_reference_and_object():
     assert yk.parse_slot("0x9E") == yk.Slot(0x9E, 0x5FC101)
     assert yk.parse_slot("82").object_id == 0x5FC10D
     assert yk.parse_slot("95").object_id == 0x5FC120
-    with pytest.raises(yk.ConfigError, match="unknown PIV slot '9f': use 9a, 9c, 9d, 9e"):
+    with pytest.raises(
+        yk.ConfigError, match="unknown PIV slot '9f': use 9a, 9c, 9d, 9e"
+    ):
         yk.parse_slot("9f")
 
 
 def test_version_and_help_work_without_pyscard():
-    blocker = ("import sys; sys.modules['smartcard'] = None; sys.argv[0] = 'x'; "
-               "import yk_kube_proxy as m; raise SystemExit(m.main(sys.argv[1:]))")
-    for argv, expected in ((["--version"], f"yubikey-kube-proxy {yk.__version__}\n"),
-                           (["--help"], "usage: yubikey-kube-proxy"),
-                           (["setup", "--help"], "usage: yubikey-kube-proxy setup")):
-        done = subprocess.run([sys.executable, "-c", blocker, *argv], cwd=HERE,
-                              capture_output=True, text=True, timeout=60)
+    blocker = (
+        "import sys; sys.modules['smartcard'] = None; sys.argv[0] = 'x'; "
+        "import yk_kube_proxy as m; raise SystemExit(m.main(sys.argv[1:]))"
+    )
+    for argv, expected in (
+        (["--version"], f"yubikey-kube-proxy {yk.__version__}\n"),
+        (["--help"], "usage: yubikey-kube-proxy"),
+        (["setup", "--help"], "usage: yubikey-kube-proxy setup"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", blocker, *argv],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith(expected)
-    done = subprocess.run([sys.executable, "-c", blocker, "status"], cwd=HERE,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", blocker, "status"],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert done.stderr.startswith("yubikey-kube-proxy: error: cannot import pyscard")
 
@@ -2913,12 +3419,18 @@ def test_bad_arguments_are_refused_by_the_parser(capsys):
 
 def test_pcscd_not_running_says_how_to_start_it(tmp_path):
     env = {**os.environ, "PCSCLITE_CSOCK_NAME": str(tmp_path / "nothing.comm")}
-    done = subprocess.run([sys.executable, str(HERE / "yk_kube_proxy.py"), "status"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(HERE / "yk_kube_proxy.py"), "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert done.stderr == (
         "yubikey-kube-proxy: error: cannot reach the PC/SC daemon (pcscd): start it with "
-        "'sudo systemctl start pcscd.socket' (or install the pcscd package)\n")
+        "'sudo systemctl start pcscd.socket' (or install the pcscd package)\n"
+    )
 
 
 # =============================================================================
@@ -2947,12 +3459,17 @@ def test_kubeconfig_errors_name_the_problem(tmp_path):
     config = yk.Kubeconfig([path])
     with pytest.raises(yk.ConfigError) as exc:
         config.resolve("prod")
-    assert str(exc.value) == (f"context 'prod' not found in {path} (contexts: default): "
-                              "pass --context NAME")
+    assert str(exc.value) == (
+        f"context 'prod' not found in {path} (contexts: default): pass --context NAME"
+    )
     (tmp_path / "bad").write_text("clusters: [\n")
-    with pytest.raises(yk.ConfigError, match=r"is not valid YAML at line 2: fix or replace"):
+    with pytest.raises(
+        yk.ConfigError, match=r"is not valid YAML at line 2: fix or replace"
+    ):
         yk.Kubeconfig([tmp_path / "bad"])
-    with pytest.raises(yk.ConfigError, match=r"cannot read kubeconfig .*/nope: No such file"):
+    with pytest.raises(
+        yk.ConfigError, match=r"cannot read kubeconfig .*/nope: No such file"
+    ):
         yk.Kubeconfig([tmp_path / "nope"])
 
 
@@ -2971,15 +3488,17 @@ def setup_args(kubeconfig: Path, out: Path, *extra: str) -> list[str]:
 
 def test_setup_then_status_k3s_like_ec_p256_on_firmware_57(card57, tmp_path, capsys):
     ident = make_identity("p256")
-    source = write_kubeconfig(tmp_path / "k3s.yaml", ident,
-                              extra_cluster={"tls-server-name": "kubernetes"})
+    source = write_kubeconfig(
+        tmp_path / "k3s.yaml", ident, extra_cluster={"tls-server-name": "kubernetes"}
+    )
     out = tmp_path / "out" / "new"
     code, stdout, stderr = run_cli(*setup_args(source, out), capsys=capsys)
     assert (code, stderr) == (0, "")
     assert stdout.splitlines()[0] == (
         "Imported the EC P-256 key and certificate (CN=system:admin,O=system:masters, valid "
         f"until {ident.cert.not_valid_after_utc:%Y-%m-%d}) into slot 9a of YubiKey serial "
-        f"31000001 (firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'.")
+        f"31000001 (firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'."
+    )
     assert f"  1. yubikey-kube-proxy proxy --kubeconfig {out / 'proxy.yml'}" in stdout
     assert f"  3. The private key is still in {source} (user 'default')" in stdout
     # The card holds exactly the kubeconfig's key and certificate.
@@ -2995,85 +3514,143 @@ def test_setup_then_status_k3s_like_ec_p256_on_firmware_57(card57, tmp_path, cap
     assert doc["clusters"][0]["cluster"] == {
         "server": "https://127.0.0.1:6443",
         "certificate-authority-data": b64(pem(ident.ca_cert)),
-        "tls-server-name": "kubernetes"}
+        "tls-server-name": "kubernetes",
+    }
     assert doc["users"] == [{"name": "yubikey-kube-proxy", "user": {}}]
     context = doc["contexts"][0]["context"]
     extension = context.pop("extensions")[0]["extension"]
-    assert context == {"cluster": "default", "user": "yubikey-kube-proxy",
-                       "namespace": "team-a"}
+    assert context == {
+        "cluster": "default",
+        "user": "yubikey-kube-proxy",
+        "namespace": "team-a",
+    }
     local = extension.pop("local-tls")
     assert extension == {"slot": "9a", "listen": "127.0.0.1:8080", "serial": 31000001}
     # The local hop: kubectl trusts the local CA and holds a client certificate of it.
     client_doc = read_yaml(client)
     assert client_doc["clusters"][0]["cluster"] == {
-        "server": "https://127.0.0.1:8080", "certificate-authority-data": local["client-ca-data"]}
+        "server": "https://127.0.0.1:8080",
+        "certificate-authority-data": local["client-ca-data"],
+    }
     local_ca = x509.load_pem_x509_certificate(base64.b64decode(local["client-ca-data"]))
     user = client_doc["users"][0]["user"]
     client_cert = x509.load_pem_x509_certificate(
-        base64.b64decode(user["client-certificate-data"]))
+        base64.b64decode(user["client-certificate-data"])
+    )
     assert client_cert.issuer == local_ca.subject
-    local_ca.public_key().verify(client_cert.signature, client_cert.tbs_certificate_bytes,
-                                 ec.ECDSA(hashes.SHA256()))
+    local_ca.public_key().verify(
+        client_cert.signature,
+        client_cert.tbs_certificate_bytes,
+        ec.ECDSA(hashes.SHA256()),
+    )
     server_cert = x509.load_pem_x509_certificate(
-        base64.b64decode(local["server-certificate-data"]))
+        base64.b64decode(local["server-certificate-data"])
+    )
     assert server_cert.extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == ["localhost"]
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.DNSName) == ["localhost"]
     assert client_doc["contexts"][0]["context"]["namespace"] == "team-a"
     # status
     code, stdout, stderr = run_cli("status", capsys=capsys)
     assert (code, stderr) == (0, "")
-    left = (ident.cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)).days
+    left = (
+        ident.cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    ).days
     assert stdout == (
         f"YubiKey serial 31000001, firmware 5.7.1, reader '{YUBIKEY_READER} 00 00'\n"
         "  PIN tries left: 3\n"
         "  slot 9a: EC P-256 key, imported, PIN policy never, touch policy never\n"
         "    certificate: CN=system:admin,O=system:masters\n"
         "    issuer:      CN=k3s-client-ca\n"
-        f"    not after:   {ident.cert.not_valid_after_utc.isoformat()} ({left} days left)\n")
+        f"    not after:   {ident.cert.not_valid_after_utc.isoformat()} ({left} days left)\n"
+    )
 
 
 def test_kubectl_reads_the_written_configs(card57, tmp_path, capsys):
     source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
     assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
-    for name, server in (("proxy.yml", "https://127.0.0.1:6443"),
-                         ("client.yml", "https://127.0.0.1:8080")):
+    for name, server in (
+        ("proxy.yml", "https://127.0.0.1:6443"),
+        ("client.yml", "https://127.0.0.1:8080"),
+    ):
         done = subprocess.run(
-            ["kubectl", "--kubeconfig", str(tmp_path / name), "config", "view", "--minify",
-             "-o", "jsonpath={.clusters[0].cluster.server} {.contexts[0].context.namespace}"],
-            capture_output=True, text=True, timeout=60)
+            [
+                "kubectl",
+                "--kubeconfig",
+                str(tmp_path / name),
+                "config",
+                "view",
+                "--minify",
+                "-o",
+                "jsonpath={.clusters[0].cluster.server} {.contexts[0].context.namespace}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert (done.returncode, done.stdout) == (0, f"{server} team-a"), done.stderr
 
 
 def test_setup_kubeadm_like_rsa2048_files_on_3des_card(card54, tmp_path, capsys):
-    ident = make_identity("rsa2048", subject="CN=kubernetes-admin,O=kubeadm:cluster-admins")
-    source = write_kubeconfig(tmp_path / "admin.conf", ident, inline=False, namespace=None)
-    code, stdout, stderr = run_cli(*setup_args(source, tmp_path / "o", "--slot", "9c"),
-                                   capsys=capsys)
+    ident = make_identity(
+        "rsa2048", subject="CN=kubernetes-admin,O=kubeadm:cluster-admins"
+    )
+    source = write_kubeconfig(
+        tmp_path / "admin.conf", ident, inline=False, namespace=None
+    )
+    code, stdout, stderr = run_cli(
+        *setup_args(source, tmp_path / "o", "--slot", "9c"), capsys=capsys
+    )
     assert (code, stderr) == (0, "")
     assert "Imported the RSA-2048 key and certificate (CN=kubernetes-admin," in stdout
     assert card54.slot_key(0x9C).private_numbers() == ident.key.private_numbers()
-    assert "namespace" not in read_yaml(tmp_path / "o" / "client.yml")["contexts"][0]["context"]
-    code, _, stderr = run_cli(*setup_args(source, tmp_path / "o", "--slot", "9c", "--force",
-                                          "--plain-http", "--port", "8181"), capsys=capsys)
+    assert (
+        "namespace"
+        not in read_yaml(tmp_path / "o" / "client.yml")["contexts"][0]["context"]
+    )
+    code, _, stderr = run_cli(
+        *setup_args(
+            source,
+            tmp_path / "o",
+            "--slot",
+            "9c",
+            "--force",
+            "--plain-http",
+            "--port",
+            "8181",
+        ),
+        capsys=capsys,
+    )
     assert (code, stderr) == (0, "")
     assert read_yaml(tmp_path / "o" / "client.yml")["clusters"][0]["cluster"] == {
-        "server": "http://127.0.0.1:8181"}
+        "server": "http://127.0.0.1:8181"
+    }
     assert read_yaml(tmp_path / "o" / "client.yml")["users"][0]["user"] == {}
     extension = read_yaml(tmp_path / "o" / "proxy.yml")["contexts"][0]["context"][
-        "extensions"][0]["extension"]
+        "extensions"
+    ][0]["extension"]
     assert extension == {"slot": "9c", "listen": "127.0.0.1:8181", "serial": 21000002}
     code, stdout, _ = run_cli("status", "--slot", "9c", "--json", capsys=capsys)
     report = json.loads(stdout)["cards"][0]
     assert code == 0
     assert (report["serial"], report["firmware"], report["pin_tries_left"]) == (
-        21000002, "5.4.3", 3)
-    assert report["slots"][0]["key"] == {"algorithm": "RSA-2048", "pin_policy": "never",
-                                         "touch_policy": "never", "origin": "imported"}
+        21000002,
+        "5.4.3",
+        3,
+    )
+    assert report["slots"][0]["key"] == {
+        "algorithm": "RSA-2048",
+        "pin_policy": "never",
+        "touch_policy": "never",
+        "origin": "imported",
+    }
     assert report["slots"][0]["certificate"]["matches_key"] is True
     assert report["slots"][0]["problems"] == []
 
 
-def test_setup_never_writes_the_private_key_to_a_file(card57, tmp_path, capsys, monkeypatch):
+def test_setup_never_writes_the_private_key_to_a_file(
+    card57, tmp_path, capsys, monkeypatch
+):
     ident = make_identity("p384")
     source = write_kubeconfig(tmp_path / "k3s.yaml", ident)
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
@@ -3081,12 +3658,17 @@ def test_setup_never_writes_the_private_key_to_a_file(card57, tmp_path, capsys, 
     written, recording = [], [True]
 
     def audit(event, args):  # every file this process opens for writing
-        if (event != "open" or not recording[0] or isinstance(args[0], int)
-                or "__pycache__" in str(args[0])):
+        if (
+            event != "open"
+            or not recording[0]
+            or isinstance(args[0], int)
+            or "__pycache__" in str(args[0])
+        ):
             return  # an int is an already open descriptor (os.fdopen)
         mode, flags = args[1], args[2]
         if (isinstance(mode, str) and set(mode) & set("wax+")) or (
-                mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        ):
             written.append(str(args[0]))
 
     sys.addaudithook(audit)  # hooks cannot be removed: the flag stops it
@@ -3096,9 +3678,13 @@ def test_setup_never_writes_the_private_key_to_a_file(card57, tmp_path, capsys, 
         recording[0] = False
     assert code == 0, capsys.readouterr().err
     assert sorted(Path(p).name for p in written) == sorted(
-        f".{name}.{os.getpid()}.partial" for name in ("proxy.yml", "client.yml"))
-    secrets = [pem(ident.key), ident.key.private_numbers().private_value.to_bytes(48, "big"),
-               b64(pem(ident.key)).encode()]
+        f".{name}.{os.getpid()}.partial" for name in ("proxy.yml", "client.yml")
+    )
+    secrets = [
+        pem(ident.key),
+        ident.key.private_numbers().private_value.to_bytes(48, "big"),
+        b64(pem(ident.key)).encode(),
+    ]
     for path in (tmp_path / "out").rglob("*"):
         assert not any(s in path.read_bytes() for s in secrets), path
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -3106,17 +3692,25 @@ def test_setup_never_writes_the_private_key_to_a_file(card57, tmp_path, capsys, 
 
 def test_occupied_slot_is_refused_without_force(card57, tmp_path, capsys):
     first, second = make_identity("p256"), make_identity("p256")
-    assert run_cli(*setup_args(write_kubeconfig(tmp_path / "a", first), tmp_path / "o1"),
-                   capsys=capsys)[0] == 0
+    assert (
+        run_cli(
+            *setup_args(write_kubeconfig(tmp_path / "a", first), tmp_path / "o1"),
+            capsys=capsys,
+        )[0]
+        == 0
+    )
     source = write_kubeconfig(tmp_path / "b", second)
     code, _, stderr = run_cli(*setup_args(source, tmp_path / "o2"), capsys=capsys)
     assert code == 1
     assert stderr == (
         "yubikey-kube-proxy: error: slot 9a of the YubiKey already holds a EC P-256 key "
         "(imported) and a certificate for CN=system:admin,O=system:masters: pass --force "
-        "to overwrite it, or choose another --slot\n")
+        "to overwrite it, or choose another --slot\n"
+    )
     assert card57.slot_key(0x9A).private_numbers() == first.key.private_numbers()
-    code, _, stderr = run_cli(*setup_args(source, tmp_path / "o2", "--force"), capsys=capsys)
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path / "o2", "--force"), capsys=capsys
+    )
     assert (code, stderr) == (0, "")
     assert card57.slot_key(0x9A).private_numbers() == second.key.private_numbers()
 
@@ -3126,8 +3720,10 @@ def test_existing_output_files_are_kept_without_force(card57, tmp_path, capsys):
     (tmp_path / "client.yml").write_text("mine\n")
     code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
     assert code == 1
-    assert stderr == (f"yubikey-kube-proxy: error: {tmp_path / 'client.yml'} exists already: "
-                      "pass --force to replace it, or choose another --output-dir\n")
+    assert stderr == (
+        f"yubikey-kube-proxy: error: {tmp_path / 'client.yml'} exists already: "
+        "pass --force to replace it, or choose another --output-dir\n"
+    )
     assert (tmp_path / "client.yml").read_text() == "mine\n"
     assert card57.slot_key(0x9A) is None
 
@@ -3135,58 +3731,83 @@ def test_existing_output_files_are_kept_without_force(card57, tmp_path, capsys):
 def test_wrong_management_key_changes_nothing(card57, tmp_path, capsys):
     source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
     wrong = "00" * 24
-    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--management-key", wrong),
-                              capsys=capsys)
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--management-key", wrong), capsys=capsys
+    )
     assert code == 1
-    assert stderr == ("yubikey-kube-proxy: error: the YubiKey rejected the management key: "
-                      "pass the card's key with --management-key HEX (the factory key is the "
-                      "default)\n")
+    assert stderr == (
+        "yubikey-kube-proxy: error: the YubiKey rejected the management key: "
+        "pass the card's key with --management-key HEX (the factory key is the "
+        "default)\n"
+    )
     assert card57.slot_key(0x9A) is None
     assert not (tmp_path / "proxy.yml").exists()
-    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--management-key", "00" * 32),
-                              capsys=capsys)
-    assert stderr == ("yubikey-kube-proxy: error: this YubiKey's management key is AES-192 "
-                      "(24 bytes) but the key given has 32 bytes: pass the right one with "
-                      "--management-key HEX\n")
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--management-key", "00" * 32), capsys=capsys
+    )
+    assert stderr == (
+        "yubikey-kube-proxy: error: this YubiKey's management key is AES-192 "
+        "(24 bytes) but the key given has 32 bytes: pass the right one with "
+        "--management-key HEX\n"
+    )
 
 
 def test_mismatched_key_and_certificate_never_reach_the_card(card57, tmp_path, capsys):
     ident, other = make_identity(), make_identity()
-    user = {"client-certificate-data": b64(pem(ident.cert)),
-            "client-key-data": b64(pem(other.key))}
+    user = {
+        "client-certificate-data": b64(pem(ident.cert)),
+        "client-key-data": b64(pem(other.key)),
+    }
     source = write_kubeconfig(tmp_path / "k3s.yaml", ident, user=user)
     code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
     assert code == 1
-    assert stderr == ("yubikey-kube-proxy: error: the client key of user 'default' does not "
-                      "match its certificate (CN=system:admin,O=system:masters): fix the "
-                      "kubeconfig so both belong together\n")
+    assert stderr == (
+        "yubikey-kube-proxy: error: the client key of user 'default' does not "
+        "match its certificate (CN=system:admin,O=system:masters): fix the "
+        "kubeconfig so both belong together\n"
+    )
     assert card57.apdu_log == []
 
 
-@pytest.mark.parametrize("user, message", [
-    ({"token": "abc"}, "user 'default' of context 'default' has no client certificate and "
-     "key (it uses a bearer token): yubikey-kube-proxy moves a client-certificate key onto "
-     "the card, so pick a context whose user has one with --context"),
-    ({"client-certificate": "gone.crt", "client-key": "gone.key"},
-     "cannot read client-certificate {dir}/gone.crt of 'default': No such file or directory"),
-])
+@pytest.mark.parametrize(
+    "user, message",
+    [
+        (
+            {"token": "abc"},
+            "user 'default' of context 'default' has no client certificate and "
+            "key (it uses a bearer token): yubikey-kube-proxy moves a client-certificate key onto "
+            "the card, so pick a context whose user has one with --context",
+        ),
+        (
+            {"client-certificate": "gone.crt", "client-key": "gone.key"},
+            "cannot read client-certificate {dir}/gone.crt of 'default': No such file or directory",
+        ),
+    ],
+)
 def test_users_without_a_usable_certificate(tmp_path, capsys, user, message):
     source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity(), user=user)
     code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
-    assert (code, stderr) == (1, f"yubikey-kube-proxy: error: "
-                                 f"{message.format(dir=tmp_path)}\n")
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {message.format(dir=tmp_path)}\n",
+    )
 
 
 def test_unsupported_key_types(card54, tmp_path, capsys):
     source = write_kubeconfig(tmp_path / "a.yaml", make_identity("p521"))
     code, _, stderr = run_cli(*setup_args(source, tmp_path / "a"), capsys=capsys)
-    assert stderr == ("yubikey-kube-proxy: error: the client key is an EC secp521r1 key, which "
-                      "a YubiKey cannot hold: supported are EC P-256, EC P-384, RSA-2048 and "
-                      "(firmware 5.7+) RSA-3072, RSA-4096 and Ed25519\n")
+    assert stderr == (
+        "yubikey-kube-proxy: error: the client key is an EC secp521r1 key, which "
+        "a YubiKey cannot hold: supported are EC P-256, EC P-384, RSA-2048 and "
+        "(firmware 5.7+) RSA-3072, RSA-4096 and Ed25519\n"
+    )
     source = write_kubeconfig(tmp_path / "b.yaml", make_identity("ed25519"))
     code, _, stderr = run_cli(*setup_args(source, tmp_path / "b"), capsys=capsys)
-    assert (code, stderr) == (1, "yubikey-kube-proxy: error: Ed25519 keys need YubiKey "
-                                 "firmware 5.7.0 or later; this card has 5.4.3\n")
+    assert (code, stderr) == (
+        1,
+        "yubikey-kube-proxy: error: Ed25519 keys need YubiKey "
+        "firmware 5.7.0 or later; this card has 5.4.3\n",
+    )
     assert card54.slot_key(0x9A) is None
 
 
@@ -3211,37 +3832,73 @@ def pin_file(tmp_path: Path, pin: str) -> Path:
 
 def test_pin_policy_once_verifies_with_the_pin_file(card57, tmp_path, capsys):
     source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--pin-policy", "once",
-                                          "--pin-file", str(pin_file(tmp_path, "123456"))),
-                              capsys=capsys)
+    code, _, stderr = run_cli(
+        *setup_args(
+            source,
+            tmp_path,
+            "--pin-policy",
+            "once",
+            "--pin-file",
+            str(pin_file(tmp_path, "123456")),
+        ),
+        capsys=capsys,
+    )
     assert (code, stderr) == (0, "")
-    assert (card57.verify_attempts, card57.sign_count, card57.pin_tries_left) == (1, 1, 3)
+    assert (card57.verify_attempts, card57.sign_count, card57.pin_tries_left) == (
+        1,
+        1,
+        3,
+    )
     code, stdout, _ = run_cli("status", "--json", capsys=capsys)
     assert json.loads(stdout)["cards"][0]["slots"][0]["key"]["pin_policy"] == "once"
 
 
 def test_wrong_pin_costs_exactly_one_try_and_is_not_retried(card57, tmp_path, capsys):
     source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--pin-policy", "always",
-                                          "--pin-file", str(pin_file(tmp_path, "654321"))),
-                              capsys=capsys)
+    code, _, stderr = run_cli(
+        *setup_args(
+            source,
+            tmp_path,
+            "--pin-policy",
+            "always",
+            "--pin-file",
+            str(pin_file(tmp_path, "654321")),
+        ),
+        capsys=capsys,
+    )
     assert code == 1
-    assert stderr == ("yubikey-kube-proxy: error: wrong PIN: the YubiKey has 2 tries left "
-                      "before it blocks the PIN; check the PIN (or the PIN file) and try "
-                      "again\n")
-    assert (card57.verify_attempts, card57.pin_tries_left, card57.sign_count) == (1, 2, 0)
+    assert stderr == (
+        "yubikey-kube-proxy: error: wrong PIN: the YubiKey has 2 tries left "
+        "before it blocks the PIN; check the PIN (or the PIN file) and try "
+        "again\n"
+    )
+    assert (card57.verify_attempts, card57.pin_tries_left, card57.sign_count) == (
+        1,
+        2,
+        0,
+    )
     assert not (tmp_path / "proxy.yml").exists()
 
 
 def test_blocked_pin_says_use_the_puk(card57, tmp_path, capsys):
     card57.pin_tries_left = 0
     source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--pin-policy", "once",
-                                          "--pin-file", str(pin_file(tmp_path, "123456"))),
-                              capsys=capsys)
+    code, _, stderr = run_cli(
+        *setup_args(
+            source,
+            tmp_path,
+            "--pin-policy",
+            "once",
+            "--pin-file",
+            str(pin_file(tmp_path, "123456")),
+        ),
+        capsys=capsys,
+    )
     assert code == 1
-    assert stderr == ("yubikey-kube-proxy: error: the PIN is blocked: unblock it with the PUK "
-                      "('ykman piv access unblock-pin' or 'yubico-piv-tool -a unblock-pin')\n")
+    assert stderr == (
+        "yubikey-kube-proxy: error: the PIN is blocked: unblock it with the PUK "
+        "('ykman piv access unblock-pin' or 'yubico-piv-tool -a unblock-pin')\n"
+    )
     code, stdout, _ = run_cli("status", "--json", capsys=capsys)
     assert json.loads(stdout)["cards"][0]["pin_tries_left"] == 0
 
@@ -3249,21 +3906,32 @@ def test_blocked_pin_says_use_the_puk(card57, tmp_path, capsys):
 def test_pin_needed_without_terminal_or_file(card57, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    code, _, stderr = run_cli(*setup_args(source, tmp_path, "--pin-policy", "once"),
-                              capsys=capsys)
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--pin-policy", "once"), capsys=capsys
+    )
     assert code == 1
     assert stderr == (
         "yubikey-kube-proxy: error: the YubiKey serial 31000001 (firmware 5.7.1) in reader "
         f"'{YUBIKEY_READER} 00 00', slot 9a needs its PIN and there is no terminal to ask "
-        "on: pass --pin-file PATH\n")
+        "on: pass --pin-file PATH\n"
+    )
     assert card57.verify_attempts == 0
 
 
 def test_apdu_trace_never_shows_pin_or_management_key(card57, tmp_path, capsys):
     source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    code, _, stderr = run_cli(*setup_args(source, tmp_path, "-vv", "--pin-policy", "once",
-                                          "--pin-file", str(pin_file(tmp_path, "123456"))),
-                              capsys=capsys)
+    code, _, stderr = run_cli(
+        *setup_args(
+            source,
+            tmp_path,
+            "-vv",
+            "--pin-policy",
+            "once",
+            "--pin-file",
+            str(pin_file(tmp_path, "123456")),
+        ),
+        capsys=capsys,
+    )
     assert code == 0
     assert "APDU > 00a40400 05a00000030800\n" in stderr  # the trace is on
     assert "APDU > 00200080 <redacted>\n" in stderr
@@ -3278,8 +3946,10 @@ def test_apdu_trace_never_shows_pin_or_management_key(card57, tmp_path, capsys):
 
 def test_no_card_inserted(rig, capsys):
     code, _, stderr = run_cli("status", capsys=capsys)
-    assert (code, stderr) == (1, "yubikey-kube-proxy: error: no YubiKey found - please "
-                                 "insert your YubiKey\n")
+    assert (code, stderr) == (
+        1,
+        "yubikey-kube-proxy: error: no YubiKey found - please insert your YubiKey\n",
+    )
 
 
 def test_several_cards_need_a_choice(rig, card57, tmp_path, capsys):
@@ -3292,17 +3962,24 @@ def test_several_cards_need_a_choice(rig, card57, tmp_path, capsys):
             "yubikey-kube-proxy: error: several YubiKeys found: YubiKey serial 31000001 "
             f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'; YubiKey serial 31000009 "
             f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 01'; choose one with --serial "
-            "N or --reader NAME\n")
-        code, _, stderr = run_cli(*setup_args(source, tmp_path, "--serial", "31000009"),
-                                  capsys=capsys)
+            "N or --reader NAME\n"
+        )
+        code, _, stderr = run_cli(
+            *setup_args(source, tmp_path, "--serial", "31000009"), capsys=capsys
+        )
         assert (code, stderr) == (0, "")
         assert second.piv.slot_key(0x9A) is not None and card57.slot_key(0x9A) is None
         code, stdout, _ = run_cli("status", "--json", capsys=capsys)
-        assert [c["serial"] for c in json.loads(stdout)["cards"]] == [31000001, 31000009]
+        assert [c["serial"] for c in json.loads(stdout)["cards"]] == [
+            31000001,
+            31000009,
+        ]
         assert code == 1  # the first card's slot is empty
         code, _, stderr = run_cli("status", "--serial", "42", capsys=capsys)
-        assert stderr == ("yubikey-kube-proxy: error: no YubiKey with serial 42 found - "
-                          "please insert your YubiKey\n")
+        assert stderr == (
+            "yubikey-kube-proxy: error: no YubiKey with serial 42 found - "
+            "please insert your YubiKey\n"
+        )
     finally:
         rig.remove(second, index=1)
 
@@ -3311,9 +3988,12 @@ def test_other_readers_are_skipped_unless_chosen(rig, tmp_path, capsys):
     inserted = rig.insert(VirtualPiv(serial=41000004), generic=True)
     try:
         code, _, stderr = run_cli("status", capsys=capsys)
-        assert stderr == ("yubikey-kube-proxy: error: no YubiKey found - please insert "
-                          "your YubiKey\n")
-        code, stdout, _ = run_cli("status", "--reader", "generic", "--json", capsys=capsys)
+        assert stderr == (
+            "yubikey-kube-proxy: error: no YubiKey found - please insert your YubiKey\n"
+        )
+        code, stdout, _ = run_cli(
+            "status", "--reader", "generic", "--json", capsys=capsys
+        )
         assert json.loads(stdout)["cards"][0]["serial"] == 41000004
     finally:
         rig.remove(inserted, generic=True)
@@ -3324,8 +4004,11 @@ def test_card_held_exclusively_names_the_suspects(rig, card57, capsys):
 
     hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
     hresult, handle, _ = scard.SCardConnect(
-        context, rig.reader(), scard.SCARD_SHARE_EXCLUSIVE,
-        scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1)
+        context,
+        rig.reader(),
+        scard.SCARD_SHARE_EXCLUSIVE,
+        scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+    )
     assert hresult == 0
     try:
         code, _, stderr = run_cli("status", capsys=capsys)
@@ -3337,7 +4020,8 @@ def test_card_held_exclusively_names_the_suspects(rig, card57, capsys):
         f"yubikey-kube-proxy: error: the YubiKey in reader '{YUBIKEY_READER} 00 00' is held "
         "exclusively by another program, usually scdaemon/gpg-agent (add 'disable-ccid' or "
         "'pcsc-shared' to ~/.gnupg/scdaemon.conf and run 'gpgconf --kill scdaemon'), "
-        "yubikey-agent, or another ykman/PKCS#11 session: close it and try again\n")
+        "yubikey-agent, or another ykman/PKCS#11 session: close it and try again\n"
+    )
 
 
 # -- status problems ---------------------------------------------------------------
@@ -3348,7 +4032,8 @@ def test_status_empty_slot_fails(card57, capsys):
     assert code == 1
     assert stdout.endswith(
         "  slot 9a: no key information\n"
-        "    error: slot 9a is empty: run 'yubikey-kube-proxy setup'\n")
+        "    error: slot 9a is empty: run 'yubikey-kube-proxy setup'\n"
+    )
 
 
 def test_status_expired_and_expiring_certificates(card57, tmp_path, capsys):
@@ -3356,29 +4041,40 @@ def test_status_expired_and_expiring_certificates(card57, tmp_path, capsys):
     source = write_kubeconfig(tmp_path / "old.yaml", expired)
     code, _, stderr = run_cli(*setup_args(source, tmp_path / "o"), capsys=capsys)
     assert code == 0
-    assert stderr == ("yubikey-kube-proxy: WARNING: the client certificate expired on "
-                      f"{expired.cert.not_valid_after_utc.date()}: the cluster will refuse it\n")
+    assert stderr == (
+        "yubikey-kube-proxy: WARNING: the client certificate expired on "
+        f"{expired.cert.not_valid_after_utc.date()}: the cluster will refuse it\n"
+    )
     code, stdout, _ = run_cli("status", capsys=capsys)
     assert code == 1
     assert stdout.endswith(
         f"    error: the certificate expired on {expired.cert.not_valid_after_utc:%Y-%m-%d}: "
-        "renew it and run 'yubikey-kube-proxy setup --force'\n")
+        "renew it and run 'yubikey-kube-proxy setup --force'\n"
+    )
     soon = make_identity(days=10)
     source = write_kubeconfig(tmp_path / "soon.yaml", soon)
-    assert run_cli(*setup_args(source, tmp_path / "p", "--force"), capsys=capsys)[0] == 0
+    assert (
+        run_cli(*setup_args(source, tmp_path / "p", "--force"), capsys=capsys)[0] == 0
+    )
     code, stdout, _ = run_cli("status", capsys=capsys)
     assert code == 0
     assert stdout.endswith(
         "    warning: the certificate expires in 9 days "
-        f"({soon.cert.not_valid_after_utc:%Y-%m-%d}): renew it soon\n")
+        f"({soon.cert.not_valid_after_utc:%Y-%m-%d}): renew it soon\n"
+    )
 
 
 # -- cross-checks with an independent PIV client: yubico-piv-tool -----------------
 
 
 def piv_tool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["yubico-piv-tool", "-r", "YubiKey OTP+FIDO+CCID 00 00", *args],
-                          input=stdin, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["yubico-piv-tool", "-r", "YubiKey OTP+FIDO+CCID 00 00", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_yubico_piv_tool_reads_what_setup_imported(card54, tmp_path, capsys):
@@ -3393,9 +4089,12 @@ def test_yubico_piv_tool_reads_what_setup_imported(card54, tmp_path, capsys):
 def test_our_signing_uses_a_key_imported_by_yubico_piv_tool(card54, tmp_path):
     ident = make_identity("p256")
     (tmp_path / "key.pem").write_bytes(
-        ident.key.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption()))
+        ident.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
     (tmp_path / "cert.pem").write_bytes(pem(ident.cert))
     for action, file in (("import-key", "key.pem"), ("import-certificate", "cert.pem")):
         done = piv_tool("-a", action, "-s", "9d", "-i", str(tmp_path / file))
@@ -3405,7 +4104,9 @@ def test_our_signing_uses_a_key_imported_by_yubico_piv_tool(card54, tmp_path):
         with card.session() as piv:
             der = piv.get_certificate(yk.SLOTS["9d"])
             piv.verify_pin("123456")  # 9d's default PIN policy is "once"
-            signature = piv.sign_message(yk.SLOTS["9d"], yk.KeyAlgorithm.ECCP256, b"hello")
+            signature = yk.sign_message(
+                piv, yk.SLOTS["9d"], yk.KeyAlgorithm.ECCP256, b"hello"
+            )
     finally:
         card.close()
     assert der == ident.cert.public_bytes(serialization.Encoding.DER)
@@ -3415,29 +4116,46 @@ def test_our_signing_uses_a_key_imported_by_yubico_piv_tool(card54, tmp_path):
 # -- more algorithms, slots, management keys ---------------------------------------
 
 
-@pytest.mark.parametrize("mgmt_algorithm, key_kind, slot, algorithm_name", [
-    (0x08, "rsa3072", "82", "RSA-3072"),
-    (0x0C, "rsa4096", "95", "RSA-4096"),
-    (0x0A, "p384", "9e", "EC P-384"),
-])
-def test_aes_management_keys_big_rsa_and_retired_slots(rig, tmp_path, capsys, mgmt_algorithm,
-                                                       key_kind, slot, algorithm_name):
+@pytest.mark.parametrize(
+    "mgmt_algorithm, key_kind, slot, algorithm_name",
+    [
+        (0x08, "rsa3072", "82", "RSA-3072"),
+        (0x0C, "rsa4096", "95", "RSA-4096"),
+        (0x0A, "p384", "9e", "EC P-384"),
+    ],
+)
+def test_aes_management_keys_big_rsa_and_retired_slots(
+    rig, tmp_path, capsys, mgmt_algorithm, key_kind, slot, algorithm_name
+):
     mgmt_key = os.urandom(yk.MANAGEMENT_KEY_SIZES[yk.KeyAlgorithm(mgmt_algorithm)])
-    piv = VirtualPiv(version=(5, 7, 1), serial=51000005, mgmt_algorithm=mgmt_algorithm,
-                     mgmt_key=mgmt_key)
+    piv = VirtualPiv(
+        version=(5, 7, 1),
+        serial=51000005,
+        mgmt_algorithm=mgmt_algorithm,
+        mgmt_key=mgmt_key,
+    )
     inserted = rig.insert(piv)
     try:
         ident = make_identity(key_kind)
         source = write_kubeconfig(tmp_path / "k.yaml", ident)
-        code, stdout, stderr = run_cli(*setup_args(source, tmp_path, "--slot", slot,
-                                                   "--management-key", mgmt_key.hex()),
-                                       capsys=capsys)
+        code, stdout, stderr = run_cli(
+            *setup_args(
+                source, tmp_path, "--slot", slot, "--management-key", mgmt_key.hex()
+            ),
+            capsys=capsys,
+        )
         assert (code, stderr) == (0, "")
         assert stdout.startswith(f"Imported the {algorithm_name} key and certificate")
-        assert piv.slot_key(int(slot, 16)).private_numbers() == ident.key.private_numbers()
+        assert (
+            piv.slot_key(int(slot, 16)).private_numbers() == ident.key.private_numbers()
+        )
         code, stdout, _ = run_cli("status", "--slot", slot, "--json", capsys=capsys)
         report = json.loads(stdout)["cards"][0]["slots"][0]
-        assert (code, report["slot"], report["key"]["algorithm"]) == (0, slot, algorithm_name)
+        assert (code, report["slot"], report["key"]["algorithm"]) == (
+            0,
+            slot,
+            algorithm_name,
+        )
         assert report["certificate"]["matches_key"] is True
     finally:
         rig.remove(inserted)
@@ -3449,12 +4167,16 @@ def test_touch_policy_asks_for_a_touch(rig, tmp_path, capsys):
     inserted = rig.insert(piv)
     try:
         source = write_kubeconfig(tmp_path / "k.yaml", make_identity())
-        code, _, stderr = run_cli(*setup_args(source, tmp_path, "--touch-policy", "cached"),
-                                  capsys=capsys)
+        code, _, stderr = run_cli(
+            *setup_args(source, tmp_path, "--touch-policy", "cached"), capsys=capsys
+        )
         assert (code, stderr) == (0, "Touch your YubiKey now to prove the import...\n")
         assert touches == [0x9A]
         code, stdout, _ = run_cli("status", "--json", capsys=capsys)
-        assert json.loads(stdout)["cards"][0]["slots"][0]["key"]["touch_policy"] == "cached"
+        assert (
+            json.loads(stdout)["cards"][0]["slots"][0]["key"]["touch_policy"]
+            == "cached"
+        )
     finally:
         rig.remove(inserted)
 
@@ -3462,32 +4184,59 @@ def test_touch_policy_asks_for_a_touch(rig, tmp_path, capsys):
 def test_encrypted_key_and_missing_cluster(tmp_path, capsys):
     ident = make_identity()
     encrypted = ident.key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"secret"))
-    user = {"client-certificate-data": b64(pem(ident.cert)), "client-key-data": b64(encrypted)}
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    user = {
+        "client-certificate-data": b64(pem(ident.cert)),
+        "client-key-data": b64(encrypted),
+    }
     source = write_kubeconfig(tmp_path / "k.yaml", ident, user=user)
     code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
-    assert (code, stderr) == (1, "yubikey-kube-proxy: error: the client key of user 'default' "
-                                 "is encrypted with a passphrase: decrypt it first (openssl "
-                                 "pkey -in KEY) and keep the plain copy off disk\n")
+    assert (code, stderr) == (
+        1,
+        "yubikey-kube-proxy: error: the client key of user 'default' "
+        "is encrypted with a passphrase: decrypt it first (openssl "
+        "pkey -in KEY) and keep the plain copy off disk\n",
+    )
     doc = yaml.safe_load(source.read_text())
     doc["clusters"] = []
     source.write_text(yaml.safe_dump(doc))
     code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
-    assert (code, stderr) == (1, f"yubikey-kube-proxy: error: context 'default' names cluster "
-                                 f"'default', which is not in {source}: fix the kubeconfig\n")
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: context 'default' names cluster "
+        f"'default', which is not in {source}: fix the kubeconfig\n",
+    )
 
 
 def test_installed_entry_points(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "yk_kube_proxy", "--version"], cwd=HERE,
-                          capture_output=True, text=True, timeout=60)
-    assert (done.returncode, done.stdout) == (0, f"yubikey-kube-proxy {yk.__version__}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "yk_kube_proxy", "--version"],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (
+        0,
+        f"yubikey-kube-proxy {yk.__version__}\n",
+    )
     script = Path(sys.executable).parent / "yubikey-kube-proxy"
     if not script.exists() and not os.environ.get("CI"):
         pytest.skip("the package is not installed in this Python (pip install -e .)")
-    done = subprocess.run([str(script), "--version"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
-    assert (done.returncode, done.stdout) == (0, f"yubikey-kube-proxy {yk.__version__}\n")
+    done = subprocess.run(
+        [str(script), "--version"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (
+        0,
+        f"yubikey-kube-proxy {yk.__version__}\n",
+    )
 
 
 # =============================================================================
@@ -3507,28 +4256,51 @@ class Cluster:
 
 def make_server_pki(names=("localhost",), ips=("127.0.0.1",), days=365):
     ca_key = new_key("p256")
-    ca = make_cert(ca_key, ca_key, "CN=k3s-server-ca", "CN=k3s-server-ca", ca=True,
-                   days=3650)
+    ca = make_cert(
+        ca_key, ca_key, "CN=k3s-server-ca", "CN=k3s-server-ca", ca=True, days=3650
+    )
     key = new_key("p256")
     sans = [x509.DNSName(n) for n in names] + [
-        x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        x509.IPAddress(ipaddress.ip_address(i)) for i in ips
+    ]
     start = -1 if days > 0 else days - 30
-    cert = make_cert(key, ca_key, "CN=k3s", "CN=k3s-server-ca", sans=sans, days=days,
-                     start_days=start)
+    cert = make_cert(
+        key,
+        ca_key,
+        "CN=k3s",
+        "CN=k3s-server-ca",
+        sans=sans,
+        days=days,
+        start_days=start,
+    )
     return ca, cert, key
 
 
-def start_cluster(tmp_path: Path, kind: str = "p256", tls_versions=("1.2", "1.3"),
-                  path_prefix: str = "", server_pki=None, **cluster_extra) -> Cluster:
+def start_cluster(
+    tmp_path: Path,
+    kind: str = "p256",
+    tls_versions=("1.2", "1.3"),
+    path_prefix: str = "",
+    server_pki=None,
+    **cluster_extra,
+) -> Cluster:
     ident = make_identity(kind)
     server_ca, server_cert, server_key = server_pki or make_server_pki()
-    api = FakeApiServer(server_cert_pem=pem(server_cert), server_key_pem=pem(server_key),
-                        client_ca_pem=pem(ident.ca_cert), tls_versions=tls_versions,
-                        path_prefix=path_prefix, git_version="v1.32.0")
+    api = FakeApiServer(
+        server_cert_pem=pem(server_cert),
+        server_key_pem=pem(server_key),
+        client_ca_pem=pem(ident.ca_cert),
+        tls_versions=tls_versions,
+        path_prefix=path_prefix,
+        git_version="v1.32.0",
+    )
     api.start()
-    path = write_kubeconfig(tmp_path / "cluster.yaml", ident,
-                            server=f"https://127.0.0.1:{api.port}{path_prefix}",
-                            extra_cluster=cluster_extra)
+    path = write_kubeconfig(
+        tmp_path / "cluster.yaml",
+        ident,
+        server=f"https://127.0.0.1:{api.port}{path_prefix}",
+        extra_cluster=cluster_extra,
+    )
     doc = yaml.safe_load(path.read_text())
     doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(pem(server_ca))
     path.write_text(yaml.safe_dump(doc))
@@ -3542,19 +4314,35 @@ class ProxyProcess:
         self.workdir = workdir
         self.stderr_path = workdir / "proxy.stderr"
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "yk_kube_proxy.py"), "proxy", "--kubeconfig",
-             str(workdir / "proxy.yml"), "--listen", "127.0.0.1:0", "-v", *extra],
-            stderr=open(self.stderr_path, "wb"), stdin=subprocess.DEVNULL)
-        wait_until(lambda: "listening on" in self.stderr() or self.process.poll() is not None,
-                   30, "the proxy to listen")
-        line = next((l for l in self.stderr().splitlines() if "listening on" in l), "")
+            [
+                sys.executable,
+                str(HERE / "yk_kube_proxy.py"),
+                "proxy",
+                "--kubeconfig",
+                str(workdir / "proxy.yml"),
+                "--listen",
+                "127.0.0.1:0",
+                "-v",
+                *extra,
+            ],
+            stderr=open(self.stderr_path, "wb"),
+            stdin=subprocess.DEVNULL,
+        )
+        wait_until(
+            lambda: "listening on" in self.stderr() or self.process.poll() is not None,
+            30,
+            "the proxy to listen",
+        )
+        line = next((x for x in self.stderr().splitlines() if "listening on" in x), "")
         if not line:
             raise AssertionError(f"proxy did not start: {self.stderr()}")
         self.port = int(line.split("://127.0.0.1:")[1].split()[0])
         self.client_config = workdir / f"client-{self.port}.yml"
         doc = yaml.safe_load((workdir / "client.yml").read_text())
         server = doc["clusters"][0]["cluster"]["server"]
-        doc["clusters"][0]["cluster"]["server"] = server.rsplit(":", 1)[0] + f":{self.port}"
+        doc["clusters"][0]["cluster"]["server"] = (
+            server.rsplit(":", 1)[0] + f":{self.port}"
+        )
         self.client_config.write_text(yaml.safe_dump(doc))
 
     def stderr(self) -> str:
@@ -3570,12 +4358,28 @@ class ProxyProcess:
                 self.process.wait()
 
 
-def kubectl(proxy: ProxyProcess, *args: str, input: str | None = None, env=None,
-            timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["kubectl", "--kubeconfig", str(proxy.client_config),
-                           "--request-timeout", "30s", *args],
-                          input=input, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def kubectl(
+    proxy: ProxyProcess,
+    *args: str,
+    input: str | None = None,
+    env=None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(proxy.client_config),
+            "--request-timeout",
+            "30s",
+            *args,
+        ],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture
@@ -3585,10 +4389,19 @@ def cluster(tmp_path):
     cluster.api.stop()
 
 
-def setup_and_proxy(cluster: Cluster, workdir: Path, *setup_extra: str,
-                    proxy_extra=()) -> ProxyProcess:
-    code = yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
-                    str(workdir), *setup_extra])
+def setup_and_proxy(
+    cluster: Cluster, workdir: Path, *setup_extra: str, proxy_extra=()
+) -> ProxyProcess:
+    code = yk.main(
+        [
+            "setup",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--output-dir",
+            str(workdir),
+            *setup_extra,
+        ]
+    )
     assert code == 0
     return ProxyProcess(workdir, *proxy_extra)
 
@@ -3602,8 +4415,9 @@ def proxied(card57, cluster, tmp_path, capsys):
     proxy.stop()
 
 
-def test_kubectl_get_version_one_handshake_and_signature_per_request(proxied, cluster,
-                                                                      card57):
+def test_kubectl_get_version_one_handshake_and_signature_per_request(
+    proxied, cluster, card57
+):
     signed_before = card57.sign_count  # setup's proof
     done = kubectl(proxied, "get", "--raw", "/version")
     assert done.returncode == 0, done.stderr
@@ -3617,20 +4431,31 @@ def test_kubectl_get_version_one_handshake_and_signature_per_request(proxied, cl
     assert {r["path"] for r in requests} <= {ours, "/version?timeout=5s"}
     assert cluster.api.handshakes == len(requests)
     assert card57.sign_count - signed_before == len(requests)
-    assert {r["client_subject"] for r in requests} == {"CN=system:admin,O=system:masters"}
+    assert {r["client_subject"] for r in requests} == {
+        "CN=system:admin,O=system:masters"
+    }
     assert {r["headers"]["host"] for r in requests} == {f"127.0.0.1:{cluster.api.port}"}
     version_size = len(json.dumps(cluster.api.version_info, separators=(",", ":")))
-    assert re.search(rf"INFO: GET /version\?timeout=30s 200 {version_size} bytes "
-                     r"[0-9.]+ ms \(card [0-9.]+ ms\)\n", proxied.stderr()), proxied.stderr()
+    assert re.search(
+        rf"INFO: GET /version\?timeout=30s 200 {version_size} bytes "
+        r"[0-9.]+ ms \(card [0-9.]+ ms\)\n",
+        proxied.stderr(),
+    ), proxied.stderr()
 
 
 def test_kubectl_get_nodes_pods_create_delete(proxied, cluster, card57, tmp_path):
     done = kubectl(proxied, "get", "nodes")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].split()[:2] == ["NAME", "STATUS"]
-    assert [line.split()[0] for line in done.stdout.splitlines()[1:]] == list(NODE_NAMES)
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
-           "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+    assert [line.split()[0] for line in done.stdout.splitlines()[1:]] == list(
+        NODE_NAMES
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web"},
+        "spec": {"containers": [{"name": "c", "image": "nginx"}]},
+    }
     (tmp_path / "pod.json").write_text(json.dumps(pod))
     done = kubectl(proxied, "create", "-f", str(tmp_path / "pod.json"))
     assert (done.returncode, done.stdout) == (0, "pod/web created\n"), done.stderr
@@ -3646,16 +4471,33 @@ def test_kubectl_get_nodes_pods_create_delete(proxied, cluster, card57, tmp_path
 def test_kubectl_watch_sees_events_as_they_happen(proxied, cluster):
     cluster.api.add_pod("first", namespace="team-a")
     watch = subprocess.Popen(
-        ["kubectl", "--kubeconfig", str(proxied.client_config), "get", "pods", "-w",
-         "--no-headers", "-o", "custom-columns=NAME:.metadata.name"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(proxied.client_config),
+            "get",
+            "pods",
+            "-w",
+            "--no-headers",
+            "-o",
+            "custom-columns=NAME:.metadata.name",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert watch.stdout.readline() == "first\n"
-        wait_until(lambda: any("watch=" in r["path"] for r in cluster.api.requests), 20,
-                   "the watch request")
+        wait_until(
+            lambda: any("watch=" in r["path"] for r in cluster.api.requests),
+            20,
+            "the watch request",
+        )
         for name in ("second", "third"):
             cluster.api.add_pod(name, namespace="team-a")
-            assert watch.stdout.readline() == f"{name}\n"  # arrives while the watch is open
+            assert (
+                watch.stdout.readline() == f"{name}\n"
+            )  # arrives while the watch is open
     finally:
         watch.terminate()
         watch.wait(10)
@@ -3664,9 +4506,12 @@ def test_kubectl_watch_sees_events_as_they_happen(proxied, cluster):
 def test_kubectl_logs_follow_streams_lines(proxied, cluster):
     cluster.api.add_pod("app", namespace="team-a")
     cluster.api.append_log("app", "line one", namespace="team-a")
-    logs = subprocess.Popen(["kubectl", "--kubeconfig", str(proxied.client_config), "logs",
-                             "-f", "app"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    logs = subprocess.Popen(
+        ["kubectl", "--kubeconfig", str(proxied.client_config), "logs", "-f", "app"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert logs.stdout.readline() == "line one\n"
         cluster.api.append_log("app", "line two", namespace="team-a")
@@ -3682,8 +4527,16 @@ def test_kubectl_logs_follow_streams_lines(proxied, cluster):
 def test_kubectl_exec_stdin_echo(proxied, cluster, websockets):
     cluster.api.add_pod("shell", namespace="team-a")
     text = "hello through the card\n" + "x" * 300_000 + "\nend\n"
-    done = kubectl(proxied, "exec", "-i", "shell", "--", "cat", input=text,
-                   env={"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": websockets})
+    done = kubectl(
+        proxied,
+        "exec",
+        "-i",
+        "shell",
+        "--",
+        "cat",
+        input=text,
+        env={"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": websockets},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == text
     upgrade = [r for r in cluster.api.requests if "/exec" in r["path"]][-1]
@@ -3693,8 +4546,18 @@ def test_kubectl_exec_stdin_echo(proxied, cluster, websockets):
 
 def test_large_response_arrives_intact(proxied, cluster):
     size = 20_000_000
-    done = subprocess.run(["kubectl", "--kubeconfig", str(proxied.client_config), "get",
-                           "--raw", f"/bytes?n={size}"], capture_output=True, timeout=120)
+    done = subprocess.run(
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(proxied.client_config),
+            "get",
+            "--raw",
+            f"/bytes?n={size}",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert len(done.stdout) == size
     assert done.stdout == expected_bytes(size)
@@ -3708,23 +4571,39 @@ def expected_bytes(n: int) -> bytes:
 def test_fast_x25519_matches_rfc_7748_and_tlslite():
     from tlslite.utils.x25519 import x25519 as pure_python
 
-    scalar = bytes.fromhex("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4")
-    point = bytes.fromhex("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c")
+    scalar = bytes.fromhex(
+        "a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4"
+    )
+    point = bytes.fromhex(
+        "e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c"
+    )
     assert yk.fast_x25519(scalar, point) == bytes.fromhex(
-        "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552")  # RFC 7748 5.2
+        "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"
+    )  # RFC 7748 5.2
     for _ in range(3):
         scalar = os.urandom(32)
         public = yk.fast_x25519(scalar, yk.X25519_BASE_POINT)
         assert public == pure_python(bytearray(scalar), bytearray(yk.X25519_BASE_POINT))
         assert yk.fast_x25519(os.urandom(32), public) != bytearray(32)
-    assert yk.fast_x25519(scalar, bytes(32)) == bytearray(32)  # low order: tlslite refuses
+    assert yk.fast_x25519(scalar, bytes(32)) == bytearray(
+        32
+    )  # low order: tlslite refuses
 
 
 def test_fast_aead_is_the_record_layer_in_use(card57, cluster, tmp_path, capsys):
-    code = yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
-                    str(tmp_path)])
+    code = yk.main(
+        [
+            "setup",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
-    args = yk.build_parser().parse_args(["proxy", "--kubeconfig", str(tmp_path / "proxy.yml")])
+    args = yk.build_parser().parse_args(
+        ["proxy", "--kubeconfig", str(tmp_path / "proxy.yml")]
+    )
     settings = yk.proxy_settings(args)
     card = yk.open_card()
     try:
@@ -3736,17 +4615,27 @@ def test_fast_aead_is_the_record_layer_in_use(card57, cluster, tmp_path, capsys)
 
                 assert keyexchange.x25519 is yk.fast_x25519
                 assert sock.conn.getCipherImplementation() == "cryptography"
-                assert sock.conn.getCipherName() in ("aes128gcm", "aes256gcm",
-                                                     "chacha20-poly1305")
+                assert sock.conn.getCipherName() in (
+                    "aes128gcm",
+                    "aes256gcm",
+                    "chacha20-poly1305",
+                )
             finally:
                 sock.release()
     finally:
         card.close()
 
 
-@pytest.mark.parametrize("versions, kind", [(("1.2",), "p256"), (("1.3",), "p256"),
-                                            (("1.2",), "rsa2048"), (("1.3",), "rsa2048"),
-                                            (("1.3",), "p384")])
+@pytest.mark.parametrize(
+    "versions, kind",
+    [
+        (("1.2",), "p256"),
+        (("1.3",), "p256"),
+        (("1.2",), "rsa2048"),
+        (("1.3",), "rsa2048"),
+        (("1.3",), "p384"),
+    ],
+)
 def test_tls_versions_and_key_types(card57, tmp_path, capsys, versions, kind):
     cluster = start_cluster(tmp_path, kind=kind, tls_versions=versions)
     try:
@@ -3755,7 +4644,10 @@ def test_tls_versions_and_key_types(card57, tmp_path, capsys, versions, kind):
             done = kubectl(proxy, "get", "--raw", "/version")
             assert done.returncode == 0, done.stderr
             record = cluster.api.requests[-1]
-            assert record["tls_version"] == {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}[versions[0]]
+            assert (
+                record["tls_version"]
+                == {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}[versions[0]]
+            )
             assert record["alpn"] == "http/1.1"
         finally:
             proxy.stop()
@@ -3770,7 +4662,10 @@ def test_path_prefix_is_kept(card57, tmp_path, capsys):
         try:
             done = kubectl(proxy, "get", "--raw", "/version")
             assert done.returncode == 0, done.stderr
-            assert cluster.api.requests[-1]["path"] == "/k8s/clusters/c1/version?timeout=30s"
+            assert (
+                cluster.api.requests[-1]["path"]
+                == "/k8s/clusters/c1/version?timeout=30s"
+            )
         finally:
             proxy.stop()
     finally:
@@ -3790,7 +4685,9 @@ def test_mitm_server_gets_zero_signatures(card57, tmp_path, capsys):
     try:
         impostor_ca, _, _ = make_server_pki()
         doc = yaml.safe_load(cluster.kubeconfig.read_text())
-        doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(pem(impostor_ca))
+        doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(
+            pem(impostor_ca)
+        )
         cluster.kubeconfig.write_text(yaml.safe_dump(doc))
         proxy = setup_and_proxy(cluster, tmp_path / "yk")
         signed = card57.sign_count
@@ -3801,7 +4698,8 @@ def test_mitm_server_gets_zero_signatures(card57, tmp_path, capsys):
                 "Error from server (BadGateway): the API server at 127.0.0.1:"
                 f"{cluster.api.port} presented a certificate we do not trust for "
                 "'127.0.0.1' (it is not signed by the cluster's CA): check the server URL, "
-                "certificate-authority and tls-server-name in the kubeconfig")
+                "certificate-authority and tls-server-name in the kubeconfig"
+            )
             assert card57.sign_count == signed
             assert cluster.api.requests == []
         finally:
@@ -3818,8 +4716,10 @@ def test_wrong_host_name_gets_zero_signatures(card57, tmp_path, capsys):
         try:
             done = kubectl(proxy, "get", "--raw", "/version")
             assert done.returncode == 1
-            assert ("presented a certificate we do not trust for 'kubernetes.default' "
-                    "(leaf certificate has no matching subjectAltName)") in status_error(done)
+            assert (
+                "presented a certificate we do not trust for 'kubernetes.default' "
+                "(leaf certificate has no matching subjectAltName)"
+            ) in status_error(done)
             assert card57.sign_count == signed
         finally:
             proxy.stop()
@@ -3848,8 +4748,10 @@ def test_client_certificate_rejected_by_the_server(card57, tmp_path, capsys):
         # A client certificate from a CA the API server does not know.
         other = make_identity()
         doc = yaml.safe_load(cluster.kubeconfig.read_text())
-        doc["users"][0]["user"] = {"client-certificate-data": b64(pem(other.cert)),
-                                   "client-key-data": b64(pem(other.key))}
+        doc["users"][0]["user"] = {
+            "client-certificate-data": b64(pem(other.cert)),
+            "client-key-data": b64(pem(other.key)),
+        }
         cluster.kubeconfig.write_text(yaml.safe_dump(doc))
         proxy = setup_and_proxy(cluster, tmp_path / "yk")
         try:
@@ -3860,7 +4762,8 @@ def test_client_certificate_rejected_by_the_server(card57, tmp_path, capsys):
                 " refused the YubiKey's client certificate (CN=system:admin,O=system:masters):"
                 " it may have expired or belong to another cluster; check it with "
                 "'yubikey-kube-proxy status' and run 'yubikey-kube-proxy setup' with a "
-                "current certificate")
+                "current certificate"
+            )
         finally:
             proxy.stop()
     finally:
@@ -3875,13 +4778,18 @@ def local_request(proxy: ProxyProcess, raw: bytes, with_cert: bool = True) -> by
     import ssl
 
     doc = yaml.safe_load(proxy.client_config.read_text())
-    context = ssl.create_default_context(cadata=base64.b64decode(
-        doc["clusters"][0]["cluster"]["certificate-authority-data"]).decode())
+    context = ssl.create_default_context(
+        cadata=base64.b64decode(
+            doc["clusters"][0]["cluster"]["certificate-authority-data"]
+        ).decode()
+    )
     if with_cert:
         user = doc["users"][0]["user"]
         bundle = proxy.workdir / "local-client.pem"
-        bundle.write_bytes(base64.b64decode(user["client-certificate-data"])
-                           + base64.b64decode(user["client-key-data"]))
+        bundle.write_bytes(
+            base64.b64decode(user["client-certificate-data"])
+            + base64.b64decode(user["client-key-data"])
+        )
         context.load_cert_chain(bundle)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as raw_sock:
         with context.wrap_socket(raw_sock, server_hostname="127.0.0.1") as tls:
@@ -3897,24 +4805,40 @@ def response_status_and_body(answer: bytes) -> tuple[str, dict]:
     return head.split(b"\r\n")[0].decode(), json.loads(body)
 
 
-@pytest.mark.parametrize("headers, message", [
-    ("Host: evil.example:{port}\r\n",
-     "refused: Host 'evil.example:{port}' does not name this proxy's loopback listener "
-     "(DNS rebinding?)"),
-    ("Host: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\n",
-     "refused: requests from web browsers are not relayed"),
-    ("Host: 127.0.0.1:{port}\r\nSec-Fetch-Mode: cors\r\n",
-     "refused: requests from web browsers are not relayed"),
-])
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        (
+            "Host: evil.example:{port}\r\n",
+            "refused: Host 'evil.example:{port}' does not name this proxy's loopback listener "
+            "(DNS rebinding?)",
+        ),
+        (
+            "Host: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\n",
+            "refused: requests from web browsers are not relayed",
+        ),
+        (
+            "Host: 127.0.0.1:{port}\r\nSec-Fetch-Mode: cors\r\n",
+            "refused: requests from web browsers are not relayed",
+        ),
+    ],
+)
 def test_host_and_browser_refusals(proxied, cluster, card57, headers, message):
     signed = card57.sign_count
     raw = f"GET /version HTTP/1.1\r\n{headers}Connection: close\r\n\r\n"
     status, body = response_status_and_body(
-        local_request(proxied, raw.format(port=proxied.port).encode()))
+        local_request(proxied, raw.format(port=proxied.port).encode())
+    )
     assert status == "HTTP/1.1 403 Forbidden"
-    assert body == {"kind": "Status", "apiVersion": "v1", "metadata": {},
-                    "status": "Failure", "message": message.format(port=proxied.port),
-                    "reason": "Forbidden", "code": 403}
+    assert body == {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message.format(port=proxied.port),
+        "reason": "Forbidden",
+        "code": 403,
+    }
     assert card57.sign_count == signed and cluster.api.requests == []
 
 
@@ -3923,8 +4847,11 @@ def test_local_client_without_certificate_is_refused(proxied, cluster, card57):
 
     signed = card57.sign_count
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
-        answer = local_request(proxied, b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-                               with_cert=False)
+        answer = local_request(
+            proxied,
+            b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            with_cert=False,
+        )
         if answer == b"":  # TLS 1.3: the refusal arrives as the connection closes
             raise ssl.SSLError("closed without an answer")
     assert card57.sign_count == signed and cluster.api.requests == []
@@ -3936,8 +4863,10 @@ def test_plain_http_mode_still_checks_host(card57, cluster, tmp_path, capsys):
         done = kubectl(proxy, "get", "--raw", "/version")
         assert done.returncode == 0, done.stderr
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-            sock.sendall(b"GET /version HTTP/1.1\r\nHost: attacker.example\r\n"
-                         b"Connection: close\r\n\r\n")
+            sock.sendall(
+                b"GET /version HTTP/1.1\r\nHost: attacker.example\r\n"
+                b"Connection: close\r\n\r\n"
+            )
             answer = b"".join(iter(lambda: sock.recv(65536), b""))
         assert response_status_and_body(answer)[0] == "HTTP/1.1 403 Forbidden"
     finally:
@@ -3961,7 +4890,8 @@ def test_card_pulled_next_request_fails_fast(rig, cluster, tmp_path, capsys):
         assert done.returncode == 1
         assert status_error(done) == (
             "Error from server (ServiceUnavailable): YubiKey not present in reader "
-            f"'{YUBIKEY_READER} 00 00' - insert it")
+            f"'{YUBIKEY_READER} 00 00' - insert it"
+        )
         assert elapsed < 20, elapsed  # kubectl's retries included: no hang
         assert len(cluster.api.requests) == relayed
     finally:
@@ -3971,20 +4901,38 @@ def test_card_pulled_next_request_fails_fast(rig, cluster, tmp_path, capsys):
 
 
 def test_proxy_start_errors(card57, cluster, tmp_path, capsys):
-    code = yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
-                    str(tmp_path)])
+    code = yk.main(
+        [
+            "setup",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     capsys.readouterr()
-    code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), "--listen",
-                    "0.0.0.0:0"])
-    assert (code, capsys.readouterr().err) == (1, (
-        "yubikey-kube-proxy: error: --listen '0.0.0.0:0' is not a loopback address: anyone "
-        "who can reach it could use your cluster; pass --unsafe-listen if you really mean "
-        "it\n"))
-    code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), "--slot", "9c"])
-    assert (code, capsys.readouterr().err) == (1, (
-        "yubikey-kube-proxy: error: slot 9c of the YubiKey holds no certificate: run "
-        "'yubikey-kube-proxy setup' first\n"))
+    code = yk.main(
+        ["proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), "--listen", "0.0.0.0:0"]
+    )
+    assert (code, capsys.readouterr().err) == (
+        1,
+        (
+            "yubikey-kube-proxy: error: --listen '0.0.0.0:0' is not a loopback address: anyone "
+            "who can reach it could use your cluster; pass --unsafe-listen if you really mean "
+            "it\n"
+        ),
+    )
+    code = yk.main(
+        ["proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), "--slot", "9c"]
+    )
+    assert (code, capsys.readouterr().err) == (
+        1,
+        (
+            "yubikey-kube-proxy: error: slot 9c of the YubiKey holds no certificate: run "
+            "'yubikey-kube-proxy setup' first\n"
+        ),
+    )
 
 
 # -- PIN in the proxy ---------------------------------------------------------------
@@ -3992,8 +4940,15 @@ def test_proxy_start_errors(card57, cluster, tmp_path, capsys):
 
 def test_proxy_with_pin_policy_once(card57, cluster, tmp_path, capsys):
     pins = pin_file(tmp_path, "123456")
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--pin-policy", "once", "--pin-file",
-                            str(pins), proxy_extra=("--pin-file", str(pins)))
+    proxy = setup_and_proxy(
+        cluster,
+        tmp_path / "yk",
+        "--pin-policy",
+        "once",
+        "--pin-file",
+        str(pins),
+        proxy_extra=("--pin-file", str(pins)),
+    )
     try:
         for _ in range(2):
             done = kubectl(proxy, "get", "--raw", "/version")
@@ -4004,21 +4959,47 @@ def test_proxy_with_pin_policy_once(card57, cluster, tmp_path, capsys):
         proxy.stop()
 
 
-def test_proxy_wrong_pin_fails_at_start_and_costs_one_try(card57, cluster, tmp_path, capsys):
+def test_proxy_wrong_pin_fails_at_start_and_costs_one_try(
+    card57, cluster, tmp_path, capsys
+):
     pins = pin_file(tmp_path, "123456")
-    code = yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
-                    str(tmp_path), "--pin-policy", "always", "--pin-file", str(pins)])
+    code = yk.main(
+        [
+            "setup",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--output-dir",
+            str(tmp_path),
+            "--pin-policy",
+            "always",
+            "--pin-file",
+            str(pins),
+        ]
+    )
     assert code == 0
     capsys.readouterr()
     attempts = card57.verify_attempts
     wrong = tmp_path / "wrong-pin"
     wrong.write_text("000000\n")
     wrong.chmod(0o600)
-    code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), "--listen",
-                    "127.0.0.1:0", "--pin-file", str(wrong)])
-    assert (code, capsys.readouterr().err) == (1, (
-        "yubikey-kube-proxy: error: wrong PIN: the YubiKey has 2 tries left before it "
-        "blocks the PIN; check the PIN (or the PIN file) and try again\n"))
+    code = yk.main(
+        [
+            "proxy",
+            "--kubeconfig",
+            str(tmp_path / "proxy.yml"),
+            "--listen",
+            "127.0.0.1:0",
+            "--pin-file",
+            str(wrong),
+        ]
+    )
+    assert (code, capsys.readouterr().err) == (
+        1,
+        (
+            "yubikey-kube-proxy: error: wrong PIN: the YubiKey has 2 tries left before it "
+            "blocks the PIN; check the PIN (or the PIN file) and try again\n"
+        ),
+    )
     assert (card57.verify_attempts - attempts, card57.pin_tries_left) == (1, 2)
     assert cluster.api.handshakes == 0
 
@@ -4049,18 +5030,24 @@ class LocalClient:
 
     def __init__(self, proxy: ProxyProcess) -> None:
         doc = yaml.safe_load(proxy.client_config.read_text())
-        self.context = ssl.create_default_context(cadata=base64.b64decode(
-            doc["clusters"][0]["cluster"]["certificate-authority-data"]).decode())
+        self.context = ssl.create_default_context(
+            cadata=base64.b64decode(
+                doc["clusters"][0]["cluster"]["certificate-authority-data"]
+            ).decode()
+        )
         user = doc["users"][0]["user"]
         bundle = proxy.workdir / "local-client.pem"
-        bundle.write_bytes(base64.b64decode(user["client-certificate-data"])
-                           + base64.b64decode(user["client-key-data"]))
+        bundle.write_bytes(
+            base64.b64decode(user["client-certificate-data"])
+            + base64.b64decode(user["client-key-data"])
+        )
         self.context.load_cert_chain(bundle)
         self.port = proxy.port
 
     def connection(self) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context,
-                                           timeout=60)
+        return http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=self.context, timeout=60
+        )
 
     def get(self, path: str) -> tuple[int, bytes]:
         conn = self.connection()
@@ -4078,8 +5065,11 @@ def process_counts(pid: int) -> tuple[int, int]:
 
 
 def wait_for_counts(pid: int, baseline: tuple[int, int], timeout: float = 15) -> None:
-    wait_until(lambda: process_counts(pid) <= baseline, timeout,
-               f"threads and sockets back to {baseline} (now {process_counts(pid)})")
+    wait_until(
+        lambda: process_counts(pid) <= baseline,
+        timeout,
+        f"threads and sockets back to {baseline} (now {process_counts(pid)})",
+    )
 
 
 @pytest.fixture
@@ -4096,7 +5086,9 @@ def proxied_rig(rig, cluster, tmp_path, capsys):
         rig.remove(state.inserted, index=state.index)
 
 
-def test_card_removed_during_a_burst_and_reinserted_elsewhere(proxied_rig, rig, cluster):
+def test_card_removed_during_a_burst_and_reinserted_elsewhere(
+    proxied_rig, rig, cluster
+):
     state = proxied_rig
     before = [state.client.get("/version")[0] for _ in range(5)]
     rig.remove(state.inserted)
@@ -4106,13 +5098,16 @@ def test_card_removed_during_a_burst_and_reinserted_elsewhere(proxied_rig, rig, 
     after = [state.client.get("/version")[0] for _ in range(10)]
     failed_absent = sum(status != 200 for status, _ in absent)
     failed_after = sum(status != 200 for status in after)
-    FAULT_FIGURES.append(f"card pulled mid-burst: {len(before)} ok before, {failed_absent}/"
-                         f"{len(absent)} failed while absent, {failed_after}/{len(after)} "
-                         "failed after re-insertion")
+    FAULT_FIGURES.append(
+        f"card pulled mid-burst: {len(before)} ok before, {failed_absent}/"
+        f"{len(absent)} failed while absent, {failed_after}/{len(after)} "
+        "failed after re-insertion"
+    )
     assert before == [200] * 5
     assert {status for status, _ in absent} == {503}
     assert json.loads(absent[0][1])["message"] == (
-        f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it")
+        f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it"
+    )
     assert failed_after == 0
     assert state.piv.sign_count - 1 == cluster.api.handshakes == 15
 
@@ -4125,8 +5120,20 @@ def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
     response = conn.getresponse()
     first = response.read(1_000_000)
     exec_proc = subprocess.Popen(
-        ["kubectl", "--kubeconfig", str(state.proxy.client_config), "exec", "-i", "box",
-         "--", "cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(state.proxy.client_config),
+            "exec",
+            "-i",
+            "box",
+            "--",
+            "cat",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     exec_proc.stdin.write(b"before\n")
     exec_proc.stdin.flush()
     assert exec_proc.stdout.readline() == b"before\n"
@@ -4160,11 +5167,14 @@ def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
 
     state = proxied_rig
     hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-    hresult, handle, _ = scard.SCardConnect(context, rig.reader(), scard.SCARD_SHARE_SHARED,
-                                            scard.SCARD_PROTOCOL_T1)
+    hresult, handle, _ = scard.SCardConnect(
+        context, rig.reader(), scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T1
+    )
     assert hresult == 0 and scard.SCardBeginTransaction(handle) == 0
     results = []
-    worker = threading.Thread(target=lambda: results.append(state.client.get("/version")))
+    worker = threading.Thread(
+        target=lambda: results.append(state.client.get("/version"))
+    )
     started = time.monotonic()
     worker.start()
     time.sleep(1.0)  # the other program holds the card for a while
@@ -4173,8 +5183,10 @@ def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
     worker.join(30)
     scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
     scard.SCardReleaseContext(context)
-    FAULT_FIGURES.append(f"another program's 1 s transaction: request waited "
-                         f"{time.monotonic() - started:.2f} s and got {results[0][0]}")
+    FAULT_FIGURES.append(
+        f"another program's 1 s transaction: request waited "
+        f"{time.monotonic() - started:.2f} s and got {results[0][0]}"
+    )
     assert results[0][0] == 200
 
 
@@ -4189,17 +5201,23 @@ def test_fifty_concurrent_requests(rig, tmp_path, capsys, kind):
             client = LocalClient(proxy)
             signed = piv.sign_count
             results: list[int] = []
-            threads = [threading.Thread(target=lambda: results.append(
-                client.get("/version")[0])) for _ in range(50)]
+            threads = [
+                threading.Thread(
+                    target=lambda: results.append(client.get("/version")[0])
+                )
+                for _ in range(50)
+            ]
             started = time.monotonic()
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join(120)
             elapsed = time.monotonic() - started
-            FAULT_FIGURES.append(f"50 concurrent requests, {kind}: {results.count(200)} ok "
-                                 f"in {elapsed:.2f} s, {piv.sign_count - signed} signatures,"
-                                 f" {cluster.api.handshakes} handshakes")
+            FAULT_FIGURES.append(
+                f"50 concurrent requests, {kind}: {results.count(200)} ok "
+                f"in {elapsed:.2f} s, {piv.sign_count - signed} signatures,"
+                f" {cluster.api.handshakes} handshakes"
+            )
             assert results == [200] * 50
             assert piv.sign_count - signed == cluster.api.handshakes == 50
         finally:
@@ -4217,7 +5235,8 @@ def test_upstream_down_costs_no_signature(proxied_rig, cluster):
     assert status == 502
     assert json.loads(body)["message"] == (
         f"cannot connect to the API server at 127.0.0.1:{cluster.api.port} (Connection "
-        "refused): is the cluster up and reachable?")
+        "refused): is the cluster up and reachable?"
+    )
     assert state.piv.sign_count == signed
 
 
@@ -4232,10 +5251,15 @@ def silent_server() -> tuple[socket.socket, int]:
 def test_upstream_handshake_timeout(card57, tmp_path, capsys):
     listener, port = silent_server()
     ident = make_identity()
-    kubeconfig = write_kubeconfig(tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}")
+    kubeconfig = write_kubeconfig(
+        tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}"
+    )
     try:
-        proxy = setup_and_proxy(types.SimpleNamespace(kubeconfig=kubeconfig), tmp_path / "yk",
-                                proxy_extra=("--handshake-timeout", "1"))
+        proxy = setup_and_proxy(
+            types.SimpleNamespace(kubeconfig=kubeconfig),
+            tmp_path / "yk",
+            proxy_extra=("--handshake-timeout", "1"),
+        )
         try:
             started = time.monotonic()
             status, body = LocalClient(proxy).get("/version")
@@ -4243,7 +5267,8 @@ def test_upstream_handshake_timeout(card57, tmp_path, capsys):
             assert status == 504
             assert json.loads(body)["message"] == (
                 f"the TLS handshake with the API server at 127.0.0.1:{port} took longer "
-                "than 1 s")
+                "than 1 s"
+            )
             assert elapsed < 10
         finally:
             proxy.stop()
@@ -4251,7 +5276,9 @@ def test_upstream_handshake_timeout(card57, tmp_path, capsys):
         listener.close()
 
 
-def truncating_server(server_pki, client_ca: x509.Certificate) -> tuple[socket.socket, int]:
+def truncating_server(
+    server_pki, client_ca: x509.Certificate
+) -> tuple[socket.socket, int]:
     """A TLS API server that sends half a body and hangs up."""
     ca, cert, key = server_pki
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -4272,8 +5299,11 @@ def truncating_server(server_pki, client_ca: x509.Certificate) -> tuple[socket.s
             with contextlib.suppress(OSError, ssl.SSLError):
                 with context.wrap_socket(raw, server_side=True) as tls:
                     tls.recv(65536)
-                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
-                                + b"x" * 400_000)
+                    tls.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
+                        + b"x" * 400_000
+                    )
+
     threading.Thread(target=serve, daemon=True).start()
     return listener, listener.getsockname()[1]
 
@@ -4302,8 +5332,10 @@ def test_client_leaving_mid_response_leaks_nothing(proxied_rig, cluster):
         conn.close()
     wait_for_counts(pid, baseline)
     threads, fds = process_counts(pid)
-    FAULT_FIGURES.append(f"client left 3 downloads mid-way: proxy threads {baseline[0]} -> "
-                         f"{threads}, descriptors {baseline[1]} -> {fds}")
+    FAULT_FIGURES.append(
+        f"client left 3 downloads mid-way: proxy threads {baseline[0]} -> "
+        f"{threads}, descriptors {baseline[1]} -> {fds}"
+    )
     assert state.client.get("/version")[0] == 200
 
 
@@ -4311,12 +5343,18 @@ def test_upstream_closing_mid_response(card57, tmp_path, capsys):
     server_pki = make_server_pki()
     ident = make_identity()
     listener, port = truncating_server(server_pki, ident.ca_cert)
-    kubeconfig = write_kubeconfig(tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}")
+    kubeconfig = write_kubeconfig(
+        tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}"
+    )
     doc = yaml.safe_load(kubeconfig.read_text())
-    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(pem(server_pki[0]))
+    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(
+        pem(server_pki[0])
+    )
     kubeconfig.write_text(yaml.safe_dump(doc))
     try:
-        proxy = setup_and_proxy(types.SimpleNamespace(kubeconfig=kubeconfig), tmp_path / "yk")
+        proxy = setup_and_proxy(
+            types.SimpleNamespace(kubeconfig=kubeconfig), tmp_path / "yk"
+        )
         try:
             client = LocalClient(proxy)
             pid = proxy.process.pid
@@ -4333,9 +5371,11 @@ def test_upstream_closing_mid_response(card57, tmp_path, capsys):
                 with contextlib.suppress(http.client.IncompleteRead):
                     client.get("/version")
             wait_for_counts(pid, baseline)
-            FAULT_FIGURES.append(f"upstream hung up mid-response: client got "
-                                 f"{len(short.value.partial)} of 1000000 bytes, proxy "
-                                 f"threads/descriptors back to {process_counts(pid)}")
+            FAULT_FIGURES.append(
+                f"upstream hung up mid-response: client got "
+                f"{len(short.value.partial)} of 1000000 bytes, proxy "
+                f"threads/descriptors back to {process_counts(pid)}"
+            )
         finally:
             proxy.stop()
     finally:
@@ -4346,8 +5386,15 @@ def test_wrong_pin_file_costs_exactly_one_try(rig, cluster, tmp_path, capsys):
     piv = VirtualPiv(serial=10100010)
     inserted = rig.insert(piv)
     pins = pin_file(tmp_path, "123456")
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--pin-policy", "once", "--pin-file",
-                            str(pins), proxy_extra=("--pin-file", str(pins)))
+    proxy = setup_and_proxy(
+        cluster,
+        tmp_path / "yk",
+        "--pin-policy",
+        "once",
+        "--pin-file",
+        str(pins),
+        proxy_extra=("--pin-file", str(pins)),
+    )
     try:
         client = LocalClient(proxy)
         assert client.get("/version")[0] == 200
@@ -4356,18 +5403,23 @@ def test_wrong_pin_file_costs_exactly_one_try(rig, cluster, tmp_path, capsys):
         wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
         tries = piv.pin_tries_left
         answers = [client.get("/version") for _ in range(6)]
-        FAULT_FIGURES.append(f"wrong PIN file, 6 requests: the card's tries went {tries} -> "
-                             f"{piv.pin_tries_left}")
+        FAULT_FIGURES.append(
+            f"wrong PIN file, 6 requests: the card's tries went {tries} -> "
+            f"{piv.pin_tries_left}"
+        )
         assert {status for status, _ in answers} == {503}
         assert piv.pin_tries_left == tries - 1
         assert json.loads(answers[-1][1])["message"] == (
             "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check the PIN "
             "(or the PIN file) and try again (the proxy will not send it again: fix the PIN "
             "or the PIN file, then reload the proxy with kill -HUP or 'systemctl --user "
-            "reload yubikey-kube-proxy', or restart it)")
+            "reload yubikey-kube-proxy', or restart it)"
+        )
         pins.write_text("123456\n")
         proxy.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: proxy.stderr().count("reloading") == 2, 10, "the second reload")
+        wait_until(
+            lambda: proxy.stderr().count("reloading") == 2, 10, "the second reload"
+        )
         assert client.get("/version")[0] == 200
         assert piv.pin_tries_left == 3
     finally:
@@ -4392,16 +5444,22 @@ def test_touch_slow_and_never(rig, cluster, tmp_path, capsys):
         assert "WARNING: touch your YubiKey (YubiKey serial 10200011" in proxy.stderr()
         touches.update(delay=2.0, given=False)  # the card's wait runs out
         results: list[tuple[int, bytes]] = []
-        threads = [threading.Thread(target=lambda: results.append(client.get("/version")))
-                   for _ in range(2)]
+        threads = [
+            threading.Thread(target=lambda: results.append(client.get("/version")))
+            for _ in range(2)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(60)
-        assert [status for status, _ in results] == [503, 503]  # both answered, one by one
+        assert [status for status, _ in results] == [
+            503,
+            503,
+        ]  # both answered, one by one
         assert json.loads(results[0][1])["message"] == (
             "the YubiKey refused to sign with slot 9a: the PIN was not verified or the key "
-            "was not touched in time")
+            "was not touched in time"
+        )
         touches.update(delay=0.0, given=True)
         assert client.get("/version")[0] == 200
     finally:
@@ -4409,22 +5467,44 @@ def test_touch_slow_and_never(rig, cluster, tmp_path, capsys):
         rig.remove(inserted)
 
 
-@pytest.mark.parametrize("raw, status, message", [
-    (b"POST /api/v1/namespaces HTTP/1.1\r\nHost: {host}\r\nContent-Length: -5\r\n\r\n", 400,
-     "refused: invalid Content-Length '-5'"),
-    (b"POST /api/v1/namespaces HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n"
-     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
-     "refused: both Transfer-Encoding and Content-Length are set"),
-    (b"GET /version HTTP/1.1\r\nHost: {host}\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431,
-     "refused: line too long (got more than 65536 bytes when reading header line)"),
-    (b"GET /version HTTP/1.1\r\nHost: {host}\r\n" + b"X-Many: 1\r\n" * 120 + b"\r\n", 431,
-     "refused: too many headers (got more than 100 headers)"),
-], ids=["negative-length", "length-and-chunked", "long-header", "many-headers"])
-def test_malformed_requests_are_refused_never_forwarded(proxied, cluster, card57, raw,
-                                                         status, message):
+@pytest.mark.parametrize(
+    "raw, status, message",
+    [
+        (
+            b"POST /api/v1/namespaces HTTP/1.1\r\nHost: {host}\r\nContent-Length: -5\r\n\r\n",
+            400,
+            "refused: invalid Content-Length '-5'",
+        ),
+        (
+            b"POST /api/v1/namespaces HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "refused: both Transfer-Encoding and Content-Length are set",
+        ),
+        (
+            b"GET /version HTTP/1.1\r\nHost: {host}\r\nX-Big: "
+            + b"a" * 70000
+            + b"\r\n\r\n",
+            431,
+            "refused: line too long (got more than 65536 bytes when reading header line)",
+        ),
+        (
+            b"GET /version HTTP/1.1\r\nHost: {host}\r\n"
+            + b"X-Many: 1\r\n" * 120
+            + b"\r\n",
+            431,
+            "refused: too many headers (got more than 100 headers)",
+        ),
+    ],
+    ids=["negative-length", "length-and-chunked", "long-header", "many-headers"],
+)
+def test_malformed_requests_are_refused_never_forwarded(
+    proxied, cluster, card57, raw, status, message
+):
     signed = card57.sign_count
-    answer = local_request(proxied, raw.replace(b"{host}",
-                                                f"127.0.0.1:{proxied.port}".encode()))
+    answer = local_request(
+        proxied, raw.replace(b"{host}", f"127.0.0.1:{proxied.port}".encode())
+    )
     head, body = response_status_and_body(answer)
     assert int(head.split()[1]) == status
     assert body["message"] == message and body["code"] == status
@@ -4439,11 +5519,17 @@ def test_malformed_requests_are_refused_never_forwarded(proxied, cluster, card57
 def test_systemd_unit_verifies(tmp_path):
     unit = (HERE / "yubikey-kube-proxy.service").read_text()
     directives = [line.strip() for line in unit.splitlines()]
-    for expected in ("ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
-                     "%h/.kube/yubikey/proxy.yml", "ExecReload=/bin/kill -HUP $MAINPID",
-                     "Restart=on-failure", "UMask=0077", "NoNewPrivileges=yes",
-                     "ProtectSystem=strict", "PrivateTmp=yes",
-                     "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
+    for expected in (
+        "ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
+        "%h/.kube/yubikey/proxy.yml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "UMask=0077",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+    ):
         assert expected in directives
     assert "pcscd.socket" in next(d for d in directives if d.startswith("After="))
     home, runtime = tmp_path / "home", tmp_path / "run"
@@ -4453,33 +5539,83 @@ def test_systemd_unit_verifies(tmp_path):
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)
     shutil.copy(HERE / "yubikey-kube-proxy.service", tmp_path)
-    done = subprocess.run(["systemd-analyze", "--user", "verify",
-                           str(tmp_path / "yubikey-kube-proxy.service")],
-                          env={**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            "systemd-analyze",
+            "--user",
+            "verify",
+            str(tmp_path / "yubikey-kube-proxy.service"),
+        ],
+        env={**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (done.returncode, done.stderr) == (0, "")
 
 
-def test_shell_runs_a_command_through_the_card_and_passes_its_exit_code(card57, cluster,
-                                                                         tmp_path, capsys):
-    assert yk.main(["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir",
-                    str(tmp_path)]) == 0
-    script = ("kubectl get --raw /version --request-timeout 30s > "
-              f"{tmp_path / 'out.json'} && test -n \"$YUBIKEY_KUBE_PROXY_SHELL\" && exit 7")
-    done = subprocess.run([sys.executable, str(HERE / "yk_kube_proxy.py"), "shell",
-                           "--kubeconfig", str(tmp_path / "proxy.yml"), "--", "sh", "-c",
-                           script], capture_output=True, text=True, timeout=120)
+def test_shell_runs_a_command_through_the_card_and_passes_its_exit_code(
+    card57, cluster, tmp_path, capsys
+):
+    assert (
+        yk.main(
+            [
+                "setup",
+                "--kubeconfig",
+                str(cluster.kubeconfig),
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    script = (
+        "kubectl get --raw /version --request-timeout 30s > "
+        f'{tmp_path / "out.json"} && test -n "$YUBIKEY_KUBE_PROXY_SHELL" && exit 7'
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "yk_kube_proxy.py"),
+            "shell",
+            "--kubeconfig",
+            str(tmp_path / "proxy.yml"),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 7, done.stderr
     assert json.loads((tmp_path / "out.json").read_text())["gitVersion"] == "v1.32.0"
     assert "through the YubiKey; exit the shell to stop" in done.stderr
-    nested = subprocess.run([sys.executable, str(HERE / "yk_kube_proxy.py"), "shell",
-                             "--kubeconfig", str(tmp_path / "proxy.yml")],
-                            env={**os.environ, "YUBIKEY_KUBE_PROXY_SHELL": "1",
-                                 "KUBECONFIG": "/x/client.yml"},
-                            capture_output=True, text=True, timeout=60)
-    assert (nested.returncode, nested.stderr) == (1, (
-        "yubikey-kube-proxy: error: this is already a yubikey-kube-proxy shell "
-        "(KUBECONFIG=/x/client.yml): exit it first\n"))
+    nested = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "yk_kube_proxy.py"),
+            "shell",
+            "--kubeconfig",
+            str(tmp_path / "proxy.yml"),
+        ],
+        env={
+            **os.environ,
+            "YUBIKEY_KUBE_PROXY_SHELL": "1",
+            "KUBECONFIG": "/x/client.yml",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (nested.returncode, nested.stderr) == (
+        1,
+        (
+            "yubikey-kube-proxy: error: this is already a yubikey-kube-proxy shell "
+            "(KUBECONFIG=/x/client.yml): exit it first\n"
+        ),
+    )
 
 
 def test_sigterm_lets_an_open_request_finish(proxied, cluster):
@@ -4500,19 +5636,28 @@ def test_card_reset_by_another_program_is_recovered(proxied_rig, rig):
     state = proxied_rig
     assert state.client.get("/version")[0] == 200
     hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-    hresult, handle, _ = scard.SCardConnect(context, rig.reader(), scard.SCARD_SHARE_SHARED,
-                                            scard.SCARD_PROTOCOL_T1)
-    hresult, _ = scard.SCardReconnect(handle, scard.SCARD_SHARE_SHARED,
-                                      scard.SCARD_PROTOCOL_T1, scard.SCARD_RESET_CARD)
+    hresult, handle, _ = scard.SCardConnect(
+        context, rig.reader(), scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T1
+    )
+    hresult, _ = scard.SCardReconnect(
+        handle,
+        scard.SCARD_SHARE_SHARED,
+        scard.SCARD_PROTOCOL_T1,
+        scard.SCARD_RESET_CARD,
+    )
     assert hresult == 0
     scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
     scard.SCardReleaseContext(context)
     statuses = [state.client.get("/version")[0] for _ in range(3)]
-    FAULT_FIGURES.append(f"card reset by another program: {statuses.count(200)}/3 ok after")
+    FAULT_FIGURES.append(
+        f"card reset by another program: {statuses.count(200)}/3 ok after"
+    )
     assert statuses == [200, 200, 200]
 
 
-def test_insecure_skip_tls_verify_warns_at_start_and_in_status(card57, tmp_path, capsys):
+def test_insecure_skip_tls_verify_warns_at_start_and_in_status(
+    card57, tmp_path, capsys
+):
     cluster = start_cluster(tmp_path, **{"insecure-skip-tls-verify": True})
     try:
         doc = yaml.safe_load(cluster.kubeconfig.read_text())
@@ -4525,16 +5670,18 @@ def test_insecure_skip_tls_verify_warns_at_start_and_in_status(card57, tmp_path,
             assert f"WARNING: {yk.INSECURE_WARNING}\n" in proxy.stderr()
         finally:
             proxy.stop()
-        code, stdout, _ = run_cli("status", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml"),
-                                  capsys=capsys)
+        code, stdout, _ = run_cli(
+            "status", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml"), capsys=capsys
+        )
         assert code == 0
         assert stdout.endswith(f"warning: {yk.INSECURE_WARNING}\n")
     finally:
         cluster.api.stop()
 
 
-def test_reuse_while_present_one_signature_per_local_connection(rig, cluster, tmp_path,
-                                                                capsys):
+def test_reuse_while_present_one_signature_per_local_connection(
+    rig, cluster, tmp_path, capsys
+):
     piv = VirtualPiv(serial=10300012)
     inserted = rig.insert(piv)
     proxy = setup_and_proxy(cluster, tmp_path / "yk", "--reuse-while-present")
@@ -4551,15 +5698,18 @@ def test_reuse_while_present_one_signature_per_local_connection(rig, cluster, tm
         done = kubectl(proxy, "get", "pods")
         assert done.returncode == 0, done.stderr
         per_kubectl = piv.sign_count - signed - 1
-        FAULT_FIGURES.append(f"--reuse-while-present: 4 requests on one local connection, 1 "
-                             f"signature; kubectl get pods: {per_kubectl} signatures")
+        FAULT_FIGURES.append(
+            f"--reuse-while-present: 4 requests on one local connection, 1 "
+            f"signature; kubectl get pods: {per_kubectl} signatures"
+        )
         # The card goes away: the next request on the kept connection fails at once.
         rig.remove(inserted)
         conn.request("GET", "/version")
         response = conn.getresponse()
         assert response.status == 503
         assert json.loads(response.read())["message"] == (
-            f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it")
+            f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it"
+        )
         conn.close()
     finally:
         proxy.stop()
@@ -4579,15 +5729,18 @@ class DirectClient:
     """The baseline: stdlib ssl straight to the API server, the key on disk."""
 
     def __init__(self, cluster: Cluster, workdir: Path) -> None:
-        self.context = ssl.create_default_context(cadata=pem(cluster.server_ca).decode())
+        self.context = ssl.create_default_context(
+            cadata=pem(cluster.server_ca).decode()
+        )
         bundle = workdir / "direct-client.pem"
         bundle.write_bytes(pem(cluster.ident.cert) + pem(cluster.ident.key))
         self.context.load_cert_chain(bundle)
         self.port = cluster.api.port
 
     def connection(self) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context,
-                                           timeout=120)
+        return http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=self.context, timeout=120
+        )
 
     get = LocalClient.get
 
@@ -4651,9 +5804,21 @@ def parallel(client, clients: int = 8, each: int = 10) -> tuple[float, list[floa
 def kubectl_wall(config: Path, cache: Path | None, runs: int = 5) -> list[float]:
     def run() -> None:
         cache_dir = cache or Path(tempfile_dir())
-        done = subprocess.run(["kubectl", "--kubeconfig", str(config), "--cache-dir",
-                               str(cache_dir), "get", "pods"], capture_output=True, timeout=120)
+        done = subprocess.run(
+            [
+                "kubectl",
+                "--kubeconfig",
+                str(config),
+                "--cache-dir",
+                str(cache_dir),
+                "get",
+                "pods",
+            ],
+            capture_output=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
+
     return timings(run, runs)
 
 
@@ -4669,8 +5834,18 @@ def test_benchmark(rig, tmp_path):
     for kind in ("p256", "rsa2048"):
         rows += bench_latency(rig, tmp_path / kind, kind)
     rows += bench_transfer_kubectl_memory(rig, tmp_path / "more")
-    print("\n".join(["", "=" * 78, "yubikey-kube-proxy benchmark (median / p90 of "
-                     f"{BENCH_RUNS} runs unless noted)", "=" * 78, *rows]))
+    print(
+        "\n".join(
+            [
+                "",
+                "=" * 78,
+                "yubikey-kube-proxy benchmark (median / p90 of "
+                f"{BENCH_RUNS} runs unless noted)",
+                "=" * 78,
+                *rows,
+            ]
+        )
+    )
 
 
 def bench_latency(rig, workdir: Path, kind: str) -> list[str]:
@@ -4694,17 +5869,19 @@ def bench_latency(rig, workdir: Path, kind: str) -> list[str]:
         ceiling = 1000 / card_ms
         return [
             f"-- {kind}: one request per fresh connection (GET /version)",
-            f"  (a) direct, key on disk, stdlib ssl  {med(a)*1000:7.2f} / {p90(a)*1000:7.2f} ms",
-            f"  (b) proxy, instant card              {med(b)*1000:7.2f} / {p90(b)*1000:7.2f} ms",
-            f"  (c) proxy, {card_ms:.0f} ms card                {med(c)*1000:7.2f} / "
-            f"{p90(c)*1000:7.2f} ms",
-            f"  proxy's own cost (b)-(a)             {(med(b)-med(a))*1000:7.2f} ms",
-            f"  what a user feels (c)/((a)+card)     {med(c)/(med(a)+card_ms/1000):7.2f} x",
+            f"  (a) direct, key on disk, stdlib ssl  {med(a) * 1000:7.2f} / "
+            f"{p90(a) * 1000:7.2f} ms",
+            f"  (b) proxy, instant card              {med(b) * 1000:7.2f} / "
+            f"{p90(b) * 1000:7.2f} ms",
+            f"  (c) proxy, {card_ms:.0f} ms card                {med(c) * 1000:7.2f} / "
+            f"{p90(c) * 1000:7.2f} ms",
+            f"  proxy's own cost (b)-(a)             {(med(b) - med(a)) * 1000:7.2f} ms",
+            f"  what a user feels (c)/((a)+card)     {med(c) / (med(a) + card_ms / 1000):7.2f} x",
             f"  8 clients x 10 requests, instant card {rps_fast:6.1f} req/s, p90 "
-            f"{p90(lat_fast)*1000:.1f} ms",
+            f"{p90(lat_fast) * 1000:.1f} ms",
             f"  8 clients x 10 requests, {card_ms:.0f} ms card  {rps_slow:6.1f} req/s "
-            f"({rps_slow/ceiling:.0%} of the card's {ceiling:.1f}/s), p90 "
-            f"{p90(lat_slow)*1000:.1f} ms",
+            f"({rps_slow / ceiling:.0%} of the card's {ceiling:.1f}/s), p90 "
+            f"{p90(lat_slow) * 1000:.1f} ms",
         ]
     finally:
         proxy.stop()
@@ -4726,10 +5903,14 @@ def bench_transfer_kubectl_memory(rig, workdir: Path) -> list[str]:
         for size in (20_000_000, 200_000_000):
             d = med([download(direct, size) for _ in range(3)])
             p = med([download(local, size) for _ in range(3)])
-            rows.append(f"  {size // 1_000_000:3d} MB: direct {d:7.1f} MB/s, proxy {p:7.1f} "
-                        f"MB/s ({p / d:.0%} of direct)")
-        rows.append(f"-- proxy peak RSS: idle {idle:.1f} MB, after the 200 MB downloads "
-                    f"{peak_rss_mb(proxy.process.pid):.1f} MB")
+            rows.append(
+                f"  {size // 1_000_000:3d} MB: direct {d:7.1f} MB/s, proxy {p:7.1f} "
+                f"MB/s ({p / d:.0%} of direct)"
+            )
+        rows.append(
+            f"-- proxy peak RSS: idle {idle:.1f} MB, after the 200 MB downloads "
+            f"{peak_rss_mb(proxy.process.pid):.1f} MB"
+        )
         rows += bench_kubectl(cluster, piv, proxy, reuse, workdir)
         return rows
     finally:
@@ -4740,25 +5921,35 @@ def bench_transfer_kubectl_memory(rig, workdir: Path) -> list[str]:
 
 
 def bench_kubectl(cluster, piv, proxy, reuse, workdir: Path) -> list[str]:
-    rows = ["-- kubectl get pods wall time (median / p90 of 5; cold = empty discovery cache)"]
+    rows = [
+        "-- kubectl get pods wall time (median / p90 of 5; cold = empty discovery cache)"
+    ]
     warm = workdir / "warm-cache"
-    for label, config in (("direct, key on disk", cluster.kubeconfig),
-                          ("proxy, instant card", proxy.client_config)):
+    for label, config in (
+        ("direct, key on disk", cluster.kubeconfig),
+        ("proxy, instant card", proxy.client_config),
+    ):
         kubectl_wall(config, warm / label.split(",")[0], 1)
         cold = kubectl_wall(config, None)
         hot = kubectl_wall(config, warm / label.split(",")[0])
-        rows.append(f"  {label:28s} cold {med(cold)*1000:6.0f} / {p90(cold)*1000:6.0f} ms,"
-                    f" warm {med(hot)*1000:6.0f} / {p90(hot)*1000:6.0f} ms")
+        rows.append(
+            f"  {label:28s} cold {med(cold) * 1000:6.0f} / {p90(cold) * 1000:6.0f} ms,"
+            f" warm {med(hot) * 1000:6.0f} / {p90(hot) * 1000:6.0f} ms"
+        )
     piv.sign_delay = REAL_CARD_SECONDS["p256"]
-    for label, process in (("fresh connection per request", proxy),
-                           ("--reuse-while-present", reuse)):
+    for label, process in (
+        ("fresh connection per request", proxy),
+        ("--reuse-while-present", reuse),
+    ):
         for temperature, cache in (("cold", None), ("warm", warm / label[:5])):
             if cache:
                 kubectl_wall(process.client_config, cache, 1)
             before = piv.sign_count
             walls = kubectl_wall(process.client_config, cache)
             signatures = (piv.sign_count - before) / len(walls)
-            rows.append(f"  72 ms card, {label:28s} {temperature} {med(walls)*1000:6.0f} ms,"
-                        f" {signatures:4.1f} card signatures per kubectl get pods")
+            rows.append(
+                f"  72 ms card, {label:28s} {temperature} {med(walls) * 1000:6.0f} ms,"
+                f" {signatures:4.1f} card signatures per kubectl get pods"
+            )
     piv.sign_delay = 0.0
     return rows

@@ -57,20 +57,26 @@ log = logging.getLogger("yk_kube_proxy")
 PROG = "yubikey-kube-proxy"
 EXTENSION_NAME = "yubikey-kube-proxy"
 DEFAULT_PORT = 8080
-DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
+DEFAULT_MANAGEMENT_KEY = bytes.fromhex(
+    "010203040506070801020304050607080102030405060708"
+)
 EXPIRY_WARNING_DAYS = 30
 CHUNK = 64 * 1024  # largest write on either side of the relay
 HANDSHAKE_TIMEOUT = 30.0  # seconds: longer than a YubiKey's 15 s touch window
 LOCAL_PKI_DAYS = 3650  # the local hop's certificates; setup makes new ones
 TOUCH_REMINDER_SECONDS = 0.2
-INSECURE_WARNING = ("insecure-skip-tls-verify is set: the API server's certificate is NOT "
-                    "checked, so anyone on the network path can impersonate it and use "
-                    "your card's signatures; remove it and set certificate-authority-data")
+INSECURE_WARNING = (
+    "insecure-skip-tls-verify is set: the API server's certificate is NOT "
+    "checked, so anyone on the network path can impersonate it and use "
+    "your card's signatures; remove it and set certificate-authority-data"
+)
 SHELL_ENV = "YUBIKEY_KUBE_PROXY_SHELL"  # set inside a shell, to refuse nesting
 SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight requests may finish after SIGTERM
-PIN_RELOAD_HINT = (" (the proxy will not send it again: fix the PIN or the PIN file, then "
-                   f"reload the proxy with kill -HUP or 'systemctl --user reload {PROG}', "
-                   "or restart it)")
+PIN_RELOAD_HINT = (
+    " (the proxy will not send it again: fix the PIN or the PIN file, then "
+    f"reload the proxy with kill -HUP or 'systemctl --user reload {PROG}', "
+    "or restart it)"
+)
 
 # PIV application (NIST SP 800-73-4 part 2) and Yubico's extensions.
 PIV_AID = bytes.fromhex("A000000308")
@@ -423,8 +429,11 @@ def key_algorithm(key: Any) -> KeyAlgorithm:
             return curves[key.curve.name]
         kind = f"an EC {key.curve.name} key"
     elif isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
-        sizes = {2048: KeyAlgorithm.RSA2048, 3072: KeyAlgorithm.RSA3072,
-                 4096: KeyAlgorithm.RSA4096}
+        sizes = {
+            2048: KeyAlgorithm.RSA2048,
+            3072: KeyAlgorithm.RSA3072,
+            4096: KeyAlgorithm.RSA4096,
+        }
         if key.key_size in sizes:
             return sizes[key.key_size]
         kind = f"an RSA-{key.key_size} key"
@@ -449,7 +458,9 @@ def import_key_data(key: Any) -> bytes:
         numbers = key.private_numbers()
         half = key.key_size // 16
         parts = (numbers.p, numbers.q, numbers.dmp1, numbers.dmq1, numbers.iqmp)
-        return b"".join(tlv(tag, v.to_bytes(half, "big")) for tag, v in enumerate(parts, 1))
+        return b"".join(
+            tlv(tag, v.to_bytes(half, "big")) for tag, v in enumerate(parts, 1)
+        )
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return tlv(0x07, key.private_bytes_raw())
     raise ConfigError(f"cannot import a {type(key).__name__} into a YubiKey")
@@ -542,8 +553,9 @@ def pcsc_error(hresult: int, reader: str = "") -> CardError:
     code = hresult & 0xFFFFFFFF
     where = f" in reader {reader!r}" if reader else ""
     if code in (SCARD_W_RESET_CARD, SCARD_E_INVALID_HANDLE, SCARD_E_SERVICE_STOPPED):
-        return TransientCardError(f"the card{where} was reset or pcscd restarted "
-                                  f"(0x{code:08X}): try again")
+        return TransientCardError(
+            f"the card{where} was reset or pcscd restarted (0x{code:08X}): try again"
+        )
     if code == SCARD_E_NO_SERVICE:
         return CardError(
             "cannot reach the PC/SC daemon (pcscd): start it with "
@@ -589,7 +601,9 @@ class PcscContext:
     def connect(self, reader: str) -> PcscTransport:
         sc = self._scard
         hresult, hcard, protocol = sc.SCardConnect(
-            self.handle, reader, sc.SCARD_SHARE_SHARED,
+            self.handle,
+            reader,
+            sc.SCARD_SHARE_SHARED,
             sc.SCARD_PROTOCOL_T0 | sc.SCARD_PROTOCOL_T1,
         )
         if hresult != 0:
@@ -608,7 +622,9 @@ class PcscTransport:
     def __init__(self, sc: Any, hcard: Any, protocol: int, reader: str) -> None:
         self._sc = sc
         self._hcard = hcard
-        self._pci = sc.SCARD_PCI_T1 if protocol == sc.SCARD_PROTOCOL_T1 else sc.SCARD_PCI_T0
+        self._pci = (
+            sc.SCARD_PCI_T1 if protocol == sc.SCARD_PROTOCOL_T1 else sc.SCARD_PCI_T0
+        )
         self.reader = reader
 
     def transmit(self, apdu: bytes) -> tuple[bytes, int]:
@@ -616,7 +632,9 @@ class PcscTransport:
         if hresult != 0:
             raise pcsc_error(hresult, self.reader)
         if len(response) < 2:
-            raise CardError(f"the card in reader {self.reader!r} sent a truncated answer")
+            raise CardError(
+                f"the card in reader {self.reader!r} sent a truncated answer"
+            )
         return bytes(response[:-2]), (response[-2] << 8) | response[-1]
 
     @contextlib.contextmanager
@@ -650,8 +668,16 @@ class PivSession:
 
     # -- framing ---------------------------------------------------------------
 
-    def send(self, ins: int, p1: int, p2: int, data: bytes = b"", *,
-             le: bool = True, what: str = "") -> bytes:
+    def send(
+        self,
+        ins: int,
+        p1: int,
+        p2: int,
+        data: bytes = b"",
+        *,
+        le: bool = True,
+        what: str = "",
+    ) -> bytes:
         """Send a command with chaining; collect 61xx continuations; raise on error."""
         response, sw = self._send_chained(ins, p1, p2, data, le)
         while sw >> 8 == 0x61:
@@ -661,11 +687,14 @@ class PivSession:
             raise self.error(sw, what or f"command {ins:02X}")
         return response
 
-    def _send_chained(self, ins: int, p1: int, p2: int, data: bytes,
-                      le: bool) -> tuple[bytes, int]:
+    def _send_chained(
+        self, ins: int, p1: int, p2: int, data: bytes, le: bool
+    ) -> tuple[bytes, int]:
         while len(data) > 255:
             chunk, data = data[:255], data[255:]
-            response, sw = self._transmit(encode_apdu(CLA_CHAIN, ins, p1, p2, chunk, False))
+            response, sw = self._transmit(
+                encode_apdu(CLA_CHAIN, ins, p1, p2, chunk, False)
+            )
             if sw != SW_OK:
                 return response, sw
         return self._transmit(encode_apdu(0, ins, p1, p2, data, le))
@@ -676,14 +705,18 @@ class PivSession:
             log.debug("APDU > %s %s", apdu[:4].hex(), body)
         data, sw = self._transport.transmit(apdu)
         if log.isEnabledFor(logging.DEBUG):
-            secret = apdu[1] in (INS_GENERAL_AUTHENTICATE,) and apdu[3] == KEY_MANAGEMENT
+            secret = (
+                apdu[1] in (INS_GENERAL_AUTHENTICATE,) and apdu[3] == KEY_MANAGEMENT
+            )
             log.debug("APDU < %s %04X", "<redacted>" if secret else data.hex(), sw)
         return data, sw
 
     def error(self, sw: int, what: str) -> ApduError:
         """The one place status words become typed errors."""
         where = f" (reader {self.reader!r})" if self.reader else ""
-        return ApduError(f"the YubiKey refused {what}{where}: {sw_text(sw)} (SW {sw:04X})", sw)
+        return ApduError(
+            f"the YubiKey refused {what}{where}: {sw_text(sw)} (SW {sw:04X})", sw
+        )
 
     # -- identity ----------------------------------------------------------------
 
@@ -705,7 +738,9 @@ class PivSession:
     def get_serial(self) -> int | None:
         """The serial number (firmware 5+; None when the card hides it)."""
         try:
-            return int.from_bytes(self.send(INS_GET_SERIAL, 0, 0, what="GET SERIAL"), "big")
+            return int.from_bytes(
+                self.send(INS_GET_SERIAL, 0, 0, what="GET SERIAL"), "big"
+            )
         except ApduError:
             return None
 
@@ -754,18 +789,24 @@ class PivSession:
 
     def verify_pin(self, pin: str) -> None:
         """VERIFY the PIN once. A rejection raises PinError; the caller never retries."""
-        _, sw = self._transmit(encode_apdu(0, INS_VERIFY, 0, KEY_PIN, pin_block(pin), False))
+        _, sw = self._transmit(
+            encode_apdu(0, INS_VERIFY, 0, KEY_PIN, pin_block(pin), False)
+        )
         if sw == SW_OK:
             return
         if sw == SW_AUTH_BLOCKED or sw == 0x63C0:
             raise PinError(
                 "the PIN is blocked: unblock it with the PUK "
-                "('ykman piv access unblock-pin' or 'yubico-piv-tool -a unblock-pin')", 0)
+                "('ykman piv access unblock-pin' or 'yubico-piv-tool -a unblock-pin')",
+                0,
+            )
         if sw >> 4 == 0x63C:
             left = sw & 0x0F
             raise PinError(
                 f"wrong PIN: the YubiKey has {left} tries left before it blocks the PIN; "
-                "check the PIN (or the PIN file) and try again", left)
+                "check the PIN (or the PIN file) and try again",
+                left,
+            )
         raise self.error(sw, "VERIFY PIN")
 
     # -- management key ------------------------------------------------------------
@@ -785,37 +826,52 @@ class PivSession:
             raise ManagementKeyError(
                 f"this YubiKey's management key is {ALGORITHM_NAMES[algorithm]} "
                 f"({MANAGEMENT_KEY_SIZES[algorithm]} bytes) but the key given has "
-                f"{len(key)} bytes: pass the right one with --management-key HEX")
+                f"{len(key)} bytes: pass the right one with --management-key HEX"
+            )
         cipher = management_cipher(algorithm, key)
         witness = self._dyn_auth(algorithm, tlv(TAG_AUTH_WITNESS))[TAG_AUTH_WITNESS]
         decryptor = cipher.decryptor()
         answer = decryptor.update(witness) + decryptor.finalize()
         challenge = secrets.token_bytes(len(witness))
         try:
-            reply = self._dyn_auth(algorithm, tlv(TAG_AUTH_WITNESS, answer)
-                                   + tlv(TAG_AUTH_CHALLENGE, challenge))
+            reply = self._dyn_auth(
+                algorithm,
+                tlv(TAG_AUTH_WITNESS, answer) + tlv(TAG_AUTH_CHALLENGE, challenge),
+            )
         except ApduError as exc:
             if exc.sw in (SW_SECURITY_STATUS, SW_INCORRECT_DATA, SW_AUTH_BLOCKED):
                 raise ManagementKeyError(
                     "the YubiKey rejected the management key: pass the card's key with "
-                    "--management-key HEX (the factory key is the default)") from None
+                    "--management-key HEX (the factory key is the default)"
+                ) from None
             raise
         encryptor = cipher.encryptor()
         expected = encryptor.update(challenge) + encryptor.finalize()
         if not hmac.compare_digest(reply.get(TAG_AUTH_RESPONSE, b""), expected):
             raise ManagementKeyError(
                 "the card's answer to our management-key challenge is wrong: "
-                "this is not the YubiKey it claims to be, or it is faulty")
+                "this is not the YubiKey it claims to be, or it is faulty"
+            )
 
     def _dyn_auth(self, algorithm: int, content: bytes) -> dict[int, bytes]:
-        reply = self.send(INS_GENERAL_AUTHENTICATE, algorithm, KEY_MANAGEMENT,
-                          tlv(TAG_DYN_AUTH, content), what="management-key authentication")
+        reply = self.send(
+            INS_GENERAL_AUTHENTICATE,
+            algorithm,
+            KEY_MANAGEMENT,
+            tlv(TAG_DYN_AUTH, content),
+            what="management-key authentication",
+        )
         return parse_tlvs(parse_tlvs(reply).get(TAG_DYN_AUTH, b""))
 
     # -- keys and certificates ----------------------------------------------------
 
-    def import_key(self, slot: Slot, private_key: Any, pin_policy: PinPolicy,
-                   touch_policy: TouchPolicy) -> None:
+    def import_key(
+        self,
+        slot: Slot,
+        private_key: Any,
+        pin_policy: PinPolicy,
+        touch_policy: TouchPolicy,
+    ) -> None:
         """IMPORT a private key into a slot. Requires management-key authentication."""
         algorithm = key_algorithm(private_key)
         needed = IMPORTABLE[algorithm]
@@ -823,26 +879,46 @@ class PivSession:
             raise ConfigError(
                 f"{ALGORITHM_NAMES[algorithm]} keys need YubiKey firmware "
                 f"{'.'.join(map(str, needed))} or later; this card has "
-                f"{'.'.join(map(str, self.version))}")
+                f"{'.'.join(map(str, self.version))}"
+            )
         data = import_key_data(private_key)
         data += tlv(TAG_PIN_POLICY, bytes([pin_policy]))
         data += tlv(TAG_TOUCH_POLICY, bytes([touch_policy]))
-        self.send(INS_IMPORT_KEY, algorithm, slot.key, data, le=False,
-                  what=f"the key import into slot {slot.name}")
+        self.send(
+            INS_IMPORT_KEY,
+            algorithm,
+            slot.key,
+            data,
+            le=False,
+            what=f"the key import into slot {slot.name}",
+        )
 
     def put_certificate(self, slot: Slot, der: bytes) -> None:
         """Store a certificate (uncompressed). Requires management-key authentication."""
         value = tlv(TAG_CERTIFICATE, der) + tlv(TAG_CERT_INFO, b"\x00") + tlv(TAG_LRC)
-        data = tlv(TAG_OBJ_ID, slot.object_id.to_bytes(3, "big")) + tlv(TAG_OBJ_DATA, value)
-        self.send(INS_PUT_DATA, 0x3F, 0xFF, data, le=False,
-                  what=f"storing the certificate of slot {slot.name}")
+        data = tlv(TAG_OBJ_ID, slot.object_id.to_bytes(3, "big")) + tlv(
+            TAG_OBJ_DATA, value
+        )
+        self.send(
+            INS_PUT_DATA,
+            0x3F,
+            0xFF,
+            data,
+            le=False,
+            what=f"storing the certificate of slot {slot.name}",
+        )
 
     def get_certificate(self, slot: Slot) -> bytes | None:
         """The DER certificate of a slot, or None when there is none."""
         request = tlv(TAG_OBJ_ID, slot.object_id.to_bytes(3, "big"))
         try:
-            reply = self.send(INS_GET_DATA, 0x3F, 0xFF, request,
-                              what=f"reading the certificate of slot {slot.name}")
+            reply = self.send(
+                INS_GET_DATA,
+                0x3F,
+                0xFF,
+                request,
+                what=f"reading the certificate of slot {slot.name}",
+            )
         except ApduError as exc:
             if exc.sw == SW_FILE_NOT_FOUND:
                 return None
@@ -857,30 +933,45 @@ class PivSession:
 
     def sign_raw(self, slot: Slot, algorithm: KeyAlgorithm, data: bytes) -> bytes:
         """The card's private-key operation on prepared input (see sign_message)."""
-        request = tlv(TAG_DYN_AUTH, tlv(TAG_AUTH_RESPONSE) + tlv(TAG_AUTH_CHALLENGE, data))
+        request = tlv(
+            TAG_DYN_AUTH, tlv(TAG_AUTH_RESPONSE) + tlv(TAG_AUTH_CHALLENGE, data)
+        )
         try:
-            reply = self.send(INS_GENERAL_AUTHENTICATE, algorithm, slot.key, request,
-                              what=f"a signature with slot {slot.name}")
+            reply = self.send(
+                INS_GENERAL_AUTHENTICATE,
+                algorithm,
+                slot.key,
+                request,
+                what=f"a signature with slot {slot.name}",
+            )
         except ApduError as exc:
             if exc.sw == SW_SECURITY_STATUS:
                 raise CardError(
                     f"the YubiKey refused to sign with slot {slot.name}: the PIN was not "
-                    "verified or the key was not touched in time") from None
+                    "verified or the key was not touched in time"
+                ) from None
             raise
         return parse_tlvs(parse_tlvs(reply).get(TAG_DYN_AUTH, b""))[TAG_AUTH_RESPONSE]
 
-    def sign_message(self, slot: Slot, algorithm: KeyAlgorithm, message: bytes) -> bytes:
-        """Sign with SHA-256 (ECDSA, RSA PKCS#1 v1.5) or pure Ed25519; the standard
-        signature encoding comes back (DER for ECDSA)."""
-        if algorithm == KeyAlgorithm.ED25519:
-            return self.sign_raw(slot, algorithm, message)
-        digest = hashlib.sha256(message).digest()
-        if algorithm in (KeyAlgorithm.ECCP256, KeyAlgorithm.ECCP384):
-            size = 32 if algorithm == KeyAlgorithm.ECCP256 else 48
-            return self.sign_raw(slot, algorithm, ecdsa_input(digest, size))
-        size = {KeyAlgorithm.RSA2048: 256, KeyAlgorithm.RSA3072: 384,
-                KeyAlgorithm.RSA4096: 512, KeyAlgorithm.RSA1024: 128}[algorithm]
-        return self.sign_raw(slot, algorithm, pkcs1v15_block(digest, "sha256", size))
+
+def sign_message(
+    piv: PivSession, slot: Slot, algorithm: KeyAlgorithm, message: bytes
+) -> bytes:
+    """Sign with SHA-256 (ECDSA, RSA PKCS#1 v1.5) or pure Ed25519 on the card; the
+    standard signature encoding comes back (DER for ECDSA)."""
+    if algorithm == KeyAlgorithm.ED25519:
+        return piv.sign_raw(slot, algorithm, message)
+    digest = hashlib.sha256(message).digest()
+    if algorithm in (KeyAlgorithm.ECCP256, KeyAlgorithm.ECCP384):
+        size = 32 if algorithm == KeyAlgorithm.ECCP256 else 48
+        return piv.sign_raw(slot, algorithm, ecdsa_input(digest, size))
+    size = {
+        KeyAlgorithm.RSA2048: 256,
+        KeyAlgorithm.RSA3072: 384,
+        KeyAlgorithm.RSA4096: 512,
+        KeyAlgorithm.RSA1024: 128,
+    }[algorithm]
+    return piv.sign_raw(slot, algorithm, pkcs1v15_block(digest, "sha256", size))
 
 
 # =============================================================================
@@ -989,7 +1080,8 @@ class Card:
         if serial != self.info.serial:
             raise NoCardError(
                 f"the YubiKey in reader {self.reader!r} is serial {serial}, not serial "
-                f"{self.info.serial} that holds the key: insert that one")
+                f"{self.info.serial} that holds the key: insert that one"
+            )
 
     def identify(self) -> CardInfo:
         with self.session() as piv:
@@ -1050,7 +1142,8 @@ def open_card(reader: str | None = None, serial: int | None = None) -> Card:
             seen = ", ".join(str(c.info.serial) for c in cards if c.info) or "none"
             raise NoCardError(
                 f"no YubiKey with serial {serial} found (inserted: {seen}): "
-                "insert it or fix --serial")
+                "insert it or fix --serial"
+            )
         cards, others = chosen, [c for c in cards if c not in chosen]
         _close_all(others)
     if not cards:
@@ -1060,7 +1153,8 @@ def open_card(reader: str | None = None, serial: int | None = None) -> Card:
         listing = "; ".join(c.info.describe() for c in cards if c.info)
         _close_all(cards)
         raise ConfigError(
-            f"several YubiKeys found: {listing}; choose one with --serial N or --reader NAME")
+            f"several YubiKeys found: {listing}; choose one with --serial N or --reader NAME"
+        )
     return cards[0]
 
 
@@ -1075,8 +1169,9 @@ class PinSource:
     Asked only when the card says the PIN is needed; never asked twice for
     one failure: a rejected PIN raises and is not tried again."""
 
-    def __init__(self, path: str | None = None, label: str = "YubiKey",
-                 reload_hint: str = "") -> None:
+    def __init__(
+        self, path: str | None = None, label: str = "YubiKey", reload_hint: str = ""
+    ) -> None:
         self.path = path
         self.label = label
         self.reload_hint = reload_hint
@@ -1092,7 +1187,9 @@ class PinSource:
 
     def reject(self, error: PinError) -> None:
         """Remember a rejection: the PIN is not sent to the card again until reload()."""
-        message = f"{error}{self.reload_hint}" if error.attempts_remaining else str(error)
+        message = (
+            f"{error}{self.reload_hint}" if error.attempts_remaining else str(error)
+        )
         self.rejected = PinError(message, error.attempts_remaining)
         self._pin = None
 
@@ -1105,7 +1202,8 @@ class PinSource:
         if not sys.stdin.isatty():
             raise ConfigError(
                 f"the {self.label} needs its PIN and there is no terminal to ask on: "
-                "pass --pin-file PATH")
+                "pass --pin-file PATH"
+            )
         pin = getpass.getpass(f"PIN for {self.label}: ")
         if not pin:
             raise ConfigError("no PIN entered: run the command again and enter the PIN")
@@ -1117,7 +1215,9 @@ class PinSource:
             text = path.read_text()
             mode = path.stat().st_mode
         except OSError as exc:
-            raise ConfigError(f"cannot read the PIN file {path}: {exc.strerror}") from None
+            raise ConfigError(
+                f"cannot read the PIN file {path}: {exc.strerror}"
+            ) from None
         if mode & 0o077:
             log.warning("the PIN file %s is readable by others: chmod 600 it", path)
         pin = text.strip("\r\n")
@@ -1182,17 +1282,22 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read kubeconfig {path}: {exc.strerror}; "
-                          "pass the right file with --kubeconfig") from None
+        raise ConfigError(
+            f"cannot read kubeconfig {path}: {exc.strerror}; "
+            "pass the right file with --kubeconfig"
+        ) from None
     try:
         doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"kubeconfig {path} is not valid YAML{where}: fix or "
-                          "replace the file") from None
+        raise ConfigError(
+            f"kubeconfig {path} is not valid YAML{where}: fix or replace the file"
+        ) from None
     if not isinstance(doc, dict):
-        raise ConfigError(f"kubeconfig {path} is not a kubeconfig (no mapping at the top)")
+        raise ConfigError(
+            f"kubeconfig {path} is not a kubeconfig (no mapping at the top)"
+        )
     return doc
 
 
@@ -1202,31 +1307,44 @@ class Kubeconfig:
     def __init__(self, paths: list[Path]) -> None:
         existing = [p for p in paths if p.exists()] if len(paths) > 1 else paths
         if not existing:
-            raise ConfigError(f"none of the kubeconfig files exist: "
-                              f"{', '.join(map(str, paths))}; pass one with --kubeconfig")
+            raise ConfigError(
+                f"none of the kubeconfig files exist: "
+                f"{', '.join(map(str, paths))}; pass one with --kubeconfig"
+            )
         self.paths = existing
         self.current_context: str | None = None
         self.entries: dict[str, dict[str, Named]] = {
-            "clusters": {}, "contexts": {}, "users": {}}
+            "clusters": {},
+            "contexts": {},
+            "users": {},
+        }
         for path in existing:
             self._merge(path, _load_yaml(path))
 
     def _merge(self, path: Path, doc: dict[str, Any]) -> None:
         base = path.resolve().parent
-        self.current_context = self.current_context or doc.get("current-context") or None
-        for kind, inner in (("clusters", "cluster"), ("contexts", "context"),
-                            ("users", "user")):
+        self.current_context = (
+            self.current_context or doc.get("current-context") or None
+        )
+        for kind, inner in (
+            ("clusters", "cluster"),
+            ("contexts", "context"),
+            ("users", "user"),
+        ):
             for item in doc.get(kind) or []:
                 if isinstance(item, dict) and item.get("name"):
                     body = item.get(inner) or {}
-                    self.entries[kind].setdefault(item["name"], Named(item["name"], body, base))
+                    self.entries[kind].setdefault(
+                        item["name"], Named(item["name"], body, base)
+                    )
 
     def _get(self, kind: str, name: str, context: str) -> Named:
         entry = self.entries[kind].get(name)
         if entry is None:
             raise ConfigError(
                 f"context {context!r} names {kind[:-1]} {name!r}, which is not in "
-                f"{self.describe()}: fix the kubeconfig")
+                f"{self.describe()}: fix the kubeconfig"
+            )
         return entry
 
     def describe(self) -> str:
@@ -1235,16 +1353,26 @@ class Kubeconfig:
     def resolve(self, context: str | None) -> KubeContext:
         name = context or self.current_context
         if not name:
-            raise ConfigError(f"{self.describe()} has no current-context: pass --context NAME")
+            raise ConfigError(
+                f"{self.describe()} has no current-context: pass --context NAME"
+            )
         ctx = self.entries["contexts"].get(name)
         if ctx is None:
             known = ", ".join(sorted(self.entries["contexts"])) or "none"
-            raise ConfigError(f"context {name!r} not found in {self.describe()} "
-                              f"(contexts: {known}): pass --context NAME")
+            raise ConfigError(
+                f"context {name!r} not found in {self.describe()} "
+                f"(contexts: {known}): pass --context NAME"
+            )
         cluster = self._get("clusters", ctx.body.get("cluster", ""), name)
         user = self._get("users", ctx.body.get("user", ""), name)
-        return KubeContext(name, cluster, user, ctx.body.get("namespace"),
-                           find_extension(ctx.body), self.paths)
+        return KubeContext(
+            name,
+            cluster,
+            user,
+            ctx.body.get("namespace"),
+            find_extension(ctx.body),
+            self.paths,
+        )
 
 
 def find_extension(body: dict[str, Any]) -> dict[str, Any]:
@@ -1263,15 +1391,17 @@ def read_material(entry: Named, data_key: str, path_key: str) -> bytes | None:
         try:
             return base64.b64decode(entry.body[data_key], validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigError(f"{data_key} of {entry.name!r} is not valid base64: "
-                              "fix the kubeconfig") from None
+            raise ConfigError(
+                f"{data_key} of {entry.name!r} is not valid base64: fix the kubeconfig"
+            ) from None
     if entry.body.get(path_key):
         path = entry.base / Path(entry.body[path_key]).expanduser()
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise ConfigError(f"cannot read {path_key} {path} of {entry.name!r}: "
-                              f"{exc.strerror}") from None
+            raise ConfigError(
+                f"cannot read {path_key} {path} of {entry.name!r}: {exc.strerror}"
+            ) from None
     return None
 
 
@@ -1304,8 +1434,10 @@ def load_certificate(data: bytes, what: str) -> Any:
             return x509.load_pem_x509_certificates(data)[0]
         return x509.load_der_x509_certificate(data)
     except ValueError:
-        raise ConfigError(f"{what} is not a readable X.509 certificate: fix the kubeconfig "
-                          "or export the certificate again") from None
+        raise ConfigError(
+            f"{what} is not a readable X.509 certificate: fix the kubeconfig "
+            "or export the certificate again"
+        ) from None
 
 
 def load_private_key(data: bytes, what: str) -> Any:
@@ -1316,18 +1448,26 @@ def load_private_key(data: bytes, what: str) -> Any:
             return serialization.load_pem_private_key(data, password=None)
         return serialization.load_der_private_key(data, password=None)
     except TypeError:
-        raise ConfigError(f"{what} is encrypted with a passphrase: decrypt it first "
-                          "(openssl pkey -in KEY) and keep the plain copy off disk") from None
+        raise ConfigError(
+            f"{what} is encrypted with a passphrase: decrypt it first "
+            "(openssl pkey -in KEY) and keep the plain copy off disk"
+        ) from None
     except (ValueError, Exception) as exc:  # unsupported or corrupt key
         if isinstance(exc, ProxyError):
             raise
-        raise ConfigError(f"{what} is not a readable private key: fix the kubeconfig") from None
+        raise ConfigError(
+            f"{what} is not a readable private key: fix the kubeconfig"
+        ) from None
 
 
 def auth_kind(user: dict[str, Any]) -> str:
-    for key, kind in (("token", "a bearer token"), ("tokenFile", "a token file"),
-                      ("exec", "an exec credential plugin"),
-                      ("auth-provider", "an auth provider"), ("username", "basic auth")):
+    for key, kind in (
+        ("token", "a bearer token"),
+        ("tokenFile", "a token file"),
+        ("exec", "an exec credential plugin"),
+        ("auth-provider", "an auth provider"),
+        ("username", "basic auth"),
+    ):
         if user.get(key):
             return kind
     return "no credentials"
@@ -1342,20 +1482,23 @@ def load_client_identity(ctx: KubeContext) -> tuple[Any, Any]:
         raise ConfigError(
             f"user {user.name!r} of context {ctx.name!r} has no client certificate and key "
             f"(it uses {auth_kind(user.body)}): yubikey-kube-proxy moves a client-certificate "
-            "key onto the card, so pick a context whose user has one with --context")
+            "key onto the card, so pick a context whose user has one with --context"
+        )
     cert = load_certificate(cert_data, f"the client certificate of user {user.name!r}")
     key = load_private_key(key_data, f"the client key of user {user.name!r}")
     key_algorithm(key)
     if not same_public_key(cert.public_key(), key.public_key()):
         raise KeyMismatchError(
             f"the client key of user {user.name!r} does not match its certificate "
-            f"({cert.subject.rfc4514_string()}): fix the kubeconfig so both belong together")
+            f"({cert.subject.rfc4514_string()}): fix the kubeconfig so both belong together"
+        )
     return cert, key
 
 
-def verify_signature(public_key: Any, algorithm: KeyAlgorithm, message: bytes,
-                     signature: bytes) -> bool:
-    """Check a signature made by ``PivSession.sign_message``."""
+def verify_signature(
+    public_key: Any, algorithm: KeyAlgorithm, message: bytes, signature: bytes
+) -> bool:
+    """Check a signature made by ``sign_message``."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, padding
@@ -1392,9 +1535,16 @@ class CardSigner:
     The PIN is verified first when the slot's policy needs it. A PIN the card
     rejected is never sent again (see PinSource.rejected)."""
 
-    def __init__(self, card: Card, slot: Slot, algorithm: KeyAlgorithm,
-                 pin_policy: PinPolicy, pins: PinSource,
-                 touch_policy: TouchPolicy = TouchPolicy.NEVER, notify: bool = False) -> None:
+    def __init__(
+        self,
+        card: Card,
+        slot: Slot,
+        algorithm: KeyAlgorithm,
+        pin_policy: PinPolicy,
+        pins: PinSource,
+        touch_policy: TouchPolicy = TouchPolicy.NEVER,
+        notify: bool = False,
+    ) -> None:
         self.card = card
         self.slot = slot
         self.algorithm = algorithm
@@ -1432,12 +1582,16 @@ class CardSigner:
             timer.cancel()
 
     def remind(self) -> None:
-        message = f"touch your YubiKey ({self.card.info.describe() if self.card.info else self.card.reader}) to approve a kubectl request"
+        card = self.card.info.describe() if self.card.info else self.card.reader
+        message = f"touch your YubiKey ({card}) to approve a kubectl request"
         log.warning("%s", message)
         if self.notify and shutil.which("notify-send"):
             with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(["notify-send", "-u", "critical", PROG, message],
-                               timeout=5, check=False)
+                subprocess.run(
+                    ["notify-send", "-u", "critical", PROG, message],
+                    timeout=5,
+                    check=False,
+                )
 
 
 def tls_private_key(signer: CardSigner, public_key: Any) -> Any:
@@ -1455,7 +1609,8 @@ def tls_private_key(signer: CardSigner, public_key: Any) -> Any:
             self.curve_name = {32: "NIST256p", 48: "NIST384p"}[self.size]
             # tlslite cuts TLS 1.2 digests to private_key.curve.baselen
             self.private_key = types.SimpleNamespace(
-                curve=types.SimpleNamespace(baselen=self.size))
+                curve=types.SimpleNamespace(baselen=self.size)
+            )
 
         def __len__(self) -> int:
             return public_key.curve.key_size
@@ -1498,8 +1653,9 @@ def tls_private_key(signer: CardSigner, public_key: Any) -> Any:
             return bytearray(signer(bytes(data)))
 
         def _hashAndVerify(self, signature: bytes, data: bytes) -> bool:  # noqa: N802
-            return verify_signature(public_key, KeyAlgorithm.ED25519, bytes(data),
-                                    bytes(signature))
+            return verify_signature(
+                public_key, KeyAlgorithm.ED25519, bytes(data), bytes(signature)
+            )
 
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return CardECDSAKey()
@@ -1513,7 +1669,9 @@ def verify_prehashed(public_key: Any, signature: bytes, digest: bytes) -> bool:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-    algorithm = {32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}[len(digest)]
+    algorithm = {32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}[
+        len(digest)
+    ]
     try:
         public_key.verify(signature, digest, ec.ECDSA(utils.Prehashed(algorithm)))
     except InvalidSignature:
@@ -1558,13 +1716,17 @@ class FastAead:
         self._aead = factory(bytes(key))
 
     def seal(self, nonce: bytes, plaintext: bytes, data: bytes) -> bytearray:
-        return bytearray(self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(data)))
+        return bytearray(
+            self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(data))
+        )
 
     def open(self, nonce: bytes, ciphertext: bytes, data: bytes) -> bytearray | None:
         from cryptography.exceptions import InvalidTag
 
         try:
-            return bytearray(self._aead.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
+            return bytearray(
+                self._aead.decrypt(bytes(nonce), bytes(ciphertext), bytes(data))
+            )
         except InvalidTag:
             return None
 
@@ -1601,7 +1763,9 @@ def fast_x25519(scalar: bytes, point: bytes) -> bytearray:
     if bytes(point) == X25519_BASE_POINT:
         return bytearray(private.public_key().public_bytes_raw())
     try:
-        return bytearray(private.exchange(X25519PublicKey.from_public_bytes(bytes(point))))
+        return bytearray(
+            private.exchange(X25519PublicKey.from_public_bytes(bytes(point)))
+        )
     except ValueError:
         return bytearray(32)
 
@@ -1614,7 +1778,8 @@ def fast_server_key(tls_key: Any, leaf: Any) -> Any:
 
     public = leaf.public_key()
     if not isinstance(tls_key, Python_ECDSAKey) or not isinstance(
-            public, ec.EllipticCurvePublicKey):
+        public, ec.EllipticCurvePublicKey
+    ):
         return tls_key
 
     class FastECDSAPublicKey(Python_ECDSAKey):
@@ -1654,22 +1819,31 @@ def go_like_policies() -> tuple[Any, Any]:
             raise ValueError("issuer is not a CA")
 
     def server_auth(policy: Any, cert: Any, ext: Any) -> None:
-        allowed = {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+        allowed = {
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+        }
         if ext is not None and not allowed & set(ext):
             raise ValueError("certificate is not for TLS servers (no serverAuth usage)")
 
     any_ = Criticality.AGNOSTIC
-    ca_policy = ExtensionPolicy.permit_all().require_present(x509.BasicConstraints, any_, is_ca)
-    ee_policy = (ExtensionPolicy.permit_all()
-                 .require_present(x509.SubjectAlternativeName, any_, None)
-                 .may_be_present(x509.ExtendedKeyUsage, any_, server_auth))
+    ca_policy = ExtensionPolicy.permit_all().require_present(
+        x509.BasicConstraints, any_, is_ca
+    )
+    ee_policy = (
+        ExtensionPolicy.permit_all()
+        .require_present(x509.SubjectAlternativeName, any_, None)
+        .may_be_present(x509.ExtendedKeyUsage, any_, server_auth)
+    )
     return ca_policy, ee_policy
 
 
 class ServerVerifier:
     """Checks the API server's chain, dates and name before the card signs."""
 
-    def __init__(self, roots: list[Any], server_name: str, insecure: bool = False) -> None:
+    def __init__(
+        self, roots: list[Any], server_name: str, insecure: bool = False
+    ) -> None:
         self.roots = roots
         self.server_name = server_name
         self.insecure = insecure
@@ -1687,16 +1861,23 @@ class ServerVerifier:
     def verify(self, chain_der: list[bytes], where: str) -> Any:
         """Raise ServerCertificateError unless the chain passes; return the leaf."""
         from cryptography import x509
-        from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+        from cryptography.x509.verification import (
+            PolicyBuilder,
+            Store,
+            VerificationError,
+        )
 
         certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
         if self.insecure:
             return certs[0]
         ca_policy, ee_policy = go_like_policies()
-        verifier = (PolicyBuilder().store(Store(self.roots))
-                    .time(datetime.datetime.now(datetime.timezone.utc))
-                    .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
-                    .build_server_verifier(self.subject()))
+        verifier = (
+            PolicyBuilder()
+            .store(Store(self.roots))
+            .time(datetime.datetime.now(datetime.timezone.utc))
+            .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+            .build_server_verifier(self.subject())
+        )
         try:
             verifier.verify(certs[0], certs[1:])
         except VerificationError as exc:
@@ -1728,14 +1909,22 @@ def system_roots() -> list[Any]:
     from cryptography import x509
 
     paths = ssl.get_default_verify_paths()
-    for path in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+    for path in (
+        paths.cafile,
+        paths.openssl_cafile,
+        "/etc/ssl/certs/ca-certificates.crt",
+    ):
         if path and os.path.exists(path):
             return x509.load_pem_x509_certificates(Path(path).read_bytes())
-    raise ConfigError("the kubeconfig names no certificate-authority and no system trust "
-                      "store was found: add certificate-authority-data to the kubeconfig")
+    raise ConfigError(
+        "the kubeconfig names no certificate-authority and no system trust "
+        "store was found: add certificate-authority-data to the kubeconfig"
+    )
 
 
-def make_tls_connection(sock: socket.socket, verifier: ServerVerifier, where: str) -> Any:
+def make_tls_connection(
+    sock: socket.socket, verifier: ServerVerifier, where: str
+) -> Any:
     """A tlslite client connection that verifies the server's chain the moment
     it arrives, before the card is asked for a signature."""
     from tlslite import TLSConnection
@@ -1744,15 +1933,22 @@ def make_tls_connection(sock: socket.socket, verifier: ServerVerifier, where: st
     class VerifyingTLSConnection(TLSConnection):
         rejection: ProxyError | None = None
 
-        def _clientGetKeyFromChain(self, certificate: Any, settings: Any,  # noqa: N802
-                                   tack_ext: Any = None) -> Iterator[Any]:
+        def _clientGetKeyFromChain(
+            self,
+            certificate: Any,
+            settings: Any,  # noqa: N802
+            tack_ext: Any = None,
+        ) -> Iterator[Any]:
             try:
-                leaf = verifier.verify([c.bytes for c in certificate.cert_chain.x509List],
-                                       where)
+                leaf = verifier.verify(
+                    [c.bytes for c in certificate.cert_chain.x509List], where
+                )
             except ServerCertificateError as exc:
                 self.rejection = exc
                 yield from self._sendError(AlertDescription.bad_certificate, str(exc))
-            for result in super()._clientGetKeyFromChain(certificate, settings, tack_ext):
+            for result in super()._clientGetKeyFromChain(
+                certificate, settings, tack_ext
+            ):
                 if isinstance(result, tuple):  # (public key, chain, tack): the outcome
                     result = (fast_server_key(result[0], leaf), *result[1:])
                 yield result
@@ -1796,7 +1992,9 @@ class TLSSocket:
             for start in range(0, len(view), CHUNK):
                 self.conn.write(bytes(view[start : start + CHUNK]))
 
-    def makefile(self, mode: str = "rb", buffering: int | None = None) -> io.BufferedReader:
+    def makefile(
+        self, mode: str = "rb", buffering: int | None = None
+    ) -> io.BufferedReader:
         return io.BufferedReader(TLSStream(self.conn), CHUNK)
 
     def shutdown(self) -> None:
@@ -1836,8 +2034,10 @@ class UpstreamAddress:
 
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
-            raise ConfigError(f"the cluster server {url!r} is not an https:// URL: the "
-                              "YubiKey can only protect TLS connections")
+            raise ConfigError(
+                f"the cluster server {url!r} is not an https:// URL: the "
+                "YubiKey can only protect TLS connections"
+            )
         name = tls_server_name or parts.hostname
         try:
             ipaddress.ip_address(name)
@@ -1851,9 +2051,15 @@ class Upstream:
     """Opens a fresh mutual-TLS connection to the API server per request; the
     card signs each handshake after the server's certificate has passed."""
 
-    def __init__(self, address: UpstreamAddress, verifier: ServerVerifier,
-                 cert_chain: Any, signer: CardSigner, public_key: Any,
-                 timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: UpstreamAddress,
+        verifier: ServerVerifier,
+        cert_chain: Any,
+        signer: CardSigner,
+        public_key: Any,
+        timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
         install_fast_crypto()
         self.address = address
         self.verifier = verifier
@@ -1875,8 +2081,12 @@ class Upstream:
         signatures = self.signer.signatures
         try:
             conn.handshakeClientCert(
-                self.cert_chain, self.key, settings=self.settings,
-                serverName=self.address.sni, alpn=[bytearray(b"http/1.1")])
+                self.cert_chain,
+                self.key,
+                settings=self.settings,
+                serverName=self.address.sni,
+                alpn=[bytearray(b"http/1.1")],
+            )
         except BaseException as exc:
             raw.close()
             signed = self.signer.signatures != signatures
@@ -1887,23 +2097,32 @@ class Upstream:
     def _tcp_connect(self) -> socket.socket:
         where = self.address.where
         try:
-            raw = socket.create_connection((self.address.host, self.address.port),
-                                           timeout=self.timeout)
+            raw = socket.create_connection(
+                (self.address.host, self.address.port), timeout=self.timeout
+            )
         except socket.gaierror:
-            raise UpstreamError(f"cannot resolve the API server host {self.address.host!r}: "
-                                "check the server URL in the kubeconfig") from None
+            raise UpstreamError(
+                f"cannot resolve the API server host {self.address.host!r}: "
+                "check the server URL in the kubeconfig"
+            ) from None
         except TimeoutError:
-            raise UpstreamTimeout(f"the API server at {where} did not answer within "
-                                  f"{self.timeout:g} s: is the cluster reachable?") from None
+            raise UpstreamTimeout(
+                f"the API server at {where} did not answer within "
+                f"{self.timeout:g} s: is the cluster reachable?"
+            ) from None
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to the API server at {where} "
-                                f"({exc.strerror or exc}): is the cluster up and "
-                                "reachable?") from None
+            raise UpstreamError(
+                f"cannot connect to the API server at {where} "
+                f"({exc.strerror or exc}): is the cluster up and "
+                "reachable?"
+            ) from None
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return raw
 
-    def _handshake_error(self, conn: Any, exc: BaseException, signed: bool) -> BaseException:
+    def _handshake_error(
+        self, conn: Any, exc: BaseException, signed: bool
+    ) -> BaseException:
         """The error to report for a failed handshake. A server that hangs up or
         alerts right after our signed certificate went out refused that certificate."""
         from tlslite.errors import TLSAbruptCloseError, TLSError, TLSRemoteAlert
@@ -1918,14 +2137,19 @@ class Upstream:
         if isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS:
             return client_certificate_rejected(where, self.subject)
         if isinstance(exc, TimeoutError):
-            return UpstreamTimeout(f"the TLS handshake with the API server at {where} took "
-                                   f"longer than {self.timeout:g} s")
+            return UpstreamTimeout(
+                f"the TLS handshake with the API server at {where} took "
+                f"longer than {self.timeout:g} s"
+            )
         if isinstance(exc, TLSAbruptCloseError):
-            return UpstreamError(f"the API server at {where} closed the connection during "
-                                 "the TLS handshake: is it a Kubernetes API server?")
+            return UpstreamError(
+                f"the API server at {where} closed the connection during "
+                "the TLS handshake: is it a Kubernetes API server?"
+            )
         if isinstance(exc, (TLSError, OSError)):
-            return UpstreamError(f"the TLS handshake with the API server at {where} "
-                                 f"failed: {exc}")
+            return UpstreamError(
+                f"the TLS handshake with the API server at {where} failed: {exc}"
+            )
         return exc
 
 
@@ -1944,7 +2168,8 @@ def client_certificate_rejected(where: str, subject: str) -> UpstreamError:
     return UpstreamError(
         f"the API server at {where} refused the YubiKey's client certificate ({subject}): "
         f"it may have expired or belong to another cluster; check it with '{PROG} status' "
-        f"and run '{PROG} setup' with a current certificate")
+        f"and run '{PROG} setup' with a current certificate"
+    )
 
 
 # =============================================================================
@@ -1953,22 +2178,46 @@ def client_certificate_rejected(where: str, subject: str) -> UpstreamError:
 
 # Hop-by-hop headers (RFC 9110 7.6.1), plus Host (set to the upstream's) and Expect
 # (the local server has answered 100-continue already).
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-              "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host",
-              "expect"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "expect",
+}
 MAX_HEADER_BYTES = 64 * 1024
 
 
 def status_body(code: int, reason: str, message: str) -> bytes:
     """A Kubernetes Status object: kubectl prints 'Error from server (reason): message'."""
-    return json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {},
-                       "status": "Failure", "message": message, "reason": reason,
-                       "code": code}).encode()
+    return json.dumps(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
+    ).encode()
 
 
-STATUS_REASONS = {400: "BadRequest", 403: "Forbidden", 431: "RequestHeaderFieldsTooLarge",
-                  500: "InternalError", 502: "BadGateway", 503: "ServiceUnavailable",
-                  504: "Timeout"}
+STATUS_REASONS = {
+    400: "BadRequest",
+    403: "Forbidden",
+    431: "RequestHeaderFieldsTooLarge",
+    500: "InternalError",
+    502: "BadGateway",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
@@ -1978,8 +2227,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], upstream: Upstream,
-                 tls_context: Any = None, reuse_while_present: bool = False) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        upstream: Upstream,
+        tls_context: Any = None,
+        reuse_while_present: bool = False,
+    ) -> None:
         self.upstream = upstream
         self.tls_context = tls_context
         self.reuse_while_present = reuse_while_present
@@ -1988,8 +2242,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, RelayHandler)
         port = self.server_address[1]
-        self.allowed_hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}",
-                              f"{address[0]}:{port}", f"[{address[0]}]:{port}"}
+        self.allowed_hosts = {
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            f"[::1]:{port}",
+            f"{address[0]}:{port}",
+            f"[{address[0]}]:{port}",
+        }
 
     def track(self, change: int) -> None:
         """Count requests in flight (for a graceful stop)."""
@@ -2005,8 +2264,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         sock, addr = self.socket.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms stalls
         if self.tls_context is not None:
-            sock = self.tls_context.wrap_socket(sock, server_side=True,
-                                                do_handshake_on_connect=False)
+            sock = self.tls_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
         return sock, addr
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -2081,10 +2341,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def refusal(self) -> tuple[int, str] | None:
         """Requests from browsers, other hosts' names or with broken framing."""
         if self.headers.get("Host", "").lower() not in self.server.allowed_hosts:
-            return 403, (f"refused: Host {self.headers.get('Host', '')!r} does not name this "
-                         "proxy's loopback listener (DNS rebinding?)")
-        if "Origin" in self.headers or any(k.lower().startswith("sec-fetch-")
-                                           for k in self.headers):
+            return 403, (
+                f"refused: Host {self.headers.get('Host', '')!r} does not name this "
+                "proxy's loopback listener (DNS rebinding?)"
+            )
+        if "Origin" in self.headers or any(
+            k.lower().startswith("sec-fetch-") for k in self.headers
+        ):
             return 403, "refused: requests from web browsers are not relayed"
         if not self.path.startswith("/"):
             return 400, "refused: the request target must be a path"
@@ -2115,10 +2378,18 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         else:
             sent = self.forward_response(response)
         signer = self.server.upstream.signer
-        log.info("%s %s %d %d bytes %.1f ms (card %.1f ms)", self.command, self.path,
-                 response.status, sent, (time.perf_counter() - started) * 1000,
-                 signer.last_seconds * 1000)
-        return response.status != 101 and not response.will_close and response.isclosed()
+        log.info(
+            "%s %s %d %d bytes %.1f ms (card %.1f ms)",
+            self.command,
+            self.path,
+            response.status,
+            sent,
+            (time.perf_counter() - started) * 1000,
+            signer.last_seconds * 1000,
+        )
+        return (
+            response.status != 101 and not response.will_close and response.isclosed()
+        )
 
     def upstream_failed(self, exc: Exception) -> None:
         from tlslite.errors import TLSRemoteAlert
@@ -2128,15 +2399,21 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS:
             error: ProxyError = client_certificate_rejected(where, upstream.subject)
         else:
-            error = UpstreamError(f"the API server at {where} failed during the request "
-                                  f"({type(exc).__name__}: {exc}): try again")
+            error = UpstreamError(
+                f"the API server at {where} failed during the request "
+                f"({type(exc).__name__}: {exc}): try again"
+            )
         log.warning("%s %s: %s", self.command, self.path, error)
         self.send_status(error.http_status, str(error))
 
     def forward_request(self, http_conn: http.client.HTTPConnection) -> None:
         upstream = self.server.upstream
-        http_conn.putrequest(self.command, upstream.address.prefix + self.path,
-                             skip_host=True, skip_accept_encoding=True)
+        http_conn.putrequest(
+            self.command,
+            upstream.address.prefix + self.path,
+            skip_host=True,
+            skip_accept_encoding=True,
+        )
         http_conn.putheader("Host", upstream.host_header)
         for name, value in end_to_end_headers(self.headers):
             http_conn.putheader(name, value)
@@ -2173,8 +2450,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.send_response_only(response.status, response.reason)
         for name, value in end_to_end_headers(response.headers):
             self.send_header(name, value)
-        no_body = self.command == "HEAD" or response.status in (204, 304) \
+        no_body = (
+            self.command == "HEAD"
+            or response.status in (204, 304)
             or 100 <= response.status < 200
+        )
         length = response.headers.get("Content-Length")
         if no_body:
             if length is not None:
@@ -2230,12 +2510,15 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         sender.join()
         return sent
 
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
+    def send_error(
+        self, code: int, message: str | None = None, explain: str | None = None
+    ) -> None:
         """Malformed requests (bad request line, oversized headers) get a Status too."""
         self.close_connection = True
         text = message or http.HTTPStatus(code).phrase
-        self.send_status(code, f"refused: {text.lower()}" + (f" ({explain})" if explain else ""))
+        self.send_status(
+            code, f"refused: {text.lower()}" + (f" ({explain})" if explain else "")
+        )
 
     def send_status(self, code: int, message: str) -> None:
         """A Status answer from the proxy itself; the connection closes after it, as
@@ -2334,9 +2617,11 @@ def parse_listen(text: str, unsafe: bool) -> tuple[str, int]:
     except ValueError:
         loopback = False
     if not loopback and not unsafe:
-        raise ConfigError(f"--listen {text!r} is not a loopback address: anyone who can "
-                          "reach it could use your cluster; pass --unsafe-listen if you "
-                          "really mean it")
+        raise ConfigError(
+            f"--listen {text!r} is not a loopback address: anyone who can "
+            "reach it could use your cluster; pass --unsafe-listen if you "
+            "really mean it"
+        )
     return ("127.0.0.1" if host == "localhost" else host), int(port)
 
 
@@ -2347,11 +2632,21 @@ def local_tls_from(extension: dict[str, Any]) -> LocalTls | None:
     if not local:
         return None
     try:
-        return LocalTls(*(base64.b64decode(local[k]) for k in (
-            "server-certificate-data", "server-key-data", "client-ca-data")))
+        return LocalTls(
+            *(
+                base64.b64decode(local[k])
+                for k in (
+                    "server-certificate-data",
+                    "server-key-data",
+                    "client-ca-data",
+                )
+            )
+        )
     except (KeyError, TypeError, ValueError):
-        raise ConfigError("the local-tls entry of the proxy kubeconfig is damaged: "
-                          f"run '{PROG} setup' again") from None
+        raise ConfigError(
+            "the local-tls entry of the proxy kubeconfig is damaged: "
+            f"run '{PROG} setup' again"
+        ) from None
 
 
 def proxy_settings(args: argparse.Namespace) -> ProxySettings:
@@ -2361,21 +2656,37 @@ def proxy_settings(args: argparse.Namespace) -> ProxySettings:
     ext = ctx.extension
     body = ctx.cluster.body
     if not body.get("server"):
-        raise ConfigError(f"cluster {ctx.cluster.name!r} has no server URL: fix the kubeconfig")
+        raise ConfigError(
+            f"cluster {ctx.cluster.name!r} has no server URL: fix the kubeconfig"
+        )
     address = UpstreamAddress.parse(body["server"], body.get("tls-server-name"))
-    ca = read_material(ctx.cluster, "certificate-authority-data", "certificate-authority")
+    ca = read_material(
+        ctx.cluster, "certificate-authority-data", "certificate-authority"
+    )
     try:
         roots = x509.load_pem_x509_certificates(ca) if ca else system_roots()
     except ValueError:
-        raise ConfigError(f"the certificate-authority of cluster {ctx.cluster.name!r} is not "
-                          "PEM certificates: fix the kubeconfig") from None
+        raise ConfigError(
+            f"the certificate-authority of cluster {ctx.cluster.name!r} is not "
+            "PEM certificates: fix the kubeconfig"
+        ) from None
     slot = args.slot or parse_slot(str(ext.get("slot", "9a")))
     serial = args.serial if args.serial is not None else ext.get("serial")
-    listen = parse_listen(args.listen or ext.get("listen") or f"127.0.0.1:{DEFAULT_PORT}",
-                          args.unsafe_listen)
+    listen = parse_listen(
+        args.listen or ext.get("listen") or f"127.0.0.1:{DEFAULT_PORT}",
+        args.unsafe_listen,
+    )
     reuse = args.reuse_while_present or bool(ext.get("reuse-while-present"))
-    return ProxySettings(address, roots, bool(body.get("insecure-skip-tls-verify")), slot,
-                         serial, listen, local_tls_from(ext), reuse)
+    return ProxySettings(
+        address,
+        roots,
+        bool(body.get("insecure-skip-tls-verify")),
+        slot,
+        serial,
+        listen,
+        local_tls_from(ext),
+        reuse,
+    )
 
 
 def slot_identity(card: Card, slot: Slot) -> tuple[Any, SlotMetadata | None]:
@@ -2384,44 +2695,75 @@ def slot_identity(card: Card, slot: Slot) -> tuple[Any, SlotMetadata | None]:
         der = piv.get_certificate(slot)
         meta = piv.slot_metadata(slot) if piv.has_metadata() else None
     if der is None:
-        raise ConfigError(f"slot {slot.name} of the YubiKey holds no certificate: run "
-                          f"'{PROG} setup' first")
+        raise ConfigError(
+            f"slot {slot.name} of the YubiKey holds no certificate: run "
+            f"'{PROG} setup' first"
+        )
     cert = load_certificate(der, f"the certificate in slot {slot.name}")
     if meta is not None:
         public = public_key_from_metadata(meta.algorithm, meta.public_key)
         if not same_public_key(public, cert.public_key()):
-            raise KeyMismatchError(f"the certificate in slot {slot.name} does not belong to "
-                                   f"its key: run '{PROG} setup --force'")
+            raise KeyMismatchError(
+                f"the certificate in slot {slot.name} does not belong to "
+                f"its key: run '{PROG} setup --force'"
+            )
     return cert, meta
 
 
 def warn_expiry(cert: Any, slot: Slot) -> None:
     left = days_left(cert)
     if left < 0:
-        log.warning("the client certificate in slot %s expired on %s: the API server will "
-                    "refuse it; run '%s setup' with a current one", slot.name,
-                    not_after(cert).date(), PROG)
+        log.warning(
+            "the client certificate in slot %s expired on %s: the API server will "
+            "refuse it; run '%s setup' with a current one",
+            slot.name,
+            not_after(cert).date(),
+            PROG,
+        )
     elif left < EXPIRY_WARNING_DAYS:
-        log.warning("the client certificate in slot %s expires in %d days (%s)", slot.name,
-                    left, not_after(cert).date())
+        log.warning(
+            "the client certificate in slot %s expires in %d days (%s)",
+            slot.name,
+            left,
+            not_after(cert).date(),
+        )
 
 
-def card_signer(card: Card, settings: ProxySettings, args: argparse.Namespace,
-                cert: Any, meta: SlotMetadata | None) -> CardSigner:
+def card_signer(
+    card: Card,
+    settings: ProxySettings,
+    args: argparse.Namespace,
+    cert: Any,
+    meta: SlotMetadata | None,
+) -> CardSigner:
     """The slot's signer; its PIN is verified now so that a wrong one shows at once."""
-    pin_policy = meta.pin_policy if meta else (
-        PinPolicy.ONCE if args.pin_file else PinPolicy.NEVER)  # no metadata: trust the user
+    pin_policy = (
+        meta.pin_policy
+        if meta
+        else (PinPolicy.ONCE if args.pin_file else PinPolicy.NEVER)
+    )  # no metadata: trust the user
     touch_policy = meta.touch_policy if meta else TouchPolicy.NEVER
-    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {settings.slot.name}"
+    label = (
+        f"{card.info.describe() if card.info else 'YubiKey'}, slot {settings.slot.name}"
+    )
     pins = PinSource(args.pin_file, label, reload_hint=PIN_RELOAD_HINT)
-    signer = CardSigner(card, settings.slot, key_algorithm(cert.public_key()), pin_policy,
-                        pins, touch_policy, args.notify)
+    signer = CardSigner(
+        card,
+        settings.slot,
+        key_algorithm(cert.public_key()),
+        pin_policy,
+        pins,
+        touch_policy,
+        args.notify,
+    )
     if pin_policy != PinPolicy.NEVER:
         card.run(lambda piv: ensure_pin(piv, PinPolicy.ALWAYS, pins))
     return signer
 
 
-def build_upstream(settings: ProxySettings, card: Card, args: argparse.Namespace) -> Upstream:
+def build_upstream(
+    settings: ProxySettings, card: Card, args: argparse.Namespace
+) -> Upstream:
     from cryptography.hazmat.primitives import serialization
     from tlslite import X509CertChain
 
@@ -2430,9 +2772,17 @@ def build_upstream(settings: ProxySettings, card: Card, args: argparse.Namespace
     signer = card_signer(card, settings, args, cert, meta)
     chain = X509CertChain()
     chain.parsePemList(cert.public_bytes(serialization.Encoding.PEM).decode())
-    verifier = ServerVerifier(settings.roots, settings.address.server_name, settings.insecure)
-    return Upstream(settings.address, verifier, chain, signer, cert.public_key(),
-                    args.handshake_timeout)
+    verifier = ServerVerifier(
+        settings.roots, settings.address.server_name, settings.insecure
+    )
+    return Upstream(
+        settings.address,
+        verifier,
+        chain,
+        signer,
+        cert.public_key(),
+        args.handshake_timeout,
+    )
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
@@ -2447,10 +2797,13 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         card.close()
         raise
     scheme = "https" if settings.local_tls else "http"
-    print(f"{PROG}: listening on {scheme}://{format_address(server.server_address)} -> "
-          f"https://{settings.address.where}{settings.address.prefix} (slot "
-          f"{settings.slot.name}, {card.info.describe() if card.info else 'YubiKey'})",
-          file=sys.stderr, flush=True)
+    print(
+        f"{PROG}: listening on {scheme}://{format_address(server.server_address)} -> "
+        f"https://{settings.address.where}{settings.address.prefix} (slot "
+        f"{settings.slot.name}, {card.info.describe() if card.info else 'YubiKey'})",
+        file=sys.stderr,
+        flush=True,
+    )
     serve_until_signal(server, card, upstream.signer.pins)
     card.close()
     return 0
@@ -2464,11 +2817,15 @@ def format_address(address: tuple[Any, ...]) -> str:
 def start_server(settings: ProxySettings, upstream: Upstream) -> ProxyServer:
     context = settings.local_tls.context() if settings.local_tls else None
     try:
-        return ProxyServer(settings.listen, upstream, context, settings.reuse_while_present)
+        return ProxyServer(
+            settings.listen, upstream, context, settings.reuse_while_present
+        )
     except OSError as exc:
         where = format_address(settings.listen)
-        raise ConfigError(f"cannot listen on {where} ({exc.strerror}): is another proxy "
-                          "running? choose another address with --listen") from None
+        raise ConfigError(
+            f"cannot listen on {where} ({exc.strerror}): is another proxy "
+            "running? choose another address with --listen"
+        ) from None
 
 
 def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None:
@@ -2488,14 +2845,17 @@ def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None
     handlers = {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: reload}
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+        previous = {
+            sig: signal.signal(sig, handler) for sig, handler in handlers.items()
+        }
     try:
         server.serve_forever()
     finally:
         server.server_close()
         if not server.wait_idle(SHUTDOWN_GRACE_SECONDS):
-            log.warning("stopping with requests still open (after %g s)",
-                        SHUTDOWN_GRACE_SECONDS)
+            log.warning(
+                "stopping with requests still open (after %g s)", SHUTDOWN_GRACE_SECONDS
+            )
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -2504,15 +2864,19 @@ def shell_client_config(args: argparse.Namespace, port: int, directory: Path) ->
     """A copy of setup's client.yml pointing at the port the shell's proxy got."""
     import yaml
 
-    source = Path(args.client_config or Path(args.kubeconfig or ".").expanduser().parent
-                  / "client.yml").expanduser()
+    source = Path(
+        args.client_config
+        or Path(args.kubeconfig or ".").expanduser().parent / "client.yml"
+    ).expanduser()
     doc = _load_yaml(source)
     try:
         cluster = doc["clusters"][0]["cluster"]
         scheme = cluster["server"].split("://", 1)[0]
     except (KeyError, IndexError, TypeError, AttributeError):
-        raise ConfigError(f"{source} is not the client.yml that setup wrote: pass it with "
-                          "--client-config PATH") from None
+        raise ConfigError(
+            f"{source} is not the client.yml that setup wrote: pass it with "
+            "--client-config PATH"
+        ) from None
     cluster["server"] = f"{scheme}://127.0.0.1:{port}"
     path = directory / "client.yml"
     write_private_file(path, yaml.safe_dump(doc, sort_keys=False))
@@ -2525,25 +2889,36 @@ def cmd_shell(args: argparse.Namespace) -> int:
     import tempfile
 
     if os.environ.get(SHELL_ENV):
-        raise ConfigError(f"this is already a {PROG} shell (KUBECONFIG="
-                          f"{os.environ.get('KUBECONFIG', '')}): exit it first")
+        raise ConfigError(
+            f"this is already a {PROG} shell (KUBECONFIG="
+            f"{os.environ.get('KUBECONFIG', '')}): exit it first"
+        )
     settings = proxy_settings(args)
     card = open_card(args.reader, settings.serial)
     try:
         server = start_server(settings, build_upstream(settings, card, args))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         with tempfile.TemporaryDirectory(prefix="yk-kube-proxy-") as directory:
-            config = shell_client_config(args, server.server_address[1], Path(directory))
+            config = shell_client_config(
+                args, server.server_address[1], Path(directory)
+            )
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
             command = command or [os.environ.get("SHELL") or "/bin/sh"]
-            print(f"{PROG}: KUBECONFIG={config} through the YubiKey; exit the shell to stop",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{PROG}: KUBECONFIG={config} through the YubiKey; exit the shell to stop",
+                file=sys.stderr,
+                flush=True,
+            )
             env = {**os.environ, "KUBECONFIG": str(config), SHELL_ENV: str(os.getpid())}
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the shell's
+            previous = signal.signal(
+                signal.SIGINT, signal.SIG_IGN
+            )  # Ctrl-C is the shell's
             try:
                 code = subprocess.call(command, env=env)
             except OSError as exc:
-                raise ConfigError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+                raise ConfigError(
+                    f"cannot run {command[0]!r}: {exc.strerror}"
+                ) from None
             finally:
                 signal.signal(signal.SIGINT, previous)
         server.shutdown()
@@ -2563,37 +2938,50 @@ def slot_occupant(piv: PivSession, slot: Slot) -> str | None:
     parts = []
     meta = piv.slot_metadata(slot) if piv.has_metadata() else None
     if meta:
-        parts.append(f"a {ALGORITHM_NAMES.get(meta.algorithm, 'key')} key ({meta.origin})")
+        parts.append(
+            f"a {ALGORITHM_NAMES.get(meta.algorithm, 'key')} key ({meta.origin})"
+        )
     der = piv.get_certificate(slot)
     if der:
         try:
-            subject = load_certificate(der, "the slot certificate").subject.rfc4514_string()
+            subject = load_certificate(
+                der, "the slot certificate"
+            ).subject.rfc4514_string()
         except ConfigError:
             subject = "an unreadable subject"
         parts.append(f"a certificate for {subject or 'an empty subject'}")
     return " and ".join(parts) or None
 
 
-def prove_slot(piv: PivSession, slot: Slot, cert: Any, pin_policy: PinPolicy,
-               touch_policy: TouchPolicy, pins: PinSource) -> None:
+def prove_slot(
+    piv: PivSession,
+    slot: Slot,
+    cert: Any,
+    pin_policy: PinPolicy,
+    touch_policy: TouchPolicy,
+    pins: PinSource,
+) -> None:
     """Read the certificate back and have the card sign a fresh challenge that
     must verify against the certificate's public key."""
     from cryptography.hazmat.primitives import serialization
 
     stored = piv.get_certificate(slot)
     if stored != cert.public_bytes(serialization.Encoding.DER):
-        raise CardError(f"the certificate read back from slot {slot.name} differs from the "
-                        "one written: run setup again with --force")
+        raise CardError(
+            f"the certificate read back from slot {slot.name} differs from the "
+            "one written: run setup again with --force"
+        )
     ensure_pin(piv, pin_policy, pins)
     if touch_policy in (TouchPolicy.ALWAYS, TouchPolicy.CACHED):
         print("Touch your YubiKey now to prove the import...", file=sys.stderr)
     algorithm = key_algorithm(cert.public_key())
     challenge = secrets.token_bytes(32)
-    signature = piv.sign_message(slot, algorithm, challenge)
+    signature = sign_message(piv, slot, algorithm, challenge)
     if not verify_signature(cert.public_key(), algorithm, challenge, signature):
         raise KeyMismatchError(
             f"the key in slot {slot.name} does not match the certificate stored with it: "
-            "run setup again with --force")
+            "run setup again with --force"
+        )
 
 
 def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) -> None:
@@ -2607,12 +2995,16 @@ def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) 
     with card.session() as piv:
         occupant = slot_occupant(piv, slot)
         if occupant and not args.force:
-            raise ConfigError(f"slot {slot.name} of the YubiKey already holds {occupant}: "
-                              "pass --force to overwrite it, or choose another --slot")
+            raise ConfigError(
+                f"slot {slot.name} of the YubiKey already holds {occupant}: "
+                "pass --force to overwrite it, or choose another --slot"
+            )
         piv.authenticate(args.management_key)
         piv.import_key(slot, key, pin_policy, touch_policy)
         piv.put_certificate(slot, cert.public_bytes(serialization.Encoding.DER))
-        prove_slot(piv, slot, cert, pin_policy, touch_policy, PinSource(args.pin_file, label))
+        prove_slot(
+            piv, slot, cert, pin_policy, touch_policy, PinSource(args.pin_file, label)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2640,35 +3032,61 @@ def make_local_pki(days: int = LOCAL_PKI_DAYS) -> LocalPki:
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{PROG} local CA")])
 
     def issue(key: Any, cn: str, ca: bool, extensions: list[Any]) -> bytes:
-        builder = (x509.CertificateBuilder()
-                   .subject_name(ca_name if ca else x509.Name(
-                       [x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-                   .issuer_name(ca_name).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=days))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(
+                ca_name
+                if ca
+                else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+            )
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+        )
         for extension in extensions:
             builder = builder.add_extension(extension, False)
-        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(
+            serialization.Encoding.PEM
+        )
 
     def private_pem(key: Any) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
-    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), \
-        ec.generate_private_key(ec.SECP256R1())
-    names = x509.SubjectAlternativeName([
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(ipaddress.ip_address("::1")), x509.DNSName("localhost")])
+    server_key, client_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    names = x509.SubjectAlternativeName(
+        [
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+            x509.DNSName("localhost"),
+        ]
+    )
     return LocalPki(
         ca_cert=issue(ca_key, "", True, []),
-        server_cert=issue(server_key, f"{PROG} local server", False, [
-            names, x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])]),
+        server_cert=issue(
+            server_key,
+            f"{PROG} local server",
+            False,
+            [names, x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])],
+        ),
         server_key=private_pem(server_key),
-        client_cert=issue(client_key, f"{PROG} local client", False, [
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])]),
-        client_key=private_pem(client_key))
+        client_cert=issue(
+            client_key,
+            f"{PROG} local client",
+            False,
+            [x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])],
+        ),
+        client_key=private_pem(client_key),
+    )
 
 
 def b64encode(data: bytes) -> str:
@@ -2681,8 +3099,12 @@ def proxy_kubeconfig(ctx: KubeContext, settings: dict[str, Any]) -> dict[str, An
     """proxy.yml: the upstream cluster, its CA inlined, no credentials."""
     import base64
 
-    cluster = {k: v for k, v in ctx.cluster.body.items() if k != "certificate-authority"}
-    ca = read_material(ctx.cluster, "certificate-authority-data", "certificate-authority")
+    cluster = {
+        k: v for k, v in ctx.cluster.body.items() if k != "certificate-authority"
+    }
+    ca = read_material(
+        ctx.cluster, "certificate-authority-data", "certificate-authority"
+    )
     if ca is not None:
         cluster["certificate-authority-data"] = base64.b64encode(ca).decode()
     context: dict[str, Any] = {"cluster": ctx.cluster.name, "user": EXTENSION_NAME}
@@ -2692,25 +3114,36 @@ def proxy_kubeconfig(ctx: KubeContext, settings: dict[str, Any]) -> dict[str, An
     return kubeconfig_doc(ctx.cluster.name, cluster, ctx.name, context)
 
 
-def client_kubeconfig(ctx: KubeContext, port: int, pki: LocalPki | None) -> dict[str, Any]:
+def client_kubeconfig(
+    ctx: KubeContext, port: int, pki: LocalPki | None
+) -> dict[str, Any]:
     """client.yml: kubectl's view, the local proxy as its server; with the local
     hop's CA and client credentials unless it is plain HTTP."""
     context: dict[str, Any] = {"cluster": EXTENSION_NAME, "user": EXTENSION_NAME}
     if ctx.namespace:
         context["namespace"] = ctx.namespace
     if pki is None:
-        return kubeconfig_doc(EXTENSION_NAME, {"server": f"http://127.0.0.1:{port}"},
-                              ctx.name, context)
-    cluster = {"server": f"https://127.0.0.1:{port}",
-               "certificate-authority-data": b64encode(pki.ca_cert)}
-    user = {"client-certificate-data": b64encode(pki.client_cert),
-            "client-key-data": b64encode(pki.client_key)}
+        return kubeconfig_doc(
+            EXTENSION_NAME, {"server": f"http://127.0.0.1:{port}"}, ctx.name, context
+        )
+    cluster = {
+        "server": f"https://127.0.0.1:{port}",
+        "certificate-authority-data": b64encode(pki.ca_cert),
+    }
+    user = {
+        "client-certificate-data": b64encode(pki.client_cert),
+        "client-key-data": b64encode(pki.client_key),
+    }
     return kubeconfig_doc(EXTENSION_NAME, cluster, ctx.name, context, user)
 
 
-def kubeconfig_doc(cluster_name: str, cluster: dict[str, Any], context_name: str,
-                   context: dict[str, Any], user: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
+def kubeconfig_doc(
+    cluster_name: str,
+    cluster: dict[str, Any],
+    context_name: str,
+    context: dict[str, Any],
+    user: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Config",
@@ -2728,17 +3161,25 @@ def output_paths(args: argparse.Namespace, sources: list[Path]) -> tuple[Path, P
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create the output folder {out}: {exc.strerror}") from None
+        raise ConfigError(
+            f"cannot create the output folder {out}: {exc.strerror}"
+        ) from None
     paths = (out / "proxy.yml", out / "client.yml")
     resolved_sources = {s.resolve() for s in sources}
     for path in paths:
         if path.resolve() in resolved_sources:
-            raise ConfigError(f"{path} is the source kubeconfig: choose another --output-dir")
+            raise ConfigError(
+                f"{path} is the source kubeconfig: choose another --output-dir"
+            )
         if path.exists() and not args.force:
-            raise ConfigError(f"{path} exists already: pass --force to replace it, "
-                              "or choose another --output-dir")
+            raise ConfigError(
+                f"{path} exists already: pass --force to replace it, "
+                "or choose another --output-dir"
+            )
     if not os.access(out, os.W_OK):
-        raise ConfigError(f"cannot write to the output folder {out}: choose another --output-dir")
+        raise ConfigError(
+            f"cannot write to the output folder {out}: choose another --output-dir"
+        )
     return paths
 
 
@@ -2748,8 +3189,10 @@ def cmd_setup(args: argparse.Namespace) -> int:
     ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
     cert, key = load_client_identity(ctx)
     if days_left(cert) < 0:
-        log.warning("the client certificate expired on %s: the cluster will refuse it",
-                    not_after(cert).date())
+        log.warning(
+            "the client certificate expired on %s: the cluster will refuse it",
+            not_after(cert).date(),
+        )
     proxy_path, client_path = output_paths(args, ctx.sources)
     card = open_card(args.reader, args.serial)
     try:
@@ -2757,39 +3200,60 @@ def cmd_setup(args: argparse.Namespace) -> int:
     finally:
         card.close()
     del key
-    settings: dict[str, Any] = {"slot": args.slot.name, "listen": f"127.0.0.1:{args.port}"}
+    settings: dict[str, Any] = {
+        "slot": args.slot.name,
+        "listen": f"127.0.0.1:{args.port}",
+    }
     if card.info and card.info.serial is not None:
         settings["serial"] = card.info.serial
     if args.reuse_while_present:
         settings["reuse-while-present"] = True
     pki = None if args.plain_http else make_local_pki()
     if pki:
-        settings["local-tls"] = {"server-certificate-data": b64encode(pki.server_cert),
-                                 "server-key-data": b64encode(pki.server_key),
-                                 "client-ca-data": b64encode(pki.ca_cert)}
-    for path, doc in ((proxy_path, proxy_kubeconfig(ctx, settings)),
-                      (client_path, client_kubeconfig(ctx, args.port, pki))):
+        settings["local-tls"] = {
+            "server-certificate-data": b64encode(pki.server_cert),
+            "server-key-data": b64encode(pki.server_key),
+            "client-ca-data": b64encode(pki.ca_cert),
+        }
+    for path, doc in (
+        (proxy_path, proxy_kubeconfig(ctx, settings)),
+        (client_path, client_kubeconfig(ctx, args.port, pki)),
+    ):
         write_private_file(path, yaml.safe_dump(doc, sort_keys=False))
     print_next_steps(ctx, card, args, cert, proxy_path, client_path)
     return 0
 
 
-def print_next_steps(ctx: KubeContext, card: Card, args: argparse.Namespace, cert: Any,
-                     proxy_path: Path, client_path: Path) -> None:
+def print_next_steps(
+    ctx: KubeContext,
+    card: Card,
+    args: argparse.Namespace,
+    cert: Any,
+    proxy_path: Path,
+    client_path: Path,
+) -> None:
     algorithm = ALGORITHM_NAMES[key_algorithm(cert.public_key())]
-    print(f"Imported the {algorithm} key and certificate "
-          f"({cert.subject.rfc4514_string()}, valid until {not_after(cert):%Y-%m-%d}) "
-          f"into slot {args.slot.name} of {card.info.describe() if card.info else 'the card'}.")
-    print("Proved the import: the card signed a challenge that verifies against the "
-          "certificate.")
-    print(f"Wrote {proxy_path} (for the proxy) and {client_path} (for kubectl), mode 0600.")
+    print(
+        f"Imported the {algorithm} key and certificate "
+        f"({cert.subject.rfc4514_string()}, valid until {not_after(cert):%Y-%m-%d}) "
+        f"into slot {args.slot.name} of {card.info.describe() if card.info else 'the card'}."
+    )
+    print(
+        "Proved the import: the card signed a challenge that verifies against the "
+        "certificate."
+    )
+    print(
+        f"Wrote {proxy_path} (for the proxy) and {client_path} (for kubectl), mode 0600."
+    )
     print()
     print("Next steps:")
     print(f"  1. {PROG} proxy --kubeconfig {proxy_path}")
     print(f"  2. KUBECONFIG={client_path} kubectl get nodes")
     sources = ", ".join(map(str, ctx.sources))
-    print(f"  3. The private key is still in {sources} (user {ctx.user.name!r}): once the "
-          "proxy works, delete it there (keep an offline backup if you need one).")
+    print(
+        f"  3. The private key is still in {sources} (user {ctx.user.name!r}): once the "
+        "proxy works, delete it there (keep an offline backup if you need one)."
+    )
 
 
 # =============================================================================
@@ -2799,8 +3263,12 @@ def print_next_steps(ctx: KubeContext, card: Card, args: argparse.Namespace, cer
 
 def slot_report(piv: PivSession, slot: Slot) -> dict[str, Any]:
     """Key, certificate and problems of one slot, as plain data."""
-    report: dict[str, Any] = {"slot": slot.name, "key": None, "certificate": None,
-                              "problems": []}
+    report: dict[str, Any] = {
+        "slot": slot.name,
+        "key": None,
+        "certificate": None,
+        "problems": [],
+    }
     problems = report["problems"]
     meta = piv.slot_metadata(slot) if piv.has_metadata() else None
     if meta:
@@ -2816,59 +3284,96 @@ def slot_report(piv: PivSession, slot: Slot) -> dict[str, Any]:
     if not meta and not der:
         problems.append(("error", f"slot {slot.name} is empty: run '{PROG} setup'"))
     elif meta and not der:
-        problems.append(("error", f"slot {slot.name} holds a key but no certificate: "
-                                  f"run '{PROG} setup --force'"))
+        problems.append(
+            (
+                "error",
+                f"slot {slot.name} holds a key but no certificate: "
+                f"run '{PROG} setup --force'",
+            )
+        )
     report["problems"] = [{"level": lvl, "message": msg} for lvl, msg in problems]
     return report
 
 
-def certificate_report(der: bytes, meta: SlotMetadata | None,
-                       problems: list[tuple[str, str]]) -> dict[str, Any]:
+def certificate_report(
+    der: bytes, meta: SlotMetadata | None, problems: list[tuple[str, str]]
+) -> dict[str, Any]:
     try:
         cert = load_certificate(der, "the slot certificate")
     except ConfigError as exc:
         problems.append(("error", str(exc)))
         return {"readable": False}
     left = days_left(cert)
-    info = {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
-            "not_after": not_after(cert).isoformat(), "days_left": left}
+    info = {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "not_after": not_after(cert).isoformat(),
+        "days_left": left,
+    }
     if left < 0:
-        problems.append(("error", f"the certificate expired on {not_after(cert):%Y-%m-%d}: "
-                                  f"renew it and run '{PROG} setup --force'"))
+        problems.append(
+            (
+                "error",
+                f"the certificate expired on {not_after(cert):%Y-%m-%d}: "
+                f"renew it and run '{PROG} setup --force'",
+            )
+        )
     elif left < EXPIRY_WARNING_DAYS:
-        problems.append(("warning", f"the certificate expires in {left} days "
-                                    f"({not_after(cert):%Y-%m-%d}): renew it soon"))
+        problems.append(
+            (
+                "warning",
+                f"the certificate expires in {left} days "
+                f"({not_after(cert):%Y-%m-%d}): renew it soon",
+            )
+        )
     if meta and meta.public_key:
         public = public_key_from_metadata(meta.algorithm, meta.public_key)
         info["matches_key"] = same_public_key(public, cert.public_key())
         if not info["matches_key"]:
-            problems.append(("error", "the certificate does not belong to the key in the "
-                                      f"slot: run '{PROG} setup --force'"))
+            problems.append(
+                (
+                    "error",
+                    "the certificate does not belong to the key in the "
+                    f"slot: run '{PROG} setup --force'",
+                )
+            )
     return info
 
 
 def card_report(card: Card, slots: list[Slot]) -> dict[str, Any]:
     with card.session() as piv:
         info = card.info or CardInfo(card.reader, piv.get_serial(), piv.version)
-        return {"reader": info.reader, "serial": info.serial, "firmware": info.firmware,
-                "pin_tries_left": piv.pin_tries_left(),
-                "slots": [slot_report(piv, slot) for slot in slots]}
+        return {
+            "reader": info.reader,
+            "serial": info.serial,
+            "firmware": info.firmware,
+            "pin_tries_left": piv.pin_tries_left(),
+            "slots": [slot_report(piv, slot) for slot in slots],
+        }
 
 
 def print_card_report(report: dict[str, Any]) -> None:
-    print(f"YubiKey serial {report['serial']}, firmware {report['firmware']}, "
-          f"reader {report['reader']!r}")
+    print(
+        f"YubiKey serial {report['serial']}, firmware {report['firmware']}, "
+        f"reader {report['reader']!r}"
+    )
     print(f"  PIN tries left: {report['pin_tries_left']}")
     for slot in report["slots"]:
         key = slot["key"]
-        desc = (f"{key['algorithm']} key, {key['origin']}, PIN policy {key['pin_policy']}, "
-                f"touch policy {key['touch_policy']}" if key else "no key information")
+        desc = (
+            f"{key['algorithm']} key, {key['origin']}, PIN policy {key['pin_policy']}, "
+            f"touch policy {key['touch_policy']}"
+            if key
+            else "no key information"
+        )
         print(f"  slot {slot['slot']}: {desc}")
         cert = slot["certificate"]
         if cert and cert.get("subject") is not None:
             print(f"    certificate: {cert['subject']}")
             print(f"    issuer:      {cert['issuer']}")
-            print(f"    not after:   {cert['not_after']} ({cert['days_left']} days left)")
+            print(
+                f"    not after:   {cert['not_after']} ({cert['days_left']} days left)"
+            )
         for problem in slot["problems"]:
             print(f"    {problem['level']}: {problem['message']}")
 
@@ -2902,8 +3407,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             print_card_report(report)
         for warning in warnings:
             print(f"warning: {warning}")
-    failed = any(p["level"] == "error" for r in reports for s in r["slots"]
-                 for p in s["problems"])
+    failed = any(
+        p["level"] == "error"
+        for r in reports
+        for s in r["slots"]
+        for p in s["problems"]
+    )
     return 1 if failed else 0
 
 
@@ -2916,10 +3425,13 @@ def management_key_arg(text: str) -> bytes:
     try:
         key = bytes.fromhex(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("the management key must be hexadecimal") from None
+        raise argparse.ArgumentTypeError(
+            "the management key must be hexadecimal"
+        ) from None
     if len(key) not in (16, 24, 32):
         raise argparse.ArgumentTypeError(
-            "the management key has 32, 48 or 64 hex digits (16, 24 or 32 bytes)")
+            "the management key has 32, 48 or 64 hex digits (16, 24 or 32 bytes)"
+        )
     return key
 
 
@@ -2944,111 +3456,202 @@ def serial_arg(text: str) -> int:
 
 def card_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more output: -v info, -vv debug with an APDU trace")
-    common.add_argument("--reader", metavar="SUBSTR",
-                        help="use the reader whose name contains SUBSTR "
-                             "(default: readers named YubiKey/Yubico)")
-    common.add_argument("--serial", type=serial_arg, metavar="N",
-                        help="use the YubiKey with this serial number")
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more output: -v info, -vv debug with an APDU trace",
+    )
+    common.add_argument(
+        "--reader",
+        metavar="SUBSTR",
+        help="use the reader whose name contains SUBSTR "
+        "(default: readers named YubiKey/Yubico)",
+    )
+    common.add_argument(
+        "--serial",
+        type=serial_arg,
+        metavar="N",
+        help="use the YubiKey with this serial number",
+    )
     return common
 
 
 def proxy_options() -> argparse.ArgumentParser:
     """Options of proxy and shell."""
     options = argparse.ArgumentParser(add_help=False)
-    options.add_argument("--kubeconfig", metavar="PATH",
-                         help="the proxy.yml setup wrote (default: $KUBECONFIG, else "
-                              "~/.kube/config)")
-    options.add_argument("--context", metavar="NAME",
-                         help="context (default: current-context)")
+    options.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="the proxy.yml setup wrote (default: $KUBECONFIG, else ~/.kube/config)",
+    )
+    options.add_argument(
+        "--context", metavar="NAME", help="context (default: current-context)"
+    )
     options.add_argument("--slot", type=slot_arg, help="PIV slot (default: from setup)")
-    options.add_argument("--pin-file", metavar="PATH",
-                         help="read the PIN from this file instead of prompting "
-                              "(read again on SIGHUP)")
-    options.add_argument("--notify", action="store_true",
-                         help="desktop notification (notify-send) when the card waits "
-                              "for a touch")
-    options.add_argument("--reuse-while-present", action="store_true",
-                         help="reuse an upstream connection for the next request on the same "
-                              "local connection (one kubectl run) after checking the card is "
-                              "still there: fewer signatures (default: from setup, else off)")
-    options.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT,
-                         metavar="SECONDS",
-                         help="connecting and the TLS handshake with the API server, card "
-                              f"touch included (default: {HANDSHAKE_TIMEOUT:g})")
+    options.add_argument(
+        "--pin-file",
+        metavar="PATH",
+        help="read the PIN from this file instead of prompting (read again on SIGHUP)",
+    )
+    options.add_argument(
+        "--notify",
+        action="store_true",
+        help="desktop notification (notify-send) when the card waits for a touch",
+    )
+    options.add_argument(
+        "--reuse-while-present",
+        action="store_true",
+        help="reuse an upstream connection for the next request on the same "
+        "local connection (one kubectl run) after checking the card is "
+        "still there: fewer signatures (default: from setup, else off)",
+    )
+    options.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="connecting and the TLS handshake with the API server, card "
+        f"touch included (default: {HANDSHAKE_TIMEOUT:g})",
+    )
     return options
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Keep the key that opens a Kubernetes cluster on a YubiKey.")
+        prog=PROG,
+        description="Keep the key that opens a Kubernetes cluster on a YubiKey.",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = card_options()
 
     setup = commands.add_parser(
-        "setup", parents=[common], help="import a kubeconfig's client key into the YubiKey",
+        "setup",
+        parents=[common],
+        help="import a kubeconfig's client key into the YubiKey",
         description="Import the client key and certificate of a kubeconfig context into a "
-                    "PIV slot, prove it, and write proxy.yml and client.yml.")
-    setup.add_argument("--kubeconfig", metavar="PATH",
-                       help="source kubeconfig (default: $KUBECONFIG, else ~/.kube/config)")
-    setup.add_argument("--context", metavar="NAME", help="context (default: current-context)")
-    setup.add_argument("--slot", type=slot_arg, default=SLOTS["9a"],
-                       help="PIV slot (default: 9a)")
-    setup.add_argument("--output-dir", default=".", metavar="DIR",
-                       help="where proxy.yml and client.yml go (default: .)")
-    setup.add_argument("--port", type=port_arg, default=DEFAULT_PORT,
-                       help=f"local port of the proxy (default: {DEFAULT_PORT})")
-    setup.add_argument("--management-key", type=management_key_arg, metavar="HEX",
-                       default=DEFAULT_MANAGEMENT_KEY,
-                       help="the card's management key (default: the factory key)")
-    setup.add_argument("--pin-policy", choices=["never", "once", "always"], default="never",
-                       help="when the card asks for the PIN (default: never)")
-    setup.add_argument("--touch-policy", choices=["never", "always", "cached"],
-                       default="never", help="when the card asks for a touch (default: never)")
-    setup.add_argument("--pin-file", metavar="PATH",
-                       help="read the PIN from this file instead of prompting")
-    setup.add_argument("--force", action="store_true",
-                       help="overwrite an occupied slot and existing proxy.yml/client.yml")
-    setup.add_argument("--plain-http", action="store_true",
-                       help="kubectl reaches the proxy over plain HTTP instead of mutual TLS")
-    setup.add_argument("--reuse-while-present", action="store_true",
-                       help="make the proxy reuse upstream connections within one kubectl "
-                            "run while the card answers (see proxy --help)")
+        "PIV slot, prove it, and write proxy.yml and client.yml.",
+    )
+    setup.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="source kubeconfig (default: $KUBECONFIG, else ~/.kube/config)",
+    )
+    setup.add_argument(
+        "--context", metavar="NAME", help="context (default: current-context)"
+    )
+    setup.add_argument(
+        "--slot", type=slot_arg, default=SLOTS["9a"], help="PIV slot (default: 9a)"
+    )
+    setup.add_argument(
+        "--output-dir",
+        default=".",
+        metavar="DIR",
+        help="where proxy.yml and client.yml go (default: .)",
+    )
+    setup.add_argument(
+        "--port",
+        type=port_arg,
+        default=DEFAULT_PORT,
+        help=f"local port of the proxy (default: {DEFAULT_PORT})",
+    )
+    setup.add_argument(
+        "--management-key",
+        type=management_key_arg,
+        metavar="HEX",
+        default=DEFAULT_MANAGEMENT_KEY,
+        help="the card's management key (default: the factory key)",
+    )
+    setup.add_argument(
+        "--pin-policy",
+        choices=["never", "once", "always"],
+        default="never",
+        help="when the card asks for the PIN (default: never)",
+    )
+    setup.add_argument(
+        "--touch-policy",
+        choices=["never", "always", "cached"],
+        default="never",
+        help="when the card asks for a touch (default: never)",
+    )
+    setup.add_argument(
+        "--pin-file",
+        metavar="PATH",
+        help="read the PIN from this file instead of prompting",
+    )
+    setup.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an occupied slot and existing proxy.yml/client.yml",
+    )
+    setup.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="kubectl reaches the proxy over plain HTTP instead of mutual TLS",
+    )
+    setup.add_argument(
+        "--reuse-while-present",
+        action="store_true",
+        help="make the proxy reuse upstream connections within one kubectl "
+        "run while the card answers (see proxy --help)",
+    )
     setup.set_defaults(func=cmd_setup)
 
     proxy = commands.add_parser(
-        "proxy", parents=[common, proxy_options()],
+        "proxy",
+        parents=[common, proxy_options()],
         help="relay kubectl's requests, the YubiKey signing each",
         description="Listen on loopback and relay each request over a fresh mutual-TLS "
-                    "connection to the API server, whose handshake the YubiKey signs.")
-    proxy.add_argument("--listen", metavar="HOST:PORT",
-                       help="local address (default: from setup, else 127.0.0.1:8080)")
-    proxy.add_argument("--unsafe-listen", action="store_true",
-                       help="allow a --listen address that is not loopback")
+        "connection to the API server, whose handshake the YubiKey signs.",
+    )
+    proxy.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="local address (default: from setup, else 127.0.0.1:8080)",
+    )
+    proxy.add_argument(
+        "--unsafe-listen",
+        action="store_true",
+        help="allow a --listen address that is not loopback",
+    )
     proxy.set_defaults(func=cmd_proxy)
 
     shell = commands.add_parser(
-        "shell", parents=[common, proxy_options()],
+        "shell",
+        parents=[common, proxy_options()],
         help="a shell whose kubectl goes through the YubiKey",
         description="Start the proxy on a free loopback port and a subshell (or COMMAND) "
-                    "with KUBECONFIG pointing at it; the proxy stops when the shell exits, "
-                    "and the shell's exit code is passed on.")
-    shell.add_argument("--client-config", metavar="PATH",
-                       help="the client.yml setup wrote (default: beside --kubeconfig)")
-    shell.add_argument("command", nargs=argparse.REMAINDER,
-                       help="run this instead of $SHELL (after --)")
+        "with KUBECONFIG pointing at it; the proxy stops when the shell exits, "
+        "and the shell's exit code is passed on.",
+    )
+    shell.add_argument(
+        "--client-config",
+        metavar="PATH",
+        help="the client.yml setup wrote (default: beside --kubeconfig)",
+    )
+    shell.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="run this instead of $SHELL (after --)",
+    )
     shell.set_defaults(func=cmd_shell, listen="127.0.0.1:0", unsafe_listen=False)
 
     status = commands.add_parser(
-        "status", parents=[common], help="show the YubiKeys, their slot and certificate",
+        "status",
+        parents=[common],
+        help="show the YubiKeys, their slot and certificate",
         description="Show each YubiKey, the key and certificate of a slot, and PIN tries left. "
-                    "Exits 1 when the slot is empty or its certificate expired.")
+        "Exits 1 when the slot is empty or its certificate expired.",
+    )
     status.add_argument("--slot", type=slot_arg, help="PIV slot (default: 9a)")
     status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument("--kubeconfig", metavar="PATH",
-                        help="also check the proxy.yml setup wrote (e.g. insecure settings)")
+    status.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="also check the proxy.yml setup wrote (e.g. insecure settings)",
+    )
     status.set_defaults(func=cmd_status)
     return parser
 
@@ -3066,7 +3669,9 @@ class StderrHandler(logging.StreamHandler):
 
 
 def configure_logging(verbosity: int) -> None:
-    level = (logging.WARNING, logging.INFO)[verbosity] if verbosity < 2 else logging.DEBUG
+    level = (
+        (logging.WARNING, logging.INFO)[verbosity] if verbosity < 2 else logging.DEBUG
+    )
     if not any(isinstance(h, StderrHandler) for h in log.handlers):
         handler = StderrHandler()
         handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
