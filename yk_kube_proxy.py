@@ -90,6 +90,7 @@ INS_IMPORT_KEY = 0xFE  # Yubico
 INS_GET_VERSION = 0xFD  # Yubico
 INS_GET_SERIAL = 0xF8  # Yubico, firmware 5+
 INS_GET_METADATA = 0xF7  # Yubico, firmware 5.3+
+INS_GENERATE_ASYMMETRIC = 0x47
 CLA_CHAIN = 0x10
 
 TAG_DYN_AUTH = 0x7C
@@ -108,6 +109,9 @@ TAG_META_POLICY = 0x02
 TAG_META_ORIGIN = 0x03
 TAG_META_PUBLIC_KEY = 0x04
 TAG_META_RETRIES = 0x06
+TAG_GEN_TEMPLATE = 0xAC
+TAG_GEN_ALGORITHM = 0x80
+TAG_PUBLIC_KEY = 0x7F49
 
 KEY_PIN = 0x80
 KEY_PUK = 0x81
@@ -279,6 +283,12 @@ MANAGEMENT_KEY_SIZES = {
     KeyAlgorithm.AES256: 32,
 }
 ORIGINS = {1: "generated on card", 2: "imported"}
+RSA_SIZES = {
+    KeyAlgorithm.RSA1024: 128,
+    KeyAlgorithm.RSA2048: 256,
+    KeyAlgorithm.RSA3072: 384,
+    KeyAlgorithm.RSA4096: 512,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,6 +527,39 @@ def management_cipher(algorithm: KeyAlgorithm, key: bytes) -> Any:
 
         return Cipher(TripleDES(key), modes.ECB())
     return Cipher(algorithms.AES(key), modes.ECB())
+
+
+# PKCS#10 signature algorithms (RFC 5758, RFC 4055, RFC 8410): DER of the
+# AlgorithmIdentifier and the hash the card's signature covers.
+CSR_SIGNATURE_ALGORITHMS = {
+    KeyAlgorithm.ECCP256: (bytes.fromhex("300a06082a8648ce3d040302"), "sha256"),
+    KeyAlgorithm.ECCP384: (bytes.fromhex("300a06082a8648ce3d040303"), "sha384"),
+    KeyAlgorithm.RSA2048: (bytes.fromhex("300d06092a864886f70d01010b0500"), "sha256"),
+    KeyAlgorithm.ED25519: (bytes.fromhex("300506032b6570"), "sha512"),
+}
+
+
+def der(tag: int, content: bytes) -> bytes:
+    """One DER element (lengths as in BER-TLV, which are minimal)."""
+    return bytes([tag]) + encode_length(len(content)) + content
+
+
+def csr_info(subject: Any, public_key: Any) -> bytes:
+    """CertificationRequestInfo (RFC 2986 4.1): version 0, subject, key, no attributes."""
+    from cryptography.hazmat.primitives import serialization
+
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der(
+        0x30, der(0x02, b"\x00") + subject.public_bytes() + spki + der(0xA0, b"")
+    )
+
+
+def csr_der(info: bytes, algorithm: KeyAlgorithm, signature: bytes) -> bytes:
+    """CertificationRequest: the info, the algorithm and the card's signature."""
+    identifier = CSR_SIGNATURE_ALGORITHMS[algorithm][0]
+    return der(0x30, info + identifier + der(0x03, b"\x00" + signature))
 
 
 # =============================================================================
@@ -893,6 +936,34 @@ class PivSession:
             what=f"the key import into slot {slot.name}",
         )
 
+    def generate_key(
+        self,
+        slot: Slot,
+        algorithm: KeyAlgorithm,
+        pin_policy: PinPolicy,
+        touch_policy: TouchPolicy,
+    ) -> Any:
+        """GENERATE ASYMMETRIC KEY PAIR in a slot (SP 800-73-4 part 2, 3.3.2); the
+        key never leaves the card. Requires management-key authentication."""
+        needed = IMPORTABLE[algorithm]
+        if self.version < needed:
+            raise ConfigError(
+                f"{ALGORITHM_NAMES[algorithm]} keys need YubiKey firmware "
+                f"{'.'.join(map(str, needed))} or later; this card has "
+                f"{'.'.join(map(str, self.version))}"
+            )
+        template = tlv(TAG_GEN_ALGORITHM, bytes([algorithm]))
+        template += tlv(TAG_PIN_POLICY, bytes([pin_policy]))
+        template += tlv(TAG_TOUCH_POLICY, bytes([touch_policy]))
+        reply = self.send(
+            INS_GENERATE_ASYMMETRIC,
+            0,
+            slot.key,
+            tlv(TAG_GEN_TEMPLATE, template),
+            what=f"generating a key in slot {slot.name}",
+        )
+        return public_key_from_metadata(algorithm, parse_tlvs(reply)[TAG_PUBLIC_KEY])
+
     def put_certificate(self, slot: Slot, der: bytes) -> None:
         """Store a certificate (uncompressed). Requires management-key authentication."""
         value = tlv(TAG_CERTIFICATE, der) + tlv(TAG_CERT_INFO, b"\x00") + tlv(TAG_LRC)
@@ -955,23 +1026,22 @@ class PivSession:
 
 
 def sign_message(
-    piv: PivSession, slot: Slot, algorithm: KeyAlgorithm, message: bytes
+    piv: PivSession,
+    slot: Slot,
+    algorithm: KeyAlgorithm,
+    message: bytes,
+    hash_name: str = "sha256",
 ) -> bytes:
-    """Sign with SHA-256 (ECDSA, RSA PKCS#1 v1.5) or pure Ed25519 on the card; the
-    standard signature encoding comes back (DER for ECDSA)."""
+    """Sign with ECDSA or RSA PKCS#1 v1.5 over ``hash_name``, or pure Ed25519, on
+    the card; the standard signature encoding comes back (DER for ECDSA)."""
     if algorithm == KeyAlgorithm.ED25519:
         return piv.sign_raw(slot, algorithm, message)
-    digest = hashlib.sha256(message).digest()
+    digest = hashlib.new(hash_name, message).digest()
     if algorithm in (KeyAlgorithm.ECCP256, KeyAlgorithm.ECCP384):
         size = 32 if algorithm == KeyAlgorithm.ECCP256 else 48
         return piv.sign_raw(slot, algorithm, ecdsa_input(digest, size))
-    size = {
-        KeyAlgorithm.RSA2048: 256,
-        KeyAlgorithm.RSA3072: 384,
-        KeyAlgorithm.RSA4096: 512,
-        KeyAlgorithm.RSA1024: 128,
-    }[algorithm]
-    return piv.sign_raw(slot, algorithm, pkcs1v15_block(digest, "sha256", size))
+    size = RSA_SIZES[algorithm]
+    return piv.sign_raw(slot, algorithm, pkcs1v15_block(digest, hash_name, size))
 
 
 # =============================================================================
@@ -2055,34 +2125,64 @@ class Upstream:
         self,
         address: UpstreamAddress,
         verifier: ServerVerifier,
-        cert_chain: Any,
+        certificate: Any,
         signer: CardSigner,
-        public_key: Any,
         timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         install_fast_crypto()
         self.address = address
         self.verifier = verifier
-        self.cert_chain = cert_chain
         self.signer = signer
-        self.key = tls_private_key(signer, public_key)
         self.timeout = timeout
         self.settings = tls_settings()
-        self.subject = cert_subject(cert_chain)
+        self.use_certificate(certificate)
 
     @property
     def host_header(self) -> str:
         default = self.address.port == 443
         return self.address.where.rsplit(":", 1)[0] if default else self.address.where
 
+    def identity(self) -> tuple[Any, Any]:
+        """The slot's certificate chain and key object as they are now: 'renew' (or
+        'setup --force') may replace the certificate under a running proxy. Reading
+        it is also the presence check that lets a pulled card fail fast."""
+        slot = self.signer.slot
+        der = self.signer.card.run(lambda piv: piv.get_certificate(slot))
+        if der is None:
+            raise CardError(
+                f"slot {slot.name} of the YubiKey holds no certificate any more: "
+                f"run '{PROG} setup'"
+            )
+        if der != self.certificate_der:
+            self.use_certificate(
+                load_certificate(der, f"the certificate in slot {slot.name}")
+            )
+            log.warning(
+                "now using the certificate in slot %s: %s", slot.name, self.subject
+            )
+        return self.cert_chain, self.key
+
+    def use_certificate(self, cert: Any) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from tlslite import X509CertChain
+
+        chain = X509CertChain()
+        chain.parsePemList(cert.public_bytes(serialization.Encoding.PEM).decode())
+        self.signer.algorithm = key_algorithm(cert.public_key())
+        self.key = tls_private_key(self.signer, cert.public_key())
+        self.cert_chain = chain
+        self.subject = cert.subject.rfc4514_string()
+        self.certificate_der = cert.public_bytes(serialization.Encoding.DER)
+
     def connect(self) -> TLSSocket:
+        cert_chain, key = self.identity()
         raw = self._tcp_connect()
         conn = make_tls_connection(raw, self.verifier, self.address.where)
         signatures = self.signer.signatures
         try:
             conn.handshakeClientCert(
-                self.cert_chain,
-                self.key,
+                cert_chain,
+                key,
                 settings=self.settings,
                 serverName=self.address.sni,
                 alpn=[bytearray(b"http/1.1")],
@@ -2155,13 +2255,6 @@ class Upstream:
 
 # TLS alerts by which a server refuses a client certificate (RFC 8446 6.2).
 CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48, 49, 51, 116}
-
-
-def cert_subject(cert_chain: Any) -> str:
-    from cryptography import x509
-
-    der = bytes(cert_chain.x509List[0].bytes)
-    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
 def client_certificate_rejected(where: str, subject: str) -> UpstreamError:
@@ -2764,25 +2857,13 @@ def card_signer(
 def build_upstream(
     settings: ProxySettings, card: Card, args: argparse.Namespace
 ) -> Upstream:
-    from cryptography.hazmat.primitives import serialization
-    from tlslite import X509CertChain
-
     cert, meta = slot_identity(card, settings.slot)
     warn_expiry(cert, settings.slot)
     signer = card_signer(card, settings, args, cert, meta)
-    chain = X509CertChain()
-    chain.parsePemList(cert.public_bytes(serialization.Encoding.PEM).decode())
     verifier = ServerVerifier(
         settings.roots, settings.address.server_name, settings.insecure
     )
-    return Upstream(
-        settings.address,
-        verifier,
-        chain,
-        signer,
-        cert.public_key(),
-        args.handshake_timeout,
-    )
+    return Upstream(settings.address, verifier, cert, signer, args.handshake_timeout)
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
@@ -3184,8 +3265,6 @@ def output_paths(args: argparse.Namespace, sources: list[Path]) -> tuple[Path, P
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    import yaml
-
     ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
     cert, key = load_client_identity(ctx)
     if days_left(cert) < 0:
@@ -3200,6 +3279,21 @@ def cmd_setup(args: argparse.Namespace) -> int:
     finally:
         card.close()
     del key
+    write_proxy_files(ctx, card, args, proxy_path, client_path)
+    print_next_steps(ctx, card, args, cert, proxy_path, client_path)
+    return 0
+
+
+def write_proxy_files(
+    ctx: KubeContext,
+    card: Card,
+    args: argparse.Namespace,
+    proxy_path: Path,
+    client_path: Path,
+) -> None:
+    """proxy.yml (cluster, proxy settings, local TLS) and client.yml, mode 0600."""
+    import yaml
+
     settings: dict[str, Any] = {
         "slot": args.slot.name,
         "listen": f"127.0.0.1:{args.port}",
@@ -3220,8 +3314,6 @@ def cmd_setup(args: argparse.Namespace) -> int:
         (client_path, client_kubeconfig(ctx, args.port, pki)),
     ):
         write_private_file(path, yaml.safe_dump(doc, sort_keys=False))
-    print_next_steps(ctx, card, args, cert, proxy_path, client_path)
-    return 0
 
 
 def print_next_steps(
@@ -3417,6 +3509,355 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # =============================================================================
+# enroll and renew: keys born on the card, certificates from the cluster's CSR API
+# =============================================================================
+
+CSR_SIGNER = "kubernetes.io/kube-apiserver-client"
+CSR_POLL_SECONDS = 1.0
+ENROLL_ALGORITHMS = {
+    "p256": KeyAlgorithm.ECCP256,
+    "p384": KeyAlgorithm.ECCP384,
+    "rsa2048": KeyAlgorithm.RSA2048,
+    "ed25519": KeyAlgorithm.ED25519,
+}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration like 90m, 720h, 30d or 1h30m (Go-like, plus days)."""
+    import re
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = re.findall(r"(\\d+)([smhd])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration like 90m, 720h or 30d"
+        )
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+class Kubectl:
+    """The cluster's API through kubectl, so every kind of kubeconfig credential
+    works (client certificates, tokens, exec plugins, this proxy's client.yml)."""
+
+    def __init__(self, kubeconfig: str | None, context: str | None = None) -> None:
+        self.base = ["kubectl"]
+        if kubeconfig:
+            self.base += ["--kubeconfig", str(Path(kubeconfig).expanduser())]
+        if context:
+            self.base += ["--context", context]
+
+    def run(self, *args: str, stdin: str | None = None) -> str:
+        try:
+            done = subprocess.run(
+                [*self.base, *args],
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        except FileNotFoundError:
+            raise ConfigError(
+                "kubectl is not installed: enroll and renew use it to reach the cluster"
+            ) from None
+        except subprocess.TimeoutExpired:
+            raise UpstreamTimeout(f"kubectl {args[0]} took longer than 120 s") from None
+        if done.returncode != 0:
+            reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise UpstreamError(f"kubectl {' '.join(args[:2])} failed: {reason}")
+        return done.stdout
+
+    def get_json(self, *args: str) -> dict[str, Any]:
+        return json.loads(self.run(*args, "-o", "json"))
+
+
+def csr_object(name: str, request_pem: bytes, expiration: int | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "request": b64encode(request_pem),
+        "signerName": CSR_SIGNER,
+        "usages": ["client auth"],
+    }
+    if expiration:
+        spec["expirationSeconds"] = expiration
+    return {
+        "apiVersion": "certificates.k8s.io/v1",
+        "kind": "CertificateSigningRequest",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def request_certificate(
+    kube: Kubectl, name: str, request_pem: bytes, args: argparse.Namespace
+) -> Any:
+    """Create the CSR, approve it if asked, and wait for the certificate."""
+    body = json.dumps(csr_object(name, request_pem, args.expiration))
+    kube.run("create", "--validate=false", "-f", "-", stdin=body)
+    if args.approve:
+        kube.run("certificate", "approve", name)
+    else:
+        print(
+            f"Waiting up to {args.timeout:g} s for an administrator to run: "
+            f"kubectl certificate approve {name}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return wait_for_certificate(kube, name, args.timeout)
+
+
+def wait_for_certificate(kube: Kubectl, name: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    next_note = time.monotonic() + 10
+    while True:
+        csr = kube.get_json("get", "certificatesigningrequest", name)
+        status = csr.get("status") or {}
+        for condition in status.get("conditions") or []:
+            if condition.get("type") in ("Denied", "Failed"):
+                why = (
+                    condition.get("message")
+                    or condition.get("reason")
+                    or "no reason given"
+                )
+                raise UpstreamError(
+                    f"the cluster {condition['type'].lower()} certificate request "
+                    f"{name}: {why}"
+                )
+        if status.get("certificate"):
+            import base64
+
+            return load_certificate(
+                base64.b64decode(status["certificate"]), f"the certificate of {name}"
+            )
+        if time.monotonic() > deadline:
+            raise UpstreamTimeout(
+                f"no certificate for request {name} after {timeout:g} s: approve it "
+                f"(kubectl certificate approve {name}) and run the command again"
+            )
+        if time.monotonic() > next_note:
+            print(f"still waiting for {name}...", file=sys.stderr, flush=True)
+            next_note += 10
+        time.sleep(CSR_POLL_SECONDS)
+
+
+def check_issued(cert: Any, public_key: Any, requested: int | None) -> None:
+    """The certificate must carry the card's key; report a shortened lifetime."""
+    if not same_public_key(cert.public_key(), public_key):
+        raise KeyMismatchError(
+            "the certificate the cluster issued does not carry the key on the card: "
+            "refusing it; check the cluster's signer and try again"
+        )
+    lifetime = (not_after(cert) - cert.not_valid_before_utc).total_seconds()
+    if requested and lifetime < requested - 3600:
+        print(
+            f"The cluster granted {lifetime / 86400:.1f} days instead of the "
+            f"{requested / 86400:.1f} requested (valid until {not_after(cert):%Y-%m-%d %H:%M} UTC).",
+            file=sys.stderr,
+        )
+
+
+def card_csr(
+    piv: PivSession,
+    slot: Slot,
+    algorithm: KeyAlgorithm,
+    public_key: Any,
+    subject: Any,
+) -> bytes:
+    """A PKCS#10 request in PEM whose self-signature the card makes (proof of
+    possession), checked before it leaves."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    info = csr_info(subject, public_key)
+    hash_name = CSR_SIGNATURE_ALGORITHMS[algorithm][1]
+    signature = sign_message(piv, slot, algorithm, info, hash_name)
+    request = x509.load_der_x509_csr(csr_der(info, algorithm, signature))
+    if not request.is_signature_valid:
+        raise KeyMismatchError(
+            f"the card's signature on the certificate request does not verify: the key "
+            f"in slot {slot.name} is not the one expected; run the command again"
+        )
+    return request.public_bytes(serialization.Encoding.PEM)
+
+
+def enroll_subject(args: argparse.Namespace) -> Any:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    if "system:masters" in args.group:
+        raise ConfigError(
+            "Kubernetes refuses client certificates for group system:masters from the "
+            "CSR API: enroll without it and grant rights with --bind-clusterrole "
+            "cluster-admin"
+        )
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in args.group]
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, args.user))
+    return x509.Name(attributes)
+
+
+def generate_and_request(
+    card: Card, args: argparse.Namespace, subject: Any
+) -> tuple[Any, bytes]:
+    """Generate the key on the card and have the card sign the request for it."""
+    algorithm = ENROLL_ALGORITHMS[args.algorithm]
+    pin_policy = PinPolicy[args.pin_policy.upper()]
+    touch_policy = TouchPolicy[args.touch_policy.upper()]
+    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {args.slot.name}"
+    with card.session() as piv:
+        occupant = slot_occupant(piv, args.slot)
+        if occupant and not args.force:
+            raise ConfigError(
+                f"slot {args.slot.name} of the YubiKey already holds {occupant}: pass "
+                "--force to replace it, or choose another --slot"
+            )
+        piv.authenticate(args.management_key)
+        public_key = piv.generate_key(args.slot, algorithm, pin_policy, touch_policy)
+        ensure_pin(piv, pin_policy, PinSource(args.pin_file, label))
+        if touch_policy in (TouchPolicy.ALWAYS, TouchPolicy.CACHED):
+            print("Touch your YubiKey now to sign the request...", file=sys.stderr)
+        return public_key, card_csr(piv, args.slot, algorithm, public_key, subject)
+
+
+def store_certificate(card: Card, args: argparse.Namespace, cert: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    with card.session() as piv:
+        piv.authenticate(args.management_key)
+        piv.put_certificate(args.slot, cert.public_bytes(serialization.Encoding.DER))
+
+
+def safe_name(user: str) -> str:
+    """A user name as a Kubernetes object name part."""
+    import re
+
+    return re.sub(r"[^a-z0-9.-]+", "-", user.lower()).strip("-.")[:40] or "user"
+
+
+def csr_name(user: str, card: Card) -> str:
+    serial = card.info.serial if card.info and card.info.serial is not None else "card"
+    return f"yubikey-{safe_name(user)}-{serial}-{int(time.time())}"
+
+
+def cluster_context(args: argparse.Namespace) -> KubeContext:
+    """The cluster to write into proxy.yml: from the kubeconfig, or, when that is a
+    proxy's client.yml, from the proxy.yml beside it."""
+    paths = kubeconfig_paths(args.kubeconfig)
+    ctx = Kubeconfig(paths).resolve(args.context)
+    if ctx.user.name == EXTENSION_NAME and ctx.cluster.name == EXTENSION_NAME:
+        beside = paths[0].resolve().parent / "proxy.yml"
+        if not beside.exists():
+            raise ConfigError(
+                f"{paths[0]} is a proxy's client.yml but there is no proxy.yml beside "
+                "it to take the cluster from: use an admin kubeconfig"
+            )
+        ctx = Kubeconfig([beside]).resolve(None)
+    return ctx
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    subject = enroll_subject(args)
+    ctx = cluster_context(args)
+    proxy_path, client_path = output_paths(args, [])
+    kube = Kubectl(args.kubeconfig, args.context)
+    card = open_card(args.reader, args.serial)
+    try:
+        public_key, request = generate_and_request(card, args, subject)
+        name = csr_name(args.user, card)
+        cert = request_certificate(kube, name, request, args)
+        check_issued(cert, public_key, args.expiration)
+        store_certificate(card, args, cert)
+    finally:
+        card.close()
+    if args.bind_clusterrole:
+        kube.run(
+            "create",
+            "clusterrolebinding",
+            f"yubikey-{safe_name(args.user)}",
+            "--clusterrole",
+            args.bind_clusterrole,
+            "--user",
+            args.user,
+        )
+    write_proxy_files(ctx, card, args, proxy_path, client_path)
+    print(
+        f"Enrolled {subject.rfc4514_string()}: a {ALGORITHM_NAMES[ENROLL_ALGORITHMS[args.algorithm]]} "
+        f"key generated on {card.info.describe() if card.info else 'the card'}, slot "
+        f"{args.slot.name}; certificate from request {name}, valid until "
+        f"{not_after(cert):%Y-%m-%d %H:%M} UTC. The key has never been anywhere else."
+    )
+    print(
+        f"Wrote {proxy_path} and {client_path}; next: {PROG} proxy --kubeconfig {proxy_path}"
+    )
+    return 0
+
+
+def proxy_settings_beside(args: argparse.Namespace) -> dict[str, Any]:
+    """The extension entry of --proxy-config, else of the proxy.yml beside --kubeconfig."""
+    path = args.proxy_config or (
+        kubeconfig_paths(args.kubeconfig)[0].resolve().parent / "proxy.yml"
+    )
+    path = Path(path).expanduser()
+    if not path.exists():
+        if args.proxy_config:
+            raise ConfigError(f"cannot read the proxy config {path}: no such file")
+        return {}
+    return Kubeconfig([path]).resolve(None).extension
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    """A new certificate for the same on-card key, through the running proxy."""
+    settings = proxy_settings_beside(args)
+    slot = args.slot or parse_slot(str(settings.get("slot", "9a")))
+    serial = args.serial if args.serial is not None else settings.get("serial")
+    card = open_card(args.reader, serial)
+    try:
+        return renew_on_card(card, slot, args)
+    finally:
+        card.close()
+
+
+def common_name(cert: Any) -> str:
+    from cryptography.x509.oid import NameOID
+
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else "user"
+
+
+def renew_on_card(card: Card, slot: Slot, args: argparse.Namespace) -> int:
+    cert, meta = slot_identity(card, slot)
+    left = (
+        not_after(cert) - datetime.datetime.now(datetime.timezone.utc)
+    ).total_seconds()
+    if args.if_expiring_within is not None and left > args.if_expiring_within:
+        print(
+            f"The certificate in slot {slot.name} is valid until "
+            f"{not_after(cert):%Y-%m-%d %H:%M} UTC ({left / 86400:.0f} days): nothing to do."
+        )
+        return 0
+    algorithm = key_algorithm(cert.public_key())
+    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {slot.name}"
+    pins = PinSource(args.pin_file, label)
+    pin_policy = meta.pin_policy if meta else PinPolicy.NEVER
+
+    def sign_request(piv: PivSession) -> bytes:
+        ensure_pin(piv, pin_policy, pins)
+        return card_csr(piv, slot, algorithm, cert.public_key(), cert.subject)
+
+    request = card.run(sign_request)
+    name = csr_name(common_name(cert), card)
+    new = request_certificate(
+        Kubectl(args.kubeconfig, args.context), name, request, args
+    )
+    check_issued(new, cert.public_key(), args.expiration)
+    args.slot = slot
+    store_certificate(card, args, new)
+    print(
+        f"Renewed the certificate in slot {slot.name} ({cert.subject.rfc4514_string()}): "
+        f"valid until {not_after(new):%Y-%m-%d %H:%M} UTC, same key. A running proxy "
+        "uses it from its next request."
+    )
+    return 0
+
+
+# =============================================================================
 # Command line
 # =============================================================================
 
@@ -3518,6 +3959,73 @@ def proxy_options() -> argparse.ArgumentParser:
     return options
 
 
+def expiration_arg(text: str) -> int:
+    seconds = parse_duration(text)
+    if seconds < 600:
+        raise argparse.ArgumentTypeError(
+            "Kubernetes issues certificates for at least 10 minutes (--expiration 10m)"
+        )
+    return seconds
+
+
+def add_certificate_request_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--expiration",
+        type=expiration_arg,
+        metavar="DURATION",
+        default=None,
+        help="requested lifetime, at least 10m (e.g. 720h, 365d); the cluster may "
+        "grant less (default: the cluster's)",
+    )
+    parser.add_argument(
+        "--approve",
+        action="store_true",
+        help="approve the request ourselves (needs the right to approve CSRs)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for approval and the certificate (default: 300)",
+    )
+
+
+def add_card_write_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--slot", type=slot_arg, default=SLOTS["9a"], help="PIV slot (default: 9a)"
+    )
+    parser.add_argument(
+        "--management-key",
+        type=management_key_arg,
+        metavar="HEX",
+        default=DEFAULT_MANAGEMENT_KEY,
+        help="the card's management key (default: the factory key)",
+    )
+    parser.add_argument(
+        "--pin-policy",
+        choices=["never", "once", "always"],
+        default="never",
+        help="when the card asks for the PIN (default: never)",
+    )
+    parser.add_argument(
+        "--touch-policy",
+        choices=["never", "always", "cached"],
+        default="never",
+        help="when the card asks for a touch (default: never)",
+    )
+    parser.add_argument(
+        "--pin-file",
+        metavar="PATH",
+        help="read the PIN from this file instead of prompting",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an occupied slot and existing proxy.yml/client.yml",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -3543,9 +4051,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--context", metavar="NAME", help="context (default: current-context)"
     )
     setup.add_argument(
-        "--slot", type=slot_arg, default=SLOTS["9a"], help="PIV slot (default: 9a)"
-    )
-    setup.add_argument(
         "--output-dir",
         default=".",
         metavar="DIR",
@@ -3558,35 +4063,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"local port of the proxy (default: {DEFAULT_PORT})",
     )
     setup.add_argument(
-        "--management-key",
-        type=management_key_arg,
-        metavar="HEX",
-        default=DEFAULT_MANAGEMENT_KEY,
-        help="the card's management key (default: the factory key)",
-    )
-    setup.add_argument(
-        "--pin-policy",
-        choices=["never", "once", "always"],
-        default="never",
-        help="when the card asks for the PIN (default: never)",
-    )
-    setup.add_argument(
-        "--touch-policy",
-        choices=["never", "always", "cached"],
-        default="never",
-        help="when the card asks for a touch (default: never)",
-    )
-    setup.add_argument(
-        "--pin-file",
-        metavar="PATH",
-        help="read the PIN from this file instead of prompting",
-    )
-    setup.add_argument(
-        "--force",
-        action="store_true",
-        help="overwrite an occupied slot and existing proxy.yml/client.yml",
-    )
-    setup.add_argument(
         "--plain-http",
         action="store_true",
         help="kubectl reaches the proxy over plain HTTP instead of mutual TLS",
@@ -3597,6 +4073,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="make the proxy reuse upstream connections within one kubectl "
         "run while the card answers (see proxy --help)",
     )
+    add_card_write_options(setup)
     setup.set_defaults(func=cmd_setup)
 
     proxy = commands.add_parser(
@@ -3637,6 +4114,107 @@ def build_parser() -> argparse.ArgumentParser:
         help="run this instead of $SHELL (after --)",
     )
     shell.set_defaults(func=cmd_shell, listen="127.0.0.1:0", unsafe_listen=False)
+
+    enroll = commands.add_parser(
+        "enroll",
+        parents=[common],
+        help="generate a key on the YubiKey and get its certificate from the cluster",
+        description="Generate a key inside the card, have the card sign a certificate "
+        "request for it, submit it to the cluster's CSR API (signer "
+        f"{CSR_SIGNER}), store the issued certificate in the slot and write "
+        "proxy.yml and client.yml.",
+    )
+    enroll.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="credentials allowed to create CSRs: an admin kubeconfig or a running "
+        "proxy's client.yml (default: $KUBECONFIG, else ~/.kube/config)",
+    )
+    enroll.add_argument("--context", metavar="NAME", help="context (default: current)")
+    enroll.add_argument("--user", required=True, help="the certificate's user (CN)")
+    enroll.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="G",
+        help="a group (O) of the certificate; repeatable",
+    )
+    enroll.add_argument(
+        "--algorithm",
+        choices=sorted(ENROLL_ALGORITHMS),
+        default="p256",
+        help="key type (default: p256; ed25519 needs firmware 5.7)",
+    )
+    add_certificate_request_options(enroll)
+    add_card_write_options(enroll)
+    enroll.add_argument(
+        "--bind-clusterrole",
+        metavar="ROLE",
+        help="also create a ClusterRoleBinding of ROLE for the user",
+    )
+    enroll.add_argument(
+        "--output-dir",
+        default=".",
+        metavar="DIR",
+        help="where proxy.yml and client.yml go (default: .)",
+    )
+    enroll.add_argument(
+        "--port",
+        type=port_arg,
+        default=DEFAULT_PORT,
+        help=f"local port of the proxy (default: {DEFAULT_PORT})",
+    )
+    enroll.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="kubectl reaches the proxy over plain HTTP instead of mutual TLS",
+    )
+    enroll.add_argument(
+        "--reuse-while-present",
+        action="store_true",
+        help="make the proxy reuse upstream connections (see proxy --help)",
+    )
+    enroll.set_defaults(func=cmd_enroll)
+
+    renew = commands.add_parser(
+        "renew",
+        parents=[common],
+        help="a new certificate for the key already on the card",
+        description="Request a new certificate for the same on-card key and subject "
+        "through the cluster's CSR API and replace the one in the slot; a running "
+        "proxy uses it from its next request.",
+    )
+    renew.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="usually the proxy's client.yml, so the request travels through the "
+        "running proxy (default: $KUBECONFIG, else ~/.kube/config)",
+    )
+    renew.add_argument("--context", metavar="NAME", help="context (default: current)")
+    renew.add_argument(
+        "--proxy-config",
+        metavar="PATH",
+        help="the proxy.yml naming slot and card (default: beside --kubeconfig)",
+    )
+    renew.add_argument(
+        "--slot", type=slot_arg, help="PIV slot (default: from proxy.yml)"
+    )
+    renew.add_argument(
+        "--if-expiring-within",
+        type=parse_duration,
+        metavar="DURATION",
+        help="do nothing unless the certificate expires within DURATION (e.g. 30d)",
+    )
+    add_certificate_request_options(renew)
+    renew.add_argument(
+        "--management-key",
+        type=management_key_arg,
+        metavar="HEX",
+        default=DEFAULT_MANAGEMENT_KEY,
+        help="the card's management key (default: the factory key)",
+    )
+    renew.add_argument("--pin-file", metavar="PATH", help="read the PIN from this file")
+    renew.set_defaults(func=cmd_renew)
 
     status = commands.add_parser(
         "status",
