@@ -10,8 +10,10 @@ the tests from pure functions up to whole commands.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -20,6 +22,7 @@ import io
 import ipaddress
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -48,7 +51,7 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives import serialization as ser
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -1813,6 +1816,7 @@ class RequestRecord:
     client_subject: str
     tls_version: str
     alpn: str | None
+    client_certificate: bytes = b""  # DER of the peer's certificate
 
     def __getitem__(self, key):
         """Allow dict-style access (record['path'])."""
@@ -1997,6 +2001,8 @@ def _route(h: _Handler, fake: "FakeApiServer", path: str) -> None:
         return h.send_json(
             200, _list_obj("DeploymentList", "apps/v1", str(fake.state.rv), [])
         )
+    if parts[:2] == ["apis", "certificates.k8s.io"]:
+        return route_certificates(h, fake, parts)
     h.send_status(404, "NotFound", NOT_FOUND_MSG)
 
 
@@ -2068,7 +2074,8 @@ def _apis(h: _Handler, fake) -> None:
         {
             "kind": "APIGroupList",
             "apiVersion": "v1",
-            "groups": [{"name": "apps", "versions": [gv], "preferredVersion": gv}],
+            "groups": [{"name": "apps", "versions": [gv], "preferredVersion": gv}]
+            + ([apis_group_entry()] if getattr(fake, "csrs", None) is not None else []),
         },
     )
 
@@ -2955,6 +2962,7 @@ class FakeApiServer:
             h.peer_subject,
             sock.version() or "",
             sock.selected_alpn_protocol(),
+            sock.getpeercert(binary_form=True) or b"",
         )
         with self._lock:
             self.requests.append(rec)
@@ -3031,6 +3039,1201 @@ __all__ = [
     "status_obj",
     "to_table",
 ]
+
+
+# -- the certificates.k8s.io/v1 CSR API (enroll and renew) --------------------
+
+# --------------------------------------------------------------------------
+# certificates.k8s.io/v1 constants
+# --------------------------------------------------------------------------
+CSR_GROUP = "certificates.k8s.io"
+CSR_GV = "certificates.k8s.io/v1"
+CSR_RESOURCE = "certificatesigningrequests"
+CSR_KIND = "CertificateSigningRequest"
+CSR_QUALIFIED = f"{CSR_RESOURCE}.{CSR_GROUP}"  # for NotFound/AlreadyExists/...
+KUBE_APISERVER_CLIENT_SIGNER = "kubernetes.io/kube-apiserver-client"
+CSR_MIN_EXPIRATION = 600  # apiserver validation
+CSR_MAX_DURATION = 365 * 24 * 3600  # --cluster-signing-duration default (1y)
+CSR_BACKDATE = datetime.timedelta(minutes=1)
+CSR_KNOWN_USAGES = (  # certificates.AllKeyUsages (sorted)
+    "any",
+    "cert sign",
+    "client auth",
+    "code signing",
+    "content commitment",
+    "crl sign",
+    "data encipherment",
+    "decipher only",
+    "digital signature",
+    "email protection",
+    "encipher only",
+    "ipsec end system",
+    "ipsec tunnel",
+    "ipsec user",
+    "key agreement",
+    "key encipherment",
+    "microsoft sgc",
+    "netscape sgc",
+    "ocsp signing",
+    "s/mime",
+    "server auth",
+    "signing",
+    "timestamping",
+)
+CSR_CLIENT_OPTIONAL_USAGES = ("digital signature", "key encipherment")
+SYSTEM_MASTERS = "system:masters"
+_NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # apiserver SimpleNameGenerator
+_CSR_VERBS = ["create", "delete", "get", "list", "patch"]
+_CSR_VERBS += ["update", "watch"]
+API_RESOURCES_CERTIFICATES_V1 = [
+    {
+        "name": "certificatesigningrequests",
+        "singularName": "certificatesigningrequest",
+        "namespaced": False,
+        "kind": CSR_KIND,
+        "verbs": _CSR_VERBS,
+        "shortNames": ["csr"],
+        "storageVersionHash": "95fRKMXA+00=",
+    },
+    {
+        "name": "certificatesigningrequests/approval",
+        "singularName": "",
+        "namespaced": False,
+        "kind": CSR_KIND,
+        "verbs": ["get", "patch", "update"],
+    },
+    {
+        "name": "certificatesigningrequests/status",
+        "singularName": "",
+        "namespaced": False,
+        "kind": CSR_KIND,
+        "verbs": ["get", "patch", "update"],
+    },
+]
+CSR_TABLE_COLUMNS = (
+    ("Name", "string", "name"),
+    ("Age", "string", ""),
+    ("SignerName", "string", ""),
+    ("Requestor", "string", ""),
+    ("RequestedDuration", "string", ""),
+    ("Condition", "string", ""),
+)
+
+
+# --------------------------------------------------------------------------
+# Installation, test hooks
+# --------------------------------------------------------------------------
+def csr_install(fake, client_ca_cert, client_ca_key) -> None:
+    """Enable the CSR API on a FakeApiServer; the signer is the client CA.
+
+    client_ca_cert: x509.Certificate or PEM bytes (FakePki.client_ca_pem);
+    client_ca_key: private key object (FakePki.client_ca_key) or PEM bytes."""
+    if isinstance(client_ca_cert, (bytes, str)):
+        client_ca_cert = x509.load_pem_x509_certificate(_as_bytes(client_ca_cert))
+    if isinstance(client_ca_key, (bytes, str)):
+        client_ca_key = serialization.load_pem_private_key(
+            _as_bytes(client_ca_key), None
+        )
+    fake.csr_signer = (client_ca_cert, client_ca_key)
+    fake.csrs = {}  # name -> object (guarded by fake.state.cond)
+    fake.csr_events = []  # (rv, type, obj) for watches
+    fake.csr_sign_delay = 0.0
+    fake.csr_issue_override = None
+    fake.csr_usage_check = "signer"  # or "create" (422 at create)
+
+
+def csr_get(fake, name: str) -> dict | None:
+    """A deep copy of the stored CSR (None if absent)."""
+    with fake.state.cond:
+        obj = fake.csrs.get(name)
+        return copy.deepcopy(obj) if obj is not None else None
+
+
+def csr_wait(fake, predicate=None, timeout: float = 10.0) -> dict:
+    """Wait until some CSR satisfies predicate(obj) (default: any CSR exists);
+    returns a copy of it.  Raises TimeoutError."""
+    predicate = predicate or (lambda obj: True)
+    deadline = time.monotonic() + timeout
+    with fake.state.cond:
+        while True:
+            for obj in fake.csrs.values():
+                if predicate(obj):
+                    return copy.deepcopy(obj)
+            left = deadline - time.monotonic()
+            if left <= 0 or fake.state.stopped:
+                raise TimeoutError("no matching CertificateSigningRequest")
+            fake.state.cond.wait(left)
+
+
+def csr_approve(fake, name: str, message: str = "approved by the test") -> dict:
+    """Server-side approval (as kubectl certificate approve); returns the object.
+
+    No-op if already approved; ValueError if denied, KeyError if absent."""
+    return _add_decision(fake, name, "Approved", "TestApprove", message)
+
+
+def csr_deny(fake, name: str, message: str = "") -> dict:
+    """Server-side denial; returns the object (ValueError if approved)."""
+    return _add_decision(fake, name, "Denied", "TestDeny", message)
+
+
+def _add_decision(fake, name, ctype, reason, message) -> dict:
+    """Append an Approved/Denied condition and kick the signer."""
+    other = "Denied" if ctype == "Approved" else "Approved"
+    with fake.state.cond:
+        obj = fake.csrs.get(name)
+        if obj is None:
+            raise KeyError(name)
+        if _has_condition(obj, other):
+            raise ValueError(f"certificate signing request {name!r} is already {other}")
+        if not _has_condition(obj, ctype):
+            now = _ts(time.time())
+            obj["status"].setdefault("conditions", []).append(
+                {
+                    "type": ctype,
+                    "status": "True",
+                    "reason": reason,
+                    "message": message,
+                    "lastUpdateTime": now,
+                    "lastTransitionTime": now,
+                }
+            )
+            _csr_store(fake, obj, "MODIFIED")
+        result = copy.deepcopy(obj)
+    _csr_kick_signer(fake, name)
+    return result
+
+
+# --------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------
+def apis_group_entry() -> dict:
+    """The certificates.k8s.io APIGroup entry for GET /apis."""
+    gv = {"groupVersion": CSR_GV, "version": "v1"}
+    return {"name": CSR_GROUP, "versions": [gv], "preferredVersion": gv}
+
+
+def _csr_resource_list() -> dict:
+    """GET /apis/certificates.k8s.io/v1."""
+    return {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": CSR_GV,
+        "resources": API_RESOURCES_CERTIFICATES_V1,
+    }
+
+
+OPENAPI_V3_CSR_PATH = "apis/certificates.k8s.io/v1"
+
+
+def openapi_v3_csr(h, fake) -> None:
+    """GET /openapi/v3/apis/certificates.k8s.io/v1: a minimal document whose
+    create/patch operations accept fieldValidation, so that kubectl create
+    without --validate=false relies on server-side validation."""
+    params = [
+        {"name": n, "in": "query", "schema": {"type": "string"}}
+        for n in ("dryRun", "fieldManager", "fieldValidation", "force")
+    ]
+    gvk = {"group": CSR_GROUP, "version": "v1", "kind": CSR_KIND}
+
+    def op(action: str, verb: str) -> dict:
+        return {
+            "operationId": f"{verb}CertificatesV1{CSR_KIND}",
+            "parameters": params,
+            "x-kubernetes-group-version-kind": gvk,
+            "x-kubernetes-action": action,
+            "responses": {"200": {"description": "OK"}},
+        }
+
+    base = f"/{OPENAPI_V3_CSR_PATH}/{CSR_RESOURCE}"
+    paths = {
+        base: {"post": op("post", "create")},
+        base + "/{name}": {"patch": op("patch", "patch")},
+        base + "/{name}/approval": {"patch": op("patch", "patch")},
+        base + "/{name}/status": {"patch": op("patch", "patch")},
+    }
+    h.send_json(
+        200,
+        {
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": fake.version_info["gitVersion"]},
+            "paths": paths,
+            "components": {"schemas": {}},
+        },
+    )
+
+
+# --------------------------------------------------------------------------
+# Protobuf request bodies: client-go's typed clientset (kubectl certificate
+# approve|deny) PUTs application/vnd.kubernetes.protobuf.  Decoded to the
+# JSON form; responses are always JSON (the client also Accepts JSON).
+# --------------------------------------------------------------------------
+K8S_PROTOBUF_MAGIC = b"k8s\x00"
+
+
+def _pb_fields(data: bytes) -> dict:
+    """Protobuf wire format -> {field number: [values]} (varint -> int,
+    length-delimited -> bytes; fixed32/64 -> bytes)."""
+    out: dict = {}
+    pos = 0
+
+    def varint():
+        nonlocal pos
+        shift = value = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while pos < len(data):
+        key = varint()
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            size = varint()
+            value = data[pos : pos + size]
+            pos += size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value = data[pos : pos + size]
+            pos += size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        out.setdefault(num, []).append(value)
+    return out
+
+
+def _pb_str(fields: dict, num: int) -> str | None:
+    """Last string value of a field (None when absent)."""
+    return fields[num][-1].decode() if num in fields else None
+
+
+def _pb_time(raw: bytes) -> str | None:
+    """metav1.Time {seconds=1, nanos=2} -> RFC3339 (None for the zero time,
+    which client-go sends as an empty Timestamp)."""
+    seconds = _pb_fields(raw).get(1, [0])[-1]
+    return _ts(seconds - (1 << 64 if seconds >> 63 else 0)) if seconds else None
+
+
+def _pb_map(values: list) -> dict:
+    """map<string,string> entries (key=1, value=2)."""
+    out = {}
+    for entry in values:
+        f = _pb_fields(entry)
+        out[_pb_str(f, 1) or ""] = _pb_str(f, 2) or ""
+    return out
+
+
+def _csr_from_protobuf(data: bytes) -> dict:
+    """A protobuf-encoded CertificateSigningRequest (runtime.Unknown envelope)
+    -> its JSON form (metadata subset, spec, status)."""
+    envelope = _pb_fields(data[len(K8S_PROTOBUF_MAGIC) :])
+    type_meta = _pb_fields(envelope.get(1, [b""])[-1])
+    obj = _pb_fields(envelope.get(2, [b""])[-1])
+    m = _pb_fields(obj.get(1, [b""])[-1])
+    meta = {
+        k: _pb_str(m, n)
+        for k, n in (
+            ("name", 1),
+            ("generateName", 2),
+            ("uid", 5),
+            ("resourceVersion", 6),
+        )
+        if _pb_str(m, n)
+    }
+    if 8 in m and _pb_time(m[8][-1]):
+        meta["creationTimestamp"] = _pb_time(m[8][-1])
+    if 11 in m:
+        meta["labels"] = _pb_map(m[11])
+    if 12 in m:
+        meta["annotations"] = _pb_map(m[12])
+    if 14 in m:
+        meta["finalizers"] = [v.decode() for v in m[14]]
+    s = _pb_fields(obj.get(2, [b""])[-1])
+    spec: dict = {}
+    if 1 in s:
+        spec["request"] = base64.b64encode(s[1][-1]).decode()
+    for key, num in (("signerName", 7), ("username", 2), ("uid", 3)):
+        if _pb_str(s, num):
+            spec[key] = _pb_str(s, num)
+    if 8 in s:
+        spec["expirationSeconds"] = s[8][-1] - (1 << 64 if s[8][-1] >> 63 else 0)
+    for key, num in (("usages", 5), ("groups", 4)):
+        if num in s:
+            spec[key] = [v.decode() for v in s[num]]
+    st = _pb_fields(obj.get(3, [b""])[-1])
+    status: dict = {}
+    conditions = []
+    for raw in st.get(1, []):
+        c = _pb_fields(raw)
+        cond = {
+            k: _pb_str(c, n) or ""
+            for k, n in (("type", 1), ("status", 6), ("reason", 2), ("message", 3))
+        }
+        for k, n in (("lastUpdateTime", 4), ("lastTransitionTime", 5)):
+            if n in c and _pb_time(c[n][-1]):
+                cond[k] = _pb_time(c[n][-1])
+        conditions.append(cond)
+    if conditions:
+        status["conditions"] = conditions
+    if 2 in st:
+        status["certificate"] = base64.b64encode(st[2][-1]).decode()
+    return {
+        "apiVersion": _pb_str(type_meta, 1) or CSR_GV,
+        "kind": _pb_str(type_meta, 2) or CSR_KIND,
+        "metadata": meta,
+        "spec": spec,
+        "status": status,
+    }
+
+
+# --------------------------------------------------------------------------
+# Routing
+# --------------------------------------------------------------------------
+def route_certificates(h, fake, parts: list) -> None:
+    """Route /apis/certificates.k8s.io[/v1[/certificatesigningrequests[/NAME[/SUB]]]]."""
+    if getattr(fake, "csrs", None) is None:  # install() not called
+        return h.send_status(
+            404, "NotFound", "the server could not find the requested resource"
+        )
+    read = h.command in ("GET", "HEAD")
+    rest = parts[3:]
+    if len(parts) == 2 and read:
+        return h.send_json(
+            200, dict(apis_group_entry(), kind="APIGroup", apiVersion="v1")
+        )
+    if parts[2:3] != ["v1"]:
+        return h.send_status(
+            404, "NotFound", "the server could not find the requested resource"
+        )
+    if not rest and read:
+        return h.send_json(200, _csr_resource_list())
+    if not rest or rest[0] != CSR_RESOURCE or len(rest) > 3:
+        return h.send_status(
+            404, "NotFound", "the server could not find the requested resource"
+        )
+    if len(rest) == 1:
+        if h.command == "POST":
+            return _csr_create(h, fake)
+        if read:
+            return _csr_watch(h, fake) if _is_watch(h) else _csr_list(h, fake)
+        return _method_not_allowed(h)
+    name, sub = rest[1], (rest[2] if len(rest) > 2 else "")
+    if sub not in ("", "approval", "status"):
+        return h.send_status(
+            404, "NotFound", "the server could not find the requested resource"
+        )
+    with fake.state.cond:
+        obj = copy.deepcopy(fake.csrs.get(name))
+    if obj is None:
+        return _csr_not_found(h, name)
+    if read:
+        if h.wants_table():
+            return h.send_json(
+                200, _csr_table([obj], obj["metadata"]["resourceVersion"])
+            )
+        return h.send_json(200, obj)
+    if h.command == "DELETE" and not sub:
+        return _csr_delete(h, fake, name)
+    if h.command in ("PUT", "PATCH"):
+        return _csr_update(h, fake, name, sub, obj)
+    _method_not_allowed(h)
+
+
+def _method_not_allowed(h) -> None:
+    """405 MethodNotAllowed Status."""
+    h.send_status(405, "MethodNotAllowed", "the server does not allow this method")
+
+
+def _csr_not_found(h, name: str) -> None:
+    """404 NotFound Status, worded like the apiserver."""
+    h.send_status(
+        404,
+        "NotFound",
+        f'{CSR_QUALIFIED} "{name}" not found',
+        {"name": name, "group": CSR_GROUP, "kind": CSR_RESOURCE},
+    )
+
+
+# --------------------------------------------------------------------------
+# Create
+# --------------------------------------------------------------------------
+class _FieldError(Exception):
+    """One apimachinery field.Error (reason, field, message body)."""
+
+    def __init__(self, reason: str, field: str, body: str):
+        super().__init__(f"{field}: {body}")
+        self.reason, self.field, self.body = reason, field, body
+
+
+def _invalid(field: str, value, detail: str) -> _FieldError:
+    """field.Invalid."""
+    return _FieldError(
+        "FieldValueInvalid", field, f"Invalid value: {_go_value(value)}: {detail}"
+    )
+
+
+def _required(field: str, detail: str = "") -> _FieldError:
+    """field.Required."""
+    return _FieldError(
+        "FieldValueRequired",
+        field,
+        "Required value" + (f": {detail}" if detail else ""),
+    )
+
+
+def _not_supported(field: str, value, supported) -> _FieldError:
+    """field.NotSupported."""
+    quoted = ", ".join(json.dumps(s) for s in supported)
+    return _FieldError(
+        "FieldValueNotSupported",
+        field,
+        f"Unsupported value: {json.dumps(value)}: supported values: {quoted}",
+    )
+
+
+def _go_value(value) -> str:
+    """Render a value as apimachinery's field.Error does (%#v for []byte)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (bytes, bytearray)):
+        return "[]byte{" + ", ".join(f"0x{b:x}" for b in value) + "}"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _send_invalid(h, name: str, errors: list) -> None:
+    """422 Invalid Status (apierrors.NewInvalid)."""
+    msgs = [str(e) for e in errors]
+    agg = msgs[0] if len(msgs) == 1 else "[" + ", ".join(msgs) + "]"
+    h.send_status(
+        422,
+        "Invalid",
+        f'{CSR_KIND}.{CSR_GROUP} "{name}" is invalid: {agg}',
+        {
+            "name": name,
+            "group": CSR_GROUP,
+            "kind": CSR_KIND,
+            "causes": [
+                {"reason": e.reason, "message": e.body, "field": e.field}
+                for e in errors
+            ],
+        },
+    )
+
+
+def _peer_identity(h) -> tuple:
+    """(username, groups) that kube-apiserver derives from the client certificate."""
+    der = h.request.getpeercert(binary_form=True)
+    if not der:
+        return "system:anonymous", ["system:unauthenticated"]
+    subject = x509.load_der_x509_certificate(der).subject
+    cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    orgs = [a.value for a in subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
+    return (cns[0].value if cns else ""), orgs + ["system:authenticated"]
+
+
+def _parse_csr_pem(pem: bytes) -> x509.CertificateSigningRequest:
+    """certificates.ParseCSR + CheckSignature; ValueError with Go's wording."""
+    begin = pem.find(b"-----BEGIN ")
+    if begin < 0 or not pem[begin:].startswith(b"-----BEGIN CERTIFICATE REQUEST-----"):
+        raise ValueError("PEM block type must be CERTIFICATE REQUEST")
+    try:
+        req = x509.load_pem_x509_csr(pem[begin:])
+        key = req.public_key()
+    except ValueError as exc:
+        raise ValueError(f"x509: malformed certificate request ({exc})") from None
+    if not req.is_signature_valid:
+        if isinstance(key, rsa.RSAPublicKey):
+            raise ValueError("crypto/rsa: verification error")
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            raise ValueError("x509: ECDSA verification failure")
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            raise ValueError("x509: Ed25519 verification failure")
+        raise ValueError("x509: signature verification failure")
+    return req
+
+
+def _client_usage_error(usages: list) -> str | None:
+    """The kube-apiserver-client signer's usage check (None when fine)."""
+    for usage in usages:
+        if usage != "client auth" and usage not in CSR_CLIENT_OPTIONAL_USAGES:
+            return f"invalid usage for client certificate: {usage}"
+    if "client auth" not in usages:
+        return "missing required usage for client certificate: client auth"
+    return None
+
+
+def _validate_csr(fake, body: dict) -> tuple:
+    """Strategy validation of a new CSR; returns (errors, x509 request or None)."""
+    errors: list = []
+    spec = body.get("spec") or {}
+    req = None
+    raw = spec.get("request")
+    if not raw:
+        errors.append(_required("spec.request"))
+    else:
+        pem = base64.b64decode(raw)
+        try:
+            req = _parse_csr_pem(pem)
+        except ValueError as exc:
+            errors.append(_invalid("spec.request", pem, str(exc)))
+    usages = spec.get("usages") or []
+    if not usages:
+        errors.append(_required("spec.usages"))
+    seen = set()
+    for i, usage in enumerate(usages):
+        if usage not in CSR_KNOWN_USAGES:
+            errors.append(_not_supported(f"spec.usages[{i}]", usage, CSR_KNOWN_USAGES))
+        elif usage in seen:
+            errors.append(
+                _FieldError(
+                    "FieldValueDuplicate",
+                    f"spec.usages[{i}]",
+                    f"Duplicate value: {json.dumps(usage)}",
+                )
+            )
+        seen.add(usage)
+    signer = spec.get("signerName") or ""
+    if not signer:
+        errors.append(_required("spec.signerName"))
+    elif (
+        signer.count("/") < 1
+        or signer.startswith("/")
+        or "." not in signer.split("/")[0]
+    ):
+        errors.append(
+            _invalid(
+                "spec.signerName",
+                signer,
+                "should be a domain with at least two segments separated by dots",
+            )
+        )
+    exp = spec.get("expirationSeconds")
+    if exp is not None and exp < CSR_MIN_EXPIRATION:
+        errors.append(
+            _invalid(
+                "spec.expirationSeconds",
+                exp,
+                "may not specify a duration less than 600 seconds (10 minutes)",
+            )
+        )
+    if (
+        getattr(fake, "csr_usage_check", "signer") == "create"
+        and signer == KUBE_APISERVER_CLIENT_SIGNER
+        and usages
+        and not errors
+    ):
+        problem = _client_usage_error(usages)
+        if problem:
+            errors.append(_invalid("spec.usages", usages, problem))
+    return errors, req
+
+
+def _decode_body(h, kind_expected: bool = True):
+    """JSON (or Kubernetes protobuf) body -> dict, or None after sending 400."""
+    try:
+        if h.body.startswith(K8S_PROTOBUF_MAGIC):
+            body = _csr_from_protobuf(h.body)
+        else:
+            body = json.loads(h.body or b"{}")
+        if not isinstance(body, dict):
+            raise TypeError("not an object")
+        meta = body.setdefault("metadata", {})
+        body.setdefault("spec", {})
+        if not isinstance(meta, dict) or not isinstance(body["spec"], dict):
+            raise TypeError("metadata/spec must be objects")
+        req = body["spec"].get("request")
+        if req is not None:
+            base64.b64decode(req, validate=True)
+        exp = body["spec"].get("expirationSeconds")
+        if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int)):
+            raise ValueError("spec.expirationSeconds: expected an integer")
+    except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
+        h.send_status(
+            400,
+            "BadRequest",
+            f'{CSR_KIND} in version "v1" cannot be handled as a {CSR_KIND}: {exc}',
+        )
+        return None
+    if kind_expected and (
+        body.get("kind", CSR_KIND) != CSR_KIND
+        or body.get("apiVersion", CSR_GV) != CSR_GV
+    ):
+        h.send_status(
+            400,
+            "BadRequest",
+            f"the API version in the data ({body.get('apiVersion')}) does not match "
+            f"the expected API version ({CSR_GV})",
+        )
+        return None
+    return body
+
+
+def _csr_create(h, fake) -> None:
+    """POST a CertificateSigningRequest: validate, admit, store; 201."""
+    body = _decode_body(h)
+    if body is None:
+        return
+    meta = body["metadata"]
+    name = meta.get("name") or ""
+    if not name and meta.get("generateName"):
+        name = meta["generateName"] + "".join(
+            random.choice(_NAME_SUFFIX_ALPHABET) for _ in range(5)
+        )
+    if not name:
+        return _send_invalid(
+            h, "", [_required("metadata.name", "name or generateName is required")]
+        )
+    if name in (".", "..") or "/" in name or "%" in name:
+        return _send_invalid(
+            h, name, [_invalid("metadata.name", name, "may not contain '/' or '%'")]
+        )
+    errors, req = _validate_csr(fake, body)
+    if errors:
+        return _send_invalid(h, name, errors)
+    spec = body["spec"]
+    if spec["signerName"] == KUBE_APISERVER_CLIENT_SIGNER:  # admission
+        orgs = req.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        if any(a.value == SYSTEM_MASTERS for a in orgs):
+            return h.send_status(
+                403,
+                "Forbidden",
+                f'{CSR_QUALIFIED} "{name}" is forbidden: use of '
+                f"{KUBE_APISERVER_CLIENT_SIGNER} signer with {SYSTEM_MASTERS} group "
+                "is not allowed",
+                {"name": name, "group": CSR_GROUP, "kind": CSR_RESOURCE},
+            )
+    username, groups = _peer_identity(h)
+    for key in ("uid", "extra", "username", "groups"):
+        spec.pop(key, None)
+    spec["username"], spec["groups"] = username, groups
+    now = time.time()
+    obj_meta = {
+        k: v
+        for k, v in meta.items()
+        if k in ("labels", "annotations", "finalizers", "generateName")
+    }
+    obj_meta.update(name=name, uid=str(uuid.uuid4()), creationTimestamp=_ts(now))
+    obj = {
+        "kind": CSR_KIND,
+        "apiVersion": CSR_GV,
+        "metadata": obj_meta,
+        "spec": spec,
+        "status": {},
+    }
+    with fake.state.cond:
+        if name in fake.csrs:
+            return h.send_status(
+                409,
+                "AlreadyExists",
+                f'{CSR_QUALIFIED} "{name}" already exists',
+                {"name": name, "group": CSR_GROUP, "kind": CSR_RESOURCE},
+            )
+        _csr_store(fake, obj, "ADDED")
+        obj = copy.deepcopy(obj)
+    h.send_json(201, obj)
+
+
+def _csr_store(fake, obj: dict, etype: str) -> None:
+    """Store obj with a new resourceVersion and record a watch event
+    (caller holds fake.state.cond)."""
+    obj["metadata"]["resourceVersion"] = str(fake.state._next_rv())
+    name = obj["metadata"]["name"]
+    if etype == "DELETED":
+        fake.csrs.pop(name, None)
+    else:
+        fake.csrs[name] = obj
+    fake.csr_events.append((fake.state.rv, etype, copy.deepcopy(obj)))
+    fake.state.cond.notify_all()
+
+
+# --------------------------------------------------------------------------
+# List, watch, delete
+# --------------------------------------------------------------------------
+def _csr_selected(h, obj: dict) -> bool:
+    """fieldSelector / labelSelector filter."""
+    return _field_match(obj, h.query.get("fieldSelector", "")) and _label_match(
+        obj, h.query.get("labelSelector", "")
+    )
+
+
+def _csr_list(h, fake) -> None:
+    """GET the collection (CertificateSigningRequestList or Table)."""
+    with fake.state.cond:
+        rv = str(fake.state.rv)
+        objs = [copy.deepcopy(o) for _, o in sorted(fake.csrs.items())]
+    objs = [o for o in objs if _csr_selected(h, o)]
+    if h.wants_table():
+        return h.send_json(200, _csr_table(objs, rv))
+    h.send_json(
+        200,
+        {
+            "kind": "CertificateSigningRequestList",
+            "apiVersion": CSR_GV,
+            "metadata": {"resourceVersion": rv},
+            "items": objs,
+        },
+    )
+
+
+def _csr_watch_line(h, etype: str, obj: dict) -> bytes:
+    """One watch event line (a Table row when a Table was asked for)."""
+    if h.wants_table():
+        obj = _csr_table([obj], obj["metadata"]["resourceVersion"])
+    return (
+        json.dumps({"type": etype, "object": obj}, separators=(",", ":")).encode()
+        + b"\n"
+    )
+
+
+def _csr_watch(h, fake) -> None:
+    """Chunked watch: initial ADDED (no/zero resourceVersion), then live events."""
+    state = fake.state
+    start_rv = h.query.get("resourceVersion", "")
+    with state.cond:
+        if start_rv in ("", "0"):
+            initial = [copy.deepcopy(o) for _, o in sorted(fake.csrs.items())]
+            last = state.rv
+        else:
+            initial, last = [], int(start_rv)
+    h.start_chunked("application/json")
+    for obj in initial:
+        if _csr_selected(h, obj):
+            h.write_chunk(_csr_watch_line(h, "ADDED", obj))
+    deadline = _watch_deadline(h)
+    while True:
+        with state.cond:
+            state.cond.wait_for(
+                lambda last=last: (
+                    state.stopped
+                    or (fake.csr_events and fake.csr_events[-1][0] > last)
+                    or time.monotonic() >= deadline
+                ),
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+            if state.stopped or time.monotonic() >= deadline:
+                break
+            events = [e for e in fake.csr_events if e[0] > last]
+            last = events[-1][0] if events else last
+        for _, etype, obj in events:
+            if _csr_selected(h, obj):
+                h.write_chunk(_csr_watch_line(h, etype, obj))
+    h.end_chunked()
+
+
+def _csr_delete(h, fake, name: str) -> None:
+    """DELETE one CSR; answers a Success Status as the apiserver does."""
+    with fake.state.cond:
+        obj = fake.csrs.get(name)
+        if obj is None:
+            return _csr_not_found(h, name)
+        _csr_store(fake, obj, "DELETED")
+    h.send_json(
+        200,
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": {
+                "name": name,
+                "group": CSR_GROUP,
+                "kind": CSR_RESOURCE,
+                "uid": obj["metadata"]["uid"],
+            },
+        },
+    )
+
+
+# --------------------------------------------------------------------------
+# Update: main resource (metadata only), /approval (conditions), /status
+# --------------------------------------------------------------------------
+def _merge_patch(target, patch):
+    """RFC 7386 JSON merge patch (also used for strategic merge patches,
+    which is equivalent for the metadata maps and condition lists here)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
+def _conflict(h, name: str) -> None:
+    """409 Conflict (stale resourceVersion)."""
+    h.send_status(
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {CSR_QUALIFIED} "{name}": the object has '
+        "been modified; please apply your changes to the latest version and try again",
+        {"name": name, "group": CSR_GROUP, "kind": CSR_RESOURCE},
+    )
+
+
+def _has_condition(obj: dict, ctype: str) -> bool:
+    """True when status.conditions has a condition of this type."""
+    return any(c.get("type") == ctype for c in obj["status"].get("conditions") or [])
+
+
+def _validate_conditions(old: dict, new_conditions: list, sub: str) -> list:
+    """validateConditions + the approval/status update rules."""
+    errors, seen = [], set()
+    for i, cond in enumerate(new_conditions):
+        ctype, status = cond.get("type", ""), cond.get("status", "")
+        if not ctype:
+            errors.append(_required(f"status.conditions[{i}].type"))
+        elif ctype in seen:
+            errors.append(
+                _FieldError(
+                    "FieldValueDuplicate",
+                    f"status.conditions[{i}].type",
+                    f"Duplicate value: {json.dumps(ctype)}",
+                )
+            )
+        seen.add(ctype)
+        allowed = (
+            ["True"]
+            if ctype in ("Approved", "Denied", "Failed")
+            else [
+                "False",
+                "True",
+                "Unknown",
+            ]
+        )
+        if status not in allowed:
+            errors.append(
+                _not_supported(f"status.conditions[{i}].status", status, allowed)
+            )
+    if "Approved" in seen and "Denied" in seen:
+        errors.append(
+            _invalid(
+                "status.conditions",
+                [c.get("type") for c in new_conditions],
+                "Approved and Denied conditions are mutually exclusive",
+            )
+        )
+    for ctype in ("Approved", "Denied"):
+        had = _has_condition(old, ctype)
+        if had and ctype not in seen:
+            errors.append(
+                _FieldError(
+                    "FieldValueForbidden",
+                    "status.conditions",
+                    f"Forbidden: updates may not remove a condition of type {json.dumps(ctype)}",
+                )
+            )
+        if sub == "status" and not had and ctype in seen:
+            errors.append(
+                _FieldError(
+                    "FieldValueForbidden",
+                    "status.conditions",
+                    f"Forbidden: updates may not add a condition of type {json.dumps(ctype)}",
+                )
+            )
+    return errors
+
+
+def _csr_update(h, fake, name: str, sub: str, current: dict) -> None:
+    """PUT/PATCH the object, its approval or its status subresource."""
+    if h.command == "PATCH":
+        try:
+            patch = json.loads(h.body or b"{}")
+        except ValueError as exc:
+            return h.send_status(400, "BadRequest", f"invalid patch: {exc}")
+        if not isinstance(patch, dict):  # JSON patch (list) is not supported here
+            return h.send_status(
+                415, "UnsupportedMediaType", "only merge patches are supported"
+            )
+        body = _merge_patch(current, patch)
+    else:
+        body = _decode_body(h)
+        if body is None:
+            return
+    body.setdefault("status", {})
+    rv = (body.get("metadata") or {}).get("resourceVersion")
+    with fake.state.cond:
+        old = fake.csrs.get(name)
+        if old is None:
+            return _csr_not_found(h, name)
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            return _conflict(h, name)
+        obj = copy.deepcopy(old)
+        new_status = body.get("status") or {}
+        if sub in ("approval", "status"):
+            conditions = copy.deepcopy(new_status.get("conditions") or [])
+            errors = _validate_conditions(old, conditions, sub)
+            new_cert = new_status.get("certificate")
+            if sub == "status" and new_cert:
+                old_cert = old["status"].get("certificate")
+                if old_cert and old_cert != new_cert:
+                    errors.append(
+                        _FieldError(
+                            "FieldValueForbidden",
+                            "status.certificate",
+                            "Forbidden: updates may not modify existing certificate content",
+                        )
+                    )
+                else:
+                    try:
+                        x509.load_pem_x509_certificates(base64.b64decode(new_cert))
+                    except ValueError as exc:
+                        errors.append(
+                            _invalid(
+                                "status.certificate", "<certificate data>", str(exc)
+                            )
+                        )
+            if errors:
+                return _send_invalid(h, name, errors)
+            now = _ts(time.time())
+            for cond in conditions:  # populateConditionTimestamps
+                cond["lastUpdateTime"] = cond.get("lastUpdateTime") or now
+                cond["lastTransitionTime"] = cond.get("lastTransitionTime") or now
+            if conditions:
+                obj["status"]["conditions"] = conditions
+            else:
+                obj["status"].pop("conditions", None)
+            if sub == "status" and new_cert:
+                obj["status"]["certificate"] = new_cert
+        else:  # main resource: only labels/annotations/finalizers change
+            new_meta = body.get("metadata") or {}
+            for key in ("labels", "annotations", "finalizers"):
+                if new_meta.get(key):
+                    obj["metadata"][key] = new_meta[key]
+                else:
+                    obj["metadata"].pop(key, None)
+        _csr_store(fake, obj, "MODIFIED")
+        obj = copy.deepcopy(obj)
+    if sub == "approval":  # the response shows the pre-signing object, like a
+        _csr_kick_signer(fake, name)  # real cluster; delay 0 signs before it
+    h.send_json(200, obj)
+
+
+# --------------------------------------------------------------------------
+# The signing controller
+# --------------------------------------------------------------------------
+def _csr_kick_signer(fake, name: str) -> None:
+    """Issue the certificate now (delay 0) or from a thread after csr_sign_delay."""
+    delay = float(getattr(fake, "csr_sign_delay", 0) or 0)
+    with fake.state.cond:
+        obj = fake.csrs.get(name)
+        uid = obj["metadata"]["uid"] if obj else None
+    if uid is None:
+        return
+    if delay <= 0:
+        return _csr_sign(fake, name, uid)
+
+    def later():
+        if not fake._stop_event.wait(delay):
+            _csr_sign(fake, name, uid)
+
+    t = threading.Thread(target=later, name=f"csr-signer-{name}", daemon=True)
+    fake._track_thread(t)
+    t.start()
+
+
+def _csr_signable(obj: dict | None, uid: str) -> bool:
+    """Approved, not denied/failed, not yet issued, same object."""
+    return (
+        obj is not None
+        and obj["metadata"]["uid"] == uid
+        and _has_condition(obj, "Approved")
+        and not _has_condition(obj, "Denied")
+        and not _has_condition(obj, "Failed")
+        and not obj["status"].get("certificate")
+    )
+
+
+def _csr_sign(fake, name: str, uid: str) -> None:
+    """What the csrsigning controller does for kubernetes.io/kube-apiserver-client."""
+    with fake.state.cond:
+        obj = copy.deepcopy(fake.csrs.get(name))
+    if not _csr_signable(obj, uid):
+        return
+    spec = obj["spec"]
+    if spec.get("signerName") != KUBE_APISERVER_CLIENT_SIGNER:
+        return  # another signer's business: stays approved, never issued
+    req = x509.load_pem_x509_csr(base64.b64decode(spec["request"]))
+    failure = _client_usage_error(spec.get("usages") or [])
+    pem = None
+    if failure is None:
+        try:
+            override = getattr(fake, "csr_issue_override", None)
+            pem = override(obj, req) if override else issue_client_cert(fake, obj, req)
+            pem = _as_bytes(pem)
+        except Exception as exc:  # noqa: BLE001 - surfaced as a Failed condition
+            failure = f"error signing certificate: {exc}"
+    with fake.state.cond:
+        current = fake.csrs.get(name)
+        if not _csr_signable(current, uid):
+            return
+        if failure is not None:
+            now = _ts(time.time())
+            current["status"].setdefault("conditions", []).append(
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "SignerValidationFailure",
+                    "message": failure,
+                    "lastUpdateTime": now,
+                    "lastTransitionTime": now,
+                }
+            )
+        else:
+            current["status"]["certificate"] = base64.b64encode(pem).decode()
+        _csr_store(fake, current, "MODIFIED")
+
+
+def issue_client_cert(fake, obj: dict, req: x509.CertificateSigningRequest) -> bytes:
+    """Sign req with the client CA: CSR subject, SANs and key; clientAuth;
+    validity now-1min .. now+min(expirationSeconds, 1y) (capped at the CA's end)."""
+    ca_cert, ca_key = fake.csr_signer
+    spec = obj["spec"]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    seconds = min(
+        int(spec.get("expirationSeconds") or CSR_MAX_DURATION), CSR_MAX_DURATION
+    )
+    not_after = min(
+        now + datetime.timedelta(seconds=seconds), ca_cert.not_valid_after_utc
+    )
+    usages = spec.get("usages") or []
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(req.subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(req.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CSR_BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
+            critical=False,
+        )
+    )
+    if any(u in usages for u in CSR_CLIENT_OPTIONAL_USAGES):
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                "digital signature" in usages,
+                False,
+                "key encipherment" in usages,
+                False,
+                False,
+                False,
+                False,
+                False,
+                False,
+            ),
+            critical=True,
+        )
+    try:
+        sans = req.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        builder = builder.add_extension(sans.value, critical=False)
+    except x509.ExtensionNotFound:
+        pass
+    algo = (
+        None
+        if isinstance(ca_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
+        else hashes.SHA256()
+    )
+    cert = builder.sign(ca_key, algo)
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+# --------------------------------------------------------------------------
+# Table output (kubectl get csr)
+# --------------------------------------------------------------------------
+def _human_duration(seconds: float) -> str:
+    """k8s.io/apimachinery/pkg/util/duration.HumanDuration."""
+    s = int(seconds)
+    if s < -1:
+        return "<invalid>"
+    if s < 0:
+        return "0s"
+    if s < 120:
+        return f"{s}s"
+    minutes = s // 60
+    if minutes < 10:
+        return f"{minutes}m{s % 60}s" if s % 60 else f"{minutes}m"
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = s // 3600
+    if hours < 8:
+        return f"{hours}h{minutes % 60}m" if minutes % 60 else f"{hours}h"
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 24 * 8:
+        return f"{hours // 24}d{hours % 24}h" if hours % 24 else f"{hours // 24}d"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24}d"
+    if hours < 24 * 365 * 8:
+        days = (hours // 24) % 365
+        return f"{hours // 24 // 365}y{days}d" if days else f"{hours // 24 // 365}y"
+    return f"{hours // 24 // 365}y"
+
+
+def _csr_condition_text(obj: dict) -> str:
+    """The CONDITION column: Approved/Denied/Failed[,Issued] or Pending."""
+    types = [c.get("type") for c in obj["status"].get("conditions") or []]
+    parts = [t for t in ("Approved", "Denied", "Failed") if t in types]
+    if obj["status"].get("certificate"):
+        parts.append("Issued")
+    return ",".join(parts) if parts else "Pending"
+
+
+def _csr_table(objs: list, rv: str) -> dict:
+    """meta.k8s.io/v1 Table with the apiserver's CSR columns."""
+    defs = [
+        {"name": n, "type": t, "format": f, "description": n, "priority": 0}
+        for n, t, f in CSR_TABLE_COLUMNS
+    ]
+    rows = []
+    for o in objs:
+        exp = o["spec"].get("expirationSeconds")
+        rows.append(
+            {
+                "cells": [
+                    o["metadata"]["name"],
+                    _human_duration(
+                        time.time() - _parse_ts(o["metadata"]["creationTimestamp"])
+                    ),
+                    o["spec"].get("signerName", ""),
+                    o["spec"].get("username", ""),
+                    _human_duration(exp) if exp else "<none>",
+                    _csr_condition_text(o),
+                ],
+                "object": {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": o["metadata"],
+                },
+            }
+        )
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": rv},
+        "columnDefinitions": defs,
+        "rows": rows,
+    }
+
+
+def _as_bytes(data) -> bytes:
+    """str or bytes -> bytes."""
+    return data.encode() if isinstance(data, str) else bytes(data)
 
 
 # =============================================================================
@@ -5953,3 +7156,245 @@ def bench_kubectl(cluster, piv, proxy, reuse, workdir: Path) -> list[str]:
             )
     piv.sign_delay = 0.0
     return rows
+
+
+# =============================================================================
+# enroll and renew through the CSR API
+# =============================================================================
+
+
+@pytest.fixture
+def csr_cluster(tmp_path):
+    """A test API server with the CSR API, signing with the client CA."""
+    cluster = start_cluster(tmp_path)
+    csr_install(cluster.api, cluster.ident.ca_cert, cluster.ident.ca_key)
+    yield cluster
+    cluster.api.stop()
+
+
+def enroll_args(cluster: Cluster, out: Path, *extra: str) -> list[str]:
+    return [
+        "enroll",
+        "--kubeconfig",
+        str(cluster.kubeconfig),
+        "--output-dir",
+        str(out),
+        "--user",
+        "alice",
+        "--group",
+        "dev",
+        *extra,
+    ]
+
+
+def slot_certificate(piv: "VirtualPiv", slot: int = 0x9A) -> x509.Certificate:
+    return x509.load_der_x509_certificate(
+        yk.parse_tlvs(piv.certificate_object(slot))[0x70]
+    )
+
+
+def test_enroll_with_approval_then_kubectl_as_the_new_user(
+    card57, csr_cluster, tmp_path, capsys
+):
+    code, stdout, stderr = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "yk", "--approve", "--expiration", "2h"),
+        capsys=capsys,
+    )
+    assert (code, stderr) == (0, "")
+    cert = slot_certificate(card57)
+    assert cert.subject.rfc4514_string() == "CN=alice,O=dev"
+    assert cert.issuer == csr_cluster.ident.ca_cert.subject
+    assert card57.slot_info(0x9A).origin == 0x01  # generated on the card
+    assert yk.same_public_key(cert.public_key(), card57.slot_key(0x9A).public_key())
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert abs(lifetime.total_seconds() - 7200) < 120
+    assert stdout.startswith(
+        "Enrolled CN=alice,O=dev: a EC P-256 key generated on YubiKey serial 31000001"
+    )
+    (request,) = csr_cluster.api.csrs.values()
+    assert request["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client"
+    assert request["spec"]["usages"] == ["client auth"]
+    assert request["spec"]["expirationSeconds"] == 7200
+    pkcs10 = x509.load_pem_x509_csr(base64.b64decode(request["spec"]["request"]))
+    assert pkcs10.is_signature_valid  # signed by the card: proof of possession
+    assert yk.same_public_key(pkcs10.public_key(), cert.public_key())
+    code, stdout, _ = run_cli("status", "--json", capsys=capsys)
+    assert (
+        json.loads(stdout)["cards"][0]["slots"][0]["key"]["origin"]
+        == "generated on card"
+    )
+    proxy = ProxyProcess(tmp_path / "yk")
+    try:
+        done = kubectl(proxy, "get", "--raw", "/version")
+        assert done.returncode == 0, done.stderr
+        assert csr_cluster.api.requests[-1]["client_subject"] == "CN=alice,O=dev"
+    finally:
+        proxy.stop()
+
+
+def test_enroll_waits_for_an_outside_approval(card57, csr_cluster, tmp_path, capsys):
+    codes = []
+    worker = threading.Thread(
+        target=lambda: codes.append(
+            yk.main(enroll_args(csr_cluster, tmp_path / "yk", "--timeout", "60"))
+        )
+    )
+    worker.start()
+    try:
+        pending = csr_wait(csr_cluster.api, timeout=30)
+        name = pending["metadata"]["name"]
+        assert name.startswith("yubikey-alice-31000001-")
+        done = subprocess.run(
+            [
+                "kubectl",
+                "--kubeconfig",
+                str(csr_cluster.kubeconfig),
+                "certificate",
+                "approve",
+                name,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        worker.join(90)
+    assert codes == [0]
+    assert f"kubectl certificate approve {name}" in capsys.readouterr().err
+    assert slot_certificate(card57).subject.rfc4514_string() == "CN=alice,O=dev"
+
+
+def test_enroll_denied_timed_out_and_mismatched(card57, csr_cluster, tmp_path, capsys):
+    worker_codes = []
+    worker = threading.Thread(
+        target=lambda: worker_codes.append(
+            yk.main(enroll_args(csr_cluster, tmp_path / "a", "--timeout", "60"))
+        )
+    )
+    worker.start()
+    name = csr_wait(csr_cluster.api, timeout=30)["metadata"]["name"]
+    csr_deny(csr_cluster.api, name, "not on my watch")
+    worker.join(60)
+    assert worker_codes == [1]
+    assert capsys.readouterr().err.endswith(
+        f"yubikey-kube-proxy: error: the cluster denied certificate request {name}: "
+        "not on my watch\n"
+    )
+    # Nobody approves: a clear failure after the timeout.
+    code, _, stderr = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "b", "--force", "--timeout", "1"),
+        capsys=capsys,
+    )
+    assert code == 1
+    assert re.search(
+        r"error: no certificate for request yubikey-alice-31000001-[0-9a-f-]+ after "
+        r"1 s: approve it \(kubectl certificate approve yubikey-alice-31000001-"
+        r"[0-9a-f-]+\) and run the command again\n$",
+        stderr,
+    ), stderr
+    # A certificate for another key is refused, and never stored.
+    other = make_identity()
+    csr_cluster.api.csr_issue_override = lambda obj, request: pem(other.cert)
+    code, _, stderr = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "c", "--force", "--approve"), capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        (
+            "yubikey-kube-proxy: error: the certificate the cluster issued does not carry the "
+            "key on the card: refusing it; check the cluster's signer and try again\n"
+        ),
+    )
+    assert card57.certificate_object(0x9A) is None
+
+
+def test_enroll_refuses_system_masters(card57, csr_cluster, tmp_path, capsys):
+    code, _, stderr = run_cli(
+        *enroll_args(csr_cluster, tmp_path, "--group", "system:masters"), capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        (
+            "yubikey-kube-proxy: error: Kubernetes refuses client certificates for group "
+            "system:masters from the CSR API: enroll without it and grant rights with "
+            "--bind-clusterrole cluster-admin\n"
+        ),
+    )
+    assert card57.slot_key(0x9A) is None and csr_cluster.api.csrs == {}
+
+
+def test_renew_through_the_running_proxy_and_as_a_no_op(
+    card57, csr_cluster, tmp_path, capsys
+):
+    workdir = tmp_path / "yk"
+    assert (
+        yk.main(enroll_args(csr_cluster, workdir, "--approve", "--expiration", "1h"))
+        == 0
+    )
+    first = slot_certificate(card57)
+    capsys.readouterr()
+    proxy = ProxyProcess(workdir)
+    try:
+        code, stdout, _ = run_cli(
+            "renew",
+            "--kubeconfig",
+            str(proxy.client_config),
+            "--proxy-config",
+            str(workdir / "proxy.yml"),
+            "--if-expiring-within",
+            "30m",
+            capsys=capsys,
+        )
+        assert code == 0
+        assert re.fullmatch(r"The certificate in slot 9a is valid until \S+ \S+ UTC "
+                            r"\((59|60) minutes left\): nothing to do.\n", stdout), stdout
+        assert len(csr_cluster.api.csrs) == 1  # nothing requested
+        code, stdout, stderr = run_cli(
+            "renew",
+            "--kubeconfig",
+            str(proxy.client_config),
+            "--proxy-config",
+            str(workdir / "proxy.yml"),
+            "--if-expiring-within",
+            "2h",
+            "--approve",
+            "--expiration",
+            "3h",
+            capsys=capsys,
+        )
+        assert (code, stderr) == (0, "")
+        assert stdout.startswith(
+            "Renewed the certificate in slot 9a (CN=alice,O=dev): valid until "
+        )
+        second = slot_certificate(card57)
+        assert second.serial_number != first.serial_number
+        assert yk.same_public_key(second.public_key(), first.public_key())
+        assert second.not_valid_after_utc > first.not_valid_after_utc
+        # The renewal itself went through the proxy, with the old certificate.
+        creates = [r for r in csr_cluster.api.requests if r["method"] == "POST"]
+        assert creates[-1]["client_certificate"] == first.public_bytes(
+            serialization.Encoding.DER
+        )
+        # No restart: the next request presents the new certificate.
+        done = kubectl(proxy, "get", "--raw", "/version")
+        assert done.returncode == 0, done.stderr
+        assert csr_cluster.api.requests[-1][
+            "client_certificate"
+        ] == second.public_bytes(serialization.Encoding.DER)
+        assert "now using the certificate in slot 9a: CN=alice,O=dev" in proxy.stderr()
+    finally:
+        proxy.stop()
+
+
+def test_parse_duration():
+    assert [yk.parse_duration(t) for t in ("90m", "720h", "30d", "1h30m", "45s")] == [
+        5400,
+        2592000,
+        2592000,
+        5400,
+        45,
+    ]
+    for bad in ("", "10", "1x", "h1", "1h 30m"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            yk.parse_duration(bad)

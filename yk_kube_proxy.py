@@ -2135,6 +2135,7 @@ class Upstream:
         self.signer = signer
         self.timeout = timeout
         self.settings = tls_settings()
+        self.origin = "of unknown origin"  # from the slot's metadata, for the logs
         self.use_certificate(certificate)
 
     @property
@@ -2172,6 +2173,7 @@ class Upstream:
         self.key = tls_private_key(self.signer, cert.public_key())
         self.cert_chain = chain
         self.subject = cert.subject.rfc4514_string()
+        self.not_after = not_after(cert)
         self.certificate_der = cert.public_bytes(serialization.Encoding.DER)
 
     def connect(self) -> TLSSocket:
@@ -2863,7 +2865,11 @@ def build_upstream(
     verifier = ServerVerifier(
         settings.roots, settings.address.server_name, settings.insecure
     )
-    return Upstream(settings.address, verifier, cert, signer, args.handshake_timeout)
+    upstream = Upstream(
+        settings.address, verifier, cert, signer, args.handshake_timeout
+    )
+    upstream.origin = meta.origin if meta else "of unknown origin"
+    return upstream
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
@@ -2881,7 +2887,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     print(
         f"{PROG}: listening on {scheme}://{format_address(server.server_address)} -> "
         f"https://{settings.address.where}{settings.address.prefix} (slot "
-        f"{settings.slot.name}, {card.info.describe() if card.info else 'YubiKey'})",
+        f"{settings.slot.name}, key {upstream.origin}, certificate {upstream.subject} "
+        f"until {upstream.not_after:%Y-%m-%d}, "
+        f"{card.info.describe() if card.info else 'YubiKey'})",
         file=sys.stderr,
         flush=True,
     )
@@ -3522,12 +3530,21 @@ ENROLL_ALGORITHMS = {
 }
 
 
+def remaining(seconds: float) -> str:
+    """A time left in words: 40 minutes, 5 hours, 30 days."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= 2 * size or unit == "minute":
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    raise AssertionError("unreachable")
+
+
 def parse_duration(text: str) -> int:
     """Seconds in a duration like 90m, 720h, 30d or 1h30m (Go-like, plus days)."""
     import re
 
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    parts = re.findall(r"(\\d+)([smhd])", text)
+    parts = re.findall(r"(\d+)([smhd])", text)
     if not parts or "".join(n + u for n, u in parts) != text:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a duration like 90m, 720h or 30d"
@@ -3733,7 +3750,9 @@ def safe_name(user: str) -> str:
 
 def csr_name(user: str, card: Card) -> str:
     serial = card.info.serial if card.info and card.info.serial is not None else "card"
-    return f"yubikey-{safe_name(user)}-{serial}-{int(time.time())}"
+    return (
+        f"yubikey-{safe_name(user)}-{serial}-{int(time.time())}-{secrets.token_hex(2)}"
+    )
 
 
 def cluster_context(args: argparse.Namespace) -> KubeContext:
@@ -3829,7 +3848,7 @@ def renew_on_card(card: Card, slot: Slot, args: argparse.Namespace) -> int:
     if args.if_expiring_within is not None and left > args.if_expiring_within:
         print(
             f"The certificate in slot {slot.name} is valid until "
-            f"{not_after(cert):%Y-%m-%d %H:%M} UTC ({left / 86400:.0f} days): nothing to do."
+            f"{not_after(cert):%Y-%m-%d %H:%M} UTC ({remaining(left)} left): nothing to do."
         )
         return 0
     algorithm = key_algorithm(cert.public_key())
