@@ -96,6 +96,7 @@ INS_GET_RESPONSE = 0xC0
 INS_GET_DATA = 0xCB
 INS_PUT_DATA = 0xDB
 INS_GET_METADATA = 0xF7
+INS_ATTEST = 0xF9
 INS_GET_SERIAL = 0xF8
 INS_SET_PIN_RETRIES = 0xFA
 INS_RESET = 0xFB
@@ -439,6 +440,7 @@ class VirtualPiv:
         self._puk = Reference(_pad_pin(puk), _pad_pin(DEFAULT_PUK))
         self._slots: dict[int, KeySlot] = {}
         self._objects: dict[bytes, bytes] = {}
+        self._attestation_key = None
         self._lock = threading.RLock()
         self._last_touch = float("-inf")
         self.sign_count = 0
@@ -956,7 +958,32 @@ class VirtualPiv:
             self._objects.pop(object_id, None)
         return b""
 
+    def _cmd_attest(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Yubico ATTEST (INS F9, P1 slot): a certificate for the slot's public key
+        signed by the card's attestation key, only for keys generated on the card."""
+        entry = self._slots.get(p1)
+        if entry is None:
+            raise CardStatus(SW_REFERENCE_NOT_FOUND)
+        if entry.origin != ORIGIN_GENERATED:
+            raise CardStatus(SW_WRONG_DATA)  # imported keys cannot be attested
+        if self._attestation_key is None:
+            self._attestation_key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        name = x509.Name.from_rfc4514_string
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(f"CN=YubiKey PIV Attestation {p1:02x}"))
+            .issuer_name(name("CN=Yubico PIV Attestation"))
+            .public_key(entry.key.public_key())
+            .serial_number(self.serial)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .sign(self._attestation_key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.DER)
+
     _DISPATCH = {
+        INS_ATTEST: _cmd_attest,
         INS_SELECT: _cmd_select,
         INS_GET_VERSION: _cmd_get_version,
         INS_GET_SERIAL: _cmd_get_serial,
@@ -4906,7 +4933,7 @@ def test_occupied_slot_is_refused_without_force(card57, tmp_path, capsys):
     code, _, stderr = run_cli(*setup_args(source, tmp_path / "o2"), capsys=capsys)
     assert code == 1
     assert stderr == (
-        "yubikey-kube-proxy: error: slot 9a of the YubiKey already holds a EC P-256 key "
+        "yubikey-kube-proxy: error: slot 9a of the YubiKey already holds an EC P-256 key "
         "(imported) and a certificate for CN=system:admin,O=system:masters: pass --force "
         "to overwrite it, or choose another --slot\n"
     )
@@ -7209,7 +7236,7 @@ def test_enroll_with_approval_then_kubectl_as_the_new_user(
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert abs(lifetime.total_seconds() - 7200) < 120
     assert stdout.startswith(
-        "Enrolled CN=alice,O=dev: a EC P-256 key generated on YubiKey serial 31000001"
+        "Enrolled CN=alice,O=dev: an EC P-256 key generated on YubiKey serial 31000001"
     )
     (request,) = csr_cluster.api.csrs.values()
     assert request["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client"
@@ -7347,8 +7374,11 @@ def test_renew_through_the_running_proxy_and_as_a_no_op(
             capsys=capsys,
         )
         assert code == 0
-        assert re.fullmatch(r"The certificate in slot 9a is valid until \S+ \S+ UTC "
-                            r"\((59|60) minutes left\): nothing to do.\n", stdout), stdout
+        assert re.fullmatch(
+            r"The certificate in slot 9a is valid until \S+ \S+ UTC "
+            r"\((59|60) minutes left\): nothing to do.\n",
+            stdout,
+        ), stdout
         assert len(csr_cluster.api.csrs) == 1  # nothing requested
         code, stdout, stderr = run_cli(
             "renew",
@@ -7398,3 +7428,56 @@ def test_parse_duration():
     for bad in ("", "10", "1x", "h1", "1h 30m"):
         with pytest.raises(argparse.ArgumentTypeError):
             yk.parse_duration(bad)
+
+
+def test_yubico_piv_tool_attests_the_enrolled_key_as_generated(
+    card54, csr_cluster, tmp_path, capsys
+):
+    assert yk.main(enroll_args(csr_cluster, tmp_path / "yk", "--approve")) == 0
+    done = piv_tool("-a", "attest", "-s", "9a")
+    assert done.returncode == 0, done.stderr
+    attestation = x509.load_pem_x509_certificate(done.stdout.encode())
+    assert yk.same_public_key(
+        attestation.public_key(), slot_certificate(card54).public_key()
+    )
+    # An imported key cannot be attested: the independent tool says so too.
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    assert yk.main(setup_args(source, tmp_path / "imported", "--slot", "9c")) == 0
+    done = piv_tool("-a", "attest", "-s", "9c")
+    assert done.returncode != 0
+
+
+@pytest.mark.parametrize(
+    "algorithm, name",
+    [("p384", "EC P-384"), ("rsa2048", "RSA-2048"), ("ed25519", "Ed25519")],
+)
+def test_enroll_other_algorithms(
+    card57, csr_cluster, tmp_path, capsys, algorithm, name
+):
+    code, stdout, stderr = run_cli(
+        *enroll_args(
+            csr_cluster, tmp_path / "yk", "--approve", "--algorithm", algorithm
+        ),
+        capsys=capsys,
+    )
+    assert (code, stderr) == (0, "")
+    assert stdout.startswith(f"Enrolled CN=alice,O=dev: an {name} key generated on ")
+    (request,) = csr_cluster.api.csrs.values()
+    pkcs10 = x509.load_pem_x509_csr(base64.b64decode(request["spec"]["request"]))
+    assert pkcs10.is_signature_valid
+    assert yk.same_public_key(
+        slot_certificate(card57).public_key(), card57.slot_key(0x9A).public_key()
+    )
+
+
+def test_enroll_reports_a_shortened_lifetime(card57, csr_cluster, tmp_path, capsys):
+    code, _, stderr = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "yk", "--approve", "--expiration", "400d"),
+        capsys=capsys,
+    )
+    assert code == 0
+    until = slot_certificate(card57).not_valid_after_utc
+    assert stderr == (
+        "The cluster granted 365.0 days instead of the 400.0 requested (valid until "
+        f"{until:%Y-%m-%d %H:%M} UTC).\n"
+    )

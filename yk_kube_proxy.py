@@ -353,6 +353,11 @@ class CardInfo:
 # =============================================================================
 
 
+def with_article(word: str) -> str:
+    """'an EC P-256', 'an RSA-2048', 'a 3DES': by how the name is spoken."""
+    return f"{'an' if word[:1] in 'AEFHILMNORSX' else 'a'} {word}"
+
+
 def encode_length(n: int) -> bytes:
     """BER length: one byte below 128, else 0x81 or 0x82 and the length."""
     if n < 0x80:
@@ -3028,7 +3033,8 @@ def slot_occupant(piv: PivSession, slot: Slot) -> str | None:
     meta = piv.slot_metadata(slot) if piv.has_metadata() else None
     if meta:
         parts.append(
-            f"a {ALGORITHM_NAMES.get(meta.algorithm, 'key')} key ({meta.origin})"
+            f"{with_article(ALGORITHM_NAMES.get(meta.algorithm, 'unknown'))} key "
+            f"({meta.origin})"
         )
     der = piv.get_certificate(slot)
     if der:
@@ -3666,7 +3672,8 @@ def check_issued(cert: Any, public_key: Any, requested: int | None) -> None:
     if requested and lifetime < requested - 3600:
         print(
             f"The cluster granted {lifetime / 86400:.1f} days instead of the "
-            f"{requested / 86400:.1f} requested (valid until {not_after(cert):%Y-%m-%d %H:%M} UTC).",
+            f"{requested / 86400:.1f} requested (valid until "
+            f"{not_after(cert):%Y-%m-%d %H:%M} UTC).",
             file=sys.stderr,
         )
 
@@ -3797,7 +3804,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         )
     write_proxy_files(ctx, card, args, proxy_path, client_path)
     print(
-        f"Enrolled {subject.rfc4514_string()}: a {ALGORITHM_NAMES[ENROLL_ALGORITHMS[args.algorithm]]} "
+        f"Enrolled {subject.rfc4514_string()}: "
+        f"{with_article(ALGORITHM_NAMES[ENROLL_ALGORITHMS[args.algorithm]])} "
         f"key generated on {card.info.describe() if card.info else 'the card'}, slot "
         f"{args.slot.name}; certificate from request {name}, valid until "
         f"{not_after(cert):%Y-%m-%d %H:%M} UTC. The key has never been anywhere else."
