@@ -9,11 +9,16 @@ at the next request.
 Commands:
     setup   import the client key and certificate of a kubeconfig into a slot
             and write proxy.yml (for the proxy) and client.yml (for kubectl)
+    proxy   relay kubectl's requests, a fresh card-signed TLS connection each
+    shell   a subshell whose kubectl goes through a proxy of its own
+    enroll  generate a key on the card; its certificate comes from the CSR API
+    renew   a new certificate for the same on-card key
     status  show the cards, their slots, certificates and PIN tries left
 
 Layers, each calling only the ones above it in this file: constants, errors,
 value types, TLV/APDU encoding, the PC/SC transport, the PIV session, card
-access, kubeconfig, the commands, and main().
+access, kubeconfig, card-backed TLS keys, upstream TLS, the HTTP relay, the
+commands, and main().
 """
 
 from __future__ import annotations
@@ -4053,15 +4058,34 @@ def add_card_write_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Keep the key that opens a Kubernetes cluster on a YubiKey.",
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Where setup and enroll write proxy.yml and client.yml, and what goes in."""
+    parser.add_argument(
+        "--output-dir",
+        default=".",
+        metavar="DIR",
+        help="where proxy.yml and client.yml go, created if missing (default: .)",
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    common = card_options()
+    parser.add_argument(
+        "--port",
+        type=port_arg,
+        default=DEFAULT_PORT,
+        help=f"local port of the proxy (default: {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="kubectl reaches the proxy over plain HTTP instead of mutual TLS",
+    )
+    parser.add_argument(
+        "--reuse-while-present",
+        action="store_true",
+        help="make the proxy reuse an upstream connection within one kubectl run while "
+        "the card answers (see proxy --help)",
+    )
 
+
+def add_setup_command(commands: Any, common: argparse.ArgumentParser) -> None:
     setup = commands.add_parser(
         "setup",
         parents=[common],
@@ -4077,32 +4101,12 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument(
         "--context", metavar="NAME", help="context (default: current-context)"
     )
-    setup.add_argument(
-        "--output-dir",
-        default=".",
-        metavar="DIR",
-        help="where proxy.yml and client.yml go (default: .)",
-    )
-    setup.add_argument(
-        "--port",
-        type=port_arg,
-        default=DEFAULT_PORT,
-        help=f"local port of the proxy (default: {DEFAULT_PORT})",
-    )
-    setup.add_argument(
-        "--plain-http",
-        action="store_true",
-        help="kubectl reaches the proxy over plain HTTP instead of mutual TLS",
-    )
-    setup.add_argument(
-        "--reuse-while-present",
-        action="store_true",
-        help="make the proxy reuse upstream connections within one kubectl "
-        "run while the card answers (see proxy --help)",
-    )
     add_card_write_options(setup)
+    add_output_options(setup)
     setup.set_defaults(func=cmd_setup)
 
+
+def add_proxy_command(commands: Any, common: argparse.ArgumentParser) -> None:
     proxy = commands.add_parser(
         "proxy",
         parents=[common, proxy_options()],
@@ -4122,6 +4126,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxy.set_defaults(func=cmd_proxy)
 
+
+def add_shell_command(commands: Any, common: argparse.ArgumentParser) -> None:
     shell = commands.add_parser(
         "shell",
         parents=[common, proxy_options()],
@@ -4142,6 +4148,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shell.set_defaults(func=cmd_shell, listen="127.0.0.1:0", unsafe_listen=False)
 
+
+def add_enroll_command(commands: Any, common: argparse.ArgumentParser) -> None:
     enroll = commands.add_parser(
         "enroll",
         parents=[common],
@@ -4174,35 +4182,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_certificate_request_options(enroll)
     add_card_write_options(enroll)
+    add_output_options(enroll)
     enroll.add_argument(
         "--bind-clusterrole",
         metavar="ROLE",
         help="also create a ClusterRoleBinding of ROLE for the user",
     )
-    enroll.add_argument(
-        "--output-dir",
-        default=".",
-        metavar="DIR",
-        help="where proxy.yml and client.yml go (default: .)",
-    )
-    enroll.add_argument(
-        "--port",
-        type=port_arg,
-        default=DEFAULT_PORT,
-        help=f"local port of the proxy (default: {DEFAULT_PORT})",
-    )
-    enroll.add_argument(
-        "--plain-http",
-        action="store_true",
-        help="kubectl reaches the proxy over plain HTTP instead of mutual TLS",
-    )
-    enroll.add_argument(
-        "--reuse-while-present",
-        action="store_true",
-        help="make the proxy reuse upstream connections (see proxy --help)",
-    )
     enroll.set_defaults(func=cmd_enroll)
 
+
+def add_renew_command(commands: Any, common: argparse.ArgumentParser) -> None:
     renew = commands.add_parser(
         "renew",
         parents=[common],
@@ -4243,6 +4232,8 @@ def build_parser() -> argparse.ArgumentParser:
     renew.add_argument("--pin-file", metavar="PATH", help="read the PIN from this file")
     renew.set_defaults(func=cmd_renew)
 
+
+def add_status_command(commands: Any, common: argparse.ArgumentParser) -> None:
     status = commands.add_parser(
         "status",
         parents=[common],
@@ -4258,6 +4249,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="also check the proxy.yml setup wrote (e.g. insecure settings)",
     )
     status.set_defaults(func=cmd_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Keep the key that opens a Kubernetes cluster on a YubiKey.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = card_options()
+    for add in (
+        add_setup_command,
+        add_proxy_command,
+        add_shell_command,
+        add_enroll_command,
+        add_renew_command,
+        add_status_command,
+    ):
+        add(commands, common)
     return parser
 
 
