@@ -6852,7 +6852,11 @@ def test_sigterm_lets_an_open_request_finish(proxied, cluster):
     client = LocalClient(proxied)
     conn = client.connection()
     conn.request("GET", "/slow?seconds=2")
-    time.sleep(0.5)  # the request is in flight
+    wait_until(
+        lambda: any(r["path"].startswith("/slow") for r in cluster.api.requests),
+        20,
+        "the request to reach the API server",
+    )
     proxied.process.send_signal(signal.SIGTERM)
     response = conn.getresponse()
     assert response.status == 200
