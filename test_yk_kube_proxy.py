@@ -7485,3 +7485,50 @@ def test_enroll_reports_a_shortened_lifetime(card57, csr_cluster, tmp_path, caps
         "The cluster granted 365.0 days instead of the 400.0 requested (valid until "
         f"{until:%Y-%m-%d %H:%M} UTC).\n"
     )
+
+
+@pytest.mark.parametrize("versions", [("1.2",), ("1.3",)])
+@pytest.mark.parametrize("cipher", ["aes128gcm", "aes256gcm", "chacha20-poly1305"])
+def test_fast_record_reader_matches_tlslite(card57, tmp_path, capsys, versions, cipher):
+    """Application data is decrypted by our reader, everything else by tlslite; the
+    bytes must be exactly what the server sent, in every suite and version."""
+    cluster = start_cluster(tmp_path, tls_versions=versions)
+    try:
+        assert (
+            yk.main(
+                [
+                    "setup",
+                    "--kubeconfig",
+                    str(cluster.kubeconfig),
+                    "--output-dir",
+                    str(tmp_path / "yk"),
+                ]
+            )
+            == 0
+        )
+        args = yk.build_parser().parse_args(
+            ["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")]
+        )
+        card = yk.open_card()
+        try:
+            upstream = yk.build_upstream(yk.proxy_settings(args), card, args)
+            upstream.settings.cipherNames = [cipher]
+            for path, size in (
+                ("/bytes?n=3000000", 3_000_000),
+                ("/chunked?n=1000000", 1_000_000),
+            ):
+                link = http.client.HTTPConnection("127.0.0.1")
+                link.sock = upstream.connect()
+                try:
+                    link.request("GET", path)
+                    response = link.getresponse()
+                    body = response.read()
+                    assert link.sock.conn.getCipherName() == cipher
+                    assert body == expected_bytes(size)
+                    assert link.sock.stream.fast_records >= size // 16384
+                finally:
+                    link.sock.release()
+        finally:
+            card.close()
+    finally:
+        cluster.api.stop()
