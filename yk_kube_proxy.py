@@ -2284,8 +2284,10 @@ class Upstream:
         self.not_after = not_after(cert)
         self.certificate_der = cert.public_bytes(serialization.Encoding.DER)
 
-    def connect(self) -> TLSSocket:
-        cert_chain, key = self.identity()
+    def connect(self, refresh: bool = True) -> TLSSocket:
+        """A fresh connection; with ``refresh`` the slot's certificate is read first
+        (once per local connection: one kubectl run), else the last one is used."""
+        cert_chain, key = self.identity() if refresh else (self.cert_chain, self.key)
         raw = self._tcp_connect()
         pushback = PushbackSocket(raw)
         conn = make_tls_connection(pushback, self.verifier, self.address.where)
@@ -2484,6 +2486,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     server_version = PROG
     server: ProxyServer
     kept: http.client.HTTPConnection | None = None  # --reuse-while-present only
+    identity_read = False  # the slot's certificate was read for this local connection
 
     def setup(self) -> None:
         super().setup()
@@ -2531,7 +2534,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 kept.sock.release()
                 raise
         link = http.client.HTTPConnection(self.server.upstream.address.host)
-        link.sock = self.server.upstream.connect()
+        link.sock = self.server.upstream.connect(refresh=not self.identity_read)
+        self.identity_read = True
         return link
 
     def finish(self) -> None:
