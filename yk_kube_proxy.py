@@ -51,7 +51,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 __version__ = "0.1.0"
-__all__ = ["main", "PivSession", "Card", "open_card", "ProxyError"]
+__all__ = [
+    "main",
+    "PivSession",
+    "Card",
+    "open_card",
+    "ProxyServer",
+    "Upstream",
+    "ProxyError",
+]
 
 log = logging.getLogger("yk_kube_proxy")
 
@@ -120,7 +128,6 @@ TAG_GEN_ALGORITHM = 0x80
 TAG_PUBLIC_KEY = 0x7F49
 
 KEY_PIN = 0x80
-KEY_PUK = 0x81
 KEY_MANAGEMENT = 0x9B
 
 SW_OK = 0x9000
@@ -2397,7 +2404,6 @@ HOP_BY_HOP = {
     "host",
     "expect",
 }
-MAX_HEADER_BYTES = 64 * 1024
 
 
 def status_body(code: int, reason: str, message: str) -> bytes:
