@@ -2030,6 +2030,44 @@ def _route(h: _Handler, fake: "FakeApiServer", path: str) -> None:
         )
     if parts[:2] == ["apis", "certificates.k8s.io"]:
         return route_certificates(h, fake, parts)
+    if parts[:2] == ["apis", "rbac.authorization.k8s.io"] and fake_has_csr_api(fake):
+        return _route_rbac(h, fake, parts)
+    h.send_status(404, "NotFound", NOT_FOUND_MSG)
+
+
+RBAC_GV = {"groupVersion": "rbac.authorization.k8s.io/v1", "version": "v1"}
+
+
+def fake_has_csr_api(fake) -> bool:
+    return getattr(fake, "csrs", None) is not None
+
+
+def _route_rbac(h: _Handler, fake, parts: list) -> None:
+    """Just enough RBAC for `kubectl create clusterrolebinding`: discovery and
+    create, remembered in fake.cluster_role_bindings."""
+    if parts[2:] == ["v1"]:
+        return h.send_json(
+            200,
+            {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": RBAC_GV["groupVersion"],
+                "resources": [
+                    {
+                        "name": "clusterrolebindings",
+                        "singularName": "clusterrolebinding",
+                        "namespaced": False,
+                        "kind": "ClusterRoleBinding",
+                        "verbs": ["create", "delete", "get", "list"],
+                    }
+                ],
+            },
+        )
+    if parts[2:] == ["v1", "clusterrolebindings"] and h.command == "POST":
+        body = json.loads(h.body or b"{}")  # the handler has read it
+        body.setdefault("metadata", {})["uid"] = str(uuid.uuid4())
+        fake.cluster_role_bindings = getattr(fake, "cluster_role_bindings", []) + [body]
+        return h.send_json(201, body)
     h.send_status(404, "NotFound", NOT_FOUND_MSG)
 
 
@@ -2102,7 +2140,18 @@ def _apis(h: _Handler, fake) -> None:
             "kind": "APIGroupList",
             "apiVersion": "v1",
             "groups": [{"name": "apps", "versions": [gv], "preferredVersion": gv}]
-            + ([apis_group_entry()] if getattr(fake, "csrs", None) is not None else []),
+            + (
+                [
+                    apis_group_entry(),
+                    {
+                        "name": "rbac.authorization.k8s.io",
+                        "versions": [RBAC_GV],
+                        "preferredVersion": RBAC_GV,
+                    },
+                ]
+                if fake_has_csr_api(fake)
+                else []
+            ),
         },
     )
 
@@ -7532,3 +7581,23 @@ def test_fast_record_reader_matches_tlslite(card57, tmp_path, capsys, versions, 
             card.close()
     finally:
         cluster.api.stop()
+
+
+def test_enroll_binds_a_cluster_role(card57, csr_cluster, tmp_path, capsys):
+    code, _, stderr = run_cli(
+        *enroll_args(
+            csr_cluster, tmp_path / "yk", "--approve", "--bind-clusterrole", "view"
+        ),
+        capsys=capsys,
+    )
+    assert (code, stderr) == (0, "")
+    (binding,) = csr_cluster.api.cluster_role_bindings
+    assert binding["metadata"]["name"] == "yubikey-alice"
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "view",
+    }
+    assert binding["subjects"] == [
+        {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}
+    ]

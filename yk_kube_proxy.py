@@ -3707,6 +3707,18 @@ class Kubectl:
         return json.loads(self.run(*args, "-o", "json"))
 
 
+def cluster_role_binding(user: str, role: str) -> dict[str, Any]:
+    """A ClusterRoleBinding of ROLE for USER (what --bind-clusterrole creates)."""
+    rbac = "rbac.authorization.k8s.io"
+    return {
+        "apiVersion": f"{rbac}/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": f"yubikey-{safe_name(user)}"},
+        "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": rbac, "kind": "User", "name": user}],
+    }
+
+
 def csr_object(name: str, request_pem: bytes, expiration: int | None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "request": b64encode(request_pem),
@@ -3907,15 +3919,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     finally:
         card.close()
     if args.bind_clusterrole:
-        kube.run(
-            "create",
-            "clusterrolebinding",
-            f"yubikey-{safe_name(args.user)}",
-            "--clusterrole",
-            args.bind_clusterrole,
-            "--user",
-            args.user,
-        )
+        binding = cluster_role_binding(args.user, args.bind_clusterrole)
+        kube.run("create", "--validate=false", "-f", "-", stdin=json.dumps(binding))
     write_proxy_files(ctx, card, args, proxy_path, client_path)
     print(
         f"Enrolled {subject.rfc4514_string()}: "
