@@ -2930,7 +2930,7 @@ class FakeApiServer:
         """Configure TLS (CERT_REQUIRED against client_ca_pem) and state.
 
         git_version is what /version reports; note that the gcloud kubectl
-        *dispatcher* (/usr/bin/kubectl) execs the kubectl.1.xx binary that
+        *dispatcher* (the installed kubectl here) execs the kubectl.1.xx binary that
         matches the server's minor version."""
         self.host = host
         major, minor = git_version.lstrip("v").split(".")[:2]
@@ -4316,10 +4316,17 @@ def _as_bytes(data) -> bytes:
 # The PC/SC rig: pcscd with vpcd readers, cards inserted by the tests
 # =============================================================================
 
-VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
+
+def vpcd_driver() -> Path:
+    """Where the vsmartcard-vpcd package put its PC/SC driver."""
+    listing = subprocess.run(
+        ["dpkg", "-L", "vsmartcard-vpcd"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return Path(next(p for p in listing if p.endswith("/libifdvpcd.so")))
+
+
 YUBIKEY_READER = "Yubico YubiKey OTP+FIDO+CCID"
 OTHER_READER = "Generic Smart Card Reader"
-PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
 
 
 def free_port_pair() -> int:
@@ -4357,8 +4364,6 @@ def pcsc_readers() -> dict[str, bool]:
 
 
 def pcscd_alive() -> bool:
-    if not PCSCD_SOCKET.exists():
-        return False
     try:
         yk.PcscContext().close()
     except yk.CardError:
@@ -4388,9 +4393,10 @@ class PcscRig:
         confdir = self.workdir / "reader.conf.d"
         confdir.mkdir(exist_ok=True)
         driver_copy = self.workdir / "libifdvpcd-copy.so"
-        shutil.copy(VPCD_DRIVER, driver_copy)
+        driver = vpcd_driver()
+        shutil.copy(driver, driver_copy)
         for name, port, lib in (
-            (YUBIKEY_READER, self.yubikey_port, VPCD_DRIVER),
+            (YUBIKEY_READER, self.yubikey_port, driver),
             (OTHER_READER, self.other_port, driver_copy),
         ):
             (confdir / name.split()[0].lower()).write_text(
@@ -5704,7 +5710,7 @@ def test_kubectl_get_version_one_handshake_and_signature_per_request(
     for _ in range(2):
         assert kubectl(proxied, "get", "--raw", "/version").returncode == 0
     requests = list(cluster.api.requests)
-    # /usr/bin/kubectl may be a dispatcher that asks /version?timeout=5s first.
+    # The installed kubectl may be a dispatcher that asks /version?timeout=5s first.
     ours = "/version?timeout=30s"  # --request-timeout 30s
     assert [r["path"] for r in requests if r["path"] == ours] == [ours] * 3
     assert {r["path"] for r in requests} <= {ours, "/version?timeout=5s"}

@@ -1997,11 +1997,7 @@ def system_roots() -> list[Any]:
     from cryptography import x509
 
     paths = ssl.get_default_verify_paths()
-    for path in (
-        paths.cafile,
-        paths.openssl_cafile,
-        "/etc/ssl/certs/ca-certificates.crt",
-    ):
+    for path in (paths.cafile, paths.openssl_cafile):
         if path and os.path.exists(path):
             return x509.load_pem_x509_certificates(Path(path).read_bytes())
     raise ConfigError(
