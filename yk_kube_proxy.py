@@ -491,7 +491,9 @@ def import_key_data(key: Any) -> bytes:
         )
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return tlv(0x07, key.private_bytes_raw())
-    raise ConfigError(f"cannot import a {type(key).__name__} into a YubiKey")
+    raise ConfigError(
+        f"cannot import a {type(key).__name__} into a YubiKey: use an EC, RSA or Ed25519 key"
+    )
 
 
 def public_key_from_metadata(algorithm: KeyAlgorithm, data: bytes) -> Any:
@@ -630,7 +632,10 @@ def pcsc_error(hresult: int, reader: str = "") -> CardError:
             f"{BUSY_SUSPECTS}: close it and try again"
         )
     message = _scard().SCardGetErrorMessage(hresult)
-    return CardError(f"PC/SC error 0x{code:08X}{where}: {message.strip()}")
+    return CardError(
+        f"PC/SC error 0x{code:08X}{where}: {message.strip()}; reinsert the YubiKey, "
+        "and if it persists restart pcscd"
+    )
 
 
 class PcscContext:
@@ -694,7 +699,8 @@ class PcscTransport:
             raise pcsc_error(hresult, self.reader)
         if len(response) < 2:
             raise CardError(
-                f"the card in reader {self.reader!r} sent a truncated answer"
+                f"the card in reader {self.reader!r} sent a truncated answer: "
+                "reinsert the YubiKey and try again"
             )
         return bytes(response[:-2]), (response[-2] << 8) | response[-1]
 
@@ -2765,7 +2771,10 @@ def copy_exact(source: Any, write: Any, length: int) -> None:
     while length > 0:
         data = source.read(min(CHUNK, length))
         if not data:
-            raise UpstreamError("the connection closed in the middle of a body")
+            raise UpstreamError(
+                "the connection closed in the middle of a body: the transfer is "
+                "incomplete, try again"
+            )
         write(data)
         length -= len(data)
 
@@ -3939,7 +3948,10 @@ def proxy_settings_beside(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.exists():
         if args.proxy_config:
-            raise ConfigError(f"cannot read the proxy config {path}: no such file")
+            raise ConfigError(
+                f"cannot read the proxy config {path}: no such file; pass the "
+                "proxy.yml that setup or enroll wrote with --proxy-config"
+            )
         return {}
     return Kubeconfig([path]).resolve(None).extension
 
