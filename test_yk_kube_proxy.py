@@ -5108,6 +5108,18 @@ def test_ed25519_on_firmware_57(card57, tmp_path, capsys):
 # -- PIN ---------------------------------------------------------------------------
 
 
+def setup_with_pin(
+    tmp_path: Path, capsys, policy: str, pin: str
+) -> tuple[int, str, str]:
+    """setup of a fresh k3s-like identity with a PIN policy and a PIN file."""
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    pins = str(pin_file(tmp_path, pin))
+    return run_cli(
+        *setup_args(source, tmp_path, "--pin-policy", policy, "--pin-file", pins),
+        capsys=capsys,
+    )
+
+
 def pin_file(tmp_path: Path, pin: str) -> Path:
     path = tmp_path / "pin"
     path.write_text(pin + "\n")
@@ -5116,18 +5128,7 @@ def pin_file(tmp_path: Path, pin: str) -> Path:
 
 
 def test_pin_policy_once_verifies_with_the_pin_file(card57, tmp_path, capsys):
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    code, _, stderr = run_cli(
-        *setup_args(
-            source,
-            tmp_path,
-            "--pin-policy",
-            "once",
-            "--pin-file",
-            str(pin_file(tmp_path, "123456")),
-        ),
-        capsys=capsys,
-    )
+    code, _, stderr = setup_with_pin(tmp_path, capsys, "once", "123456")
     assert (code, stderr) == (0, "")
     assert (card57.verify_attempts, card57.sign_count, card57.pin_tries_left) == (
         1,
@@ -5139,18 +5140,7 @@ def test_pin_policy_once_verifies_with_the_pin_file(card57, tmp_path, capsys):
 
 
 def test_wrong_pin_costs_exactly_one_try_and_is_not_retried(card57, tmp_path, capsys):
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    code, _, stderr = run_cli(
-        *setup_args(
-            source,
-            tmp_path,
-            "--pin-policy",
-            "always",
-            "--pin-file",
-            str(pin_file(tmp_path, "654321")),
-        ),
-        capsys=capsys,
-    )
+    code, _, stderr = setup_with_pin(tmp_path, capsys, "always", "654321")
     assert code == 1
     assert stderr == (
         "yubikey-kube-proxy: error: wrong PIN: the YubiKey has 2 tries left "
@@ -5167,18 +5157,7 @@ def test_wrong_pin_costs_exactly_one_try_and_is_not_retried(card57, tmp_path, ca
 
 def test_blocked_pin_says_use_the_puk(card57, tmp_path, capsys):
     card57.pin_tries_left = 0
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    code, _, stderr = run_cli(
-        *setup_args(
-            source,
-            tmp_path,
-            "--pin-policy",
-            "once",
-            "--pin-file",
-            str(pin_file(tmp_path, "123456")),
-        ),
-        capsys=capsys,
-    )
+    code, _, stderr = setup_with_pin(tmp_path, capsys, "once", "123456")
     assert code == 1
     assert stderr == (
         "yubikey-kube-proxy: error: the PIN is blocked: unblock it with the PUK "
