@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import errno
 import getpass
 import gzip
 import hashlib
@@ -39,6 +40,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -86,6 +88,18 @@ INSECURE_WARNING = (
 )
 SHELL_ENV = "YUBIKEY_KUBE_PROXY_SHELL"  # set inside a shell, to refuse nesting
 SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight requests may finish after SIGTERM
+# The local hop's limits (README, "Security model").
+MAX_CONNECTIONS = 256  # local connections at once; further ones are closed at once
+LOCAL_HANDSHAKE_TIMEOUT = 10.0  # seconds for a local client's TLS handshake
+IDLE_TIMEOUT = 60.0  # seconds a local connection may wait before its next request
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its last header
+BODY_TIMEOUT = 60.0  # seconds of silence allowed while a request body arrives
+MAX_HEAD_BYTES = 65536  # request line and header fields, and again for trailers
+MAX_HEADER_FIELDS = 100
+MAX_CHUNKED_BODY = 8 * 1024 * 1024  # chunked request bodies are read whole first
+MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions
+LINGER_SECONDS = 2.0  # after an error answer, read what the client still sends,
+LINGER_BYTES = 1024 * 1024  # so that the answer arrives instead of a reset
 PIN_RELOAD_HINT = (
     " (the proxy will not send it again: fix the PIN or the PIN file, then "
     f"reload the proxy with kill -HUP or 'systemctl --user reload {PROG}', "
@@ -2161,6 +2175,30 @@ def open_record(
     return plain
 
 
+class HeadReader(io.BufferedReader):
+    """A buffered reader that keeps the lines of a response head as they were
+    read, for the relay's checks: http.client's parser splits lines at a bare CR
+    and joins folded ones. An unsolicited 100 Continue head is not kept."""
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__(raw, CHUNK)
+        self.start_head()
+
+    def start_head(self) -> None:
+        self.head: list[bytes] = []
+        self.in_head = True
+
+    def readline(self, size: int | None = -1) -> bytes:
+        line = super().readline(size)
+        if self.in_head:
+            self.head.append(line)
+            if line in (b"\r\n", b"\n", b""):
+                self.in_head = self.head[0][9:13] == b"100 "
+                if self.in_head:
+                    self.head = []
+        return line
+
+
 class TLSSocket:
     """The little of a socket that http.client and the tunnel use, over tlslite:
     writes in 64 KB pieces under a lock (tlslite's big writes are quadratic, and
@@ -2182,7 +2220,7 @@ class TLSSocket:
         self, mode: str = "rb", buffering: int | None = None
     ) -> io.BufferedReader:
         self.stream = TLSStream(self.conn, self.sock)
-        return io.BufferedReader(self.stream, CHUNK)
+        return HeadReader(self.stream)
 
     def shutdown(self) -> None:
         """Wake up any reader and stop the connection, without waiting."""
@@ -2391,6 +2429,104 @@ def client_certificate_rejected(where: str, subject: str) -> UpstreamError:
 # The HTTP relay: ThreadingHTTPServer, one fresh upstream connection per request
 # =============================================================================
 
+
+class RequestError(ProxyError):
+    """The local client's request is not well-formed HTTP/1.1 (RFC 9112), or its
+    client stopped sending it: refused, never forwarded as it is."""
+
+    def __init__(self, message: str, http_status: int = 400) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+# The grammar of RFC 9112 (2.2, 3, 5, 7.1) that the local hop must follow.
+TCHAR = rb"!#$%&'*+.^_`|~0-9A-Za-z-"
+REQUEST_LINE = re.compile(rb"([%s]+) ([^ ]+) HTTP/([0-9])\.([0-9])\r\n" % TCHAR)
+ORIGIN_FORM = re.compile(rb"/(?:[-A-Za-z0-9._~!$&'()*+,;=:@/?\[\]]|%[0-9A-Fa-f]{2})*")
+TARGET_OUTSIDER = re.compile(rb"[^-A-Za-z0-9._~!$&'()*+,;=:@/?\[\]%]")
+FIELD_LINE = re.compile(
+    rb"([%s]+):[ \t]*((?:[\x21-\x7e\x80-\xff][\t \x21-\x7e\x80-\xff]*)?)\r\n" % TCHAR
+)
+CONTENT_LENGTH = re.compile(rb"[0-9]{1,12}")
+CHUNK_EXT_VALUE = (
+    rb'(?:[%s]+|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*")'
+    % TCHAR
+)
+CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*%s)?)*)\r\n"
+    % (TCHAR, CHUNK_EXT_VALUE)
+)
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] [0-9]{3} [\t \x21-\x7e\x80-\xff]*\r\n")
+CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def line_fault(line: bytes, what: str) -> str:
+    """Why ``line``, which should be a field line (RFC 9112 5), is not one."""
+    if line[:1] in (b" ", b"\t"):
+        return f"{what} is folded (obs-fold)"
+    if not line.endswith(b"\r\n"):
+        return f"{what} does not end with CR LF"
+    control = CONTROLS.search(line[:-2])
+    if control:
+        return f"{what} contains the control character 0x{control[0][0]:02x}"
+    return f"{what} is not 'Name: value'"
+
+
+def framing_fault(fields: list[tuple[bytes, bytes]]) -> str | None:
+    """Why the Content-Length and Transfer-Encoding fields do not frame a message
+    in exactly one way (RFC 9112 6), or None."""
+    lengths = [value for name, value in fields if name == b"content-length"]
+    codings = [value for name, value in fields if name == b"transfer-encoding"]
+    if lengths and codings:
+        return "both Transfer-Encoding and Content-Length are set"
+    if len(lengths) > 1 or len(codings) > 1:
+        return "Content-Length or Transfer-Encoding is given more than once"
+    if lengths and not CONTENT_LENGTH.fullmatch(lengths[0]):
+        return f"invalid Content-Length {lengths[0].decode('latin-1')!r}"
+    if codings and codings[0].lower() != b"chunked":
+        return f"unsupported Transfer-Encoding {codings[0].decode('latin-1')!r}"
+    return None
+
+
+def request_line_fault(line: bytes) -> str | None:
+    match = REQUEST_LINE.fullmatch(line)
+    if not match:
+        return "the request line is not 'METHOD /path HTTP/1.1'"
+    if match.group(3, 4) not in ((b"1", b"0"), (b"1", b"1")):
+        return "only HTTP/1.0 and HTTP/1.1 are served"
+    target = match[2]
+    if not target.startswith(b"/"):
+        return "the request target must be a path"
+    if ORIGIN_FORM.fullmatch(target):
+        return None
+    bad = TARGET_OUTSIDER.search(target)
+    if bad:
+        return f"byte 0x{bad[0][0]:02x} is not allowed in the request target"
+    return "the request target has a '%' that is not followed by two hex digits"
+
+
+def response_fault(head: list[bytes]) -> str | None:
+    """Why an upstream response head (status line, header lines, empty line) is
+    not one to relay, or None."""
+    if not head or not STATUS_LINE.fullmatch(head[0]):
+        return "a malformed status line"
+    if head[-1] != b"\r\n":
+        return "a header section that does not end with CR LF"
+    fields = []
+    for line in head[1:-1]:
+        match = FIELD_LINE.fullmatch(line)
+        if not match:
+            return line_fault(line, "a header line")
+        fields.append((match[1].lower(), match[2].rstrip(b" \t")))
+    fault = framing_fault(fields)
+    return fault and f"a response where {fault}"
+
+
+TRUNCATED_CHUNKED = (
+    "refused: the chunked request body ended before its last chunk: the client "
+    "stopped sending it; try again"
+)
+
 # Hop-by-hop headers (RFC 9110 7.6.1), plus Host (set to the upstream's) and Expect
 # (the local server has answered 100-continue already).
 HOP_BY_HOP = {
@@ -2426,6 +2562,8 @@ def status_body(code: int, reason: str, message: str) -> bytes:
 STATUS_REASONS = {
     400: "BadRequest",
     403: "Forbidden",
+    413: "RequestEntityTooLarge",
+    414: "RequestURITooLong",
     431: "RequestHeaderFieldsTooLarge",
     500: "InternalError",
     502: "BadGateway",
@@ -2453,6 +2591,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.reuse_while_present = reuse_while_present
         self.inflight = 0
         self.idle = threading.Condition()
+        self.connections = 0  # local connections open, at most MAX_CONNECTIONS
+        self.at_limit = False  # warned about MAX_CONNECTIONS (once per episode)
+        self.accept_pause = 0.0  # grows while accept() runs out of descriptors
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, RelayHandler)
         port = self.server_address[1]
@@ -2475,7 +2616,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             return self.idle.wait_for(lambda: self.inflight == 0, timeout)
 
     def get_request(self) -> tuple[Any, Any]:
-        sock, addr = self.socket.accept()
+        try:
+            sock, addr = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.out_of_descriptors(exc)
+            raise
+        self.accept_pause = 0.0
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms stalls
         if self.tls_context is not None:
             sock = self.tls_context.wrap_socket(
@@ -2483,25 +2630,151 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             )
         return sock, addr
 
+    def out_of_descriptors(self, exc: OSError) -> None:
+        """accept() failed for want of descriptors: the listener stays readable, so
+        wait (5 ms, doubling up to 1 s) instead of spinning."""
+        if not self.accept_pause:
+            log.warning(
+                "cannot accept local connections (%s): waiting for some to close; "
+                "raise the limit of open files (ulimit -n, LimitNOFILE=) if this "
+                "is not a flood",
+                exc.strerror,
+            )
+        self.accept_pause = min(1.0, max(0.005, self.accept_pause * 2))
+        time.sleep(self.accept_pause)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """At most MAX_CONNECTIONS local connections; one more is closed at once."""
+        with self.idle:
+            if self.connections < MAX_CONNECTIONS:
+                self.connections += 1
+                self.at_limit = False
+                return True
+            if not self.at_limit:
+                log.warning(
+                    "%d local connections are open, the most this proxy serves: "
+                    "closing new ones until some end (is another program flooding "
+                    "port %d?)",
+                    MAX_CONNECTIONS,
+                    self.server_address[1],
+                )
+            self.at_limit = True
+            return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.idle:
+                self.connections -= 1
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection from %s failed", client_address, exc_info=True)
 
 
 class RelayHandler(http.server.BaseHTTPRequestHandler):
-    """Relays one kubectl request at a time; each gets its own upstream connection."""
+    """Relays one kubectl request at a time; each gets its own upstream connection.
+    A request's head is checked line by line (RFC 9112) before http.server parses
+    it, and a chunked body is checked whole before the upstream is contacted."""
 
     protocol_version = "HTTP/1.1"
     server_version = PROG
     server: ProxyServer
     kept: http.client.HTTPConnection | None = None  # --reuse-while-present only
     identity_read = False  # the slot's certificate was read for this local connection
+    lingering = False  # an error answer went out: drain the client before closing
 
     def setup(self) -> None:
         super().setup()
         if self.server.tls_context is not None:
-            self.connection.settimeout(HANDSHAKE_TIMEOUT)
+            self.connection.settimeout(LOCAL_HANDSHAKE_TIMEOUT)
             self.connection.do_handshake()  # failures end here: handle_error logs them
-            self.connection.settimeout(None)
+
+    def handle_one_request(self) -> None:
+        """Wait for the next request, check its head, then let http.server parse
+        the head that passed; a refusal closes the connection."""
+        try:
+            head = self.read_head()
+        except RequestError as exc:
+            return self.refuse(exc)
+        except OSError:  # idle or slow for too long, or gone: close, no answer
+            head = b""
+        if not head:
+            self.close_connection = True
+            return
+        self.socket_file, self.rfile = self.rfile, io.BytesIO(head)
+        try:
+            super().handle_one_request()
+        finally:
+            self.rfile = self.socket_file
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the checked head from memory
+        self.rfile = self.socket_file  # the body, if any, comes from the client
+        return parsed
+
+    def read_head(self) -> bytes:
+        """The request line and header fields, checked (RFC 9112 3, 5); b"" when
+        the client closed instead. The first byte may take IDLE_TIMEOUT, the head
+        HEADER_TIMEOUT; then the body may pause for up to BODY_TIMEOUT."""
+        self.command = self.path = self.requestline = self.request_version = ""
+        self.connection.settimeout(IDLE_TIMEOUT)
+        if not self.rfile.peek(1):
+            return b""
+        deadline = time.monotonic() + HEADER_TIMEOUT
+        line = self.read_line(MAX_HEAD_BYTES + 1, deadline)
+        self.note_request_line(line)
+        if len(line) > MAX_HEAD_BYTES:
+            limit = f"the request line is longer than {MAX_HEAD_BYTES} bytes"
+            raise RequestError(f"refused: {limit}", 414)
+        fault = request_line_fault(line)
+        if fault:
+            raise RequestError(f"refused: {fault}")
+        head, fields = [line], []
+        while (line := self.read_line(MAX_HEAD_BYTES + 1, deadline)) != b"\r\n":
+            head.append(line)
+            if sum(map(len, head)) > MAX_HEAD_BYTES:
+                limit = f"the request's head is longer than {MAX_HEAD_BYTES} bytes"
+                raise RequestError(f"refused: {limit}", 431)
+            match = FIELD_LINE.fullmatch(line)
+            if not match:
+                raise RequestError(f"refused: {line_fault(line, 'a header line')}")
+            if len(fields) == MAX_HEADER_FIELDS:
+                limit = f"the request has more than {MAX_HEADER_FIELDS} header fields"
+                raise RequestError(f"refused: {limit}", 431)
+            fields.append((match[1].lower(), match[2].rstrip(b" \t")))
+        self.check_fields(fields)
+        self.connection.settimeout(BODY_TIMEOUT)
+        return b"".join(head) + line
+
+    def read_line(self, limit: int, deadline: float) -> bytes:
+        """Up to and including LF, at most ``limit`` bytes, by ``deadline``: each
+        read of the socket gets only the time that is left."""
+        line = bytearray()
+        while len(line) < limit and not line.endswith(b"\n"):
+            self.connection.settimeout(max(deadline - time.monotonic(), 0.001))
+            ahead = self.rfile.peek(1)[: limit - len(line)]
+            if not ahead:
+                raise ConnectionResetError("the client closed in a request's head")
+            line += self.rfile.read(ahead.find(b"\n") + 1 or len(ahead))
+        return bytes(line)
+
+    def note_request_line(self, line: bytes) -> None:
+        """Method, path and version as sent, for the log line of a refusal."""
+        words = line.decode("latin-1").rstrip("\r\n").split(" ")
+        self.command, self.path = words[0][:20], " ".join(words[1:2])[:200]
+        self.request_version = "HTTP/1.0" if words[-1] == "HTTP/1.0" else "HTTP/1.1"
+
+    def check_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
+        names = [name for name, _ in fields]
+        if names.count(b"host") != 1:
+            fault: str | None = "the request must have exactly one Host header"
+        elif self.request_version == "HTTP/1.0" and b"transfer-encoding" in names:
+            fault = "Transfer-Encoding is not allowed in an HTTP/1.0 request"
+        else:
+            fault = framing_fault(fields)
+        if fault:
+            raise RequestError(f"refused: {fault}")
 
     def do_relay(self) -> None:
         self.server.track(+1)
@@ -2512,22 +2785,34 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def relay(self) -> None:
         started = time.perf_counter()
-        refusal = self.refusal()
-        if refusal:
-            return self.send_status(*refusal)
         try:
+            body = self.checked_body()
             link = self.upstream_link()
         except ProxyError as exc:
-            log.warning("%s %s: %s", self.command, self.path, exc)
-            return self.send_status(exc.http_status, str(exc))
-        keep = False
+            return self.refuse(exc)
+        upstream, keep = link.sock, False  # http.client forgets it on "close"
         try:
-            keep = self.exchange(link, started) and self.server.reuse_while_present
+            keep = (
+                self.exchange(link, body, started) and self.server.reuse_while_present
+            )
         finally:
             if keep:
                 self.kept = link
             else:
-                link.sock.release()
+                upstream.release()
+
+    def checked_body(self) -> bytes | None:
+        """Refuses what refusal() names; a chunked body is read whole (None for
+        others, which are streamed)."""
+        refusal = self.refusal()
+        if refusal:
+            raise RequestError(refusal[1], refusal[0])
+        if "Transfer-Encoding" not in self.headers:
+            return None
+        try:
+            return self.read_chunked_body()
+        except OSError:
+            raise RequestError(TRUNCATED_CHUNKED) from None
 
     def upstream_link(self) -> http.client.HTTPConnection:
         """A fresh upstream connection (the card signs its handshake) or, with
@@ -2551,11 +2836,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if self.kept is not None:
             self.kept.sock.release()
             self.kept = None
+        if self.lingering:
+            linger(self.connection)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_relay
 
     def refusal(self) -> tuple[int, str] | None:
-        """Requests from browsers, other hosts' names or with broken framing."""
+        """Requests from browsers or naming other hosts."""
         if self.headers.get("Host", "").lower() not in self.server.allowed_hosts:
             return 403, (
                 f"refused: Host {self.headers.get('Host', '')!r} does not name this "
@@ -2565,26 +2852,60 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             k.lower().startswith("sec-fetch-") for k in self.headers
         ):
             return 403, "refused: requests from web browsers are not relayed"
-        if not self.path.startswith("/"):
-            return 400, "refused: the request target must be a path"
-        coding = self.headers.get("Transfer-Encoding")
-        if coding is not None and "Content-Length" in self.headers:
-            return 400, "refused: both Transfer-Encoding and Content-Length are set"
-        if coding is not None and coding.strip().lower() != "chunked":
-            return 400, f"refused: unsupported Transfer-Encoding {coding!r}"
-        length = self.headers.get("Content-Length")
-        if length is not None and not length.isdigit():
-            return 400, f"refused: invalid Content-Length {length!r}"
         return None
 
-    def exchange(self, link: http.client.HTTPConnection, started: float) -> bool:
+    def read_chunked_body(self) -> bytes:
+        """A chunked request body (RFC 9112 7.1), checked and whole, so that a
+        malformed one is refused before any upstream connection; the trailer
+        fields are checked and dropped."""
+        body = bytearray()
+        while True:
+            line = self.body_line(MAX_CHUNK_LINE, "a chunk-size line")
+            match = CHUNK_LINE.fullmatch(line)
+            if not match:
+                shown = line.rstrip(b"\n")[:40].decode("latin-1")
+                raise RequestError(f"refused: malformed chunk-size line {shown!r}")
+            size = int(match[1], 16)
+            if size == 0:
+                break
+            if len(body) + size > MAX_CHUNKED_BODY:
+                limit = f"a chunked request body may have at most {MAX_CHUNKED_BODY}"
+                raise RequestError(f"refused: {limit} bytes", 413)
+            data = self.rfile.read(size)
+            if len(data) < size:
+                raise RequestError(TRUNCATED_CHUNKED)
+            if self.rfile.read(2) != b"\r\n":
+                raise RequestError("refused: a chunk's data is not followed by CR LF")
+            body += data
+        for _ in range(MAX_HEADER_FIELDS + 1):
+            line = self.body_line(MAX_HEAD_BYTES, "a trailer line")
+            if line == b"\r\n":
+                return bytes(body)
+            if not FIELD_LINE.fullmatch(line):
+                raise RequestError(f"refused: {line_fault(line, 'a trailer line')}")
+        limit = f"the request has more than {MAX_HEADER_FIELDS} trailer fields"
+        raise RequestError(f"refused: {limit}", 431)
+
+    def body_line(self, limit: int, what: str) -> bytes:
+        line = self.rfile.readline(limit + 1)
+        if len(line) > limit:
+            raise RequestError(f"refused: {what} is longer than {limit} bytes")
+        if not line.endswith(b"\n"):
+            raise RequestError(TRUNCATED_CHUNKED)
+        return line
+
+    def exchange(
+        self, link: http.client.HTTPConnection, body: bytes | None, started: float
+    ) -> bool:
         """Relay one request and its response; True when the upstream connection
         could carry another request."""
         try:
-            self.forward_request(link)
-            response = link.getresponse()
+            self.forward_request(link, body)
+            self.connection.settimeout(None)  # answers and tunnels may be quiet
+            first = link.getresponse()
+            response = self.final_response(first)
         except ProxyError as exc:
-            self.send_status(exc.http_status, str(exc))
+            self.refuse(exc)
             return False
         except Exception as exc:  # noqa: BLE001 - the upstream failed mid-request
             self.upstream_failed(exc)
@@ -2604,7 +2925,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             signer.last_seconds * 1000,
         )
         return (
-            response.status != 101 and not response.will_close and response.isclosed()
+            response is first
+            and response.status != 101
+            and not response.will_close
+            and response.isclosed()
         )
 
     def upstream_failed(self, exc: Exception) -> None:
@@ -2622,7 +2946,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         log.warning("%s %s: %s", self.command, self.path, error)
         self.send_status(error.http_status, str(error))
 
-    def forward_request(self, http_conn: http.client.HTTPConnection) -> None:
+    def forward_request(
+        self, http_conn: http.client.HTTPConnection, body: bytes | None
+    ) -> None:
+        """The request upstream; a chunked body (read whole) goes with its length."""
         upstream = self.server.upstream
         http_conn.putrequest(
             self.command,
@@ -2636,36 +2963,63 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if is_upgrade(self.headers):
             http_conn.putheader("Connection", "Upgrade")
             http_conn.putheader("Upgrade", self.headers["Upgrade"])
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            http_conn.putheader("Transfer-Encoding", "chunked")
-            http_conn.endheaders()
-            self.copy_chunked_body(http_conn)
+        length = len(body) if body is not None else self.headers.get("Content-Length")
+        if length is not None:
+            http_conn.putheader("Content-Length", str(int(length)))
+        http_conn.endheaders()
+        if body is not None:
+            http_conn.send(body)
         else:
-            length = int(self.headers.get("Content-Length") or 0)
-            if "Content-Length" in self.headers:
-                http_conn.putheader("Content-Length", str(length))
-            http_conn.endheaders()
-            copy_exact(self.rfile, http_conn.send, length)
+            self.copy_request_body(http_conn.send, int(length or 0))
 
-    def copy_chunked_body(self, http_conn: http.client.HTTPConnection) -> None:
+    def copy_request_body(self, write: Any, length: int) -> None:
+        """Stream a Content-Length body; a client that stops short is at fault."""
+        while length > 0:
+            try:
+                data = self.rfile.read1(min(CHUNK, length))
+            except OSError:
+                data = b""
+            if not data:
+                raise RequestError(
+                    "the request body is shorter than its Content-Length: the client "
+                    "stopped sending it, so the request was not completed; try again"
+                )
+            write(data)
+            length -= len(data)
+
+    def final_response(
+        self, response: http.client.HTTPResponse
+    ) -> http.client.HTTPResponse:
+        """The upstream's final answer, its head checked. Interim 1xx answers before
+        it (RFC 9110 15.2) go to HTTP/1.1 clients; HTTP/1.0 ones never get them."""
         while True:
-            line = self.rfile.readline(1024)
-            size = int(line.split(b";")[0].strip() or b"x", 16)
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers are dropped
-                http_conn.send(b"0\r\n\r\n")
-                return
-            http_conn.send(b"%x\r\n" % size)
-            copy_exact(self.rfile, http_conn.send, size)
-            http_conn.send(b"\r\n")
-            self.rfile.readline(1024)
+            fault = response_fault(response.fp.head)
+            if fault:
+                where = self.server.upstream.address.where
+                raise UpstreamError(
+                    f"the API server at {where} sent {fault}: the answer is not relayed"
+                )
+            if not 100 <= response.status < 200 or response.status == 101:
+                return response
+            if self.request_version != "HTTP/1.0":
+                self.send_response_only(response.status, response.reason)
+                for name, value in end_to_end_headers(response.headers):
+                    self.send_header(name, value)
+                self.end_headers()
+            response.fp.start_head()
+            same_reader = types.SimpleNamespace(makefile=lambda _, fp=response.fp: fp)
+            response = http.client.HTTPResponse(same_reader, method=self.command)
+            response.begin()
 
     def forward_response(self, response: http.client.HTTPResponse) -> int:
-        """Status, headers and body (streamed); returns the body's size."""
+        """Status, headers and body (streamed); returns the body's size. The body
+        keeps its length if it has one; otherwise it is chunked, or for HTTP/1.0
+        clients ended by closing the connection."""
         self.send_response_only(response.status, response.reason)
         for name, value in end_to_end_headers(response.headers):
             self.send_header(name, value)
+        if self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "close")
         no_body = (
             self.command == "HEAD"
             or response.status in (204, 304)
@@ -2683,18 +3037,21 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             copy_exact(response, self.wfile.write, size)
             return size
-        self.send_header("Transfer-Encoding", "chunked")
+        chunked = self.request_version != "HTTP/1.0"
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        return self.stream_chunked(response)
+        return self.stream(response, chunked)
 
-    def stream_chunked(self, response: http.client.HTTPResponse) -> int:
-        """Relay as chunks as they arrive (watch, logs -f), flushing each one."""
+    def stream(self, response: http.client.HTTPResponse, chunked: bool) -> int:
+        """Relay the body as it arrives (watch, logs -f), as chunks or as it is."""
         sent = 0
         while data := response.read1(CHUNK):
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
             self.wfile.flush()
             sent += len(data)
-        self.wfile.write(b"0\r\n\r\n")
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
         return sent
 
     def tunnel(self, response: http.client.HTTPResponse, upstream: TLSSocket) -> int:
@@ -2729,17 +3086,19 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def send_error(
         self, code: int, message: str | None = None, explain: str | None = None
     ) -> None:
-        """Malformed requests (bad request line, oversized headers) get a Status too."""
-        self.close_connection = True
+        """What http.server itself refuses (an unknown method) gets a Status too."""
         text = message or http.HTTPStatus(code).phrase
-        self.send_status(
-            code, f"refused: {text.lower()}" + (f" ({explain})" if explain else "")
-        )
+        reason = f"refused: {text.lower()}" + (f" ({explain})" if explain else "")
+        self.refuse(RequestError(reason, code))
+
+    def refuse(self, exc: ProxyError) -> None:
+        log.warning("%s %s: %s", self.command or "-", self.path or "-", exc)
+        self.send_status(exc.http_status, str(exc))
 
     def send_status(self, code: int, message: str) -> None:
         """A Status answer from the proxy itself; the connection closes after it, as
-        the request's body may not have been read."""
-        self.close_connection = True
+        the request's body may not have been read (lingering, see finish())."""
+        self.close_connection = self.lingering = True
         body = status_body(code, STATUS_REASONS.get(code, "InternalError"), message)
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -2764,6 +3123,22 @@ def end_to_end_headers(headers: Any) -> Iterator[tuple[str, str]]:
         lower = name.lower()
         if lower not in HOP_BY_HOP and lower not in named and lower != "content-length":
             yield name, value
+
+
+def linger(sock: socket.socket) -> None:
+    """Half-close, then read and drop what the client still sends (for at most
+    LINGER_SECONDS and LINGER_BYTES): closing with unread data would reset the
+    connection and could destroy the answer just sent (RFC 9112 9.6)."""
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    with contextlib.suppress(OSError, ValueError):
+        sock.shutdown(socket.SHUT_WR)
+        while drained < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            data = sock.recv(CHUNK)
+            if not data:
+                return
+            drained += len(data)
 
 
 def copy_exact(source: Any, write: Any, length: int) -> None:
@@ -4405,13 +4780,24 @@ class StderrHandler(logging.StreamHandler):
         pass
 
 
+class EscapingFormatter(logging.Formatter):
+    """Writes control characters of a message (a request path with terminal
+    escapes, say) as \\xNN escapes, never raw."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        return super().formatMessage(record).translate(LOG_ESCAPES)
+
+
+LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
 def configure_logging(verbosity: int) -> None:
     level = (
         (logging.WARNING, logging.INFO)[verbosity] if verbosity < 2 else logging.DEBUG
     )
     if not any(isinstance(h, StderrHandler) for h in log.handlers):
         handler = StderrHandler()
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        handler.setFormatter(EscapingFormatter(f"{PROG}: %(levelname)s: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(level)
