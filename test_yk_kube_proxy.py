@@ -6776,6 +6776,303 @@ def test_malformed_requests_are_refused_never_forwarded(
 
 
 # =============================================================================
+# Hostile input on the local hop: a strict reader (RFC 9112), a strict relay,
+# bounded resources
+# =============================================================================
+
+HTTP_FUZZ_SEED = 10
+HTTP_FUZZ_CASES = 240
+PODS = "/api/v1/namespaces/default/pods"
+
+
+def answer_of(answer: bytes) -> tuple[int, str]:
+    """Status code and Status message of one of the proxy's own answers."""
+    head, body = response_status_and_body(answer)
+    return int(head.split()[1]), body["message"]
+
+
+def post(host: str, fields: str = "", body: bytes = b"", target: str = PODS) -> bytes:
+    return (
+        f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{fields}\r\n".encode("latin-1")
+        + body
+    )
+
+
+def chunked(host: str, body: bytes, fields: str = "") -> bytes:
+    return post(host, f"Transfer-Encoding: chunked\r\n{fields}", body)
+
+
+def fault_phrase(kind: str, what: str, byte: int = 0) -> str:
+    return {
+        "fold": f"refused: a folded {what} (obs-fold)",
+        "lf": f"refused: a {what} that does not end with CR LF",
+        "control": f"refused: a {what} with the control character 0x{byte:02x}",
+        "syntax": f"refused: a {what} that is not 'Name: value'",
+    }[kind]
+
+
+# Each family makes one kind of malformed request, and knows the answer.
+HEX = "0123456789abcdefABCDEF"
+NOT_HEX = ["-", "+", "x", "_", "g", "G", ".", ",", " ", "\t", "\x00", "\x1b", "\xe9"]
+CONTROLS_IN_VALUES = [*range(0x00, 0x09), 0x0B, 0x0C, 0x0D, *range(0x0E, 0x20), 0x7F]
+NOT_IN_TARGETS = [*range(0x00, 0x0A), *range(0x0B, 0x20), 0x7F, *range(0x80, 0x100)]
+NOT_IN_TARGETS += [ord(c) for c in '"<>\\^`{|}#']
+
+
+def fuzz_chunk_size(rng: random.Random, host: str) -> tuple[bytes, int, str]:
+    digits = "".join(rng.choice(HEX) for _ in range(rng.randint(1, 6)))
+    if rng.random() < 0.2:
+        size = "".join(rng.choice(HEX[1:]) for _ in range(rng.randint(17, 24)))
+    else:
+        at = rng.randint(0, len(digits))
+        size = digits[:at] + rng.choice(NOT_HEX) + digits[at:]
+    message = f"refused: malformed chunk-size line {size!r}"
+    return (
+        chunked(host, f"{size}\r\nhello\r\n0\r\n\r\n".encode("latin-1")),
+        400,
+        message,
+    )
+
+
+def fuzz_chunk_line_long(rng, host):
+    line = "5;" + "a" * rng.randint(1023, 3000)
+    message = "refused: a chunk-size line is longer than 1024 bytes"
+    return chunked(host, f"{line}\r\nhello\r\n0\r\n\r\n".encode()), 400, message
+
+
+def fuzz_chunk_data_end(rng, host):
+    end = rng.choice(["", "XY", "\n", "\r", " \r\n", "!\r\n"])
+    body = f"5\r\nhello{end}0\r\n\r\n".encode()
+    return chunked(host, body), 400, "refused: a chunk's data is not followed by CR LF"
+
+
+def fuzz_chunk_too_big(rng, host):
+    size = rng.randint(8 * 1024 * 1024 + 1, 2**40)
+    message = "refused: a chunked request body may have at most 8388608 bytes"
+    return chunked(host, b"%x\r\nhello" % size), 413, message
+
+
+def fuzz_trailer(rng, host):
+    kind = rng.choice(["fold", "lf", "control", "syntax"])
+    byte = rng.choice(CONTROLS_IN_VALUES)
+    line = {
+        "fold": "X-Sum: 1\r\n  more\r\n",
+        "lf": "X-Sum: 1\n",
+        "control": f"X-Sum: 1{chr(byte)}2\r\n",
+        "syntax": rng.choice(["X Sum: 1\r\n", "X-Sum 1\r\n", ": 1\r\n"]),
+    }[kind]
+    body = f"5\r\nhello\r\n0\r\n{line}\r\n".encode("latin-1")
+    return chunked(host, body), 400, fault_phrase(kind, "trailer line", byte)
+
+
+def fuzz_repeated_framing(rng, host):
+    name = rng.choice(["Content-Length", "Transfer-Encoding"])
+    value = "chunked" if name == "Transfer-Encoding" else "5"
+    second = value if rng.random() < 0.5 else value.upper() + "0"
+    fields = f"{name}: {value}\r\n{name}: {second}\r\n"
+    message = "refused: Content-Length or Transfer-Encoding is given more than once"
+    return post(host, fields, b"hello"), 400, message
+
+
+def fuzz_content_length(rng, host):
+    value = rng.choice(
+        ["-5", "+5", "0x5", "5 5", "²", "٥", "1e3", "5,5", "", "5;", "0.5", "five"]
+        + ["9" * rng.randint(13, 30)]
+    )
+    field = f"Content-Length: {value}\r\n".encode().decode("latin-1")
+    shown = value.encode().decode("latin-1")
+    return post(host, field), 400, f"refused: invalid Content-Length {shown!r}"
+
+
+def fuzz_transfer_coding(rng, host):
+    value = rng.choice(
+        ["gzip", "chunked, chunked", "identity", "xchunked", "chunked;q=1"]
+        + ["gzip, chunked", "chunked,", "compress", "chunk", "chunked chunked"]
+    )
+    fields = f"Transfer-Encoding: {value}\r\n"
+    message = f"refused: unsupported Transfer-Encoding {value!r}"
+    return post(host, fields, b"0\r\n\r\n"), 400, message
+
+
+def fuzz_length_and_coding(rng, host):
+    fields = ["Content-Length: 5\r\n", "Transfer-Encoding: chunked\r\n"]
+    rng.shuffle(fields)
+    message = "refused: both Transfer-Encoding and Content-Length are set"
+    return post(host, "".join(fields), b"0\r\n\r\n"), 400, message
+
+
+def fuzz_host_count(rng, host):
+    hosts = f"Host: {host}\r\n" * rng.choice([0, 2, 3])
+    raw = f"GET /version HTTP/1.1\r\n{hosts}Accept: */*\r\n\r\n".encode()
+    return raw, 400, "refused: the request must have exactly one Host header"
+
+
+def fuzz_header_line(rng, host):
+    kind = rng.choice(["fold", "lf", "control", "syntax"])
+    byte = rng.choice(CONTROLS_IN_VALUES)
+    name = rng.choice(["X Y", "X(y)", "", "X@", "Xé", "X[1]", 'X"', "X/y", "X{}"])
+    line = {
+        "fold": "Accept: application/json\r\n\tapplication/yaml\r\n",
+        "lf": "Accept: */*\n",
+        "control": f"Accept: a{chr(byte)}b\r\n",
+        "syntax": rng.choice([f"{name}: v\r\n", "Accept */*\r\n", "Accept : */*\r\n"]),
+    }[kind]
+    raw = f"GET /version HTTP/1.1\r\nHost: {host}\r\n{line}\r\n".encode("utf-8")
+    return raw, 400, fault_phrase(kind, "header line", byte)
+
+
+def fuzz_target_byte(rng, host):
+    byte = rng.choice(NOT_IN_TARGETS)
+    path = "/api/v1/pods?labelSelector=app%3Dweb"
+    at = rng.randint(1, len(path))
+    target = path[:at].encode() + bytes([byte]) + path[at:].encode()
+    raw = b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, host.encode())
+    return raw, 400, f"refused: byte 0x{byte:02x} is not allowed in the request target"
+
+
+def fuzz_target_escape(rng, host):
+    escape = rng.choice(["%", "%4", "%zz", "%4g", "%g4", "%%41", "%-1"])
+    target = rng.choice(["/version", "/api/v1/pods?x=", "/"]) + escape
+    raw = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    message = (
+        "refused: the request target has a '%' that is not followed by two hex digits"
+    )
+    return raw, 400, message
+
+
+def fuzz_target_form(rng, host):
+    target = rng.choice(
+        ["*", f"http://{host}/version", "version", "?a=b", "127.0.0.1:443", "%2F"]
+    )
+    raw = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    return raw, 400, "refused: the request target must be a path"
+
+
+def fuzz_request_line(rng, host):
+    line = rng.choice(
+        [
+            "GET  /version HTTP/1.1\r\n",
+            "GET\t/version HTTP/1.1\r\n",
+            "GET /version\tHTTP/1.1\r\n",
+            "GET /version http/1.1\r\n",
+            "GET /version\r\n",
+            "GET /version HTTP/1.1\n",
+            "GET /version HTTP/1.1 \r\n",
+            " GET /version HTTP/1.1\r\n",
+            "GET /a b HTTP/1.1\r\n",
+            "GE(T /version HTTP/1.1\r\n",
+            "\r\n",
+            "GET /version HTTP/1.1\r\r\n",
+            "GET /version HTTP/11\r\n",
+            "GET /version HTTP/1.1x\r\n",
+        ]
+    )
+    raw = f"{line}Host: {host}\r\n\r\n".encode()
+    return raw, 400, "refused: the request line is not 'METHOD /path HTTP/1.1'"
+
+
+def fuzz_version(rng, host):
+    version = rng.choice(["2.0", "0.9", "1.2", "3.0", "9.9", "0.0", "1.9"])
+    raw = f"GET /version HTTP/{version}\r\nHost: {host}\r\n\r\n".encode()
+    return raw, 400, "refused: only HTTP/1.0 and HTTP/1.1 are served"
+
+
+def fuzz_http10_coding(rng, host):
+    raw = (
+        f"POST {PODS} HTTP/1.0\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "0\r\n\r\n"
+    ).encode()
+    return raw, 400, "refused: Transfer-Encoding is not allowed in an HTTP/1.0 request"
+
+
+def fuzz_many_fields(rng, host):
+    fields = "".join(f"X-F{i}: {i}\r\n" for i in range(rng.randint(100, 300)))
+    raw = f"GET /version HTTP/1.1\r\nHost: {host}\r\n{fields}\r\n".encode()
+    return raw, 431, "refused: the request has more than 100 header fields"
+
+
+def fuzz_long_head(rng, host):
+    fields = "".join(
+        f"X-Long{i}: {'v' * rng.randint(5000, 70000)}\r\n"
+        for i in range(rng.randint(1, 3))
+    )
+    fields += f"X-Pad: {'p' * (65536 - len(fields))}\r\n"
+    raw = f"GET /version HTTP/1.1\r\nHost: {host}\r\n{fields}\r\n".encode()
+    return raw, 431, "refused: the request's head is longer than 65536 bytes"
+
+
+def fuzz_long_request_line(rng, host):
+    target = "/version?x=" + "a" * rng.randint(65536, 90000)
+    raw = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    return raw, 414, "refused: the request line is longer than 65536 bytes"
+
+
+HTTP_FUZZ_FAMILIES = [
+    fuzz_chunk_size,
+    fuzz_chunk_size,
+    fuzz_chunk_line_long,
+    fuzz_chunk_data_end,
+    fuzz_chunk_too_big,
+    fuzz_trailer,
+    fuzz_repeated_framing,
+    fuzz_content_length,
+    fuzz_transfer_coding,
+    fuzz_length_and_coding,
+    fuzz_host_count,
+    fuzz_header_line,
+    fuzz_header_line,
+    fuzz_target_byte,
+    fuzz_target_byte,
+    fuzz_target_escape,
+    fuzz_target_form,
+    fuzz_request_line,
+    fuzz_version,
+    fuzz_http10_coding,
+    fuzz_many_fields,
+    fuzz_long_head,
+    fuzz_long_request_line,
+]
+
+
+def test_http_fuzz_malformed_requests_never_reach_the_card_or_the_api_server(
+    card57, cluster, tmp_path, capsys
+):
+    """Seeded: the same requests every run. Each gets its exact answer, the API
+    server sees no connection and the card signs nothing."""
+    proxy = setup_and_proxy(cluster, tmp_path / "yk", proxy_extra=("-v",))  # -vv
+    try:
+        host = f"127.0.0.1:{proxy.port}"
+        rng = random.Random(HTTP_FUZZ_SEED)
+        signed, statuses = card57.sign_count, {}
+        for i in range(HTTP_FUZZ_CASES):
+            family = HTTP_FUZZ_FAMILIES[i % len(HTTP_FUZZ_FAMILIES)]
+            raw, status, message = family(rng, host)
+            answer = local_request(proxy, raw)
+            assert answer_of(answer) == (status, message), (family.__name__, raw[:200])
+            assert cluster.api.handshakes == 0 and cluster.api.requests == []
+            assert card57.sign_count == signed, (family.__name__, raw[:200])
+            statuses[status] = statuses.get(status, 0) + 1
+        forwarded, connected = len(cluster.api.requests), cluster.api.handshakes
+        signatures = card57.sign_count - signed
+        done = kubectl(proxy, "get", "--raw", "/version")  # and then it still works
+        assert done.returncode == 0, done.stderr
+        log = proxy.stderr()
+    finally:
+        proxy.stop()
+    tracebacks = log.count("Traceback (most recent call last)")
+    refusals = [line for line in log.splitlines() if ": refused: " in line]
+    FAULT_FIGURES.append(
+        f"HTTP fuzz (seed {HTTP_FUZZ_SEED}): {HTTP_FUZZ_CASES} malformed requests in "
+        f"{len(HTTP_FUZZ_FAMILIES)} families, answers {dict(sorted(statuses.items()))}; "
+        f"tracebacks {tracebacks}, forwarded {forwarded}, upstream connections "
+        f"{connected}, card signatures {signatures}"
+    )
+    assert tracebacks == 0
+    assert len(refusals) == HTTP_FUZZ_CASES
+    assert all(line.startswith(f"{yk.PROG}: WARNING: ") for line in refusals)
+
+
+# =============================================================================
 # The systemd user unit and the shell
 # =============================================================================
 

@@ -2463,13 +2463,13 @@ CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 def line_fault(line: bytes, what: str) -> str:
     """Why ``line``, which should be a field line (RFC 9112 5), is not one."""
     if line[:1] in (b" ", b"\t"):
-        return f"{what} is folded (obs-fold)"
+        return f"a folded {what} (obs-fold)"
     if not line.endswith(b"\r\n"):
-        return f"{what} does not end with CR LF"
+        return f"a {what} that does not end with CR LF"
     control = CONTROLS.search(line[:-2])
     if control:
-        return f"{what} contains the control character 0x{control[0][0]:02x}"
-    return f"{what} is not 'Name: value'"
+        return f"a {what} with the control character 0x{control[0][0]:02x}"
+    return f"a {what} that is not 'Name: value'"
 
 
 def framing_fault(fields: list[tuple[bytes, bytes]]) -> str | None:
@@ -2516,7 +2516,7 @@ def response_fault(head: list[bytes]) -> str | None:
     for line in head[1:-1]:
         match = FIELD_LINE.fullmatch(line)
         if not match:
-            return line_fault(line, "a header line")
+            return line_fault(line, "header line")
         fields.append((match[1].lower(), match[2].rstrip(b" \t")))
     fault = framing_fault(fields)
     return fault and f"a response where {fault}"
@@ -2578,6 +2578,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # a burst waits briefly; past MAX_CONNECTIONS, closed
 
     def __init__(
         self,
@@ -2738,7 +2739,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 raise RequestError(f"refused: {limit}", 431)
             match = FIELD_LINE.fullmatch(line)
             if not match:
-                raise RequestError(f"refused: {line_fault(line, 'a header line')}")
+                raise RequestError(f"refused: {line_fault(line, 'header line')}")
             if len(fields) == MAX_HEADER_FIELDS:
                 limit = f"the request has more than {MAX_HEADER_FIELDS} header fields"
                 raise RequestError(f"refused: {limit}", 431)
@@ -2863,7 +2864,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             line = self.body_line(MAX_CHUNK_LINE, "a chunk-size line")
             match = CHUNK_LINE.fullmatch(line)
             if not match:
-                shown = line.rstrip(b"\n")[:40].decode("latin-1")
+                shown = line.rstrip(b"\r\n")[:40].decode("latin-1")
                 raise RequestError(f"refused: malformed chunk-size line {shown!r}")
             size = int(match[1], 16)
             if size == 0:
@@ -2882,7 +2883,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             if line == b"\r\n":
                 return bytes(body)
             if not FIELD_LINE.fullmatch(line):
-                raise RequestError(f"refused: {line_fault(line, 'a trailer line')}")
+                raise RequestError(f"refused: {line_fault(line, 'trailer line')}")
         limit = f"the request has more than {MAX_HEADER_FIELDS} trailer fields"
         raise RequestError(f"refused: {limit}", 431)
 
