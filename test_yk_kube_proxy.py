@@ -7072,6 +7072,331 @@ def test_http_fuzz_malformed_requests_never_reach_the_card_or_the_api_server(
     assert all(line.startswith(f"{yk.PROG}: WARNING: ") for line in refusals)
 
 
+@pytest.mark.parametrize(
+    "raw, status, message",
+    [
+        *[
+            (
+                b"POST %s HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"%s\r\nhello\r\n0\r\n\r\n" % (PODS.encode(), size),
+                400,
+                f"refused: malformed chunk-size line {size.decode()!r}",
+            )
+            for size in [b"-5", b"+5", b"0x5", b"1_0", b"10000000000000005"]
+        ],
+        (
+            b"POST /api HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"5;"
+            + b"x" * 1100
+            + b"\r\nhello\r\n0\r\n\r\n",
+            400,
+            "refused: a chunk-size line is longer than 1024 bytes",
+        ),
+        (
+            b"POST /api HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n"
+            b"Content-Length: 5\r\n\r\nhello",
+            400,
+            "refused: Content-Length or Transfer-Encoding is given more than once",
+        ),
+        (
+            b"POST /api HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "refused: Content-Length or Transfer-Encoding is given more than once",
+        ),
+        (
+            b"GET /version HTTP/1.1\r\nHost: {host}\r\nHost: {host}\r\n\r\n",
+            400,
+            "refused: the request must have exactly one Host header",
+        ),
+        (
+            b"GET /version HTTP/1.1\r\nHost: {host}\r\nAccept: a\r\n b\r\n\r\n",
+            400,
+            "refused: a folded header line (obs-fold)",
+        ),
+        (
+            b"GET /version HTTP/1.1\r\nHost: {host}\r\nAccept: a\rX-Injected: b\r\n\r\n",
+            400,
+            "refused: a header line with the control character 0x0d",
+        ),
+        (
+            b"GET /version HTTP/1.1\r\nHost: {host}\r\nAccept: a\x00b\r\n\r\n",
+            400,
+            "refused: a header line with the control character 0x00",
+        ),
+        (
+            b"POST /api HTTP/1.1\r\nHost: {host}\r\nContent-Length: \xc2\xb2\r\n\r\nx",
+            400,
+            "refused: invalid Content-Length '\xc2\xb2'",
+        ),
+        (
+            b"GET /version\x1b[2J HTTP/1.1\r\nHost: {host}\r\n\r\n",
+            400,
+            "refused: byte 0x1b is not allowed in the request target",
+        ),
+        (
+            b"GET /version%00\x00 HTTP/1.1\r\nHost: {host}\r\n\r\n",
+            400,
+            "refused: byte 0x00 is not allowed in the request target",
+        ),
+        (
+            b"GET /version HTTP/1.1\r\nHost: {host}\r\nAccept: */*\n\r\n",
+            400,
+            "refused: a header line that does not end with CR LF",
+        ),
+        (
+            b"POST /api HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Sum: 1\r\n 2\r\n\r\n",
+            400,
+            "refused: a folded trailer line (obs-fold)",
+        ),
+    ],
+    ids=[
+        "chunk-size--5",
+        "chunk-size-+5",
+        "chunk-size-0x5",
+        "chunk-size-1_0",
+        "chunk-size-17-digits",
+        "chunk-line-over-1024",
+        "two-content-lengths",
+        "two-transfer-encodings",
+        "two-hosts",
+        "obs-fold",
+        "bare-cr",
+        "nul",
+        "superscript-two-length",
+        "escape-in-target",
+        "nul-in-target",
+        "bare-lf",
+        "folded-trailer",
+    ],
+)
+def test_strict_reader_refuses_before_any_upstream_connection(
+    proxied, cluster, card57, raw, status, message
+):
+    signed = card57.sign_count
+    answer = local_request(
+        proxied, raw.replace(b"{host}", f"127.0.0.1:{proxied.port}".encode())
+    )
+    assert answer_of(answer) == (status, message)
+    assert cluster.api.handshakes == 0 and cluster.api.requests == []
+    assert card57.sign_count == signed
+    # One WARNING line with method, path and reason, control characters escaped.
+    method, path = raw.split(b" ")[:2]
+    shown = path.decode("latin-1").replace("\x1b", "\\x1b").replace("\x00", "\\x00")
+    line = f"{yk.PROG}: WARNING: {method.decode()} {shown}: {message}"
+    assert proxied.stderr().splitlines().count(line) == 1
+
+
+def test_chunked_body_with_extensions_and_trailers_is_checked_and_forwarded_whole(
+    proxied, cluster, card57
+):
+    pod = json.dumps({"metadata": {"name": "chunky"}, "spec": {}}).encode()
+    body = (
+        b'%x;name=value;q="a \\"b\\"" ; flag\r\n%s\r\n' % (10, pod[:10])
+        + b"%X\r\n%s\r\n" % (len(pod) - 10, pod[10:])
+        + b"000;last\r\nX-Checksum: 1\r\nX-Other:\r\n\r\n"
+    )
+    host = f"127.0.0.1:{proxied.port}"
+    answer = local_request(
+        proxied,
+        chunked(host, body, "Content-Type: application/json\r\nConnection: close\r\n"),
+    )
+    head, _, created = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 201 Created\r\n")
+    assert json.loads(created)["metadata"]["name"] == "chunky"
+    [request] = cluster.api.requests
+    assert request["headers"]["content-length"] == str(len(pod))
+    assert "transfer-encoding" not in request["headers"]
+    assert "x-checksum" not in request["headers"]
+
+
+def test_truncated_request_bodies_are_the_clients_fault(card57, cluster, tmp_path):
+    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--plain-http")
+    host = f"127.0.0.1:{proxy.port}"
+
+    def half_sent(raw: bytes) -> tuple[int, str]:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+            sock.sendall(raw)
+            sock.shutdown(socket.SHUT_WR)  # the client stops sending
+            return answer_of(b"".join(iter(lambda: sock.recv(65536), b"")))
+
+    try:
+        signed = card57.sign_count
+        # A chunked body is read whole first: nothing goes upstream.
+        assert half_sent(chunked(host, b"a\r\nhello")) == (
+            400,
+            "refused: the chunked request body ended before its last chunk: the "
+            "client stopped sending it; try again",
+        )
+        assert cluster.api.handshakes == 0 and card57.sign_count == signed
+        # A Content-Length body is streamed: the API server saw the start of it.
+        assert half_sent(post(host, "Content-Length: 100\r\n", b'{"kind":')) == (
+            400,
+            "the request body is shorter than its Content-Length: the client stopped "
+            "sending it, so the request was not completed; try again",
+        )
+        assert [r["method"] for r in cluster.api.requests] == ["POST"]
+        assert "502" not in proxy.stderr()
+    finally:
+        proxy.stop()
+
+
+# -- the relay: what the API server sends back -------------------------------------
+
+
+def canned_upstream(server_pki, client_ca: x509.Certificate, answer: bytes):
+    """A TLS API server that answers each request with ``answer`` and hangs up."""
+    ca, cert, key = server_pki
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tempfile_bytes(pem(cert) + pem(key)))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=pem(client_ca).decode())
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError, ssl.SSLError):
+                with context.wrap_socket(raw, server_side=True) as tls:
+                    head = b""
+                    while b"\r\n\r\n" not in head and (data := tls.recv(65536)):
+                        head += data
+                    tls.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@contextlib.contextmanager
+def proxy_to_canned_upstream(tmp_path: Path, answer: bytes):
+    server_pki = make_server_pki()
+    ident = make_identity()
+    listener = canned_upstream(server_pki, ident.ca_cert, answer)
+    port = listener.getsockname()[1]
+    kubeconfig = write_kubeconfig(
+        tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}"
+    )
+    doc = yaml.safe_load(kubeconfig.read_text())
+    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(
+        pem(server_pki[0])
+    )
+    kubeconfig.write_text(yaml.safe_dump(doc))
+    try:
+        proxy = setup_and_proxy(
+            types.SimpleNamespace(kubeconfig=kubeconfig), tmp_path / "yk"
+        )
+        try:
+            yield proxy, port
+        finally:
+            proxy.stop()
+    finally:
+        listener.close()
+
+
+VERSION_BODY = b'{"major":"1","minor":"32","gitVersion":"v1.32.0"}'
+
+
+def test_early_hints_are_relayed_and_the_final_answer_follows(card57, tmp_path):
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </openapi/v3>; rel=preload\r\n\r\n"
+    final = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (len(VERSION_BODY), VERSION_BODY)
+    )
+    with proxy_to_canned_upstream(tmp_path, early + early + final) as (proxy, port):
+        done = kubectl(proxy, "get", "--raw", "/version", timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.encode() == VERSION_BODY
+        relayed = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(VERSION_BODY), VERSION_BODY)
+        )
+        host = f"127.0.0.1:{proxy.port}".encode()
+        request = b"GET /version HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+        assert local_request(proxy, request % host) == early + early + relayed
+        # HTTP/1.0 clients never get interim answers (RFC 9110 15.2).
+        request = b"GET /version HTTP/1.0\r\nHost: %s\r\n\r\n"
+        assert local_request(proxy, request % host) == relayed.replace(
+            b"Content-Length", b"Connection: close\r\nContent-Length"
+        )
+
+
+@pytest.mark.parametrize(
+    "line, fault",
+    [
+        (
+            b"X-Evil: a\rSet-Cookie: b\r\n",
+            "a header line with the control character 0x0d",
+        ),
+        (b"X-Evil: a\r\n b\r\n", "a folded header line (obs-fold)"),
+        (b"X-Evil: a\x00b\r\n", "a header line with the control character 0x00"),
+        (b"X-Evil: a\n", "a header line that does not end with CR LF"),
+        (b"X-Evil : a\r\n", "a header line that is not 'Name: value'"),
+        (
+            b"Content-Length: 7\r\n",
+            "a response where Content-Length or Transfer-Encoding is given more than "
+            "once",
+        ),
+        (
+            b"Transfer-Encoding: chunked\r\n",
+            "a response where both Transfer-Encoding and Content-Length are set",
+        ),
+    ],
+    ids=[
+        "bare-cr",
+        "obs-fold",
+        "nul",
+        "bare-lf",
+        "space-before-colon",
+        "two-lengths",
+        "length-and-chunked",
+    ],
+)
+def test_malformed_upstream_headers_make_a_502(card57, tmp_path, line, fault):
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n%s"
+        % (len(VERSION_BODY), line, VERSION_BODY)
+    )
+    with proxy_to_canned_upstream(tmp_path, answer) as (proxy, port):
+        host = f"127.0.0.1:{proxy.port}".encode()
+        request = b"GET /version HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+        answer = local_request(proxy, request % host)
+    assert answer_of(answer) == (
+        502,
+        f"the API server at 127.0.0.1:{port} sent {fault}: the answer is not relayed",
+    )
+    assert b"Evil" not in answer and b"Set-Cookie" not in answer
+
+
+def test_http10_clients_get_a_close_delimited_body(proxied, cluster):
+    host = f"127.0.0.1:{proxied.port}".encode()
+    answer = local_request(
+        proxied, b"GET /chunked?n=200000 HTTP/1.0\r\nHost: %s\r\n\r\n" % host
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert [x for x in lines if not x.startswith((b"Server:", b"Date:"))] == [
+        b"HTTP/1.1 200 OK",
+        b"Content-Type: application/octet-stream",
+        b"Cache-Control: no-cache, private",
+        b"Connection: close",
+    ]
+    assert body == expected_bytes(200000)
+    # The same for an HTTP/1.1 client comes chunked, as it came.
+    answer = local_request(
+        proxied,
+        b"GET /chunked?n=5 HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host,
+    )
+    assert answer.endswith(
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\n\x00\x01\x02\x03\x04\r\n0\r\n\r\n"
+    )
+
+
 # =============================================================================
 # The systemd user unit and the shell
 # =============================================================================

@@ -3007,8 +3007,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 for name, value in end_to_end_headers(response.headers):
                     self.send_header(name, value)
                 self.end_headers()
-            response.fp.start_head()
-            same_reader = types.SimpleNamespace(makefile=lambda _, fp=response.fp: fp)
+            fp, response.fp = response.fp, None  # else closing it would close fp
+            fp.start_head()
+            same_reader = types.SimpleNamespace(makefile=lambda _, fp=fp: fp)
             response = http.client.HTTPResponse(same_reader, method=self.command)
             response.begin()
 
