@@ -7397,6 +7397,249 @@ def test_http10_clients_get_a_close_delimited_body(proxied, cluster):
     )
 
 
+# -- bounded resources: timeouts, a connection cap, a flood -------------------------
+
+
+@contextlib.contextmanager
+def proxy_in_process(workdir: Path, monkeypatch, **limits):
+    """`proxy` in a thread of the test process, with some of its limits made
+    small (module constants); yields the ProxyServer."""
+    for name, value in limits.items():
+        monkeypatch.setattr(yk, name, value)
+    servers: list = []
+    start = yk.start_server
+    monkeypatch.setattr(
+        yk, "start_server", lambda *a: servers.append(start(*a)) or servers[-1]
+    )
+    argv = ["proxy", "--kubeconfig", str(workdir / "proxy.yml")]
+    codes: list = []
+    thread = threading.Thread(
+        target=lambda: codes.append(yk.main([*argv, "--listen", "127.0.0.1:0"]))
+    )
+    thread.start()
+    wait_until(lambda: servers or codes, 30, "the proxy to listen")
+    try:
+        yield servers[0]
+    finally:
+        if servers:
+            servers[0].shutdown()
+        thread.join(30)
+    assert codes == [0]
+
+
+def local_connection(workdir: Path, port: int, tls: bool) -> socket.socket:
+    """A socket to the proxy, with the local hop's TLS done when ``tls``."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    if not tls:
+        return sock
+    proxy = types.SimpleNamespace(
+        client_config=workdir / "client.yml", workdir=workdir, port=port
+    )
+    return LocalClient(proxy).context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def closed_by_the_proxy(sock: socket.socket) -> bool:
+    """Waits (up to the socket's timeout) for the proxy to close the connection."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def setup_local_hop(cluster: Cluster, workdir: Path, tls: bool) -> None:
+    argv = ["setup", "--kubeconfig", str(cluster.kubeconfig), "--output-dir"]
+    assert yk.main([*argv, str(workdir), *([] if tls else ["--plain-http"])]) == 0
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain-http"])
+def test_silent_and_idle_local_connections_are_closed(
+    card57, cluster, tmp_path, monkeypatch, capsys, tls
+):
+    workdir = tmp_path / "yk"
+    setup_local_hop(cluster, workdir, tls)
+    short = dict(IDLE_TIMEOUT=1.0, LOCAL_HANDSHAKE_TIMEOUT=1.0, HEADER_TIMEOUT=60.0)
+    with proxy_in_process(workdir, monkeypatch, **short) as server:
+        port = server.server_address[1]
+        # Never a TLS handshake, or never a request: closed, not kept for ever.
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as silent:
+            assert closed_by_the_proxy(silent)
+        # A keep-alive connection idle after its first request.
+        with local_connection(workdir, port, tls) as sock:
+            sock.sendall(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 200 and json.loads(response.read())
+            assert not response.will_close
+            assert closed_by_the_proxy(sock)
+        wait_until(lambda: server.connections == 0, 10, "the handlers to end")
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain-http"])
+def test_request_heads_must_arrive_within_the_header_timeout(
+    card57, cluster, tmp_path, monkeypatch, capsys, tls
+):
+    workdir = tmp_path / "yk"
+    setup_local_hop(cluster, workdir, tls)
+    short = dict(IDLE_TIMEOUT=60.0, LOCAL_HANDSHAKE_TIMEOUT=60.0, HEADER_TIMEOUT=1.0)
+    with proxy_in_process(workdir, monkeypatch, **short) as server:
+        port = server.server_address[1]
+        head = b"GET /version HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port
+        with local_connection(workdir, port, tls) as sock:  # stops half-way
+            sock.sendall(head)
+            assert closed_by_the_proxy(sock)
+        # One byte at a time, never pausing long: the deadline still holds.
+        slow = head + b"X-Slow: " + b"a" * 600 + b"\r\n\r\n"
+        with local_connection(workdir, port, tls) as sock:
+            sock.settimeout(0.05)  # the pace of the sender
+            for sent in range(len(slow)):
+                with contextlib.suppress(TimeoutError):
+                    if sock.recv(1) == b"":
+                        break
+                sock.sendall(slow[sent : sent + 1])
+            assert sent < len(slow) - 1  # closed before the head was complete
+    assert cluster.api.handshakes == 0
+
+
+def test_connection_cap_refuses_quickly_and_warns_once(
+    card57, cluster, tmp_path, monkeypatch, capsys
+):
+    workdir = tmp_path / "yk"
+    setup_local_hop(cluster, workdir, tls=False)
+    capsys.readouterr()
+    limits = dict(MAX_CONNECTIONS=8, IDLE_TIMEOUT=60.0)
+    with proxy_in_process(workdir, monkeypatch, **limits) as server:
+        port = server.server_address[1]
+        held = [local_connection(workdir, port, tls=False) for _ in range(8)]
+        wait_until(lambda: server.connections == 8, 10, "8 connections accepted")
+        extra = [local_connection(workdir, port, tls=False) for _ in range(3)]
+        assert [closed_by_the_proxy(sock) for sock in extra] == [True] * 3
+        for sock in held + extra:
+            sock.close()
+        wait_until(lambda: server.connections == 0, 10, "the held connections to end")
+        with local_connection(workdir, port, tls=False) as sock:
+            sock.sendall(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 200
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "connections" in x]
+    assert warnings == [
+        f"{yk.PROG}: WARNING: 8 local connections are open, the most this proxy "
+        f"serves: closing new ones until some end (is another program flooding port "
+        f"{port}?)"
+    ]
+
+
+FLOODER = """
+import selectors, socket, sys, time
+port, count, until, wait = map(int, sys.argv[1:5])
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+print("holding", len(socks), flush=True)
+selector, closed = selectors.DefaultSelector(), 0
+for sock in socks:
+    selector.register(sock, selectors.EVENT_READ)
+deadline = time.monotonic() + wait
+while closed < until and time.monotonic() < deadline:
+    for key, _ in selector.select(max(0, deadline - time.monotonic())):
+        try:
+            data = key.fileobj.recv(1)
+        except OSError:
+            data = b""
+        if not data:
+            selector.unregister(key.fileobj)
+            closed += 1
+            if closed == until:
+                break
+print("closed", closed, flush=True)
+sys.stdin.read()
+"""
+
+
+def flooder(port: int, count: int, until: int) -> subprocess.Popen:
+    """Another local process holding ``count`` idle connections; it reports when
+    the proxy has closed ``until`` of them (or after 60 s)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", FLOODER, str(port), str(count), str(until), "60"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline() == f"holding {count}\n"
+    return process
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_flood_of_idle_connections_leaves_kubectl_working(card57, cluster, tmp_path):
+    import resource
+
+    proxy = setup_and_proxy(cluster, tmp_path / "yk")
+    try:
+        pid = proxy.process.pid
+        started = time.monotonic()
+        assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+        alone = time.monotonic() - started
+        baseline = process_counts(pid)
+        cpu, started = cpu_seconds(pid), time.monotonic()
+        flood = flooder(proxy.port, 200, until=200)
+        times = []
+        for _ in range(3):
+            begun = time.monotonic()
+            done = kubectl(proxy, "get", "--raw", "/version")
+            times.append(time.monotonic() - begun)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
+        peak = process_counts(pid)
+        # No handshake within LOCAL_HANDSHAKE_TIMEOUT: the proxy closes them all.
+        assert flood.stdout.readline() == "closed 200\n"
+        flood_cpu = cpu_seconds(pid) - cpu
+        flood_wall = time.monotonic() - started
+        flood.stdin.close()
+        flood.wait(30)
+        wait_for_counts(pid, baseline)
+        # Out of descriptors: accept() fails with EMFILE, and must not spin.
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (baseline[1] + 10, hard))
+        try:
+            flood = flooder(proxy.port, 40, until=5)
+            wait_until(
+                lambda: (
+                    "cannot accept local connections (Too many open files)"
+                    in proxy.stderr()
+                ),
+                30,
+                "accept() to run out of descriptors",
+            )
+            cpu, started = cpu_seconds(pid), time.monotonic()
+            assert flood.stdout.readline() == "closed 5\n"  # by the handshake timeout
+            starved_cpu = cpu_seconds(pid) - cpu
+            starved_wall = time.monotonic() - started
+            flood.stdin.close()
+            flood.wait(30)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        done = kubectl(proxy, "get", "--raw", "/version")
+        assert done.returncode == 0, done.stderr
+        wait_for_counts(pid, baseline)
+        after = process_counts(pid)
+    finally:
+        proxy.stop()
+    FAULT_FIGURES.append(
+        f"flood: another process held 200 idle connections; kubectl answered 3/3 "
+        f"in {max(times):.2f} s at most ({alone:.2f} s alone); proxy CPU "
+        f"{flood_cpu:.2f} s in {flood_wall:.1f} s; threads/descriptors "
+        f"{baseline} -> {peak} -> {after}"
+    )
+    FAULT_FIGURES.append(
+        f"out of descriptors (EMFILE) for {starved_wall:.1f} s: proxy CPU "
+        f"{starved_cpu:.2f} s; kubectl answered afterwards"
+    )
+    assert flood_cpu < 0.25 * flood_wall
+    assert starved_cpu < 0.25 * starved_wall
+
+
 # =============================================================================
 # The systemd user unit and the shell
 # =============================================================================
