@@ -7236,6 +7236,7 @@ def test_truncated_request_bodies_are_the_clients_fault(card57, cluster, tmp_pat
             "the request body is shorter than its Content-Length: the client stopped "
             "sending it, so the request was not completed; try again",
         )
+        wait_until(lambda: cluster.api.requests, 10, "the API server to see the head")
         assert [r["method"] for r in cluster.api.requests] == ["POST"]
         assert "502" not in proxy.stderr()
     finally:

@@ -2662,12 +2662,22 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.at_limit = True
             return False
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (out of memory or threads)
+            self.connection_ended()
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self.idle:
-                self.connections -= 1
+            self.connection_ended()
+
+    def connection_ended(self) -> None:
+        with self.idle:
+            self.connections -= 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection from %s failed", client_address, exc_info=True)
