@@ -7243,6 +7243,25 @@ def test_truncated_request_bodies_are_the_clients_fault(card57, cluster, tmp_pat
         proxy.stop()
 
 
+def test_error_answers_linger_while_the_client_is_still_sending(
+    card57, cluster, tmp_path
+):
+    """After a refusal the proxy half-closes and reads on, so the answer is not
+    destroyed by a reset while the client is still sending (its body, say)."""
+    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--plain-http")
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+            sock.sendall(post(f"127.0.0.1:{proxy.port}", "Content-Length: -5\r\n"))
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to its FIN
+            assert answer_of(answer) == (400, "refused: invalid Content-Length '-5'")
+            for _ in range(8):  # half of LINGER_BYTES, after the answer
+                sock.sendall(b"x" * 65536)  # a closed socket would answer RST
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+    finally:
+        proxy.stop()
+
+
 # -- the relay: what the API server sends back -------------------------------------
 
 
