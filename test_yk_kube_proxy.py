@@ -7393,6 +7393,18 @@ def test_malformed_upstream_headers_make_a_502(card57, tmp_path, line, fault):
     assert b"Evil" not in answer and b"Set-Cookie" not in answer
 
 
+def test_a_cut_chunked_answer_is_not_completed_for_the_client(card57, tmp_path):
+    cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    with proxy_to_canned_upstream(tmp_path, cut) as (proxy, port):
+        host = f"127.0.0.1:{proxy.port}".encode()
+        request = b"GET /version HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+        answer = local_request(proxy, request % host)
+    # No last chunk: kubectl sees a broken answer, never a complete short one.
+    assert answer == (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+
+
 def test_http10_clients_get_a_close_delimited_body(proxied, cluster):
     host = f"127.0.0.1:{proxied.port}".encode()
     answer = local_request(

@@ -2456,7 +2456,7 @@ CHUNK_LINE = re.compile(
     rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*%s)?)*)\r\n"
     % (TCHAR, CHUNK_EXT_VALUE)
 )
-STATUS_LINE = re.compile(rb"HTTP/1\.[01] [0-9]{3} [\t \x21-\x7e\x80-\xff]*\r\n")
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] [0-9]{3}(?: [\t \x21-\x7e\x80-\xff]*)?\r\n")
 CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
