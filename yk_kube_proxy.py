@@ -2683,23 +2683,14 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         log.debug("connection from %s failed", client_address, exc_info=True)
 
 
-class RelayHandler(http.server.BaseHTTPRequestHandler):
-    """Relays one kubectl request at a time; each gets its own upstream connection.
-    A request's head is checked line by line (RFC 9112) before http.server parses
-    it, and a chunked body is checked whole before the upstream is contacted."""
+class StrictRequestHandler(http.server.BaseHTTPRequestHandler):
+    """http.server's handler, reading strictly (RFC 9112): a request's head is
+    checked line by line before http.server parses it, a chunked body can be
+    read whole and checked, and every refusal is a Status answer, logged, after
+    which the connection lingers (see finish())."""
 
     protocol_version = "HTTP/1.1"
-    server_version = PROG
-    server: ProxyServer
-    kept: http.client.HTTPConnection | None = None  # --reuse-while-present only
-    identity_read = False  # the slot's certificate was read for this local connection
     lingering = False  # an error answer went out: drain the client before closing
-
-    def setup(self) -> None:
-        super().setup()
-        if self.server.tls_context is not None:
-            self.connection.settimeout(LOCAL_HANDSHAKE_TIMEOUT)
-            self.connection.do_handshake()  # failures end here: handle_error logs them
 
     def handle_one_request(self) -> None:
         """Wait for the next request, check its head, then let http.server parse
@@ -2787,6 +2778,91 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if fault:
             raise RequestError(f"refused: {fault}")
 
+    def read_chunked_body(self) -> bytes:
+        """A chunked request body (RFC 9112 7.1), checked and whole, so that a
+        malformed one is refused before any upstream connection; the trailer
+        fields are checked and dropped."""
+        body = bytearray()
+        while True:
+            line = self.body_line(MAX_CHUNK_LINE, "a chunk-size line")
+            match = CHUNK_LINE.fullmatch(line)
+            if not match:
+                shown = line.rstrip(b"\r\n")[:40].decode("latin-1")
+                raise RequestError(f"refused: malformed chunk-size line {shown!r}")
+            size = int(match[1], 16)
+            if size == 0:
+                break
+            if len(body) + size > MAX_CHUNKED_BODY:
+                limit = f"a chunked request body may have at most {MAX_CHUNKED_BODY}"
+                raise RequestError(f"refused: {limit} bytes", 413)
+            data = self.rfile.read(size)
+            if len(data) < size:
+                raise RequestError(TRUNCATED_CHUNKED)
+            if self.rfile.read(2) != b"\r\n":
+                raise RequestError("refused: a chunk's data is not followed by CR LF")
+            body += data
+        for _ in range(MAX_HEADER_FIELDS + 1):
+            line = self.body_line(MAX_HEAD_BYTES, "a trailer line")
+            if line == b"\r\n":
+                return bytes(body)
+            if not FIELD_LINE.fullmatch(line):
+                raise RequestError(f"refused: {line_fault(line, 'trailer line')}")
+        limit = f"the request has more than {MAX_HEADER_FIELDS} trailer fields"
+        raise RequestError(f"refused: {limit}", 431)
+
+    def body_line(self, limit: int, what: str) -> bytes:
+        line = self.rfile.readline(limit + 1)
+        if len(line) > limit:
+            raise RequestError(f"refused: {what} is longer than {limit} bytes")
+        if not line.endswith(b"\n"):
+            raise RequestError(TRUNCATED_CHUNKED)
+        return line
+
+    def send_error(
+        self, code: int, message: str | None = None, explain: str | None = None
+    ) -> None:
+        """What http.server itself refuses (an unknown method) gets a Status too."""
+        text = message or http.HTTPStatus(code).phrase
+        reason = f"refused: {text.lower()}" + (f" ({explain})" if explain else "")
+        self.refuse(RequestError(reason, code))
+
+    def refuse(self, exc: ProxyError) -> None:
+        log.warning("%s %s: %s", self.command or "-", self.path or "-", exc)
+        self.send_status(exc.http_status, str(exc))
+
+    def send_status(self, code: int, message: str) -> None:
+        """A Status answer from the proxy itself; the connection closes after it, as
+        the request's body may not have been read (lingering, see finish())."""
+        self.close_connection = self.lingering = True
+        body = status_body(code, STATUS_REASONS.get(code, "InternalError"), message)
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def finish(self) -> None:
+        super().finish()
+        if self.lingering:
+            linger(self.connection)
+
+
+class RelayHandler(StrictRequestHandler):
+    """Relays one kubectl request at a time; each gets its own upstream connection.
+    A chunked body is read whole and checked before the upstream is contacted."""
+
+    server_version = PROG
+    server: ProxyServer
+    kept: http.client.HTTPConnection | None = None  # --reuse-while-present only
+    identity_read = False  # the slot's certificate was read for this local connection
+
+    def setup(self) -> None:
+        super().setup()
+        if self.server.tls_context is not None:
+            self.connection.settimeout(LOCAL_HANDSHAKE_TIMEOUT)
+            self.connection.do_handshake()  # failures end here: handle_error logs them
+
     def do_relay(self) -> None:
         self.server.track(+1)
         try:
@@ -2847,8 +2923,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if self.kept is not None:
             self.kept.sock.release()
             self.kept = None
-        if self.lingering:
-            linger(self.connection)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_relay
 
@@ -2864,46 +2938,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         ):
             return 403, "refused: requests from web browsers are not relayed"
         return None
-
-    def read_chunked_body(self) -> bytes:
-        """A chunked request body (RFC 9112 7.1), checked and whole, so that a
-        malformed one is refused before any upstream connection; the trailer
-        fields are checked and dropped."""
-        body = bytearray()
-        while True:
-            line = self.body_line(MAX_CHUNK_LINE, "a chunk-size line")
-            match = CHUNK_LINE.fullmatch(line)
-            if not match:
-                shown = line.rstrip(b"\r\n")[:40].decode("latin-1")
-                raise RequestError(f"refused: malformed chunk-size line {shown!r}")
-            size = int(match[1], 16)
-            if size == 0:
-                break
-            if len(body) + size > MAX_CHUNKED_BODY:
-                limit = f"a chunked request body may have at most {MAX_CHUNKED_BODY}"
-                raise RequestError(f"refused: {limit} bytes", 413)
-            data = self.rfile.read(size)
-            if len(data) < size:
-                raise RequestError(TRUNCATED_CHUNKED)
-            if self.rfile.read(2) != b"\r\n":
-                raise RequestError("refused: a chunk's data is not followed by CR LF")
-            body += data
-        for _ in range(MAX_HEADER_FIELDS + 1):
-            line = self.body_line(MAX_HEAD_BYTES, "a trailer line")
-            if line == b"\r\n":
-                return bytes(body)
-            if not FIELD_LINE.fullmatch(line):
-                raise RequestError(f"refused: {line_fault(line, 'trailer line')}")
-        limit = f"the request has more than {MAX_HEADER_FIELDS} trailer fields"
-        raise RequestError(f"refused: {limit}", 431)
-
-    def body_line(self, limit: int, what: str) -> bytes:
-        line = self.rfile.readline(limit + 1)
-        if len(line) > limit:
-            raise RequestError(f"refused: {what} is longer than {limit} bytes")
-        if not line.endswith(b"\n"):
-            raise RequestError(TRUNCATED_CHUNKED)
-        return line
 
     def exchange(
         self, link: http.client.HTTPConnection, body: bytes | None, started: float
@@ -3094,30 +3128,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         upstream.shutdown()
         sender.join()
         return sent
-
-    def send_error(
-        self, code: int, message: str | None = None, explain: str | None = None
-    ) -> None:
-        """What http.server itself refuses (an unknown method) gets a Status too."""
-        text = message or http.HTTPStatus(code).phrase
-        reason = f"refused: {text.lower()}" + (f" ({explain})" if explain else "")
-        self.refuse(RequestError(reason, code))
-
-    def refuse(self, exc: ProxyError) -> None:
-        log.warning("%s %s: %s", self.command or "-", self.path or "-", exc)
-        self.send_status(exc.http_status, str(exc))
-
-    def send_status(self, code: int, message: str) -> None:
-        """A Status answer from the proxy itself; the connection closes after it, as
-        the request's body may not have been read (lingering, see finish())."""
-        self.close_connection = self.lingering = True
-        body = status_body(code, STATUS_REASONS.get(code, "InternalError"), message)
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("%s - %s", self.address_string(), format % args)
