@@ -6865,6 +6865,17 @@ def fuzz_trailer(rng, host):
     return chunked(host, body), 400, fault_phrase(kind, "trailer line", byte)
 
 
+def fuzz_trailers_too_big(rng, host):
+    if rng.random() < 0.5:
+        trailers = "".join(f"X-T{i}: {i}\r\n" for i in range(rng.randint(101, 200)))
+        message, status = "refused: the request has more than 100 trailer fields", 431
+    else:
+        trailers = "".join(f"X-T{i}: {'t' * 30000}\r\n" for i in range(3))
+        message, status = "refused: the trailers are longer than 65536 bytes", 431
+    body = f"5\r\nhello\r\n0\r\n{trailers}\r\n".encode()
+    return chunked(host, body), status, message
+
+
 def fuzz_repeated_framing(rng, host):
     name = rng.choice(["Content-Length", "Transfer-Encoding"])
     value = "chunked" if name == "Transfer-Encoding" else "5"
@@ -7014,6 +7025,7 @@ HTTP_FUZZ_FAMILIES = [
     fuzz_chunk_data_end,
     fuzz_chunk_too_big,
     fuzz_trailer,
+    fuzz_trailers_too_big,
     fuzz_repeated_framing,
     fuzz_content_length,
     fuzz_transfer_coding,

@@ -2783,8 +2783,9 @@ class StrictRequestHandler(http.server.BaseHTTPRequestHandler):
         malformed one is refused before any upstream connection; the trailer
         fields are checked and dropped."""
         body = bytearray()
+        long_line = f"refused: a chunk-size line is longer than {MAX_CHUNK_LINE} bytes"
         while True:
-            line = self.body_line(MAX_CHUNK_LINE, "a chunk-size line")
+            line = self.body_line(MAX_CHUNK_LINE, RequestError(long_line))
             match = CHUNK_LINE.fullmatch(line)
             if not match:
                 shown = line.rstrip(b"\r\n")[:40].decode("latin-1")
@@ -2801,8 +2802,13 @@ class StrictRequestHandler(http.server.BaseHTTPRequestHandler):
             if self.rfile.read(2) != b"\r\n":
                 raise RequestError("refused: a chunk's data is not followed by CR LF")
             body += data
+        long_trailers = f"refused: the trailers are longer than {MAX_HEAD_BYTES} bytes"
+        size = 0
         for _ in range(MAX_HEADER_FIELDS + 1):
-            line = self.body_line(MAX_HEAD_BYTES, "a trailer line")
+            line = self.body_line(
+                MAX_HEAD_BYTES - size, RequestError(long_trailers, 431)
+            )
+            size += len(line)
             if line == b"\r\n":
                 return bytes(body)
             if not FIELD_LINE.fullmatch(line):
@@ -2810,10 +2816,10 @@ class StrictRequestHandler(http.server.BaseHTTPRequestHandler):
         limit = f"the request has more than {MAX_HEADER_FIELDS} trailer fields"
         raise RequestError(f"refused: {limit}", 431)
 
-    def body_line(self, limit: int, what: str) -> bytes:
+    def body_line(self, limit: int, too_long: RequestError) -> bytes:
         line = self.rfile.readline(limit + 1)
         if len(line) > limit:
-            raise RequestError(f"refused: {what} is longer than {limit} bytes")
+            raise too_long
         if not line.endswith(b"\n"):
             raise RequestError(TRUNCATED_CHUNKED)
         return line
