@@ -4813,10 +4813,28 @@ def test_setup_then_status_k3s_like_ec_p256_on_firmware_57(card57, tmp_path, cap
     assert extension == {"slot": "9a", "listen": "127.0.0.1:8080", "serial": 31000001}
     # The local hop: kubectl trusts the local CA and holds a client certificate of it.
     client_doc = read_yaml(client)
-    assert client_doc["clusters"][0]["cluster"] == {
-        "server": "https://127.0.0.1:8080",
-        "certificate-authority-data": local["client-ca-data"],
+    marker = [
+        {"name": "yubikey-kube-proxy", "extension": {"proxy-config": str(proxy)}}
+    ]
+    assert client_doc["clusters"][0] == {
+        "name": "default",
+        "cluster": {
+            "server": "https://127.0.0.1:8080",
+            "certificate-authority-data": local["client-ca-data"],
+            "extensions": marker,
+        },
     }
+    assert client_doc["contexts"][0] == {
+        "name": "default",
+        "context": {
+            "cluster": "default",
+            "user": "default",
+            "namespace": "team-a",
+            "extensions": marker,
+        },
+    }
+    assert client_doc["users"][0]["name"] == "default"
+    assert client_doc["users"][0]["user"]["extensions"] == marker
     local_ca = x509.load_pem_x509_certificate(base64.b64decode(local["client-ca-data"]))
     user = client_doc["users"][0]["user"]
     client_cert = x509.load_pem_x509_certificate(
@@ -4907,10 +4925,19 @@ def test_setup_kubeadm_like_rsa2048_files_on_3des_card(card54, tmp_path, capsys)
         capsys=capsys,
     )
     assert (code, stderr) == (0, "")
+    marker = [
+        {
+            "name": "yubikey-kube-proxy",
+            "extension": {"proxy-config": str(tmp_path / "o" / "proxy.yml")},
+        }
+    ]
     assert read_yaml(tmp_path / "o" / "client.yml")["clusters"][0]["cluster"] == {
-        "server": "http://127.0.0.1:8181"
+        "server": "http://127.0.0.1:8181",
+        "extensions": marker,
     }
-    assert read_yaml(tmp_path / "o" / "client.yml")["users"][0]["user"] == {}
+    assert read_yaml(tmp_path / "o" / "client.yml")["users"][0]["user"] == {
+        "extensions": marker
+    }
     extension = read_yaml(tmp_path / "o" / "proxy.yml")["contexts"][0]["context"][
         "extensions"
     ][0]["extension"]
@@ -5007,7 +5034,7 @@ def test_existing_output_files_are_kept_without_force(card57, tmp_path, capsys):
     assert code == 1
     assert stderr == (
         f"yubikey-kube-proxy: error: {tmp_path / 'client.yml'} exists already: "
-        "pass --force to replace it, or choose another --output-dir\n"
+        "pass --force to replace it, or choose another --output-dir or --name\n"
     )
     assert (tmp_path / "client.yml").read_text() == "mine\n"
     assert card57.slot_key(0x9A) is None
@@ -6079,7 +6106,8 @@ def response_status_and_body(answer: bytes) -> tuple[str, dict]:
         ),
         (
             "Host: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\n",
-            "refused: requests from web browsers are not relayed",
+            "refused: Origin 'http://evil.example' is not this proxy's own (requests "
+            "from web browsers are not relayed)",
         ),
         (
             "Host: 127.0.0.1:{port}\r\nSec-Fetch-Mode: cors\r\n",
@@ -6785,7 +6813,7 @@ def test_systemd_unit_verifies(tmp_path):
     directives = [line.strip() for line in unit.splitlines()]
     for expected in (
         "ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
-        "%h/.kube/yubikey/proxy.yml",
+        "%h/.kube/yubikey/default/proxy.yml",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
         "UMask=0077",
