@@ -2030,6 +2030,8 @@ def _route(h: _Handler, fake: "FakeApiServer", path: str) -> None:
         )
     if parts[:2] == ["apis", "certificates.k8s.io"]:
         return route_certificates(h, fake, parts)
+    if path == "/apis/authentication.k8s.io/v1/selfsubjectreviews":
+        return _self_subject_review(h, fake)
     if parts[:2] == ["apis", "rbac.authorization.k8s.io"] and fake_has_csr_api(fake):
         return _route_rbac(h, fake, parts)
     h.send_status(404, "NotFound", NOT_FOUND_MSG)
@@ -2109,7 +2111,28 @@ def _route_pods(h: _Handler, fake: "FakeApiServer", ns: str, tail: list) -> None
         return _pod_log(h, fake, ns, name)
     if sub == "exec" and h.command in ("GET", "POST"):
         return _pod_exec(h, fake)
+    if sub == "portforward" and h.command in ("GET", "POST"):
+        return _pod_portforward(h, fake)
     h.send_status(405, "MethodNotAllowed", "the server does not allow this method")
+
+
+def _self_subject_review(h: _Handler, fake) -> None:
+    """POST authentication.k8s.io/v1 SelfSubjectReview (kubectl auth whoami): the
+    user and groups kube-apiserver derives from the client certificate."""
+    if h.command != "POST":
+        return h.send_status(
+            405, "MethodNotAllowed", "the server does not allow this method"
+        )
+    username, groups = _peer_identity(h)
+    h.send_json(
+        201,
+        {
+            "kind": "SelfSubjectReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": _ts(time.time())},
+            "status": {"userInfo": {"username": username, "groups": groups}},
+        },
+    )
 
 
 def _version(h: _Handler, fake) -> None:
@@ -2515,13 +2538,27 @@ def _pod_exec(h: _Handler, fake) -> None:
 
 def _exec_websocket(h: _Handler, fake) -> None:
     """WebSocket handshake (RFC 6455) with a k8s channel subprotocol."""
+    proto = _ws_accept(h, WS_PROTOCOLS)
+    if proto is not None:
+        fake._note_exec("websocket", proto)
+        _WsExecSession(h, proto).run()
+
+
+def _ws_accept(h: _Handler, protocols: tuple) -> str | None:
+    """Answer a WebSocket upgrade with the first of `protocols` the client offers
+    (101), or refuse it (400, None)."""
     offered = _header_tokens(h, "Sec-WebSocket-Protocol")
-    proto = next((p for p in WS_PROTOCOLS if p in offered), None)
+    proto = next((p for p in protocols if p in offered), None)
     key = h.headers.get("Sec-WebSocket-Key")
-    if not key or proto is None:
-        return h.send_status(
+    if (
+        not key
+        or proto is None
+        or (h.headers.get("Upgrade") or "").lower() != "websocket"
+    ):
+        h.send_status(
             400, "BadRequest", f"unsupported websocket subprotocols {offered}"
         )
+        return None
     accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
     h.send_response(101, "Switching Protocols")
     h.send_header("Upgrade", "websocket")
@@ -2530,8 +2567,16 @@ def _exec_websocket(h: _Handler, fake) -> None:
     h.send_header("Sec-WebSocket-Protocol", proto)
     h.end_headers()
     h.close_connection = True
-    fake._note_exec("websocket", proto)
-    _WsExecSession(h, proto).run()
+    return proto
+
+
+def _pod_portforward(h: _Handler, fake) -> None:
+    """Port-forward over WebSocket (v4.channel.k8s.io, as kube-apiserver offers it
+    to the Python client): each port's bytes are echoed back, as by an echo server
+    in the pod."""
+    if _ws_accept(h, ("v4.channel.k8s.io",)) is not None:
+        fake._note_exec("portforward", "v4.channel.k8s.io")
+        _WsPortForwardSession(h, "v4.channel.k8s.io").run()
 
 
 def _exec_spdy(h: _Handler, fake) -> None:
@@ -2699,6 +2744,35 @@ class _WsExecSession:
         else:
             head = struct.pack(">BBQ", 0x80 | opcode, 127, n)
         self.wfile.write(head + payload)
+
+
+class _WsPortForwardSession(_WsExecSession):
+    """Port i has data channel 2i and error channel 2i+1; each channel's first
+    frame carries the port number (little-endian). Data comes back unchanged."""
+
+    def run(self) -> None:
+        ports = [int(p) for p in self.query_ports]
+        try:
+            for i, port in enumerate(ports):
+                for channel in (2 * i, 2 * i + 1):
+                    self._send_frame(
+                        WS_OP_BIN, bytes([channel]) + struct.pack("<H", port)
+                    )
+            while True:
+                opcode, payload = self._read_message()
+                if opcode == WS_OP_CLOSE:
+                    self._send_frame(WS_OP_CLOSE, payload[:2])
+                    return
+                if opcode == WS_OP_BIN and payload[:1] and payload[0] % 2 == 0:
+                    self.echoed += len(payload) - 1
+                    self._send_frame(WS_OP_BIN, payload)
+        except (EOFError, OSError, ValueError):
+            return
+
+    def __init__(self, h: _Handler, proto: str):
+        super().__init__(h, proto)
+        self.query_ports = h.query.get("ports", "").split(",")
+        self.echoed = 0
 
 
 def _ws_unmask(payload: bytes, mask: bytes) -> bytes:
@@ -4813,9 +4887,7 @@ def test_setup_then_status_k3s_like_ec_p256_on_firmware_57(card57, tmp_path, cap
     assert extension == {"slot": "9a", "listen": "127.0.0.1:8080", "serial": 31000001}
     # The local hop: kubectl trusts the local CA and holds a client certificate of it.
     client_doc = read_yaml(client)
-    marker = [
-        {"name": "yubikey-kube-proxy", "extension": {"proxy-config": str(proxy)}}
-    ]
+    marker = [{"name": "yubikey-kube-proxy", "extension": {"proxy-config": str(proxy)}}]
     assert client_doc["clusters"][0] == {
         "name": "default",
         "cluster": {
@@ -5573,9 +5645,10 @@ def start_cluster(
     tls_versions=("1.2", "1.3"),
     path_prefix: str = "",
     server_pki=None,
+    subject: str = "CN=system:admin,O=system:masters",
     **cluster_extra,
 ) -> Cluster:
-    ident = make_identity(kind)
+    ident = make_identity(kind, subject=subject)
     server_ca, server_cert, server_key = server_pki or make_server_pki()
     api = FakeApiServer(
         server_cert_pem=pem(server_cert),
@@ -7011,6 +7084,782 @@ def test_reuse_while_present_one_signature_per_local_connection(
         proxy.stop()
         if inserted.inserted:
             rig.remove(inserted)
+
+
+# =============================================================================
+# Many clusters, every client, every desk: names, merge, the template unit,
+# Origin of non-browser clients, other platforms (faked), touch prompts, the CLI
+# =============================================================================
+
+
+def kubectl_with(kubeconfig: str, *args: str) -> subprocess.CompletedProcess:
+    """kubectl as a user runs it, KUBECONFIG from the environment."""
+    return subprocess.run(
+        ["kubectl", "--request-timeout", "30s", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": kubeconfig},
+    )
+
+
+def whoami(kubeconfig: str, *args: str) -> str:
+    done = kubectl_with(kubeconfig, "auth", "whoami", "-o", "json", *args)
+    assert done.returncode == 0, done.stderr
+    review = json.loads(done.stdout)
+    assert review["kind"] == "SelfSubjectReview"
+    return review["status"]["userInfo"]["username"]
+
+
+def entry_names(doc: dict) -> list[list[str]]:
+    return [
+        [e["name"] for e in doc[kind]] for kind in ("clusters", "contexts", "users")
+    ]
+
+
+OTHER_KUBECONFIG = {
+    "apiVersion": "v1",
+    "kind": "Config",
+    "clusters": [
+        {"name": "other", "cluster": {"server": "https://other.example:6443"}}
+    ],
+    "contexts": [{"name": "other", "context": {"cluster": "other", "user": "other"}}],
+    "current-context": "other",
+    "users": [{"name": "other", "user": {"token": "other-token"}}],
+    "preferences": {},
+}
+
+
+def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
+    rig, tmp_path, capsys, monkeypatch
+):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    config = home / ".kube" / "config"
+    config.parent.mkdir(parents=True)
+    original = yaml.safe_dump(OTHER_KUBECONFIG, sort_keys=False)
+    config.write_text(original)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    alpha = start_cluster(tmp_path / "a", subject="CN=alice,O=team-alpha")
+    beta = start_cluster(tmp_path / "b", subject="CN=bob,O=team-beta")
+    piv_a, piv_b = VirtualPiv(serial=11100001), VirtualPiv(serial=11100002)
+    card_a, card_b = rig.insert(piv_a, 0), rig.insert(piv_b, 1)
+    proxies: list[ProxyProcess] = []
+    try:
+        # Both source kubeconfigs call their context 'default': --name tells them apart.
+        code, stdout, stderr = run_cli(
+            "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "alpha",
+            "--serial", "11100001", "--merge", capsys=capsys,
+        )  # fmt: skip
+        assert (code, stderr) == (0, "")
+        assert (
+            f"Merged context, cluster and user 'alpha' into {config} (current-context "
+            f"unchanged; the previous file is {config}.bak); 'yubikey-kube-proxy "
+            "unmerge alpha' removes them.\n"
+        ) in stdout
+        after_alpha = config.read_text()
+        code, stdout, stderr = run_cli(
+            "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
+            "--serial", "11100002", "--slot", "9c", "--merge", str(config),
+            "--use-context", capsys=capsys,
+        )  # fmt: skip
+        assert (code, stderr) == (0, "")
+        assert "  2. kubectl --context beta get nodes\n" in stdout
+        folders = {n: home / ".kube" / "yubikey" / n for n in ("alpha", "beta")}
+        servers = {
+            n: read_yaml(f / "client.yml")["clusters"][0]["cluster"]["server"]
+            for n, f in folders.items()
+        }
+        assert servers == {
+            "alpha": "https://127.0.0.1:8080",
+            "beta": "https://127.0.0.1:8081",  # the next port no other proxy.yml uses
+        }
+        # The merged kubeconfig: the other entries and their order kept, 0600, backup.
+        merged = read_yaml(config)
+        assert entry_names(merged) == [["other", "alpha", "beta"]] * 3
+        assert merged["current-context"] == "beta"
+        for kind in ("clusters", "contexts", "users"):
+            assert merged[kind][0] == OTHER_KUBECONFIG[kind][0]
+        client_beta = read_yaml(folders["beta"] / "client.yml")
+        for kind in ("clusters", "users"):
+            assert merged[kind][2] == client_beta[kind][0]
+        context = copy.deepcopy(client_beta["contexts"][0])
+        context["context"]["extensions"][0]["extension"].update(
+            {"previous-current-context": "other"}
+        )
+        assert merged["contexts"][2] == context
+        assert context["context"]["extensions"][0]["extension"] == {
+            "proxy-config": str(folders["beta"] / "proxy.yml"),
+            "previous-current-context": "other",
+        }
+        assert stat.S_IMODE(config.stat().st_mode) == 0o600
+        assert (home / ".kube" / "config.bak").read_text() == after_alpha
+        # status with a proxy.yml reports that proxy's card and slot only.
+        code, stdout, _ = run_cli(
+            "status", "--kubeconfig", str(folders["beta"] / "proxy.yml"), "--json",
+            capsys=capsys,
+        )  # fmt: skip
+        report = json.loads(stdout)["cards"]
+        assert code == 0
+        assert [(r["serial"], [s["slot"] for s in r["slots"]]) for r in report] == [
+            (11100002, ["9c"])
+        ]
+        assert report[0]["slots"][0]["certificate"]["subject"] == "CN=bob,O=team-beta"
+        signed = (piv_a.sign_count, piv_b.sign_count)
+        for name, port in (("alpha", "8080"), ("beta", "8081")):
+            proxies.append(ProxyProcess(folders[name], "--listen", f"127.0.0.1:{port}"))
+        sides = f"{folders['alpha'] / 'client.yml'}:{folders['beta'] / 'client.yml'}"
+        assert [
+            whoami(sides, "--context", "alpha"),  # 1. side files in KUBECONFIG
+            whoami(sides, "--context", "beta"),
+            whoami(sides),  # the first file's current-context
+            whoami(str(config), "--context", "alpha"),  # 2. merged, other entries
+            whoami(str(config)),  # 3. --use-context made beta current
+        ] == ["alice", "bob", "alice", "alice", "bob"]
+        reviews = {
+            name: [
+                r.client_subject
+                for r in api.requests
+                if r.path == "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+            ]
+            for name, api in (("alpha", alpha.api), ("beta", beta.api))
+        }
+        assert reviews == {
+            "alpha": ["CN=alice,O=team-alpha"] * 3,
+            "beta": ["CN=bob,O=team-beta"] * 2,
+        }
+        assert (piv_a.sign_count - signed[0], piv_b.sign_count - signed[1]) == (
+            alpha.api.handshakes,
+            beta.api.handshakes,
+        )
+        for proxy in proxies:
+            proxy.stop()
+        # Merging again replaces the entries in place, keeps what --use-context
+        # replaced, and the same client.yml merged twice changes no byte.
+        code, _, stderr = run_cli(
+            "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
+            "--serial", "11100002", "--slot", "9c", "--force", "--merge",
+            "--use-context", capsys=capsys,
+        )  # fmt: skip
+        assert (code, stderr) == (0, "")
+        again = read_yaml(config)
+        assert entry_names(again) == [["other", "alpha", "beta"]] * 3
+        assert (
+            again["contexts"][2]["context"]["extensions"][0]["extension"][
+                "previous-current-context"
+            ]
+            == "other"
+        )
+        before = config.read_bytes()
+        yk.merge_client(config, read_yaml(folders["beta"] / "client.yml"), True)
+        assert config.read_bytes() == before
+        # An entry of that name that we did not write is never replaced.
+        signed = piv_a.sign_count
+        code, _, stderr = run_cli(
+            "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "other",
+            "--serial", "11100001", "--force", "--merge", capsys=capsys,
+        )  # fmt: skip
+        assert (code, stderr) == (
+            1,
+            f"yubikey-kube-proxy: error: {config} already has a cluster named 'other' "
+            "that yubikey-kube-proxy did not write: choose another --name\n",
+        )
+        assert config.read_bytes() == before and piv_a.sign_count == signed
+        assert not (home / ".kube" / "yubikey" / "other").exists()
+        # unmerge removes exactly what merge added.
+        for name in ("alpha", "beta"):
+            code, stdout, stderr = run_cli("unmerge", name, capsys=capsys)
+            assert (code, stderr) == (0, "")
+            assert stdout == (
+                f"Removed {name!r} (cluster, context, user) from {config} "
+                f"(the previous file is {config}.bak).\n"
+            )
+        assert config.read_text() == original
+        code, _, stderr = run_cli("unmerge", "beta", capsys=capsys)
+        assert (code, stderr) == (
+            1,
+            f"yubikey-kube-proxy: error: {config} has no context, cluster or user named "
+            "'beta' that yubikey-kube-proxy merged: check the name (kubectl config "
+            "get-contexts)\n",
+        )
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        alpha.api.stop()
+        beta.api.stop()
+        rig.remove(card_a, 0)
+        rig.remove(card_b, 1)
+
+
+@pytest.mark.parametrize(
+    "context, name, shown",
+    [
+        ("arn:aws:eks:eu-west-1:123456789012:cluster/prod", None, "the context"),
+        ("default", "a b", "--name"),
+        ("default", "../escape", "--name"),
+    ],
+)
+def test_names_that_cannot_be_used_are_refused(
+    tmp_path, capsys, monkeypatch, context, name, shown
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
+    doc = read_yaml(source)
+    doc["contexts"][0]["name"] = doc["current-context"] = context
+    source.write_text(yaml.safe_dump(doc))
+    extra = ["--name", name] if name else []
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(source), *extra, capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {shown} {name or context!r} cannot name the "
+        "kubeconfig context and the folder ~/.kube/yubikey/NAME: pass --name with "
+        "letters, digits, '.', '_' and '-' (up to 63, starting with a letter or digit)\n",
+    )
+    assert not (tmp_path / "home").exists()
+
+
+def test_template_unit_verifies_and_runs_the_instance_named_proxy(tmp_path):
+    unit = (HERE / "yubikey-kube-proxy@.service").read_text()
+    directives = [line.strip() for line in unit.splitlines()]
+    single = (HERE / "yubikey-kube-proxy.service").read_text()
+    expected = (
+        "ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
+        "%h/.kube/yubikey/%i/proxy.yml"
+    )
+    assert expected in directives
+
+    # The same hardening as the single unit: only ExecStart, the comments and the
+    # description differ.
+    def body(text: str) -> list[str]:
+        return [
+            line
+            for line in text.splitlines()
+            if not line.startswith(("#", "ExecStart=", "Description="))
+        ]
+
+    assert body(unit) == body(single)
+    home, runtime = tmp_path / "home", tmp_path / "run"
+    (home / ".local" / "bin").mkdir(parents=True)
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
+    shutil.copy(HERE / "yubikey-kube-proxy@.service", tmp_path)
+    shutil.copy(
+        HERE / "yubikey-kube-proxy@.service",
+        tmp_path / "yubikey-kube-proxy@dev.service",
+    )
+
+    def verify(name: str) -> tuple[int, str]:
+        done = subprocess.run(
+            ["systemd-analyze", "--user", "verify", str(tmp_path / name)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return done.returncode, done.stderr
+
+    program = home / ".local" / "bin" / "yubikey-kube-proxy"
+    assert verify("yubikey-kube-proxy@dev.service") == (
+        1,
+        f"yubikey-kube-proxy@dev.service: Command {program} is not executable: "
+        "No such file or directory\n",
+    )  # verify really checks the instance
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    assert verify("yubikey-kube-proxy@.service") == (0, "")
+    assert verify("yubikey-kube-proxy@dev.service") == (0, "")
+
+
+# -- Origin: non-browser clients may name the proxy's own listener -------------------
+
+
+@pytest.mark.parametrize(
+    "headers, refusal",
+    [
+        ("Origin: https://127.0.0.1:{port}\r\n", None),
+        ("Origin: https://localhost:{port}\r\n", None),
+        ("Origin: HTTPS://[::1]:{port}\r\n", None),
+        (
+            "Origin: http://127.0.0.1:{port}\r\n",
+            "refused: Origin 'http://127.0.0.1:{port}' is not this proxy's own "
+            "(requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1:{other}\r\n",
+            "refused: Origin 'https://127.0.0.1:{other}' is not this proxy's own "
+            "(requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1.evil.example:{port}\r\n",
+            "refused: Origin 'https://127.0.0.1.evil.example:{port}' is not this "
+            "proxy's own (requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: null\r\n",
+            "refused: Origin 'null' is not this proxy's own (requests from web "
+            "browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1:{port}\r\nOrigin: https://127.0.0.1:{port}\r\n",
+            "refused: Origin 'https://127.0.0.1:{port}, https://127.0.0.1:{port}' is "
+            "not this proxy's own (requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n",
+            "refused: requests from web browsers are not relayed",
+        ),
+        (
+            "Sec-Fetch-Dest: websocket\r\n",
+            "refused: requests from web browsers are not relayed",
+        ),
+    ],
+    ids=[
+        "own-ip",
+        "own-localhost",
+        "own-ipv6",
+        "wrong-scheme",
+        "wrong-port",
+        "other-host",
+        "null",
+        "two-origins",
+        "own-with-sec-fetch",
+        "sec-fetch-only",
+    ],
+)
+def test_origin_of_the_proxy_itself_is_relayed_all_else_refused_and_logged(
+    proxied, cluster, card57, headers, refusal
+):
+    signed = card57.sign_count
+    fill = {"port": proxied.port, "other": proxied.port + 1}
+    raw = f"GET /version HTTP/1.1\r\nHost: 127.0.0.1:{{port}}\r\n{headers}"
+    raw += "Connection: close\r\n\r\n"
+    status, body = response_status_and_body(
+        local_request(proxied, raw.format(**fill).encode())
+    )
+    if refusal is None:
+        assert (status, body["gitVersion"]) == ("HTTP/1.1 200 OK", "v1.32.0")
+        assert card57.sign_count == signed + 1
+        assert [r.headers["origin"] for r in cluster.api.requests] == [
+            headers.split(": ", 1)[1].strip()
+        ]
+        return
+    message = refusal.format(**fill)
+    assert (status, body["message"], body["code"]) == (
+        "HTTP/1.1 403 Forbidden",
+        message,
+        403,
+    )
+    assert card57.sign_count == signed and cluster.api.requests == []
+    wait_until(lambda: message in proxied.stderr(), 10, "the refusal in the log")
+    assert f"yubikey-kube-proxy: WARNING: GET /version: {message}\n" in proxied.stderr()
+
+
+def test_official_python_client_lists_watches_execs_and_port_forwards(
+    proxied, cluster, card57
+):
+    from kubernetes import client, config, watch
+    from kubernetes.stream import portforward, stream
+
+    configuration = client.Configuration()
+    config.load_kube_config(
+        config_file=str(proxied.client_config), client_configuration=configuration
+    )
+    core = client.CoreV1Api(client.ApiClient(configuration))
+    cluster.api.add_pod("shell", namespace="team-a")
+    assert [p.metadata.name for p in core.list_namespaced_pod("team-a").items] == [
+        "shell"
+    ]
+    seen = []
+    watcher = watch.Watch()
+    for event in watcher.stream(core.list_namespaced_pod, "team-a", timeout_seconds=30):
+        seen.append((event["type"], event["object"].metadata.name))
+        if seen == [("ADDED", "shell")]:
+            cluster.api.add_pod("web", namespace="team-a")
+        if len(seen) == 2:
+            watcher.stop()
+    assert seen == [("ADDED", "shell"), ("ADDED", "web")]
+    output = stream(
+        core.connect_get_namespaced_pod_exec,
+        "shell",
+        "team-a",
+        command=["echo", "hello", "from", "the", "card"],
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
+    )
+    assert output == "hello from the card\n"
+    forward = portforward(
+        core.connect_get_namespaced_pod_portforward, "shell", "team-a", ports="8080"
+    )
+    sock = forward.socket(8080)
+    sock.setblocking(True)
+    payload = bytes(range(256)) * 1024 + b"end"
+    sock.sendall(payload)
+    echoed = bytearray()
+    while len(echoed) < len(payload):
+        chunk = sock.recv(65536)
+        assert chunk, "the port-forward closed early"
+        echoed += chunk
+    assert bytes(echoed) == payload
+    sock.close()
+    forward.close()
+    upgrades = [r for r in cluster.api.requests if r.headers.get("upgrade")]
+    assert [(r.path.split("?")[0], r.headers["origin"]) for r in upgrades] == [
+        (
+            f"/api/v1/namespaces/team-a/pods/shell/{sub}",
+            f"https://127.0.0.1:{proxied.port}",
+        )
+        for sub in ("exec", "portforward")
+    ]
+    assert cluster.api.exec_sessions == [
+        ("websocket", "v5.channel.k8s.io"),
+        ("portforward", "v4.channel.k8s.io"),
+    ]
+    assert "refused" not in proxied.stderr()
+
+
+# -- other platforms, faked at the boundary (host_platform, missing os/signal names) --
+
+
+@pytest.mark.parametrize(
+    "platform, error, message",
+    [
+        (
+            "linux",
+            yk.CardError,
+            "cannot reach the PC/SC daemon (pcscd): start it with 'sudo systemctl start "
+            "pcscd.socket' (or install the pcscd package)",
+        ),
+        (
+            "darwin",
+            yk.TransientCardError,
+            "the macOS smart card service is not available: plug the YubiKey in (macOS "
+            "starts the service when a reader appears) and try again",
+        ),
+        (
+            "win32",
+            yk.CardError,
+            "the Windows Smart Card service is not running: insert the YubiKey, or start "
+            "the 'Smart Card' service (services.msc) and try again",
+        ),
+    ],
+)
+def test_pcsc_service_advice_fits_the_platform(monkeypatch, platform, error, message):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    got = yk.pcsc_error(yk.SCARD_E_NO_SERVICE)
+    assert (type(got), str(got)) == (error, message)
+
+
+def test_no_service_mid_session_is_retried_once_on_macos_only(card57, monkeypatch):
+    card = yk.open_card()
+    real = yk.PcscTransport.transmit
+    failures = {"left": 0, "raised": 0}
+
+    def flaky(self, apdu):
+        if failures["left"]:
+            failures["left"] -= 1
+            failures["raised"] += 1
+            raise yk.pcsc_error(yk.SCARD_E_NO_SERVICE, self.reader)
+        return real(self, apdu)
+
+    monkeypatch.setattr(yk.PcscTransport, "transmit", flaky)
+    try:
+        for platform, fail, outcome in (
+            ("darwin", 1, 31000001),  # spurious on macOS: one retry and it works
+            ("darwin", 5, yk.TransientCardError),  # still failing: only one retry
+            ("linux", 1, yk.CardError),  # pcscd gone: said at once
+        ):
+            monkeypatch.setattr(yk, "host_platform", lambda platform=platform: platform)
+            failures.update(left=fail, raised=0)
+            if isinstance(outcome, int):
+                assert card.run(lambda piv: piv.get_serial()) == outcome
+            else:
+                with pytest.raises(yk.CardError) as caught:
+                    card.run(lambda piv: piv.get_serial())
+                assert type(caught.value) is outcome
+            assert failures["raised"] == min(fail, 2 if platform == "darwin" else 1)
+    finally:
+        card.close()
+
+
+def test_signals_without_sighup_as_on_windows(monkeypatch):
+    class StubServer:
+        def serve_forever(self):
+            self.during = {
+                s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)
+            }
+
+        def server_close(self):
+            pass
+
+        def wait_idle(self, timeout):
+            return True
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.delattr(signal, "SIGHUP")
+    server = StubServer()
+    yk.serve_until_signal(server, None, None)
+    assert all(server.during[s] is not before[s] for s in before)  # ours while serving
+    assert {s: signal.getsignal(s) for s in before} == before  # given back
+
+
+@pytest.mark.parametrize(
+    "platform, hint, mode_warning",
+    [
+        (
+            "linux",
+            "reload the proxy with kill -HUP or 'systemctl --user reload "
+            "yubikey-kube-proxy', or restart it",
+            True,
+        ),
+        ("darwin", "reload the proxy with kill -HUP, or restart it", True),
+        ("win32", "restart the proxy", False),
+    ],
+)
+def test_pin_advice_and_file_modes_fit_the_platform(
+    tmp_path, capsys, monkeypatch, platform, hint, mode_warning
+):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    yk.configure_logging(0)
+    pins = tmp_path / "pin"
+    pins.write_text("654321\n")
+    pins.chmod(0o644)
+
+    class StubPiv:
+        wrong = False
+
+        def verify_pin(self, pin):
+            assert pin == "654321"
+            if self.wrong:
+                raise yk.PinError("wrong PIN: the YubiKey has 2 tries left", 2)
+
+    piv = StubPiv()
+    card = types.SimpleNamespace(info=None, run=lambda operation: operation(piv))
+    settings = types.SimpleNamespace(slot=yk.SLOTS["9a"])
+    args = types.SimpleNamespace(pin_file=str(pins), notify=False)
+    signer = yk.card_signer(card, settings, args, make_identity("p256").cert, None)
+    piv.wrong = True
+    with pytest.raises(yk.PinError):
+        yk.ensure_pin(piv, yk.PinPolicy.ALWAYS, signer.pins)
+    with pytest.raises(yk.PinError) as caught:  # what the next requests are told
+        signer.pins.get()
+    assert str(caught.value) == (
+        "wrong PIN: the YubiKey has 2 tries left (the proxy will not send it again: "
+        f"fix the PIN or the PIN file, then {hint})"
+    )
+    warning = (
+        f"yubikey-kube-proxy: WARNING: the PIN file {pins} is readable by others: "
+        "chmod 600 it\n"
+    )
+    assert capsys.readouterr().err == (warning if mode_warning else "")
+
+
+def test_local_tls_without_memfd_uses_a_private_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    pki = yk.make_local_pki()
+    monkeypatch.delattr(os, "memfd_create")  # macOS and Windows have none
+    temporary = tmp_path / "temporary"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    server_context = yk.LocalTls(pki.server_cert, pki.server_key, pki.ca_cert).context()
+    assert list(temporary.iterdir()) == []  # the key did not stay on disk
+    client_context = ssl.create_default_context(cadata=pki.ca_cert.decode())
+    bundle = tmp_path / "client.pem"
+    bundle.write_bytes(pki.client_cert + pki.client_key)
+    client_context.load_cert_chain(bundle)
+    left, right = socket.socketpair()
+    answers = []
+
+    def serve():
+        with server_context.wrap_socket(left, server_side=True) as tls:
+            answers.append(tls.getpeercert()["subject"])
+            tls.sendall(b"hello")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with client_context.wrap_socket(right, server_hostname="localhost") as tls:
+        assert tls.recv(5) == b"hello"
+    thread.join(10)
+    assert answers and answers[0]
+
+
+def fake_programs(folder: Path, *names: str) -> Path:
+    """Programs that record their arguments (NUL-separated) in folder/NAME.calls."""
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        program = folder / name
+        program.write_text(
+            f"#!/bin/sh\nprintf '%s\\0' \"${{0##*/}}\" \"$@\" >> '{folder / name}.calls'\n"
+        )
+        program.chmod(0o755)
+    return folder
+
+
+def recorded_calls(folder: Path, name: str) -> list[str]:
+    path = folder / f"{name}.calls"
+    return path.read_text().split("\0")[:-1] if path.exists() else []
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin", "win32"])
+def test_notifications_fit_the_platform(tmp_path, capsys, monkeypatch, platform):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    yk.configure_logging(0)
+    tools = fake_programs(tmp_path / "bin", "notify-send", "osascript")
+    monkeypatch.setenv("PATH", str(tools))
+    info = yk.CardInfo("Reader 00 00", 123, (5, 7, 1))
+    card = types.SimpleNamespace(info=info, reader="Reader 00 00")
+    signer = yk.CardSigner(
+        card,
+        yk.SLOTS["9a"],
+        yk.KeyAlgorithm.ECCP256,
+        yk.PinPolicy.NEVER,
+        yk.PinSource(),
+        yk.TouchPolicy.ALWAYS,
+        notify=True,
+    )
+    yk.check_notify(True)
+    signer.remind()
+    message = f"touch your YubiKey ({info.describe()}) to approve a kubectl request"
+    expected = {
+        "linux": (["notify-send", "-u", "critical", "yubikey-kube-proxy", message], []),
+        "darwin": (
+            [],
+            [
+                "osascript",
+                "-e",
+                "on run argv\ndisplay notification (item 1 of argv) with title "
+                '"yubikey-kube-proxy"\nend run',
+                message,
+            ],
+        ),
+        "win32": ([], []),
+    }[platform]
+    assert (
+        recorded_calls(tools, "notify-send"),
+        recorded_calls(tools, "osascript"),
+    ) == expected
+    start = (
+        "yubikey-kube-proxy: WARNING: --notify: Windows notifications are not "
+        "supported, so touch prompts only go to this log: fix that or drop --notify\n"
+        if platform == "win32"
+        else ""
+    )
+    assert capsys.readouterr().err == (
+        f"{start}yubikey-kube-proxy: WARNING: {message}\n"
+    )
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    yk.check_notify(True)
+    yk.check_notify(False)
+    reason = {
+        "linux": "notify-send was not found (Debian and Ubuntu: install libnotify-bin)",
+        "darwin": "osascript was not found",
+        "win32": "Windows notifications are not supported",
+    }[platform]
+    assert capsys.readouterr().err == (
+        f"yubikey-kube-proxy: WARNING: --notify: {reason}, so touch prompts only go "
+        "to this log: fix that or drop --notify\n"
+    )
+
+
+# -- touch prompts reach the person; the command line --------------------------------
+
+
+def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
+    rig, cluster, tmp_path, capsys
+):
+    import shlex
+
+    prompted = threading.Event()
+    waiting = {"on": False}
+
+    def touch(slot):
+        return prompted.wait(60) if waiting["on"] else True
+
+    piv = VirtualPiv(serial=11100003, touch=touch)
+    inserted = rig.insert(piv)
+    try:
+        out = tmp_path / "yk"
+        assert (
+            run_cli(
+                *setup_args(cluster.kubeconfig, out, "--touch-policy", "always"),
+                capsys=capsys,
+            )[0]
+            == 0
+        )
+        waiting["on"] = True
+        tools = fake_programs(tmp_path / "bin", "notify-send")
+        command = shlex.join(
+            [
+                sys.executable, str(HERE / "yk_kube_proxy.py"), "shell", "--notify",
+                "--kubeconfig", str(out / "proxy.yml"), "--", "kubectl", "get",
+                "--raw", "/version", "--request-timeout", "60s",
+            ]
+        )  # fmt: skip
+        err = tmp_path / "shell.err"
+        terminal = subprocess.Popen(  # a pseudo-terminal, as a person's
+            ["script", "-qefc", f"{command} 2>{shlex.quote(str(err))}", "/dev/null"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"},
+        )
+        shown = bytearray()
+
+        def read():
+            while chunk := os.read(terminal.stdout.fileno(), 65536):
+                shown.extend(chunk)
+                if b"to approve a kubectl request" in shown:
+                    prompted.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert terminal.wait(120) == 0, (bytes(shown), err.read_text())
+        reader.join(10)
+        terminal.stdin.close()
+    finally:
+        rig.remove(inserted)
+    message = (
+        "touch your YubiKey (YubiKey serial 11100003 (firmware 5.7.1) in reader "
+        f"'{YUBIKEY_READER} 00 00') to approve a kubectl request"
+    )
+    text = shown.decode(errors="replace")
+    assert f"yubikey-kube-proxy: {message}\r\n" in text
+    assert '"gitVersion": "v1.32.0"' in text
+    assert "touch your YubiKey" not in err.read_text()  # the terminal, not the log
+    assert recorded_calls(tools, "notify-send") == [
+        "notify-send",
+        "-u",
+        "critical",
+        "yubikey-kube-proxy",
+        message,
+    ]
+
+
+def test_verbose_before_or_after_the_command(tmp_path, capsys):
+    import logging
+
+    missing = tmp_path / "none.yml"
+    error = (
+        f"yubikey-kube-proxy: error: {missing} does not exist: pass the merged file "
+        "with --kubeconfig\n"
+    )
+    for argv, verbose in (
+        (["unmerge", "x", "--kubeconfig", str(missing)], False),
+        (["-v", "unmerge", "x", "--kubeconfig", str(missing)], True),
+        (["unmerge", "x", "--kubeconfig", str(missing), "-v"], True),
+    ):
+        code, _, stderr = run_cli(*argv, capsys=capsys)
+        assert code == 1 and stderr.endswith(error)
+        assert ("Traceback" in stderr) == verbose
+        assert yk.log.level == (logging.INFO if verbose else logging.WARNING)
+    run_cli("-v", "unmerge", "x", "--kubeconfig", str(missing), "-v", capsys=capsys)
+    assert yk.log.level == logging.DEBUG  # the two add up
+    yk.configure_logging(0)
 
 
 # =============================================================================

@@ -3370,7 +3370,7 @@ def cmd_unmerge(args: argparse.Namespace) -> int:
             del doc["current-context"]
     write_kubeconfig_with_backup(path, doc)
     print(
-        f"Removed the {', '.join(removed)} {args.name!r} from {path} "
+        f"Removed {args.name!r} ({', '.join(removed)}) from {path} "
         f"(the previous file is {backup_path(path)})."
     )
     return 0
