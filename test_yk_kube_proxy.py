@@ -7220,9 +7220,7 @@ def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
         ] == ["alice", "bob", "alice", "alice", "bob"]
         reviews = {
             name: [
-                r.client_subject
-                for r in api.requests
-                if r.path == "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+                r.client_subject for r in api.requests if "selfsubjectreviews" in r.path
             ]
             for name, api in (("alpha", alpha.api), ("beta", beta.api))
         }
@@ -7444,7 +7442,7 @@ def test_origin_of_the_proxy_itself_is_relayed_all_else_refused_and_logged(
         assert (status, body["gitVersion"]) == ("HTTP/1.1 200 OK", "v1.32.0")
         assert card57.sign_count == signed + 1
         assert [r.headers["origin"] for r in cluster.api.requests] == [
-            headers.split(": ", 1)[1].strip()
+            headers.split(": ", 1)[1].strip().format(**fill)
         ]
         return
     message = refusal.format(**fill)
@@ -7829,7 +7827,7 @@ def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
     )
     text = shown.decode(errors="replace")
     assert f"yubikey-kube-proxy: {message}\r\n" in text
-    assert '"gitVersion": "v1.32.0"' in text
+    assert '"gitVersion":"v1.32.0"' in text
     assert "touch your YubiKey" not in err.read_text()  # the terminal, not the log
     assert recorded_calls(tools, "notify-send") == [
         "notify-send",

@@ -3639,11 +3639,11 @@ def plan_outputs(
     """The name, the files and the merge target, checked before the card is touched."""
     name = check_name(args.name or ctx.name, "--name" if args.name else "the context")
     out = Path(args.output_dir or f"{OUTPUT_ROOT}/{name}").expanduser().absolute()
-    proxy_path, client_path = output_paths(args, out, sources)
-    port = args.port or (DEFAULT_PORT if args.output_dir else free_port_beside(out))
     target = merge_target(args.merge)
     if target is not None:
         check_mergeable(load_merge_target(target), target, name)
+    proxy_path, client_path = output_paths(args, out, sources)
+    port = args.port or (DEFAULT_PORT if args.output_dir else free_port_beside(out))
     return Outputs(name, proxy_path, client_path, port, target)
 
 
