@@ -7156,8 +7156,8 @@ def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
         assert (code, stderr) == (0, "")
         assert (
             f"Merged context, cluster and user 'alpha' into {config} (current-context "
-            f"unchanged; the previous file is {config}.bak); 'yubikey-kube-proxy "
-            "unmerge alpha' removes them.\n"
+            f"unchanged; a file that was there is kept as {config}.bak); "
+            "'yubikey-kube-proxy unmerge alpha' removes them.\n"
         ) in stdout
         after_alpha = config.read_text()
         code, stdout, stderr = run_cli(
@@ -7370,6 +7370,81 @@ def test_template_unit_verifies_and_runs_the_instance_named_proxy(tmp_path):
     program.chmod(0o755)
     assert verify("yubikey-kube-proxy@.service") == (0, "")
     assert verify("yubikey-kube-proxy@dev.service") == (0, "")
+
+
+def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
+    card57, csr_cluster, tmp_path, capsys, monkeypatch
+):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    config = home / ".kube" / "config"
+    code, stdout, stderr = run_cli(
+        "enroll", "--kubeconfig", str(csr_cluster.kubeconfig), "--user", "alice",
+        "--group", "dev", "--approve", "--name", "dev-alice", "--merge",
+        "--use-context", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    folder = home / ".kube" / "yubikey" / "dev-alice"
+    assert stdout.endswith(
+        f"Wrote {folder / 'proxy.yml'} and {folder / 'client.yml'}; next: "
+        f"yubikey-kube-proxy proxy --kubeconfig {folder / 'proxy.yml'}\n"
+        f"Merged context, cluster and user 'dev-alice' into {config} (current-context "
+        f"is now 'dev-alice'; a file that was there is kept as {config}.bak); "
+        "'yubikey-kube-proxy unmerge dev-alice' removes them.\n"
+    )
+    merged = read_yaml(config)
+    assert (entry_names(merged), merged["current-context"]) == (
+        [["dev-alice"]] * 3,
+        "dev-alice",
+    )
+    assert not (home / ".kube" / "config.bak").exists()  # there was no file before
+    first = slot_certificate(card57)
+    proxy = ProxyProcess(folder, "--listen", "127.0.0.1:8080")
+    try:
+        assert whoami(str(config)) == "alice"
+        # renew finds the proxy.yml that the merged context names.
+        code, stdout, stderr = run_cli(
+            "renew", "--approve", "--expiration", "3h", capsys=capsys
+        )
+        assert (code, stderr) == (0, ""), stdout
+        assert len(csr_cluster.api.csrs) == 2
+        assert slot_certificate(card57).serial_number != first.serial_number
+        assert whoami(str(config)) == "alice"  # the running proxy uses the new one
+    finally:
+        proxy.stop()
+    code, _, stderr = run_cli("unmerge", "dev-alice", capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert read_yaml(config) == {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [],
+        "contexts": [],
+        "users": [],
+    }
+
+
+@pytest.mark.parametrize(
+    "platform, environment, shell",
+    [
+        ("linux", {"SHELL": "/bin/zsh", "COMSPEC": "x"}, "/bin/zsh"),
+        ("linux", {}, "/bin/sh"),
+        ("darwin", {"SHELL": "/bin/zsh"}, "/bin/zsh"),
+        (
+            "win32",
+            {"SHELL": "/bin/zsh", "COMSPEC": "C:\\Windows\\cmd.exe"},
+            "C:\\Windows\\cmd.exe",
+        ),
+        ("win32", {}, "cmd.exe"),
+    ],
+)
+def test_shell_starts_the_platforms_shell(monkeypatch, platform, environment, shell):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    for name in ("SHELL", "COMSPEC"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert yk.default_shell() == shell
 
 
 # -- Origin: non-browser clients may name the proxy's own listener -------------------

@@ -3194,7 +3194,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
                 args, server.server_address[1], Path(directory)
             )
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
-            command = command or [os.environ.get("SHELL") or "/bin/sh"]
+            command = command or [default_shell()]
             print(
                 f"{PROG}: KUBECONFIG={config} through the YubiKey; exit the shell to stop",
                 file=sys.stderr,
@@ -3219,6 +3219,12 @@ def cmd_shell(args: argparse.Namespace) -> int:
         if terminal is not None:
             terminal.close()
     return code if code >= 0 else 128 - code
+
+
+def default_shell() -> str:
+    if host_platform() == "win32":
+        return os.environ.get("COMSPEC") or "cmd.exe"
+    return os.environ.get("SHELL") or "/bin/sh"
 
 
 def open_terminal() -> Any:
@@ -3327,7 +3333,7 @@ def print_merged(outputs: Any, use_context: bool) -> None:
     )
     print(
         f"Merged context, cluster and user {outputs.name!r} into {outputs.merge} "
-        f"({current}; the previous file is {backup_path(outputs.merge)}); "
+        f"({current}; a file that was there is kept as {backup_path(outputs.merge)}); "
         f"'{PROG} unmerge {outputs.name}' removes them."
     )
 
