@@ -1717,7 +1717,10 @@ def notify_command(message: str) -> list[str] | None:
     if platform == "linux" and shutil.which("notify-send"):
         return ["notify-send", "-u", "critical", PROG, message]
     if platform == "darwin" and shutil.which("osascript"):
-        script = f'on run argv\ndisplay notification (item 1 of argv) with title "{PROG}"\nend run'
+        script = (  # the message as an argument: nothing to quote
+            "on run argv\n"
+            f'display notification (item 1 of argv) with title "{PROG}"\nend run'
+        )
         return ["osascript", "-e", script, message]
     return None
 
@@ -4713,9 +4716,13 @@ def add_status_command(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def add_unmerge_command(commands: Any, common: argparse.ArgumentParser) -> None:
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more output"
+    )
     unmerge = commands.add_parser(
         "unmerge",
-        parents=[common],
+        parents=[verbose],
         help="remove what setup --merge added to a kubeconfig",
         description="Remove the context, cluster and user NAME that setup or enroll "
         "--merge added, and give back the current-context --use-context replaced.",
