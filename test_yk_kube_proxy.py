@@ -7196,6 +7196,7 @@ def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
         }
         assert stat.S_IMODE(config.stat().st_mode) == 0o600
         assert (home / ".kube" / "config.bak").read_text() == after_alpha
+        assert stat.S_IMODE((home / ".kube" / "config.bak").stat().st_mode) == 0o600
         # status with a proxy.yml reports that proxy's card and slot only.
         code, stdout, _ = run_cli(
             "status", "--kubeconfig", str(folders["beta"] / "proxy.yml"), "--json",
@@ -7318,6 +7319,35 @@ def test_names_that_cannot_be_used_are_refused(
         "letters, digits, '.', '_' and '-' (up to 63, starting with a letter or digit)\n",
     )
     assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("clusters: {}\n", "clusters in {path} is not a list: fix the kubeconfig"),
+        (
+            "clusters: [\n",
+            "kubeconfig {path} is not valid YAML at line 2: fix or replace the file",
+        ),
+    ],
+)
+def test_merge_target_that_is_not_a_kubeconfig_is_refused_before_the_card(
+    tmp_path, capsys, monkeypatch, target, message
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "first"
+    path.write_text(target)
+    monkeypatch.setenv("KUBECONFIG", f"{path}{os.pathsep}{tmp_path / 'second'}")
+    assert yk.merge_target("") == path  # --merge alone: $KUBECONFIG's first file
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(source), "--merge", capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {message.format(path=path)}\n",
+    )
+    assert path.read_text() == target and not (tmp_path / "home").exists()
 
 
 def test_template_unit_verifies_and_runs_the_instance_named_proxy(tmp_path):
