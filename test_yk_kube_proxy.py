@@ -7147,11 +7147,12 @@ def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
     piv_a, piv_b = VirtualPiv(serial=11100001), VirtualPiv(serial=11100002)
     card_a, card_b = rig.insert(piv_a, 0), rig.insert(piv_b, 1)
     proxies: list[ProxyProcess] = []
+    port = free_port_pair()  # not 8080 and 8081: CI's machine may use them
     try:
         # Both source kubeconfigs call their context 'default': --name tells them apart.
         code, stdout, stderr = run_cli(
             "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "alpha",
-            "--serial", "11100001", "--merge", capsys=capsys,
+            "--serial", "11100001", "--port", str(port), "--merge", capsys=capsys,
         )  # fmt: skip
         assert (code, stderr) == (0, "")
         assert (
@@ -7162,8 +7163,8 @@ def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
         after_alpha = config.read_text()
         code, stdout, stderr = run_cli(
             "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
-            "--serial", "11100002", "--slot", "9c", "--merge", str(config),
-            "--use-context", capsys=capsys,
+            "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
+            "--merge", str(config), "--use-context", capsys=capsys,
         )  # fmt: skip
         assert (code, stderr) == (0, "")
         assert "  2. kubectl --context beta get nodes\n" in stdout
@@ -7173,8 +7174,8 @@ def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
             for n, f in folders.items()
         }
         assert servers == {
-            "alpha": "https://127.0.0.1:8080",
-            "beta": "https://127.0.0.1:8081",  # the next port no other proxy.yml uses
+            "alpha": f"https://127.0.0.1:{port}",
+            "beta": f"https://127.0.0.1:{port + 1}",
         }
         # The merged kubeconfig: the other entries and their order kept, 0600, backup.
         merged = read_yaml(config)
@@ -7209,8 +7210,10 @@ def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
         ]
         assert report[0]["slots"][0]["certificate"]["subject"] == "CN=bob,O=team-beta"
         signed = (piv_a.sign_count, piv_b.sign_count)
-        for name, port in (("alpha", "8080"), ("beta", "8081")):
-            proxies.append(ProxyProcess(folders[name], "--listen", f"127.0.0.1:{port}"))
+        for name, listen in (("alpha", port), ("beta", port + 1)):
+            proxies.append(
+                ProxyProcess(folders[name], "--listen", f"127.0.0.1:{listen}")
+            )
         sides = f"{folders['alpha'] / 'client.yml'}:{folders['beta'] / 'client.yml'}"
         assert [
             whoami(sides, "--context", "alpha"),  # 1. side files in KUBECONFIG
@@ -7239,8 +7242,8 @@ def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
         # replaced, and the same client.yml merged twice changes no byte.
         code, _, stderr = run_cli(
             "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
-            "--serial", "11100002", "--slot", "9c", "--force", "--merge",
-            "--use-context", capsys=capsys,
+            "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
+            "--force", "--merge", "--use-context", capsys=capsys,
         )  # fmt: skip
         assert (code, stderr) == (0, "")
         again = read_yaml(config)
@@ -7350,6 +7353,28 @@ def test_merge_target_that_is_not_a_kubeconfig_is_refused_before_the_card(
     assert path.read_text() == target and not (tmp_path / "home").exists()
 
 
+def test_default_port_is_the_first_no_other_proxy_yml_uses(tmp_path):
+    root = tmp_path / "yubikey"
+    for name, listen in (("a", "127.0.0.1:8080"), ("b", "127.0.0.1:8081")):
+        (root / name).mkdir(parents=True)
+        doc = yk.proxy_kubeconfig(
+            yk.KubeContext(
+                name,
+                yk.Named("c", {"server": "https://127.0.0.1:6443"}, root),
+                yk.Named("u", {}, root),
+                None,
+                {},
+                [],
+            ),
+            {"slot": "9a", "listen": listen},
+        )
+        (root / name / "proxy.yml").write_text(yaml.safe_dump(doc))
+    (root / "broken").mkdir()
+    (root / "broken" / "proxy.yml").write_text("clusters: [\n")  # skipped
+    assert yk.free_port_beside(root / "new") == 8082
+    assert yk.free_port_beside(root / "a") == 8080  # setup --force in its own folder
+
+
 def test_template_unit_verifies_and_runs_the_instance_named_proxy(tmp_path):
     unit = (HERE / "yubikey-kube-proxy@.service").read_text()
     directives = [line.strip() for line in unit.splitlines()]
@@ -7409,10 +7434,11 @@ def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("KUBECONFIG", raising=False)
     config = home / ".kube" / "config"
+    port = free_port_pair()
     code, stdout, stderr = run_cli(
         "enroll", "--kubeconfig", str(csr_cluster.kubeconfig), "--user", "alice",
-        "--group", "dev", "--approve", "--name", "dev-alice", "--merge",
-        "--use-context", capsys=capsys,
+        "--group", "dev", "--approve", "--name", "dev-alice", "--port", str(port),
+        "--merge", "--use-context", capsys=capsys,
     )  # fmt: skip
     assert (code, stderr) == (0, "")
     folder = home / ".kube" / "yubikey" / "dev-alice"
@@ -7430,7 +7456,7 @@ def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
     )
     assert not (home / ".kube" / "config.bak").exists()  # there was no file before
     first = slot_certificate(card57)
-    proxy = ProxyProcess(folder, "--listen", "127.0.0.1:8080")
+    proxy = ProxyProcess(folder, "--listen", f"127.0.0.1:{port}")
     try:
         assert whoami(str(config)) == "alice"
         # renew finds the proxy.yml that the merged context names.
