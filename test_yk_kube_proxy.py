@@ -5674,7 +5674,7 @@ def start_cluster(
 class ProxyProcess:
     """`yubikey-kube-proxy proxy` as a user runs it, on a free loopback port."""
 
-    def __init__(self, workdir: Path, *extra: str) -> None:
+    def __init__(self, workdir: Path, *extra: str, env=None) -> None:
         self.workdir = workdir
         self.stderr_path = workdir / "proxy.stderr"
         self.process = subprocess.Popen(
@@ -5691,6 +5691,7 @@ class ProxyProcess:
             ],
             stderr=open(self.stderr_path, "wb"),
             stdin=subprocess.DEVNULL,
+            env=env,
         )
         wait_until(
             lambda: "listening on" in self.stderr() or self.process.poll() is not None,
@@ -7967,6 +7968,27 @@ def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
         "yubikey-kube-proxy",
         message,
     ]
+
+
+def test_proxy_says_at_start_when_notify_cannot_notify(
+    card57, cluster, tmp_path, capsys
+):
+    assert (
+        run_cli(*setup_args(cluster.kubeconfig, tmp_path / "yk"), capsys=capsys)[0] == 0
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proxy = ProxyProcess(
+        tmp_path / "yk", "--notify", env={**os.environ, "PATH": str(empty)}
+    )
+    try:
+        assert proxy.stderr().startswith(
+            "yubikey-kube-proxy: WARNING: --notify: notify-send was not found (Debian "
+            "and Ubuntu: install libnotify-bin), so touch prompts only go to this log: "
+            "fix that or drop --notify\n"
+        )
+    finally:
+        proxy.stop()
 
 
 def test_verbose_before_or_after_the_command(tmp_path, capsys):

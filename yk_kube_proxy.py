@@ -3326,7 +3326,7 @@ def backup_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.bak")
 
 
-def print_merged(outputs: Any, use_context: bool) -> None:
+def print_merged(outputs: Outputs, use_context: bool) -> None:
     if outputs.merge is None:
         return
     current = (
