@@ -4204,7 +4204,8 @@ def cluster_context(args: argparse.Namespace) -> KubeContext:
     proxy's client.yml, from the proxy.yml beside it."""
     paths = kubeconfig_paths(args.kubeconfig)
     ctx = Kubeconfig(paths).resolve(args.context)
-    if "proxy-config" in ctx.extension:  # written by setup or enroll
+    older = ctx.user.name == EXTENSION_NAME == ctx.cluster.name  # before names
+    if "proxy-config" in ctx.extension or older:  # a client.yml setup or enroll wrote
         beside = recorded_proxy_config(ctx, paths[0])
         if not beside.exists():
             raise ConfigError(
