@@ -6406,9 +6406,12 @@ func main() {
 		MinVersion:   tls.VersionTLS12,
 		MaxVersion:   map[string]uint16{"1.2": tls.VersionTLS12, "1.3": tls.VersionTLS13}[*maxVersion],
 	}
+	server := &http.Server{TLSConfig: config}
 	switch *suites {
-	case "rsa":
+	case "rsa": // HTTP/2 needs ECDHE: HTTP/1.1 only
 		config.CipherSuites = []uint16{tls.TLS_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_RSA_WITH_AES_256_GCM_SHA384}
+		config.NextProtos = []string{"http/1.1"}
+		server.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
 	case "ecdhe":
 		config.CipherSuites = []uint16{tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256}
 	}
@@ -6454,7 +6457,7 @@ func main() {
 		panic(err)
 	}
 	fmt.Printf("listening on %d\n", listener.Addr().(*net.TCPAddr).Port)
-	server := &http.Server{Handler: handler, TLSConfig: config}
+	server.Handler = handler
 	panic(server.ServeTLS(listener, "", ""))
 }
 
@@ -7051,6 +7054,335 @@ def test_go_differential_corpus(go_build):
     TLS_FIGURES.extend(f"  stricter: {s}: {STRICTER_THAN_GO[s]}" for s, _ in stricter)
     assert lenient == [] and unexplained == []
     assert sorted(label for label, _ in stricter) == sorted(STRICTER_THAN_GO)
+
+
+# -- a Go TLS server configured like kube-apiserver, in front of the test API server --
+
+
+def go_serving_pki(
+    kind: str, names=("localhost",), ips_=("127.0.0.1",), days=365, ca=None
+):
+    """A serving CA and certificate with a key of the given kind (p256, rsa2048)."""
+    ca_key, ca_cert = ca or (None, None)
+    if ca_key is None:
+        ca_key = new_key("p256")
+        ca_cert = make_cert(
+            ca_key,
+            ca_key,
+            "CN=go-apiserver-ca",
+            "CN=go-apiserver-ca",
+            ca=True,
+            days=3650,
+        )
+    key = new_key(kind)
+    sans = [x509.DNSName(n) for n in names] + [
+        x509.IPAddress(ipaddress.ip_address(i)) for i in ips_
+    ]
+    start = -1 if days > 0 else days - 30
+    cert = make_cert(
+        key,
+        ca_key,
+        "CN=kube-apiserver",
+        "CN=go-apiserver-ca",
+        sans=sans,
+        days=days,
+        start_days=start,
+    )
+    return (ca_key, ca_cert), cert, key
+
+
+@dataclasses.dataclass
+class GoFront:
+    process: subprocess.Popen
+    port: int
+    cluster: Cluster  # its kubeconfig reaches the Go server; .api is the server behind
+
+
+@contextlib.contextmanager
+def go_apiserver(
+    tmp_path,
+    go_build,
+    serving="p256",
+    max_version="1.3",
+    pki=None,
+    extra=(),
+    **cluster_extra,
+):
+    """kubectl -> proxy -> Go TLS server (kube-apiserver's settings) -> test API server."""
+    binary = go_build("goapiserver", GO_APISERVER)
+    backend = start_cluster(tmp_path)
+    folder = tmp_path / "go"
+    folder.mkdir(exist_ok=True)
+    (ca_key, ca_cert), cert, key = pki or go_serving_pki(serving)
+    ident = backend.ident
+    front_key = new_key("p256")
+    front_cert = make_cert(
+        front_key, ident.ca_key, "CN=system:admin,O=system:masters", "CN=k3s-client-ca"
+    )
+    files = {
+        "cert": pem(cert),
+        "key": pem(key),
+        "client-ca": pem(ident.ca_cert),
+        "backend-ca": pem(backend.server_ca),
+        "backend-cert": pem(front_cert),
+        "backend-key": pem(front_key),
+    }
+    argv = [str(binary), "-max", max_version, "-backend", backend.api.url, *extra]
+    for flag, data in files.items():
+        (folder / f"{flag}.pem").write_bytes(data)
+        argv += [f"-{flag}", str(folder / f"{flag}.pem")]
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=open(folder / "stderr", "wb"), text=True
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("listening on "), (folder / "stderr").read_text()
+        port = int(line.split()[-1])
+        doc = yaml.safe_load(backend.kubeconfig.read_text())
+        cluster_doc = doc["clusters"][0]["cluster"]
+        cluster_doc["server"] = f"https://127.0.0.1:{port}"
+        cluster_doc["certificate-authority-data"] = b64(pem(ca_cert))
+        cluster_doc.update(cluster_extra)
+        backend.kubeconfig.write_text(yaml.safe_dump(doc))
+        yield GoFront(process, port, backend)
+    finally:
+        process.kill()
+        process.wait()
+        backend.api.stop()
+
+
+@contextlib.contextmanager
+def proxy_through(front: GoFront, workdir: Path):
+    proxy = setup_and_proxy(front.cluster, workdir)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize(
+    "max_version, serving",
+    [("1.2", "p256"), ("1.3", "p256"), ("1.2", "rsa2048"), ("1.3", "rsa2048")],
+)
+def test_go_apiserver_kubectl_requests(
+    card57, tmp_path, capsys, go_build, max_version, serving
+):
+    with go_apiserver(tmp_path, go_build, serving, max_version) as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            signed = card57.sign_count
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
+            done = kubectl(proxy, "get", "nodes", "-o", "name")
+            assert (done.returncode, done.stdout) == (
+                0,
+                "".join(f"node/{n}\n" for n in NODE_NAMES),
+            ), done.stderr
+            requests = list(front.cluster.api.requests)
+            # each request a full handshake the card signed: no ticket, no resumption
+            assert card57.sign_count - signed == len(requests) > 0
+            go = {
+                (
+                    r["headers"]["x-go-client"],
+                    r["headers"]["x-go-tls"],
+                    r["headers"]["x-go-alpn"],
+                    r["headers"]["x-go-resumed"],
+                )
+                for r in requests
+            }
+            assert go == {
+                ("CN=system:admin,O=system:masters", max_version, "http/1.1", "false")
+            }
+            ciphers = {r["headers"]["x-go-cipher"] for r in requests}
+            if max_version == "1.2":
+                kind = "ECDSA" if serving == "p256" else "RSA"
+                assert ciphers <= {
+                    f"TLS_ECDHE_{kind}_WITH_AES_128_GCM_SHA256",
+                    f"TLS_ECDHE_{kind}_WITH_CHACHA20_POLY1305_SHA256",
+                }, ciphers
+            else:
+                assert ciphers <= {
+                    "TLS_AES_128_GCM_SHA256",
+                    "TLS_CHACHA20_POLY1305_SHA256",
+                }, ciphers
+
+
+@pytest.mark.parametrize("max_version, serving", [("1.3", "p256"), ("1.2", "rsa2048")])
+def test_go_apiserver_streams_exec_and_writes(
+    card57, tmp_path, capsys, go_build, max_version, serving
+):
+    with go_apiserver(tmp_path, go_build, serving, max_version) as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            cluster = front.cluster
+            test_kubectl_watch_sees_events_as_they_happen(proxy, cluster)
+            test_kubectl_logs_follow_streams_lines(proxy, cluster)
+            for websockets in ("true", "false"):
+                test_kubectl_exec_stdin_echo(proxy, cluster, websockets)
+            (tmp_path / "pod.json").write_text(
+                json.dumps(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "metadata": {"name": "web"},
+                        "spec": {"containers": [{"name": "c", "image": "nginx"}]},
+                    }
+                )
+            )
+            done = kubectl(proxy, "create", "-f", str(tmp_path / "pod.json"))
+            assert (done.returncode, done.stdout) == (0, "pod/web created\n"), (
+                done.stderr
+            )
+            done = kubectl(proxy, "delete", "pod", "web", "--wait=false")
+            assert (done.returncode, done.stdout) == (0, 'pod "web" deleted\n'), (
+                done.stderr
+            )
+
+
+@pytest.mark.parametrize("name", ["localhost.", "my_host.example"])
+def test_go_apiserver_tls_server_names_go_accepts(
+    card57, tmp_path, capsys, go_build, name
+):
+    pki = go_serving_pki("p256", names=("localhost", "my_host.example"))
+    with go_apiserver(
+        tmp_path, go_build, pki=pki, **{"tls-server-name": name}
+    ) as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 0, done.stderr
+
+
+def test_go_apiserver_client_hello_offers_what_go_offers(card57, tmp_path, capsys):
+    """The proxy's ClientHello, caught by a listener that answers nothing."""
+    from tlslite.constants import CipherSuite
+    from tlslite.messages import ClientHello
+    from tlslite.utils.codec import Parser
+
+    cluster = start_cluster(tmp_path)
+    listener = socket.create_server(("127.0.0.1", 0))
+    caught = []
+
+    def catch():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed by the test
+            with conn:
+                data = b""
+                while len(data) < 5 or len(data) < 5 + int.from_bytes(data[3:5], "big"):
+                    data += conn.recv(65536)
+                caught.append(data)
+
+    thread = threading.Thread(target=catch, daemon=True)
+    thread.start()
+    try:
+        doc = yaml.safe_load(cluster.kubeconfig.read_text())
+        doc["clusters"][0]["cluster"]["server"] = (
+            f"https://127.0.0.1:{listener.getsockname()[1]}"
+        )
+        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+        with proxy_through(GoFront(None, 0, cluster), tmp_path / "yk") as proxy:
+            signed = card57.sign_count
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 1
+            assert card57.sign_count == signed
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        listener.close()
+        thread.join(10)
+        cluster.api.stop()
+    assert caught
+    hello = ClientHello().parse(Parser(bytearray(caught[0][6:])))
+    names = [CipherSuite.ietfNames.get(s, hex(s)) for s in hello.cipher_suites]
+    assert sorted(names) == sorted(
+        [
+            "TLS_AES_128_GCM_SHA256",
+            "TLS_CHACHA20_POLY1305_SHA256",
+            "TLS_AES_256_GCM_SHA384",
+            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+            "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+            "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+            "TLS_EMPTY_RENEGOTIATION_INFO_SCSV",
+        ]
+    ), names
+    versions = hello.getExtension(43).versions
+    assert versions == [(3, 4), (3, 3)]
+    extensions = {e.extType for e in hello.extensions}
+    assert not extensions & {35, 41, 45}  # session_ticket, pre_shared_key, psk modes
+    assert hello.client_version == (3, 3)
+
+
+def impostor_case(kind: str):
+    """(serving key kind, extra Go flags, max version) for each impostor."""
+    return {
+        "static RSA": ("rsa2048", ["-suites", "rsa"], "1.2"),
+        "ECDHE TLS 1.2": ("rsa2048", ["-suites", "ecdhe"], "1.2"),
+        "TLS 1.3": ("rsa2048", [], "1.3"),
+    }[kind]
+
+
+def refused_by_us(front: GoFront, proxy: ProxyProcess, card, expected: str) -> None:
+    signed = card.sign_count
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 1
+    message = status_error(done)
+    assert message.startswith(
+        f"Error from server (BadGateway): the API server at 127.0.0.1:{front.port} "
+    ), message
+    assert expected in message, message
+    assert "client certificate" not in message
+    assert card.sign_count == signed
+    assert front.cluster.api.requests == []
+
+
+@pytest.mark.parametrize("kind", ["static RSA", "ECDHE TLS 1.2", "TLS 1.3"])
+def test_go_impostor_with_the_genuine_certificate_gets_no_signature(
+    card57, tmp_path, capsys, go_build, kind
+):
+    serving, flags, max_version = impostor_case(kind)
+    pki = go_serving_pki(serving)
+    other = tmp_path / "other-key.pem"
+    other.write_bytes(pem(new_key(serving)))
+    expected = {
+        "static RSA": "accepts none of what kubectl offers too (TLS 1.2 or 1.3, ECDHE key "
+        "exchange, AES-GCM or ChaCha20)",
+        "ECDHE TLS 1.2": "did not prove that it holds the key of its certificate",
+        "TLS 1.3": "did not prove that it holds the key of its certificate",
+    }[kind]
+    with go_apiserver(
+        tmp_path,
+        go_build,
+        max_version=max_version,
+        pki=pki,
+        extra=[*flags, "-impostor-key", str(other)],
+    ) as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            refused_by_us(front, proxy, card57, expected)
+
+
+@pytest.mark.parametrize("kind", ["foreign CA", "wrong name", "expired"])
+def test_go_apiserver_we_refuse_gets_no_signature(
+    card57, tmp_path, capsys, go_build, kind
+):
+    extra = {}
+    if kind == "foreign CA":
+        (_, cert, key), (ca, _, _) = go_serving_pki("p256"), go_serving_pki("p256")
+        pki = (ca, cert, key)
+        expected = "(it is not signed by the cluster's CA)"
+    elif kind == "wrong name":
+        pki, extra = go_serving_pki("p256"), {"tls-server-name": "kubernetes.default"}
+        expected = (
+            "for 'kubernetes.default' (leaf certificate has no matching subjectAltName)"
+        )
+    else:
+        pki = go_serving_pki("rsa2048", days=-1)
+        expected = "(it expired on "
+    with go_apiserver(tmp_path, go_build, pki=pki, **extra) as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            refused_by_us(front, proxy, card57, expected)
 
 
 # =============================================================================

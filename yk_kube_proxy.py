@@ -2533,12 +2533,7 @@ class Upstream:
         blamed only when the server refused it with an alert that says so, after
         the card signed; everything else names the server."""
         from tlslite.constants import AlertDescription as Alert
-        from tlslite.errors import (
-            TLSAbruptCloseError,
-            TLSError,
-            TLSLocalAlert,
-            TLSRemoteAlert,
-        )
+        from tlslite.errors import TLSDecryptionFailed, TLSLocalAlert, TLSRemoteAlert
 
         where = self.address.where
         if getattr(conn, "rejection", None):
@@ -2546,23 +2541,29 @@ class Upstream:
         if isinstance(exc, (ProxyError, KeyboardInterrupt)):
             return exc
         alert = getattr(exc, "description", None)
-        if isinstance(exc, TLSRemoteAlert) and signed and alert in CERTIFICATE_ALERTS:
+        remote = isinstance(exc, TLSRemoteAlert)
+        if remote and signed and alert in CERTIFICATE_ALERTS:
             return client_certificate_rejected(where, self.subject)
-        if (
-            isinstance(exc, TLSLocalAlert)
-            and not signed
-            and alert == Alert.decrypt_error
-        ):
+        forged = isinstance(exc, TLSDecryptionFailed) or (
+            isinstance(exc, TLSLocalAlert) and alert == Alert.decrypt_error
+        )
+        if forged and not signed:
             return ServerCertificateError(
                 f"the API server at {where} did not prove that it holds the key of its "
                 "certificate (its handshake signature is wrong): it may be an impostor; "
                 "check the server URL in the kubeconfig"
             )
-        if isinstance(exc, TLSRemoteAlert) and not signed and alert in OFFER_ALERTS:
+        if remote and not signed and alert in OFFER_ALERTS:
             return UpstreamError(
                 f"the API server at {where} accepts none of what kubectl offers too "
                 f"(TLS 1.2 or 1.3, ECDHE key exchange, AES-GCM or ChaCha20): {exc}"
             )
+        return self._transport_error(exc)
+
+    def _transport_error(self, exc: BaseException) -> BaseException:
+        from tlslite.errors import BaseTLSException, TLSAbruptCloseError
+
+        where = self.address.where
         if isinstance(exc, TimeoutError):
             return UpstreamTimeout(
                 f"the TLS handshake with the API server at {where} took "
@@ -2573,7 +2574,7 @@ class Upstream:
                 f"the API server at {where} closed the connection during "
                 "the TLS handshake: is it a Kubernetes API server?"
             )
-        if isinstance(exc, (TLSError, OSError)):
+        if isinstance(exc, (BaseTLSException, OSError)):
             return UpstreamError(
                 f"the TLS handshake with the API server at {where} failed: {exc}"
             )
