@@ -6993,6 +6993,35 @@ def structure_cases() -> list[CorpusCase]:
     ]
 
 
+def v1_root_case() -> CorpusCase:
+    """A version 1 root (no extensions at all), which Go takes as an issuer."""
+    key = corpus_key("p256-v1root")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Corpus Root")])
+    v3 = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    tbs = der_content(v3.tbs_certificate_bytes)
+    assert tbs.startswith(bytes.fromhex("a003020102"))  # [0] version v3
+    tbs = der_tlv(0x30, tbs[5:])
+    signature = der_tlv(0x03, b"\x00" + key.sign(tbs, ec.ECDSA(hashes.SHA256())))
+    root = der_tlv(0x30, tbs + ECDSA_SHA256_ID + signature)
+    assert x509.load_der_x509_certificate(root).version == x509.Version.v1
+    issuer = CertSpec("Corpus Root", key="p256-v1root")
+    leaf = build_cert(leaf_spec(), issuer, issuer.key)
+    return CorpusCase("v1 root", [root], [der_bytes(leaf)], "api.example.com")
+
+
+def der_bytes(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
 def go_corpus() -> list[CorpusCase]:
     return (
         san_cases()
@@ -7001,6 +7030,7 @@ def go_corpus() -> list[CorpusCase]:
         + validity_cases()
         + algorithm_cases()
         + structure_cases()
+        + [v1_root_case()]
     )
 
 
@@ -7011,6 +7041,7 @@ STRICTER_THAN_GO = {
     "rsa1024 intermediate": "certificate signatures by RSA keys under 2048 bits are "
     "refused",
     "ed25519 intermediate": "Ed25519 signatures on certificates are not supported",
+    "v1 root": "a version 1 certificate (no basicConstraints) cannot be an issuer",
 }
 
 
@@ -7383,6 +7414,53 @@ def test_go_apiserver_we_refuse_gets_no_signature(
     with go_apiserver(tmp_path, go_build, pki=pki, **extra) as front:
         with proxy_through(front, tmp_path / "yk") as proxy:
             refused_by_us(front, proxy, card57, expected)
+
+
+def test_sni_is_what_go_sends():
+    parse = yk.UpstreamAddress.parse
+    assert parse("https://10.0.0.1:6443", None).sni is None
+    assert parse("https://[::1]:6443", None).sni is None
+    assert parse("https://127.0.0.1:6443", "localhost.").sni == "localhost"
+    assert parse("https://127.0.0.1:6443", "api.example.com").sni == "api.example.com"
+    # Go sends names with '_' too; tlslite cannot, so none is sent (the certificate
+    # is still checked against the name).
+    assert parse("https://127.0.0.1:6443", "my_host.example").sni is None
+    assert parse("https://127.0.0.1:6443", "my_host.example").server_name == (
+        "my_host.example"
+    )
+
+
+def test_tls_server_name_that_can_never_match_is_refused_at_start(
+    card57, tmp_path, capsys
+):
+    cluster = start_cluster(tmp_path, **{"tls-server-name": "kübernetes.local"})
+    try:
+        assert (
+            yk.main(
+                [
+                    "setup",
+                    "--kubeconfig",
+                    str(cluster.kubeconfig),
+                    "--output-dir",
+                    str(tmp_path / "yk"),
+                ]
+            )
+            == 0
+        )
+        capsys.readouterr()
+        signed = card57.sign_count
+        code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")])
+        assert (code, capsys.readouterr().err) == (
+            1,
+            "yubikey-kube-proxy: error: the server name 'kübernetes.local' "
+            "(tls-server-name, or the host of the server URL) can never match a "
+            "certificate: write the host name or IP address that the API server's "
+            "certificate names\n",
+        )
+        assert card57.sign_count == signed
+        assert cluster.api.handshakes == 0
+    finally:
+        cluster.api.stop()
 
 
 # =============================================================================
