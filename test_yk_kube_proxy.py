@@ -7463,6 +7463,77 @@ def test_tls_server_name_that_can_never_match_is_refused_at_start(
         cluster.api.stop()
 
 
+def test_tickets_are_never_kept():
+    left, right = socket.socketpair()
+    with left, right:
+        verifier = yk.ServerVerifier([], "localhost")
+        conn = yk.make_tls_connection(left, verifier, "localhost:6443")
+        conn.tickets.append("ticket")
+        conn.tls_1_0_tickets.append("ticket")
+        assert (conn.tickets, conn.tls_1_0_tickets) == ([], [])
+
+
+@contextlib.contextmanager
+def hangup_relay(upstream_port: int):
+    """Relays to the API server until the client speaks a second time (its flight
+    with the signed CertificateVerify), then hangs up on both without an alert."""
+    import select
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def relay(client: socket.socket) -> None:
+        server = socket.create_connection(("127.0.0.1", upstream_port))
+        spoken = 0
+        with client, server:
+            while True:
+                ready, _, _ = select.select([client, server], [], [])
+                data = ready[0].recv(65536)
+                if not data or (ready[0] is client and spoken):
+                    return
+                spoken += ready[0] is client
+                (server if ready[0] is client else client).sendall(data)
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=relay, args=(client,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(10)
+
+
+def test_hangup_after_our_signature_is_not_blamed_on_the_certificate(
+    card57, tmp_path, capsys
+):
+    cluster = start_cluster(tmp_path, tls_versions=("1.2",))
+    try:
+        with hangup_relay(cluster.api.port) as port:
+            doc = yaml.safe_load(cluster.kubeconfig.read_text())
+            doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
+            cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+            with proxy_through(GoFront(None, port, cluster), tmp_path / "yk") as proxy:
+                signed = card57.sign_count
+                done = kubectl(proxy, "get", "--raw", "/version")
+                assert done.returncode == 1
+                assert status_error(done) == (
+                    f"Error from server (BadGateway): the API server at 127.0.0.1:{port} "
+                    "closed the connection during the TLS handshake: is it a Kubernetes "
+                    "API server?"
+                )
+                assert card57.sign_count > signed  # the card did sign
+    finally:
+        cluster.api.stop()
+
+
 # =============================================================================
 # Fault suite: the card, pcscd, the network and the client misbehave
 # =============================================================================

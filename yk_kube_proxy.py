@@ -2134,8 +2134,12 @@ def verification_reason(exc: Exception | None, leaf: Any) -> str:
         return f"it expired on {leaf.not_valid_after_utc:%Y-%m-%d}"
     if leaf.not_valid_before_utc > now:
         return f"it is not valid before {leaf.not_valid_before_utc:%Y-%m-%d}"
-    if "candidates exhausted" in text or "signature does not match" in text:
+    text = text.removeprefix("candidates exhausted: ")
+    text = text.replace("Python extension validator failed: ValueError: ", "")
+    if "signature does not match" in text or "no interior errors" in text:
         return "it is not signed by the cluster's CA"
+    if "not valid at validation time" in text:
+        return "a certificate of its chain has expired or is not valid yet"
     return text
 
 
