@@ -6485,7 +6485,8 @@ def go_build(tmp_path_factory):
         **os.environ,
         "GOCACHE": str(root / "cache"),
         "GOPATH": str(root / "path"),
-        "GOTMPDIR": "",
+        "GOTMPDIR": str(root),
+        "GOTOOLCHAIN": "local",
         "GOFLAGS": "",
         "GOPROXY": "off",
         "GO111MODULE": "on",
@@ -6934,6 +6935,8 @@ def algorithm_cases() -> list[CorpusCase]:
             root=root_spec(key="p384-root"),
         ),
         chain_case("ed25519 intermediate", inters=(inter_spec(key="ed25519-int"),)),
+        chain_case("ed25519 leaf", leaf_spec(key="ed25519-leaf")),
+        chain_case("p521 leaf", leaf_spec(key="p521-leaf")),
     ]
 
 
@@ -7038,9 +7041,9 @@ def go_corpus() -> list[CorpusCase]:
 STRICTER_THAN_GO = {
     "nc root permitted .example.com": "a DNS name constraint with a leading dot is "
     "refused as malformed",
-    "rsa1024 intermediate": "certificate signatures by RSA keys under 2048 bits are "
+    "rsa1024 intermediate": "certificates signed by an RSA key under 2048 bits are "
     "refused",
-    "ed25519 intermediate": "Ed25519 signatures on certificates are not supported",
+    "ed25519 intermediate": "certificates signed by an Ed25519 key are refused",
     "v1 root": "a version 1 certificate (no basicConstraints) cannot be an issuer",
 }
 
