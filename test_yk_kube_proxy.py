@@ -6381,7 +6381,7 @@ func main() {
 	backendCA := flag.String("backend-ca", "", "its CA")
 	backendCert := flag.String("backend-cert", "", "our client certificate for it")
 	backendKey := flag.String("backend-key", "", "its key")
-	maxVersion := flag.String("max", "1.3", "highest TLS version: 1.2 or 1.3")
+	maxVersion := flag.String("max", "1.3", "highest TLS version: 1.1, 1.2 or 1.3")
 	suites := flag.String("suites", "", "TLS 1.2 suites: rsa (static RSA) or ecdhe; default Go's")
 	flag.Parse()
 
@@ -6404,7 +6404,10 @@ func main() {
 		ClientAuth:   tls.RequestClientCert,
 		NextProtos:   []string{"h2", "http/1.1"},
 		MinVersion:   tls.VersionTLS12,
-		MaxVersion:   map[string]uint16{"1.2": tls.VersionTLS12, "1.3": tls.VersionTLS13}[*maxVersion],
+		MaxVersion:   map[string]uint16{"1.1": tls.VersionTLS11, "1.2": tls.VersionTLS12, "1.3": tls.VersionTLS13}[*maxVersion],
+	}
+	if config.MaxVersion < tls.VersionTLS12 { // an outdated server, for a negative test
+		config.MinVersion = tls.VersionTLS10
 	}
 	server := &http.Server{TLSConfig: config}
 	switch *suites {
@@ -7395,6 +7398,20 @@ def test_go_impostor_with_the_genuine_certificate_gets_no_signature(
     ) as front:
         with proxy_through(front, tmp_path / "yk") as proxy:
             refused_by_us(front, proxy, card57, expected)
+
+
+def test_go_apiserver_with_tls_1_1_only_gets_no_signature(
+    card57, tmp_path, capsys, go_build
+):
+    with go_apiserver(tmp_path, go_build, max_version="1.1") as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            refused_by_us(
+                front,
+                proxy,
+                card57,
+                "accepts none of what kubectl offers too (TLS 1.2 or 1.3, ECDHE key "
+                "exchange, AES-GCM or ChaCha20): ",
+            )
 
 
 @pytest.mark.parametrize("kind", ["foreign CA", "wrong name", "expired"])
