@@ -2081,8 +2081,8 @@ class ServerVerifier:
         )
 
         leaf, now = certs[0], datetime.datetime.now(datetime.timezone.utc)
-        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-            return verification_reason(None, leaf)
+        if expired := date_problem(leaf, now):
+            return expired
         if not go_name_matches(leaf, self.server_name):
             return "leaf certificate has no matching subjectAltName"
         if der_bytes(leaf) in self.root_ders:
@@ -2101,7 +2101,7 @@ class ServerVerifier:
             try:
                 chain = verifier.verify(leaf, certs[1:]).chain
             except VerificationError as exc:
-                return verification_reason(exc, leaf)
+                return verification_reason(exc)
         if go_unknown_critical(chain):
             return "it has a critical extension that Go does not know"
         return None
@@ -2126,14 +2126,17 @@ def der_bytes(cert: Any) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def verification_reason(exc: Exception | None, leaf: Any) -> str:
+def date_problem(cert: Any, now: datetime.datetime) -> str | None:
+    if cert.not_valid_after_utc < now:
+        return f"it expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    if cert.not_valid_before_utc > now:
+        return f"it is not valid before {cert.not_valid_before_utc:%Y-%m-%d}"
+    return None
+
+
+def verification_reason(exc: Exception) -> str:
     """A short reason from cryptography's verbose verification error."""
     text = str(exc).removeprefix("validation failed: ").split(" (encountered")[0]
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if leaf.not_valid_after_utc < now:
-        return f"it expired on {leaf.not_valid_after_utc:%Y-%m-%d}"
-    if leaf.not_valid_before_utc > now:
-        return f"it is not valid before {leaf.not_valid_before_utc:%Y-%m-%d}"
     text = text.removeprefix("candidates exhausted: ")
     text = text.replace("Python extension validator failed: ValueError: ", "")
     if "signature does not match" in text or "no interior errors" in text:
