@@ -6996,6 +6996,13 @@ def structure_cases() -> list[CorpusCase]:
         ),
         self_signed_case("self-signed leaf as the CA, ip name", ss, name="10.0.0.1"),
         self_signed_case("self-signed leaf not trusted", ss, trusted=False),
+        CorpusCase("garbage certificate", genuine.roots, [b"junk"], "api.example.com"),
+        CorpusCase(
+            "truncated leaf",
+            genuine.roots,
+            [genuine.chain[0][:-20], *genuine.chain[1:]],
+            "api.example.com",
+        ),
     ]
 
 

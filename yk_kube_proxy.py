@@ -2063,7 +2063,10 @@ class ServerVerifier:
             problem = "it sent no certificate" if not certs else None
         if certs and self.insecure:
             return certs[0]
-        problem = problem or self.problem(certs)
+        try:
+            problem = problem or self.problem(certs)
+        except Exception as exc:  # noqa: BLE001 (hostile input: refuse, never crash)
+            problem = f"it cannot be checked: {exc}"
         if problem:
             raise ServerCertificateError(
                 f"the API server at {where} presented a certificate we do not trust for "
