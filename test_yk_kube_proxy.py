@@ -7103,21 +7103,12 @@ def test_go_differential_corpus(go_build):
 # -- a Go TLS server configured like kube-apiserver, in front of the test API server --
 
 
-def go_serving_pki(
-    kind: str, names=("localhost",), ips_=("127.0.0.1",), days=365, ca=None
-):
+def go_serving_pki(kind: str, names=("localhost",), ips_=("127.0.0.1",), days=365):
     """A serving CA and certificate with a key of the given kind (p256, rsa2048)."""
-    ca_key, ca_cert = ca or (None, None)
-    if ca_key is None:
-        ca_key = new_key("p256")
-        ca_cert = make_cert(
-            ca_key,
-            ca_key,
-            "CN=go-apiserver-ca",
-            "CN=go-apiserver-ca",
-            ca=True,
-            days=3650,
-        )
+    ca_key = new_key("p256")
+    ca_cert = make_cert(
+        ca_key, ca_key, "CN=go-apiserver-ca", "CN=go-apiserver-ca", ca=True, days=3650
+    )
     key = new_key(kind)
     sans = [x509.DNSName(n) for n in names] + [
         x509.IPAddress(ipaddress.ip_address(i)) for i in ips_
