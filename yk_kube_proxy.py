@@ -1939,42 +1939,75 @@ def fast_server_key(tls_key: Any, leaf: Any) -> Any:
 
 
 def tls_settings() -> Any:
-    """TLS 1.2 and 1.3, AEAD suites only, one key share, no resumption."""
+    """What Go's crypto/tls offers and no more: TLS 1.2 and 1.3, ECDHE key
+    exchange (the server signs its key share before the card signs anything; with
+    static RSA the card would sign first), AEAD suites, one key share."""
     from tlslite import HandshakeSettings
 
     settings = HandshakeSettings()
     settings.minVersion = (3, 3)
     settings.maxVersion = (3, 4)
+    settings.versions = [(3, 4), (3, 3)]  # supported_versions: no TLS 1.0 or 1.1
+    settings.keyExchangeNames = ["ecdhe_ecdsa", "ecdhe_rsa"]
     settings.cipherNames = ["aes128gcm", "aes256gcm", "chacha20-poly1305"]
+    settings.macNames = ["aead"]
     settings.keyShares = ["x25519"]
     settings.eccCurves = ["x25519", "secp256r1", "secp384r1"]
+    settings.rsaSigHashes = ["sha256", "sha384", "sha512", "sha1"]
+    settings.ecdsaSigHashes = ["sha256", "sha384", "sha512", "sha1"]
+    settings.dsaSigHashes = []
+    settings.more_sig_schemes = ["Ed25519"]
+    settings.use_heartbeat_extension = False
     settings.certificate_compression_send = []  # 0.8.2 breaks TLS 1.3 client auth otherwise
     return settings
 
 
+# ClientHello extensions that ask for session tickets: a resumed TLS 1.3 session
+# needs no client signature, so we never ask for, keep or offer one (as Go does
+# without a ClientSessionCache).
+TICKET_EXTENSIONS = {35, 45}  # session_ticket, psk_key_exchange_modes
+SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
+ANY_EXTENDED_KEY_USAGE = "2.5.29.37.0"
+NOT_FOR_SERVERS = "certificate is not for TLS servers (no serverAuth usage)"
+# Extensions Go's crypto/x509 understands; it refuses a certificate with any other
+# critical one. 2.5.29.x: subject key id, key usage, subjectAltName, basic
+# constraints, name constraints, CRL distribution points, certificate policies,
+# authority key id, extended key usage; then authority information access.
+GO_KNOWN_EXTENSIONS = {f"2.5.29.{n}" for n in (14, 15, 17, 19, 30, 31, 32, 35, 37)} | {
+    "1.3.6.1.5.5.7.1.1"
+}
+
+
 def go_like_policies() -> tuple[Any, Any]:
-    """Extension policies as lenient as Go's crypto/x509 and no more: issuers
-    must be CAs, the leaf needs a subjectAltName and, if it has an extended key
-    usage, serverAuth; criticality and key usage bits are not enforced."""
+    """Extension policies as lenient as Go's crypto/x509 and no more: every
+    certificate of the chain with an extended key usage must allow serverAuth
+    (Go checks the whole chain), issuers must be CAs and, with a key usage,
+    allow keyCertSign; the leaf needs a subjectAltName (ServerVerifier matches
+    its names as Go does). Criticality is not enforced here (see
+    GO_KNOWN_EXTENSIONS)."""
     from cryptography import x509
-    from cryptography.x509.oid import ExtendedKeyUsageOID
     from cryptography.x509.verification import Criticality, ExtensionPolicy
 
     def is_ca(policy: Any, cert: Any, ext: Any) -> None:
         if ext is None or not ext.ca:
             raise ValueError("issuer is not a CA")
 
+    def cert_sign(policy: Any, cert: Any, ext: Any) -> None:
+        if ext is not None and not ext.key_cert_sign:
+            raise ValueError(
+                "an issuer's key usage does not allow signing certificates"
+            )
+
     def server_auth(policy: Any, cert: Any, ext: Any) -> None:
-        allowed = {
-            ExtendedKeyUsageOID.SERVER_AUTH,
-            ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
-        }
-        if ext is not None and not allowed & set(ext):
-            raise ValueError("certificate is not for TLS servers (no serverAuth usage)")
+        if not server_auth_allowed(cert):
+            raise ValueError(NOT_FOR_SERVERS)
 
     any_ = Criticality.AGNOSTIC
-    ca_policy = ExtensionPolicy.permit_all().require_present(
-        x509.BasicConstraints, any_, is_ca
+    ca_policy = (
+        ExtensionPolicy.permit_all()
+        .require_present(x509.BasicConstraints, any_, is_ca)
+        .may_be_present(x509.KeyUsage, any_, cert_sign)
+        .may_be_present(x509.ExtendedKeyUsage, any_, server_auth)
     )
     ee_policy = (
         ExtensionPolicy.permit_all()
@@ -1984,67 +2017,187 @@ def go_like_policies() -> tuple[Any, Any]:
     return ca_policy, ee_policy
 
 
+def go_ip(name: str) -> Any:
+    """The IP address a server name stands for, as Go reads it ([v6] too), or None."""
+    import ipaddress
+
+    host = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def go_valid_hostname(host: str, pattern: bool) -> bool:
+    """Go's validHostname: LDH labels, '_' allowed, a leading '*' label in a pattern."""
+    if not pattern:
+        host = host.removesuffix(".")
+    if not host:
+        return False
+    for i, label in enumerate(host.split(".")):
+        if pattern and i == 0 and label == "*":
+            continue
+        if not label or not all(
+            c.isascii() and (c.isalnum() or c == "_" or (c == "-" and j))
+            for j, c in enumerate(label)
+        ):
+            return False
+    return True
+
+
+def go_name_matches(leaf: Any, name: str) -> bool:
+    """Go's Certificate.VerifyHostname: IP addresses against IP SANs only; DNS names
+    case-insensitively, one leading wildcard label, a trailing dot ignored, exact
+    comparison for names outside those rules. The common name is never used."""
+    from cryptography import x509
+
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return False
+    ip = go_ip(name)
+    if ip is not None:
+        return ip in sans.value.get_values_for_type(x509.IPAddress)
+    host = name.lower()
+    for pattern in sans.value.get_values_for_type(x509.DNSName):
+        pattern = pattern.lower()
+        if go_valid_hostname(host, False) and go_valid_hostname(pattern, True):
+            want, have = pattern.split("."), host.removesuffix(".").split(".")
+            if len(want) == len(have) and all(
+                w == h or (i == 0 and w == "*")
+                for i, (w, h) in enumerate(zip(want, have))
+            ):
+                return True
+        elif pattern not in ("", ".") and pattern == host:
+            return True
+    return False
+
+
+def go_unknown_critical(chain: list[Any]) -> bool:
+    return any(
+        ext.critical and ext.oid.dotted_string not in GO_KNOWN_EXTENSIONS
+        for cert in chain
+        for ext in cert.extensions
+    )
+
+
 class ServerVerifier:
-    """Checks the API server's chain, dates and name before the card signs."""
+    """Checks the API server's chain, dates and name before the card signs, as
+    Go's crypto/x509 does for kubectl (README: where we are stricter)."""
 
     def __init__(
         self, roots: list[Any], server_name: str, insecure: bool = False
     ) -> None:
+        if (
+            not server_name
+            or not server_name.isascii()
+            or not server_name.isprintable()
+        ):
+            raise ConfigError(
+                f"the server name {server_name!r} (tls-server-name, or the host of the "
+                "server URL) can never match a certificate: write the host name or IP "
+                "address that the API server's certificate names"
+            )
         self.roots = roots
+        self.root_ders = {der_bytes(root) for root in roots}
         self.server_name = server_name
         self.insecure = insecure
-
-    def subject(self) -> Any:
-        import ipaddress
-
-        from cryptography.x509 import DNSName, IPAddress
-
-        try:
-            return IPAddress(ipaddress.ip_address(self.server_name.strip("[]")))
-        except ValueError:
-            return DNSName(self.server_name)
 
     def verify(self, chain_der: list[bytes], where: str) -> Any:
         """Raise ServerCertificateError unless the chain passes; return the leaf."""
         from cryptography import x509
+
+        try:
+            certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
+        except ValueError as exc:
+            certs, problem = [], f"it cannot be parsed: {exc}"
+        else:
+            problem = "it sent no certificate" if not certs else None
+        if certs and self.insecure:
+            return certs[0]
+        try:
+            problem = problem or self.problem(certs)
+        except Exception as exc:  # noqa: BLE001 (hostile input: refuse, never crash)
+            problem = f"it cannot be checked: {exc}"
+        if problem:
+            raise ServerCertificateError(
+                f"the API server at {where} presented a certificate we do not trust for "
+                f"{self.server_name!r} ({problem}): check the server URL, "
+                "certificate-authority and tls-server-name in the kubeconfig"
+            ) from None
+        return certs[0]
+
+    def problem(self, certs: list[Any]) -> str | None:
+        """Why Go would refuse the chain (or we, where stricter), or None."""
         from cryptography.x509.verification import (
             PolicyBuilder,
             Store,
             VerificationError,
         )
 
-        certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
-        if self.insecure:
-            return certs[0]
-        ca_policy, ee_policy = go_like_policies()
-        verifier = (
-            PolicyBuilder()
-            .store(Store(self.roots))
-            .time(datetime.datetime.now(datetime.timezone.utc))
-            .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
-            .build_server_verifier(self.subject())
-        )
-        try:
-            verifier.verify(certs[0], certs[1:])
-        except VerificationError as exc:
-            raise ServerCertificateError(
-                f"the API server at {where} presented a certificate we do not trust for "
-                f"{self.server_name!r} ({verification_reason(exc, certs[0])}): check the "
-                "server URL, certificate-authority and tls-server-name in the kubeconfig"
-            ) from None
-        return certs[0]
+        leaf, now = certs[0], datetime.datetime.now(datetime.timezone.utc)
+        if expired := date_problem(leaf, now):
+            return expired
+        if not go_name_matches(leaf, self.server_name):
+            return "leaf certificate has no matching subjectAltName"
+        if der_bytes(leaf) in self.root_ders:
+            chain = [leaf]  # Go: a certificate the kubeconfig trusts needs no issuer
+            if not server_auth_allowed(leaf):
+                return NOT_FOR_SERVERS
+        else:
+            ca_policy, ee_policy = go_like_policies()
+            verifier = (
+                PolicyBuilder()
+                .store(Store(self.roots))
+                .time(now)
+                .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+                .build_client_verifier()  # the name is matched above, as Go does
+            )
+            try:
+                chain = verifier.verify(leaf, certs[1:]).chain
+            except VerificationError as exc:
+                return verification_reason(exc)
+        if go_unknown_critical(chain):
+            return "it has a critical extension that Go does not know"
+        return None
 
 
-def verification_reason(exc: Exception, leaf: Any) -> str:
+def server_auth_allowed(cert: Any) -> bool:
+    """Go's extended key usage rule for one certificate: none, or serverAuth or any."""
+    from cryptography import x509
+
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return bool(
+        {SERVER_AUTH, ANY_EXTENDED_KEY_USAGE} & {o.dotted_string for o in usages}
+    )
+
+
+def der_bytes(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def date_problem(cert: Any, now: datetime.datetime) -> str | None:
+    if cert.not_valid_after_utc < now:
+        return f"it expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    if cert.not_valid_before_utc > now:
+        return f"it is not valid before {cert.not_valid_before_utc:%Y-%m-%d}"
+    return None
+
+
+def verification_reason(exc: Exception) -> str:
     """A short reason from cryptography's verbose verification error."""
     text = str(exc).removeprefix("validation failed: ").split(" (encountered")[0]
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if leaf.not_valid_after_utc < now:
-        return f"it expired on {leaf.not_valid_after_utc:%Y-%m-%d}"
-    if leaf.not_valid_before_utc > now:
-        return f"it is not valid before {leaf.not_valid_before_utc:%Y-%m-%d}"
-    if "candidates exhausted" in text or "signature does not match" in text:
+    text = text.removeprefix("candidates exhausted: ")
+    text = text.replace("Python extension validator failed: ValueError: ", "")
+    if "signature does not match" in text or "no interior errors" in text:
         return "it is not signed by the cluster's CA"
+    if "not valid at validation time" in text:
+        return "a certificate of its chain has expired or is not valid yet"
     return text
 
 
@@ -2070,10 +2223,40 @@ def make_tls_connection(
     """A tlslite client connection that verifies the server's chain the moment
     it arrives, before the card is asked for a signature."""
     from tlslite import TLSConnection
-    from tlslite.constants import AlertDescription
+    from tlslite.constants import AlertDescription, ContentType
+    from tlslite.messages import ClientHello
 
     class VerifyingTLSConnection(TLSConnection):
         rejection: ProxyError | None = None
+
+        @property
+        def tickets(self) -> list[Any]:
+            return []  # whatever tlslite stores here is dropped
+
+        @tickets.setter
+        def tickets(self, value: list[Any]) -> None:
+            pass
+
+        tls_1_0_tickets = tickets
+
+        def _sendMsg(self, msg: Any, *a: Any, **kw: Any) -> Iterator[Any]:  # noqa: N802
+            if isinstance(msg, ClientHello):
+                msg.extensions = [
+                    e for e in msg.extensions if e.extType not in TICKET_EXTENSIONS
+                ]
+            yield from self._alert_on_hangup(super()._sendMsg(msg, *a, **kw))
+
+        def _sendMsgs(self, msgs: Any) -> Iterator[Any]:  # noqa: N802
+            yield from self._alert_on_hangup(super()._sendMsgs(msgs))
+
+        def _alert_on_hangup(self, sending: Iterator[Any]) -> Iterator[Any]:
+            """A server that hangs up on our flight may have said why first: its
+            alert is raised (TLSRemoteAlert); without one, the OSError stands."""
+            try:
+                yield from sending
+            except OSError:
+                yield from self._getMsg(ContentType.handshake)
+                raise
 
         def _clientGetKeyFromChain(
             self,
@@ -2268,7 +2451,6 @@ class UpstreamAddress:
 
     @classmethod
     def parse(cls, url: str, tls_server_name: str | None) -> UpstreamAddress:
-        import ipaddress
         import urllib.parse
 
         parts = urllib.parse.urlsplit(url)
@@ -2278,12 +2460,24 @@ class UpstreamAddress:
                 "YubiKey can only protect TLS connections"
             )
         name = tls_server_name or parts.hostname
-        try:
-            ipaddress.ip_address(name)
-            sni = None
-        except ValueError:
-            sni = name
-        return cls(parts.hostname, parts.port or 443, parts.path.rstrip("/"), name, sni)
+        return cls(
+            parts.hostname,
+            parts.port or 443,
+            parts.path.rstrip("/"),
+            name,
+            sni_for(name),
+        )
+
+
+def sni_for(name: str) -> str | None:
+    """The server_name extension Go sends for a name: none for an IP address,
+    trailing dots dropped; none either for names tlslite cannot send (with '_')."""
+    from tlslite.utils.dns_utils import is_valid_hostname
+
+    host = name.rstrip(".")
+    if go_ip(name) is not None or not host or not is_valid_hostname(host):
+        return None
+    return host
 
 
 class Upstream:
@@ -2397,19 +2591,41 @@ class Upstream:
     def _handshake_error(
         self, conn: Any, exc: BaseException, signed: bool
     ) -> BaseException:
-        """The error to report for a failed handshake. A server that hangs up or
-        alerts right after our signed certificate went out refused that certificate."""
-        from tlslite.errors import TLSAbruptCloseError, TLSError, TLSRemoteAlert
+        """The error to report for a failed handshake. The client certificate is
+        blamed only when the server refused it with an alert that says so, after
+        the card signed; everything else names the server."""
+        from tlslite.constants import AlertDescription as Alert
+        from tlslite.errors import TLSDecryptionFailed, TLSLocalAlert, TLSRemoteAlert
 
         where = self.address.where
         if getattr(conn, "rejection", None):
             return conn.rejection
         if isinstance(exc, (ProxyError, KeyboardInterrupt)):
             return exc
-        if signed and isinstance(exc, (TLSRemoteAlert, TLSAbruptCloseError, OSError)):
+        alert = getattr(exc, "description", None)
+        remote = isinstance(exc, TLSRemoteAlert)
+        if remote and signed and alert in CERTIFICATE_ALERTS:
             return client_certificate_rejected(where, self.subject)
-        if isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS:
-            return client_certificate_rejected(where, self.subject)
+        forged = isinstance(exc, TLSDecryptionFailed) or (
+            isinstance(exc, TLSLocalAlert) and alert == Alert.decrypt_error
+        )
+        if forged and not signed:
+            return ServerCertificateError(
+                f"the API server at {where} did not prove that it holds the key of its "
+                "certificate (its handshake signature is wrong): it may be an impostor; "
+                "check the server URL in the kubeconfig"
+            )
+        if remote and not signed and alert in OFFER_ALERTS:
+            return UpstreamError(
+                f"the API server at {where} accepts none of what kubectl offers too "
+                f"(TLS 1.2 or 1.3, ECDHE key exchange, AES-GCM or ChaCha20): {exc}"
+            )
+        return self._transport_error(exc)
+
+    def _transport_error(self, exc: BaseException) -> BaseException:
+        from tlslite.errors import BaseTLSException, TLSAbruptCloseError
+
+        where = self.address.where
         if isinstance(exc, TimeoutError):
             return UpstreamTimeout(
                 f"the TLS handshake with the API server at {where} took "
@@ -2420,7 +2636,7 @@ class Upstream:
                 f"the API server at {where} closed the connection during "
                 "the TLS handshake: is it a Kubernetes API server?"
             )
-        if isinstance(exc, (TLSError, OSError)):
+        if isinstance(exc, (BaseTLSException, OSError)):
             return UpstreamError(
                 f"the TLS handshake with the API server at {where} failed: {exc}"
             )
@@ -2429,6 +2645,12 @@ class Upstream:
 
 # TLS alerts by which a server refuses a client certificate (RFC 8446 6.2).
 CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48, 49, 51, 116}
+# ... and by which it says that nothing we offered suits it.
+OFFER_ALERTS = {
+    40,
+    70,
+    71,
+}  # handshake_failure, protocol_version, insufficient_security
 
 
 def client_certificate_rejected(where: str, subject: str) -> UpstreamError:
