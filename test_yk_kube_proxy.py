@@ -4906,7 +4906,10 @@ def test_setup_kubeadm_like_rsa2048_files_on_3des_card(card54, tmp_path, capsys)
         ),
         capsys=capsys,
     )
-    assert (code, stderr) == (0, "")
+    assert (code, stderr) == (
+        0,
+        f"yubikey-kube-proxy: WARNING: {yk.PLAIN_HTTP_WARNING}\n",
+    )
     assert read_yaml(tmp_path / "o" / "client.yml")["clusters"][0]["cluster"] == {
         "server": "http://127.0.0.1:8181"
     }
@@ -4914,7 +4917,12 @@ def test_setup_kubeadm_like_rsa2048_files_on_3des_card(card54, tmp_path, capsys)
     extension = read_yaml(tmp_path / "o" / "proxy.yml")["contexts"][0]["context"][
         "extensions"
     ][0]["extension"]
-    assert extension == {"slot": "9c", "listen": "127.0.0.1:8181", "serial": 21000002}
+    assert extension == {
+        "slot": "9c",
+        "listen": "127.0.0.1:8181",
+        "serial": 21000002,
+        "plain-http": True,
+    }
     code, stdout, _ = run_cli("status", "--slot", "9c", "--json", capsys=capsys)
     report = json.loads(stdout)["cards"][0]
     assert code == 0
@@ -5021,19 +5029,26 @@ def test_wrong_management_key_changes_nothing(card57, tmp_path, capsys):
     )
     assert code == 1
     assert stderr == (
+        "yubikey-kube-proxy: WARNING: --management-key puts the key on the command "
+        "line, where other users can see it (ps): use --management-key-file PATH or "
+        "YKP_MANAGEMENT_KEY\n"
         "yubikey-kube-proxy: error: the YubiKey rejected the management key: "
-        "pass the card's key with --management-key HEX (the factory key is the "
-        "default)\n"
+        "pass the card's key with --management-key-file PATH or YKP_MANAGEMENT_KEY "
+        "(the factory key is the default)\n"
     )
     assert card57.slot_key(0x9A) is None
     assert not (tmp_path / "proxy.yml").exists()
+    key_file = tmp_path / "management-key"
+    key_file.write_text("00" * 32 + "\n")
+    key_file.chmod(0o600)
     code, _, stderr = run_cli(
-        *setup_args(source, tmp_path, "--management-key", "00" * 32), capsys=capsys
+        *setup_args(source, tmp_path, "--management-key-file", str(key_file)),
+        capsys=capsys,
     )
     assert stderr == (
         "yubikey-kube-proxy: error: this YubiKey's management key is AES-192 "
         "(24 bytes) but the key given has 32 bytes: pass the right one with "
-        "--management-key HEX\n"
+        "--management-key-file PATH\n"
     )
 
 
@@ -5065,7 +5080,8 @@ def test_mismatched_key_and_certificate_never_reach_the_card(card57, tmp_path, c
         ),
         (
             {"client-certificate": "gone.crt", "client-key": "gone.key"},
-            "cannot read client-certificate {dir}/gone.crt of 'default': No such file or directory",
+            "cannot read client-certificate {dir}/gone.crt: No such file or directory; fix "
+            "the path in kubeconfig {dir}/k3s.yaml, user 'default'",
         ),
     ],
 )
@@ -5389,7 +5405,7 @@ def test_our_signing_uses_a_key_imported_by_yubico_piv_tool(card54, tmp_path):
     ],
 )
 def test_aes_management_keys_big_rsa_and_retired_slots(
-    rig, tmp_path, capsys, mgmt_algorithm, key_kind, slot, algorithm_name
+    rig, tmp_path, capsys, monkeypatch, mgmt_algorithm, key_kind, slot, algorithm_name
 ):
     mgmt_key = os.urandom(yk.MANAGEMENT_KEY_SIZES[yk.KeyAlgorithm(mgmt_algorithm)])
     piv = VirtualPiv(
@@ -5402,11 +5418,9 @@ def test_aes_management_keys_big_rsa_and_retired_slots(
     try:
         ident = make_identity(key_kind)
         source = write_kubeconfig(tmp_path / "k.yaml", ident)
+        monkeypatch.setenv("YKP_MANAGEMENT_KEY", mgmt_key.hex())
         code, stdout, stderr = run_cli(
-            *setup_args(
-                source, tmp_path, "--slot", slot, "--management-key", mgmt_key.hex()
-            ),
-            capsys=capsys,
+            *setup_args(source, tmp_path, "--slot", slot), capsys=capsys
         )
         assert (code, stderr) == (0, "")
         assert stdout.startswith(f"Imported the {algorithm_name} key and certificate")
