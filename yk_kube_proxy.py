@@ -271,19 +271,18 @@ def read_user_file(
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}; {fix}") from None
-    with os.fdopen(fd, "rb") as file:
+    try:
         mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise ConfigError(f"cannot read {what} {path}: it is a directory; {fix}")
         if not stat.S_ISREG(mode):
-            kind = "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            kind = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO"}.get(
+                stat.S_IFMT(mode), "not a regular file"
+            )
             raise ConfigError(f"cannot read {what} {path}: it is {kind}; {fix}")
-        try:
-            data = file.read(limit + 1)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read {what} {path}: {exc.strerror}; {fix}"
-            ) from None
+        data = os.read(fd, limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}; {fix}") from None
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise ConfigError(
             f"cannot read {what} {path}: it is larger than {limit} bytes; {fix}"
@@ -1618,7 +1617,9 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     fix = "pass the right file with --kubeconfig"
     text = read_user_text(path, "kubeconfig", fix)
     try:
-        doc = yaml.safe_load(text) or {}
+        # libyaml where PyYAML has it: the pure-Python scanner is quadratic in
+        # the nesting depth, so a file of 50000 '[' would take minutes
+        doc = yaml.load(text, getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -3516,6 +3517,9 @@ def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) 
     pin_policy = PinPolicy[args.pin_policy.upper()]
     touch_policy = TouchPolicy[args.touch_policy.upper()]
     label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {slot.name}"
+    pins = PinSource(args.pin_file, label)
+    if args.pin_file and pin_policy != PinPolicy.NEVER:
+        pins.get()  # a bad PIN file fails before the card is changed
     with card.session() as piv:
         occupant = slot_occupant(piv, slot)
         if occupant and not args.force:
@@ -3526,9 +3530,7 @@ def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) 
         piv.authenticate(args.management_key)
         piv.import_key(slot, key, pin_policy, touch_policy)
         piv.put_certificate(slot, cert.public_bytes(serialization.Encoding.DER))
-        prove_slot(
-            piv, slot, cert, pin_policy, touch_policy, PinSource(args.pin_file, label)
-        )
+        prove_slot(piv, slot, cert, pin_policy, touch_policy, pins)
 
 
 @dataclasses.dataclass(frozen=True)
