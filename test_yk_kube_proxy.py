@@ -5435,6 +5435,60 @@ def test_nul_bytes_in_paths(tmp_path, capsys):
     )
 
 
+def test_command_line_values_are_one_line_or_a_usage_error(rig, tmp_path, capsys):
+    source = str(write_kubeconfig(tmp_path / "k3s.yaml", make_identity()))
+    (tmp_path / "a-file").write_text("x")
+    proxy = ["proxy", "--kubeconfig", source, "--plain-http"]
+    for argv, message in (
+        (
+            ["setup", "--kubeconfig", source, "--output-dir", "o\x00"],
+            "cannot create the output folder 'o\\x00': the path contains a NUL byte; "
+            "choose another --output-dir",
+        ),
+        (
+            ["setup", "--kubeconfig", source, "--output-dir", str(tmp_path / "a-file")],
+            f"cannot create the output folder '{tmp_path / 'a-file'}': File exists; "
+            "choose another --output-dir",
+        ),
+        (
+            [*proxy, "--listen", "127.0.0.1:\u00b2"],
+            "--listen '127.0.0.1:\u00b2' is not HOST:PORT, e.g. 127.0.0.1:8080",
+        ),
+        (
+            [*proxy, "--listen", "[::1]:99999"],
+            "--listen '[::1]:99999' is not HOST:PORT, e.g. 127.0.0.1:8080",
+        ),
+        (
+            ["setup", "--kubeconfig", source, "--context", "\x00"],
+            f"context '\\x00' not found in {source} (contexts: default): pass "
+            "--context NAME",
+        ),
+    ):
+        assert run_cli(*argv, capsys=capsys) == (1, "", f"{ERROR}{message}\n")
+    for argv, message in (
+        (
+            [*proxy, "--handshake-timeout", "nan"],
+            "argument --handshake-timeout: 'nan' is not a number of seconds between 0 "
+            "and 86400",
+        ),
+        (
+            [*proxy, "--handshake-timeout", "-1"],
+            "argument --handshake-timeout: '-1' is not a number of seconds between 0 "
+            "and 86400",
+        ),
+        (
+            ["status", "--serial", "\u00b2"],
+            "argument --serial: invalid serial_arg value",
+        ),
+        (["status", "--slot", "9a\x00"], "argument --slot: unknown PIV slot '9a\\x00'"),
+    ):
+        with pytest.raises(SystemExit) as usage:
+            yk.main(argv)
+        stderr = capsys.readouterr().err
+        assert (usage.value.code, stderr.splitlines()[0][:6]) == (2, "usage:")
+        assert f"{argv[0]}: error: {message}" in stderr.splitlines()[-1]
+
+
 # -- key types we do not know, in a slot ----------------------------------------------
 
 

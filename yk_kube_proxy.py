@@ -3686,9 +3686,11 @@ def output_paths(args: argparse.Namespace, sources: list[Path]) -> tuple[Path, P
     out = Path(os.path.expanduser(args.output_dir))
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or "the path contains a NUL byte"
         raise ConfigError(
-            f"cannot create the output folder {out}: {exc.strerror}"
+            f"cannot create the output folder {str(out)!r}: {reason}; choose "
+            "another --output-dir"
         ) from None
     paths = (out / "proxy.yml", out / "client.yml")
     resolved_sources = {s.resolve() for s in sources}
@@ -4364,6 +4366,18 @@ def slot_arg(text: str) -> Slot:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def seconds_arg(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86400:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds between 0 and 86400"
+        )
+    return seconds
+
+
 def port_arg(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
@@ -4431,7 +4445,7 @@ def proxy_options() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--handshake-timeout",
-        type=float,
+        type=seconds_arg,
         default=HANDSHAKE_TIMEOUT,
         metavar="SECONDS",
         help="connecting and the TLS handshake with the API server, card "
