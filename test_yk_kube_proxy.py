@@ -4950,8 +4950,9 @@ def test_bad_server_urls_are_refused_at_start(tmp_path, capsys):
         )
         assert (code, stderr) == (
             1,
-            f"{ERROR}the cluster server {server!r} is not a URL (ASCII, no spaces, a "
-            "port from 1 to 65535): write https://HOST:PORT in the kubeconfig\n",
+            f"{ERROR}kubeconfig {path}, cluster 'default': the cluster server "
+            f"{server!r} is not a URL (ASCII, no spaces, a port from 1 to 65535): "
+            "write https://HOST:PORT in the kubeconfig\n",
         )
 
 
@@ -4973,7 +4974,7 @@ def damage(key: str, value):
     return change
 
 
-LOCAL_TLS_CASES = {
+PROXY_YML_CASES = {
     "no local-tls entry": (
         lambda d: extension_of(d).pop("local-tls"),
         "the proxy kubeconfig {path} has no local-tls entry for the local hop's "
@@ -5016,6 +5017,17 @@ LOCAL_TLS_CASES = {
         "kubeconfig {path}, cluster 'default': insecure-skip-tls-verify is a string, "
         "not a boolean: write true or false, without quotes",
     ),
+    "an unknown slot": (
+        lambda d: extension_of(d).update(slot="9z"),
+        "the yubikey-kube-proxy extension of the proxy kubeconfig {path}: unknown PIV "
+        "slot '9z': use 9a, 9c, 9d, 9e or a retired slot 82-95",
+    ),
+    "a listen address that is not loopback": (
+        lambda d: extension_of(d).update(listen="0.0.0.0:8080"),
+        "the yubikey-kube-proxy extension of the proxy kubeconfig {path}: listen "
+        "'0.0.0.0:8080' is not a loopback address: anyone who can reach it could use "
+        "your cluster; pass --unsafe-listen if you really mean it",
+    ),
 }
 
 
@@ -5027,14 +5039,12 @@ def test_local_hop_fails_closed(rig, cluster, tmp_path, capsys):
     rig.remove(inserted)  # a refusal that failed would stop at "no YubiKey found"
     written = (workdir / "proxy.yml").read_text()
     signed = piv.sign_count
-    for mutate, message in LOCAL_TLS_CASES.values():
+    for mutate, message in PROXY_YML_CASES.values():
         path = tmp_path / "damaged.yml"
         doc = yaml.safe_load(written)
         mutate(doc)
         path.write_text(yaml.safe_dump(doc))
-        code, _, stderr = run_cli(
-            "proxy", "--kubeconfig", str(path), "--listen", "127.0.0.1:0", capsys=capsys
-        )
+        code, _, stderr = run_cli("proxy", "--kubeconfig", str(path), capsys=capsys)
         assert (code, stderr) == (1, f"{ERROR}{message.format(path=path)}\n")
     assert piv.sign_count == signed and cluster.api.handshakes == 0
     # Only an explicit request gives plain HTTP, and it is announced loudly.

@@ -3076,20 +3076,20 @@ class ProxySettings:
     reuse_while_present: bool = False
 
 
-def parse_listen(text: str, unsafe: bool) -> tuple[str, int]:
+def parse_listen(text: str, unsafe: bool, what: str = "--listen") -> tuple[str, int]:
     import ipaddress
 
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     if not (sep and port.isascii() and port.isdigit() and int(port) <= 65535):
-        raise ConfigError(f"--listen {text!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
+        raise ConfigError(f"{what} {text!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
     if not loopback and not unsafe:
         raise ConfigError(
-            f"--listen {text!r} is not a loopback address: anyone who can "
+            f"{what} {text!r} is not a loopback address: anyone who can "
             "reach it could use your cluster; pass --unsafe-listen if you "
             "really mean it"
         )
@@ -3119,38 +3119,54 @@ def local_tls_from(extension: dict[str, Any], where: str) -> LocalTls:
     return tls
 
 
-def proxy_settings(args: argparse.Namespace) -> ProxySettings:
+def upstream_settings(cluster: Named) -> tuple[UpstreamAddress, list[Any]]:
+    """The API server's address and the roots its chain must lead to."""
     from cryptography import x509
 
-    ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
-    ext = ctx.extension
-    body = ctx.cluster.body
+    body = cluster.body
     if not body.get("server"):
-        raise ConfigError(f"{ctx.cluster.where} has no server URL: fix the kubeconfig")
-    address = UpstreamAddress.parse(body["server"], body.get("tls-server-name"))
-    ca = read_material(
-        ctx.cluster, "certificate-authority-data", "certificate-authority"
-    )
+        raise ConfigError(f"{cluster.where} has no server URL: fix the kubeconfig")
+    try:
+        address = UpstreamAddress.parse(body["server"], body.get("tls-server-name"))
+    except ConfigError as exc:
+        raise ConfigError(f"{cluster.where}: {exc}") from None
+    ca = read_material(cluster, "certificate-authority-data", "certificate-authority")
     try:
         roots = x509.load_pem_x509_certificates(ca) if ca else system_roots()
     except ValueError:
         raise ConfigError(
-            f"the certificate-authority of {ctx.cluster.where} is not PEM "
+            f"the certificate-authority of {cluster.where} is not PEM "
             "certificates: fix the kubeconfig"
         ) from None
-    slot = args.slot or parse_slot(ext.get("slot") or "9a")
+    return address, roots
+
+
+def proxy_settings(args: argparse.Namespace) -> ProxySettings:
+    ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
+    address, roots = upstream_settings(ctx.cluster)
+    ext = ctx.extension
+    where = f"the proxy kubeconfig {os.pathsep.join(map(str, ctx.sources))}"
+    ours = f"the {EXTENSION_NAME} extension of {where}"
+    try:
+        slot = args.slot or parse_slot(ext.get("slot") or "9a")
+    except ConfigError as exc:
+        raise ConfigError(f"{ours}: {exc}") from None
     serial = args.serial if args.serial is not None else ext.get("serial")
-    listen = parse_listen(
-        args.listen or ext.get("listen") or f"127.0.0.1:{DEFAULT_PORT}",
-        args.unsafe_listen,
+    listen = (
+        parse_listen(args.listen, args.unsafe_listen)
+        if args.listen
+        else parse_listen(
+            ext.get("listen") or f"127.0.0.1:{DEFAULT_PORT}",
+            args.unsafe_listen,
+            f"{ours}: listen",
+        )
     )
     reuse = args.reuse_while_present or bool(ext.get("reuse-while-present"))
-    where = f"the proxy kubeconfig {os.pathsep.join(map(str, ctx.sources))}"
     plain = args.plain_http or ext.get("plain-http") is True
     return ProxySettings(
         address,
         roots,
-        bool(body.get("insecure-skip-tls-verify")),
+        bool(ctx.cluster.body.get("insecure-skip-tls-verify")),
         slot,
         serial,
         listen,
