@@ -5353,7 +5353,8 @@ def test_hostile_certificate_pin_and_key_files(card57, tmp_path, capsys):
         if reason is None:
             assert (code, err) == (
                 1,
-                f"{ERROR}the client certificate of user 'default' is not a readable "
+                f"{ERROR}the client certificate of user 'default' in {source} is not a "
+                "readable "
                 "X.509 certificate: fix the kubeconfig or export the certificate again\n",
             )
         else:
@@ -6628,7 +6629,7 @@ def test_encrypted_key_and_missing_cluster(tmp_path, capsys):
     code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
     assert (code, stderr) == (
         1,
-        "yubikey-kube-proxy: error: the client key of user 'default' "
+        f"yubikey-kube-proxy: error: the client key of user 'default' in {source} "
         "is encrypted with a passphrase: decrypt it first (openssl "
         "pkey -in KEY) and keep the plain copy off disk\n",
     )

@@ -1820,8 +1820,9 @@ def load_client_identity(ctx: KubeContext) -> tuple[Any, Any]:
             f"(it uses {auth_kind(user.body)}): yubikey-kube-proxy moves a client-certificate "
             "key onto the card, so pick a context whose user has one with --context"
         )
-    cert = load_certificate(cert_data, f"the client certificate of user {user.name!r}")
-    key = load_private_key(key_data, f"the client key of user {user.name!r}")
+    where = f"user {user.name!r} in {user.source}"
+    cert = load_certificate(cert_data, f"the client certificate of {where}")
+    key = load_private_key(key_data, f"the client key of {where}")
     key_algorithm(key)
     if not same_public_key(cert.public_key(), key.public_key()):
         raise KeyMismatchError(
