@@ -9779,7 +9779,11 @@ def test_names_that_cannot_be_used_are_refused(
 @pytest.mark.parametrize(
     "target, message",
     [
-        ("clusters: {}\n", "clusters in {path} is not a list: fix the kubeconfig"),
+        (
+            "clusters: {}\n",
+            "kubeconfig {path}: clusters is a mapping, not a list: write a list (lines "
+            "starting with '- ')",
+        ),
         (
             "clusters: [\n",
             "kubeconfig {path} is not valid YAML at line 2: fix or replace the file",
