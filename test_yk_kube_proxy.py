@@ -7773,6 +7773,26 @@ def test_touch_always_in_pool_mode_one_touch_per_new_connection(
         rig.remove(inserted)
 
 
+def test_pcsc_codes_are_named_by_what_happened():
+    reader = "R 00 00"
+    reset = yk.pcsc_error(0x80100068, reader)
+    assert (type(reset), str(reset)) == (
+        yk.TransientCardError,
+        "the card in reader 'R 00 00' was reset by another program (0x80100068): "
+        "try again",
+    )
+    removed = yk.pcsc_error(0x80100069, reader)
+    assert (type(removed), str(removed)) == (
+        yk.NoCardError,
+        "YubiKey not present in reader 'R 00 00' - insert it",
+    )
+    # Not transacted says nothing of why: the card layer looks again before it
+    # reports this raw code (see the pull-and-request-at-once test).
+    raw = yk.pcsc_error(0x80100016, reader)
+    assert (type(raw), raw.code) == (yk.PcscFailure, 0x80100016)
+    assert str(raw).startswith("PC/SC error 0x80100016 in reader 'R 00 00': ")
+
+
 class GarbledVersionPiv(VirtualPiv):
     """A card whose GET VERSION answer is one byte instead of three."""
 

@@ -1142,6 +1142,7 @@ class Card:
                 with self._session() as piv:
                     yield piv
             except PcscFailure as exc:
+                self._drop_context()  # the next operation starts afresh
                 raise self._look_again(exc) from None
             except (ValueError, KeyError, IndexError) as exc:
                 raise CardError(
@@ -2619,7 +2620,12 @@ class LinkPool:
     def give_back(self, sock: TLSSocket, reusable: bool) -> None:
         with self._lock:
             self._busy.discard(sock)
-            if reusable and self.reuse and self.monitor.still(sock.stamp):
+            if (
+                reusable
+                and self.reuse
+                and not sock.cut
+                and self.monitor.still(sock.stamp)
+            ):
                 sock.idle_since = time.monotonic()
                 self._idle.append(sock)
                 self._lock.notify_all()
