@@ -7511,8 +7511,16 @@ def test_pool_reuses_across_kubectl_runs_with_exact_signatures(
         done = kubectl(proxy, *cache, "get", "pods", "-o", "name")
         assert (done.returncode, done.stdout) == (0, ""), done.stderr
         assert (card.sign_count, cluster.api.handshakes) == counts
+        # An upgrade gets a connection of its own, which is never kept.
+        cluster.api.add_pod("box", namespace="team-a")
+        for expected in (1, 2):
+            done = kubectl(proxy, "exec", "-i", "box", "--", "cat", input="hi\n")
+            assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
+            assert card.sign_count - counts[0] == expected
+        assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+        assert card.sign_count - counts[0] == 2
         FAULT_FIGURES.append(
-            f"pool: {len(cluster.api.requests)} requests of 6 kubectl runs and a "
+            f"pool: {len(cluster.api.requests)} requests of 9 kubectl runs and a "
             f"client, {card.sign_count - signed} signatures"
         )
     finally:
