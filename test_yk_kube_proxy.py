@@ -819,8 +819,9 @@ class VirtualPiv:
         else:
             raise CardStatus(SW_WRONG_DATA)
         self._authorize_key_use(slot, entry)
-        delay = self.sign_delays.get(entry.algorithm, self.sign_delay)
-        if delay:
+        # The signature's time includes the APDU's own, slept in _card_time.
+        delay = self.sign_delays.get(entry.algorithm, self.sign_delay) - self.apdu_delay
+        if delay > 0:
             time.sleep(delay)
         if is_signature:
             self.sign_count += 1
