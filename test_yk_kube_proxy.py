@@ -7249,7 +7249,7 @@ def bench_latency(rig, workdir: Path, kind: str) -> list[str]:
             f"{p90(a) * 1000:7.2f} ms",
             f"  (b) proxy, instant card              {med(b) * 1000:7.2f} / "
             f"{p90(b) * 1000:7.2f} ms",
-            f"  (c) proxy, real card ({card_ms:3.0f} ms)      {med(c) * 1000:7.2f} / "
+            f"  (c) proxy, real card, {card_ms:3.0f} ms         {med(c) * 1000:7.2f} / "
             f"{p90(c) * 1000:7.2f} ms",
             f"  proxy's own cost (b)-(a)             {own:7.2f} ms  "
             + versus(own, 4, " ms"),
