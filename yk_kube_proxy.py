@@ -2783,6 +2783,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     server_version = PROG
     server: ProxyServer
     upstream_sock: TLSSocket | None = None  # the one carrying the current request
+    reused = False  # ... and it was kept from an earlier request: no card time
 
     def setup(self) -> None:
         super().setup()
@@ -2828,6 +2829,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def upstream_link(self, reuse: bool) -> tuple[http.client.HTTPConnection, bool]:
         """An upstream connection from the pool, and whether it was used before."""
         sock, reused = self.server.pool.take(reuse)
+        self.reused = reused
         link = http.client.HTTPConnection(self.server.upstream.address.host)
         link.sock = self.upstream_sock = sock
         return link, reused
@@ -2894,7 +2896,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             response.status,
             sent,
             (time.perf_counter() - started) * 1000,
-            signer.last_seconds * 1000,
+            0.0 if self.reused else signer.last_seconds * 1000,
         )
         return (
             response.status != 101 and not response.will_close and response.isclosed()
