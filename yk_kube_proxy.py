@@ -3720,8 +3720,9 @@ def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None
             log.warning(
                 "stopping with requests still open (after %g s)", SHUTDOWN_GRACE_SECONDS
             )
-        if server.pool is not None:
-            server.pool.monitor.stop()
+        pool = getattr(server, "pool", None)  # a stand-in server may have none
+        if pool is not None:
+            pool.monitor.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
