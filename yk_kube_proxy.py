@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import shutil
 import socket
 import subprocess
@@ -101,6 +102,12 @@ MAX_CHUNKED_BODY = 8 * 1024 * 1024  # chunked request bodies are read whole firs
 MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions
 LINGER_SECONDS = 2.0  # after an error answer, read what the client still sends,
 LINGER_BYTES = 1024 * 1024  # so that the answer arrives instead of a reset
+REUSE_IDLE_SECONDS = 30.0  # pooled connections: below common server idle timeouts
+CERTIFICATE_REFRESH_SECONDS = 60.0  # the slot's certificate is read again this often
+MONITOR_WAKE_MS = 500  # the presence monitor follows a card to another reader
+MONITOR_RETRY_SECONDS = 0.5  # after pcscd went away
+LOOK_AGAIN_SECONDS = 1.0  # a pulled card shows as absent after pcscd's next poll
+CLIENT_WATCH_MS = 250  # a stream's client watcher notices the stream's own end
 PLAIN_HTTP_WARNING = (
     "the local hop is plain HTTP: any local user or program on this machine can "
     "send requests to the proxy and act as the card's identity; run setup again "
@@ -203,6 +210,12 @@ SCARD_E_NO_READERS_AVAILABLE = 0x8010002E
 SCARD_W_REMOVED_CARD = 0x80100069
 SCARD_W_RESET_CARD = 0x80100068
 SCARD_E_INVALID_HANDLE = 0x80100003
+SCARD_E_TIMEOUT = 0x8010000A
+SCARD_E_CANCELLED = 0x80100002
+SCARD_E_UNKNOWN_READER = 0x80100009
+SCARD_E_READER_UNAVAILABLE = 0x80100017
+SCARD_STATE_UNAWARE = 0x00
+SCARD_STATE_CHANGED = 0x02
 SCARD_STATE_PRESENT = 0x20
 SCARD_CARD_GONE = {SCARD_E_NO_SMARTCARD, SCARD_W_REMOVED_CARD, 0x80100017, 0x80100009}
 PCSC_SERVICE_ADVICE = {  # SCARD_E_NO_SERVICE, by platform
@@ -249,6 +262,15 @@ class CardError(ProxyError):
 
 class NoCardError(CardError):
     """No matching YubiKey is inserted."""
+
+
+class PcscFailure(CardError):
+    """A PC/SC call failed with a code that does not say what happened; the card
+    layer looks again (reader, presence, serial) before reporting it."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CardBusyError(CardError):
@@ -735,10 +757,12 @@ def pcsc_error(hresult: int, reader: str = "") -> CardError:
     """Turn a PC/SC return code into an error that says what to do."""
     code = hresult & 0xFFFFFFFF
     where = f" in reader {reader!r}" if reader else ""
-    if code in (SCARD_W_RESET_CARD, SCARD_E_INVALID_HANDLE, SCARD_E_SERVICE_STOPPED):
+    if code == SCARD_W_RESET_CARD:
         return TransientCardError(
-            f"the card{where} was reset or pcscd restarted (0x{code:08X}): try again"
+            f"the card{where} was reset by another program (0x{code:08X}): try again"
         )
+    if code in (SCARD_E_INVALID_HANDLE, SCARD_E_SERVICE_STOPPED):
+        return TransientCardError(f"pcscd restarted (0x{code:08X}): try again")
     if code == SCARD_E_NO_SERVICE:  # macOS says so spuriously mid-session: retried
         platform = host_platform()
         error = TransientCardError if platform == "darwin" else CardError
@@ -751,9 +775,10 @@ def pcsc_error(hresult: int, reader: str = "") -> CardError:
             f"{BUSY_SUSPECTS}: close it and try again"
         )
     message = _scard().SCardGetErrorMessage(hresult)
-    return CardError(
+    return PcscFailure(
         f"PC/SC error 0x{code:08X}{where}: {message.strip()}; reinsert the YubiKey, "
-        "and if it persists restart pcscd"
+        "and if it persists restart pcscd",
+        code,
     )
 
 
@@ -777,11 +802,29 @@ class PcscContext:
         return list(names)
 
     def card_present(self, reader: str) -> bool:
-        states = [(reader, self._scard.SCARD_STATE_UNAWARE)]
-        hresult, new_states = self._scard.SCardGetStatusChange(self.handle, 0, states)
-        if hresult != 0:
-            return False
-        return bool(new_states[0][1] & SCARD_STATE_PRESENT)
+        state = self.wait_change(reader, SCARD_STATE_UNAWARE, 0)
+        return bool(state is not None and state & SCARD_STATE_PRESENT)
+
+    def wait_change(self, reader: str, known: int, timeout_ms: int) -> int | None:
+        """The reader's state (dwEventState: flags, and pcsc-lite's event counter in
+        the high word) once it differs from ``known``, or ``known`` after the
+        timeout or SCardCancel; None when the reader is gone."""
+        hresult, states = self._scard.SCardGetStatusChange(
+            self.handle, timeout_ms, [(reader, known)]
+        )
+        code = hresult & 0xFFFFFFFF
+        if code in (SCARD_E_TIMEOUT, SCARD_E_CANCELLED):
+            return known
+        if code in (SCARD_E_UNKNOWN_READER, SCARD_E_READER_UNAVAILABLE):
+            return None
+        if code != 0:
+            raise pcsc_error(hresult, reader)
+        return states[0][1] & ~SCARD_STATE_CHANGED
+
+    def cancel(self) -> None:
+        """Wake a wait_change() in another thread."""
+        if self.handle is not None:
+            self._scard.SCardCancel(self.handle)
 
     def connect(self, reader: str) -> PcscTransport:
         sc = self._scard
@@ -817,9 +860,10 @@ class PcscTransport:
         if hresult != 0:
             raise pcsc_error(hresult, self.reader)
         if len(response) < 2:
-            raise CardError(
+            raise PcscFailure(
                 f"the card in reader {self.reader!r} sent a truncated answer: "
-                "reinsert the YubiKey and try again"
+                "reinsert the YubiKey and try again",
+                0,
             )
         return bytes(response[:-2]), (response[-2] << 8) | response[-1]
 
@@ -1221,7 +1265,42 @@ class Card:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[PivSession]:
-        """A PIV session on this card (SELECTed, identity checked)."""
+        """A PIV session on this card (SELECTed, identity checked). A failure that
+        does not say what happened is named after a second look at the reader; an
+        answer the PIV layer cannot parse is the card's error."""
+        with self._lock:
+            try:
+                with self._session() as piv:
+                    yield piv
+            except PcscFailure as exc:
+                self._drop_context()  # the next operation starts afresh
+                raise self._look_again(exc) from None
+            except (ValueError, KeyError, IndexError) as exc:
+                raise CardError(
+                    f"the YubiKey in reader {self.reader!r} sent an answer that is not "
+                    f"valid PIV ({exc}): reinsert it and try again"
+                ) from None
+
+    def _look_again(self, failure: PcscFailure) -> CardError:
+        """After a failed transmit or transaction: the card was pulled (pcscd may
+        still call it present for a moment, until its next poll), or, when it is
+        still there, the raw failure."""
+        context = PcscContext()
+        try:
+            state = context.wait_change(self.reader, SCARD_STATE_UNAWARE, 0)
+            if state is not None and state & SCARD_STATE_PRESENT:
+                ms = int(LOOK_AGAIN_SECONDS * 1000)
+                state = context.wait_change(self.reader, state, ms)
+        finally:
+            context.close()
+        if state is None or not state & SCARD_STATE_PRESENT:
+            return NoCardError(
+                f"YubiKey not present in reader {self.reader!r} - insert it"
+            )
+        return failure
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[PivSession]:
         with self._lock:
             transport = self._connect()
             try:
@@ -1323,6 +1402,89 @@ class Card:
         """Release everything held in PC/SC (the next operation starts afresh)."""
         with self._lock:
             self._drop_context()
+
+
+class PresenceMonitor:
+    """Knows whether the card is still in its reader, from PC/SC reader events.
+
+    A background thread waits in SCardGetStatusChange on the card's reader. The
+    ``stamp`` is the reader and pcsc-lite's event counter while a card is in it,
+    None while it is empty (or pcscd is gone): a connection the card signed under
+    one stamp may be used again while the stamp is unchanged, since the card was
+    never pulled in between (no APDU needed). When the stamp changes (the card
+    left, or a card, maybe another one, arrived) the listeners are called."""
+
+    def __init__(self, card: Card) -> None:
+        self.card = card
+        self.stamp: tuple[str, int] | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._context: PcscContext | None = None
+        self._thread = threading.Thread(
+            target=self._run, name="presence-monitor", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(5)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        context = self._context
+        if context is not None:
+            with contextlib.suppress(Exception):
+                context.cancel()
+        self._thread.join(5)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def still(self, stamp: tuple[str, int] | None) -> bool:
+        """True when the card behind ``stamp`` never left its reader since."""
+        return stamp is not None and stamp == self.stamp
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._context = PcscContext()
+                self._watch(self._context)
+            except CardError as exc:
+                log.info("presence monitor: %s", exc)
+            finally:
+                if self._context is not None:
+                    with contextlib.suppress(Exception):
+                        self._context.close()
+                self._context = None
+            if self._stopping.wait(0):
+                return
+            self._seen(None)  # pcscd went away: the card may have, too
+            self._stopping.wait(MONITOR_RETRY_SECONDS)
+
+    def _watch(self, context: PcscContext) -> None:
+        reader, state = "", SCARD_STATE_UNAWARE
+        while not self._stopping.is_set():
+            if reader != self.card.reader:  # the card layer found it elsewhere
+                reader, state = self.card.reader, SCARD_STATE_UNAWARE
+            new = context.wait_change(reader, state, MONITOR_WAKE_MS)
+            if new is None:  # the reader went away with the card (USB)
+                self._seen(None)
+                self._stopping.wait(MONITOR_RETRY_SECONDS)
+                reader = ""
+                continue
+            state = new
+            present = state & SCARD_STATE_PRESENT
+            self._seen((reader, state >> 16) if present else None)
+
+    def _seen(self, stamp: tuple[str, int] | None) -> None:
+        with self._lock:
+            old, self.stamp = self.stamp, stamp
+        self._ready.set()
+        if old is not None and stamp != old:
+            log.info("the YubiKey left reader %r (or was put back)", old[0])
+            for listener in self._listeners:
+                listener()
 
 
 def reader_matches(name: str, wanted: str | None) -> bool:
@@ -2687,6 +2849,16 @@ class TLSSocket:
         self.raw = raw
         self.sock = sock
         self.lock = threading.Lock()
+        self.stamp: tuple[str, int] | None = None  # the card's presence when it signed
+        self.idle_since = 0.0
+        self.cut = False  # ended because the card left
+
+    def quiet(self) -> bool:
+        """Nothing arrived while idle: the server has not closed it or sent
+        anything (an idle HTTP/1.1 connection must stay silent)."""
+        if self.sock.pending or self.conn._readBuffer:
+            return False
+        return not select.select([self.raw], [], [], 0)[0]
 
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)
@@ -2700,8 +2872,9 @@ class TLSSocket:
         self.stream = TLSStream(self.conn, self.sock)
         return HeadReader(self.stream)
 
-    def shutdown(self) -> None:
+    def shutdown(self, cut: bool = False) -> None:
         """Wake up any reader and stop the connection, without waiting."""
+        self.cut = self.cut or cut
         with contextlib.suppress(OSError):
             self.raw.shutdown(socket.SHUT_RDWR)
 
@@ -2772,8 +2945,9 @@ def sni_for(name: str) -> str | None:
 
 
 class Upstream:
-    """Opens a fresh mutual-TLS connection to the API server per request; the
-    card signs each handshake after the server's certificate has passed."""
+    """Opens mutual-TLS connections to the API server; the card signs each
+    handshake after the server's certificate has passed. The slot's certificate
+    is read from the card again only when it may have changed."""
 
     def __init__(
         self,
@@ -2790,7 +2964,15 @@ class Upstream:
         self.timeout = timeout
         self.settings = tls_settings()
         self.origin = "of unknown origin"  # from the slot's metadata, for the logs
+        self.refresh_seconds = CERTIFICATE_REFRESH_SECONDS
         self.use_certificate(certificate)
+        self.read_at = time.monotonic()  # the caller has just read it from the card
+        self.stale = False
+
+    def refresh_certificate(self) -> None:
+        """Read the slot's certificate before the next handshake (the card was put
+        back, the server refused the certificate, or SIGHUP)."""
+        self.stale = True
 
     @property
     def host_header(self) -> str:
@@ -2798,11 +2980,14 @@ class Upstream:
         return self.address.where.rsplit(":", 1)[0] if default else self.address.where
 
     def identity(self) -> tuple[Any, Any]:
-        """The slot's certificate chain and key object as they are now: 'renew' (or
-        'setup --force') may replace the certificate under a running proxy. Reading
-        it is also the presence check that lets a pulled card fail fast."""
+        """The slot's certificate chain and key object: 'renew' (or 'setup --force')
+        may replace the certificate under a running proxy, so it is read again when
+        stale or after ``refresh_seconds``."""
+        if not self.stale and time.monotonic() - self.read_at < self.refresh_seconds:
+            return self.cert_chain, self.key
         slot = self.signer.slot
         der = self.signer.card.run(lambda piv: piv.get_certificate(slot))
+        self.read_at, self.stale = time.monotonic(), False
         if der is None:
             raise CardError(
                 f"slot {slot.name} of the YubiKey holds no certificate any more: "
@@ -2830,10 +3015,9 @@ class Upstream:
         self.not_after = not_after(cert)
         self.certificate_der = cert.public_bytes(serialization.Encoding.DER)
 
-    def connect(self, refresh: bool = True) -> TLSSocket:
-        """A fresh connection; with ``refresh`` the slot's certificate is read first
-        (once per local connection: one kubectl run), else the last one is used."""
-        cert_chain, key = self.identity() if refresh else (self.cert_chain, self.key)
+    def connect(self) -> TLSSocket:
+        """A fresh connection, its handshake signed by the card."""
+        cert_chain, key = self.identity()
         raw = self._tcp_connect()
         pushback = PushbackSocket(raw)
         conn = make_tls_connection(pushback, self.verifier, self.address.where)
@@ -2896,6 +3080,7 @@ class Upstream:
         alert = getattr(exc, "description", None)
         remote = isinstance(exc, TLSRemoteAlert)
         if remote and signed and alert in CERTIFICATE_ALERTS:
+            self.refresh_certificate()
             return client_certificate_rejected(where, self.subject)
         forged = isinstance(exc, TLSDecryptionFailed) or (
             isinstance(exc, TLSLocalAlert) and alert == Alert.decrypt_error
@@ -2932,6 +3117,108 @@ class Upstream:
                 f"the TLS handshake with the API server at {where} failed: {exc}"
             )
         return exc
+
+
+class LinkPool:
+    """The upstream connections the card opened, and the guarantee that none of
+    them outlives the card's presence.
+
+    With ``reuse`` (--reuse-while-present) a connection whose response ended
+    cleanly is kept for up to ``idle_seconds`` and lent to one request at a
+    time, each time after the presence monitor confirms that the card that
+    signed it never left its reader since. When the card leaves, the idle ones
+    close, and (unless ``keep_streams``) so do those still carrying a response
+    or a tunnel."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        monitor: PresenceMonitor,
+        reuse: bool = False,
+        idle_seconds: float = REUSE_IDLE_SECONDS,
+        keep_streams: bool = False,
+    ) -> None:
+        self.upstream = upstream
+        self.monitor = monitor
+        self.reuse = reuse
+        self.idle_seconds = idle_seconds
+        self.keep_streams = keep_streams
+        self._idle: list[TLSSocket] = []
+        self._busy: set[TLSSocket] = set()
+        self._lock = threading.Condition()
+        monitor.on_change(self.card_left)
+        if reuse:
+            threading.Thread(target=self._expire, name="pool", daemon=True).start()
+
+    def take(self, reuse: bool) -> tuple[TLSSocket, bool]:
+        """An idle connection (and True), else a fresh one the card signs."""
+        if reuse and self.reuse:
+            sock = self._take_idle()
+            if sock is not None:
+                return sock, True
+        stamp = self.monitor.stamp  # before the card signs: a pull after it shows
+        sock = self.upstream.connect()
+        sock.stamp = stamp
+        with self._lock:
+            self._busy.add(sock)
+        if stamp is not None and not self.monitor.still(stamp):
+            sock.shutdown(cut=not self.keep_streams)  # pulled during the handshake
+        return sock, False
+
+    def _take_idle(self) -> TLSSocket | None:
+        with self._lock:
+            while self._idle:
+                sock = self._idle.pop()  # the most recent first
+                if self.monitor.still(sock.stamp) and sock.quiet():
+                    self._busy.add(sock)
+                    return sock
+                sock.release()
+        return None
+
+    def give_back(self, sock: TLSSocket, reusable: bool) -> None:
+        with self._lock:
+            self._busy.discard(sock)
+            if (
+                reusable
+                and self.reuse
+                and not sock.cut
+                and self.monitor.still(sock.stamp)
+            ):
+                sock.idle_since = time.monotonic()
+                self._idle.append(sock)
+                self._lock.notify_all()
+                return
+        sock.release()
+
+    def card_left(self) -> None:
+        """The presence monitor saw the card leave (or another card arrive)."""
+        self.upstream.refresh_certificate()
+        with self._lock:
+            idle, self._idle = self._idle, []
+            busy = [] if self.keep_streams else list(self._busy)
+        for sock in idle:
+            sock.release()
+        for sock in busy:
+            sock.shutdown(cut=True)
+        if idle or busy:
+            log.warning(
+                "the YubiKey left its reader: closed %d idle and %d open upstream "
+                "connections",
+                len(idle),
+                len(busy),
+            )
+
+    def _expire(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                for sock in [
+                    s for s in self._idle if now - s.idle_since >= self.idle_seconds
+                ]:
+                    self._idle.remove(sock)
+                    sock.release()
+                due = [s.idle_since + self.idle_seconds - now for s in self._idle]
+                self._lock.wait(max(0.0, min(due)) if due else None)
 
 
 # TLS alerts by which a server refuses a client certificate (RFC 8446 6.2).
@@ -3112,11 +3399,11 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         address: tuple[str, int],
         upstream: Upstream,
         tls_context: Any = None,
-        reuse_while_present: bool = False,
+        pool: LinkPool | None = None,
     ) -> None:
         self.upstream = upstream
         self.tls_context = tls_context
-        self.reuse_while_present = reuse_while_present
+        self.pool = pool
         self.inflight = 0
         self.idle = threading.Condition()
         self.connections = 0  # local connections open, at most MAX_CONNECTIONS
@@ -3391,8 +3678,8 @@ class RelayHandler(StrictRequestHandler):
 
     server_version = PROG
     server: ProxyServer
-    kept: http.client.HTTPConnection | None = None  # --reuse-while-present only
-    identity_read = False  # the slot's certificate was read for this local connection
+    upstream_sock: TLSSocket | None = None  # the one carrying the current request
+    reused = False  # ... and it was kept from an earlier request: no card time
 
     def setup(self) -> None:
         super().setup()
@@ -3411,19 +3698,29 @@ class RelayHandler(StrictRequestHandler):
         started = time.perf_counter()
         try:
             body = self.checked_body()
-            link = self.upstream_link()
         except ProxyError as exc:
             return self.refuse(exc)
-        upstream, keep = link.sock, False  # http.client forgets it on "close"
-        try:
-            keep = (
-                self.exchange(link, body, started) and self.server.reuse_while_present
-            )
-        finally:
-            if keep:
-                self.kept = link
-            else:
-                upstream.release()
+        reuse = not is_upgrade(self.headers)  # an upgrade gets its own connection
+        while True:
+            try:
+                link, reused = self.upstream_link(reuse)
+            except ProxyError as exc:
+                return self.refuse(exc)
+            keep, sock = False, link.sock  # http.client forgets it when it fails
+            try:
+                replayable = reused and self.replayable(body)
+                keep = self.exchange(link, body, started, replayable)
+                return
+            except StaleConnection:
+                log.info(
+                    "%s %s: retried, the kept connection was stale",
+                    self.command,
+                    self.path,
+                )
+                reuse = False  # once more, on a fresh connection
+            finally:
+                self.upstream_sock = None
+                self.server.pool.give_back(sock, keep)
 
     def checked_body(self) -> bytes | None:
         """Refuses what refusal() names; a chunked body is read whole (None for
@@ -3438,28 +3735,17 @@ class RelayHandler(StrictRequestHandler):
         except OSError:
             raise RequestError(TRUNCATED_CHUNKED) from None
 
-    def upstream_link(self) -> http.client.HTTPConnection:
-        """A fresh upstream connection (the card signs its handshake) or, with
-        --reuse-while-present, this local connection's previous one, once the card
-        has answered a presence check (same serial, PIV applet selected)."""
-        kept, self.kept = self.kept, None
-        if kept is not None:
-            try:
-                self.server.upstream.signer.card.run(lambda piv: None)
-                return kept
-            except ProxyError:
-                kept.sock.release()
-                raise
+    def upstream_link(self, reuse: bool) -> tuple[http.client.HTTPConnection, bool]:
+        """An upstream connection from the pool, and whether it was used before."""
+        sock, reused = self.server.pool.take(reuse)
+        self.reused = reused
         link = http.client.HTTPConnection(self.server.upstream.address.host)
-        link.sock = self.server.upstream.connect(refresh=not self.identity_read)
-        self.identity_read = True
-        return link
+        link.sock = self.upstream_sock = sock
+        return link, reused
 
-    def finish(self) -> None:
-        super().finish()
-        if self.kept is not None:
-            self.kept.sock.release()
-            self.kept = None
+    def replayable(self, body: bytes | None) -> bool:
+        """The request can be sent again as it was: no body, or one held whole."""
+        return body is not None or self.headers.get("Content-Length", "0") == "0"
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_relay
 
@@ -3483,10 +3769,17 @@ class RelayHandler(StrictRequestHandler):
         return None
 
     def exchange(
-        self, link: http.client.HTTPConnection, body: bytes | None, started: float
+        self,
+        link: http.client.HTTPConnection,
+        body: bytes | None,
+        started: float,
+        replayable: bool,
     ) -> bool:
         """Relay one request and its response; True when the upstream connection
-        could carry another request."""
+        could carry another request. StaleConnection when a ``replayable`` request
+        failed before any byte of an answer arrived."""
+        from tlslite.errors import TLSAbruptCloseError
+
         try:
             self.forward_request(link, body)
             self.connection.settimeout(None)  # answers and tunnels may be quiet
@@ -3496,6 +3789,9 @@ class RelayHandler(StrictRequestHandler):
             self.refuse(exc)
             return False
         except Exception as exc:  # noqa: BLE001 - the upstream failed mid-request
+            # RemoteDisconnected, a reset: not one byte of a status line arrived
+            if replayable and isinstance(exc, (ConnectionError, TLSAbruptCloseError)):
+                raise StaleConnection() from None
             self.upstream_failed(exc)
             return False
         if response.status == 101:
@@ -3510,7 +3806,7 @@ class RelayHandler(StrictRequestHandler):
             response.status,
             sent,
             (time.perf_counter() - started) * 1000,
-            signer.last_seconds * 1000,
+            0.0 if self.reused else signer.last_seconds * 1000,
         )
         return (
             response is first
@@ -3525,6 +3821,7 @@ class RelayHandler(StrictRequestHandler):
         upstream = self.server.upstream
         where = upstream.address.where
         if isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS:
+            upstream.refresh_certificate()
             error: ProxyError = client_certificate_rejected(where, upstream.subject)
         else:
             error = UpstreamError(
@@ -3633,12 +3930,25 @@ class RelayHandler(StrictRequestHandler):
         return self.stream(response, chunked)
 
     def stream(self, response: http.client.HTTPResponse, chunked: bool) -> int:
-        """Relay the body as it arrives (watch, logs -f), as chunks or as it is."""
+        """Relay the body as it arrives (watch, logs -f), as chunks or as it is,
+        flushing each piece. The stream ends when the client hangs up; cut because
+        the card left, it ends without its last chunk, so kubectl reports it
+        broken, not complete."""
         sent = 0
-        while data := response.read1(CHUNK):
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-            self.wfile.flush()
-            sent += len(data)
+        upstream = self.upstream_sock
+        try:
+            with ended_with_client(self.connection, upstream):
+                while data := response.read1(CHUNK):
+                    piece = b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    sent += len(data)
+        except (OSError, http.client.HTTPException):
+            self.close_connection = True  # broken or cut: no last chunk
+            return sent
+        if upstream is not None and upstream.cut:
+            self.close_connection = True
+            return sent
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
         return sent
@@ -3674,6 +3984,36 @@ class RelayHandler(StrictRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("%s - %s", self.address_string(), format % args)
+
+
+class StaleConnection(Exception):
+    """A kept upstream connection failed before any answer: send the request again."""
+
+
+@contextlib.contextmanager
+def ended_with_client(
+    client: socket.socket, upstream: TLSSocket | None
+) -> Iterator[None]:
+    """While a stream is relayed, a thread waits for the client to hang up
+    (POLLRDHUP, nothing read) and then shuts the upstream connection down at once,
+    not at the next write, which for a quiet watch may be minutes away."""
+    done = threading.Event()
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(client.fileno(), select.POLLRDHUP)
+        while not done.is_set():
+            if poller.poll(CLIENT_WATCH_MS):
+                if not done.is_set() and upstream is not None:
+                    upstream.shutdown()
+                return
+
+    if upstream is not None:
+        threading.Thread(target=watch, name="client-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def is_upgrade(headers: Any) -> bool:
@@ -3770,6 +4110,8 @@ class ProxySettings:
     listen: tuple[str, int]
     local_tls: LocalTls | None
     reuse_while_present: bool = False
+    reuse_idle: float = REUSE_IDLE_SECONDS
+    keep_streams_on_removal: bool = False
 
 
 def parse_listen(text: str, unsafe: bool, what: str = "--listen") -> tuple[str, int]:
@@ -3868,6 +4210,8 @@ def proxy_settings(args: argparse.Namespace) -> ProxySettings:
         listen,
         None if plain else local_tls_from(ext, where),
         reuse,
+        args.reuse_idle,
+        args.keep_streams_on_removal,
     )
 
 
@@ -3974,6 +4318,7 @@ def build_upstream(
         settings.address, verifier, cert, signer, args.handshake_timeout
     )
     upstream.origin = meta.origin if meta else "of unknown origin"
+    upstream.refresh_seconds = args.certificate_refresh
     return upstream
 
 
@@ -4009,13 +4354,20 @@ def format_address(address: tuple[Any, ...]) -> str:
 
 
 def start_server(settings: ProxySettings, upstream: Upstream) -> ProxyServer:
+    """The listener, with the card's presence monitor and the connection pool."""
     context = settings.local_tls.context() if settings.local_tls else None
     if context is None:
         log.warning("%s", PLAIN_HTTP_WARNING)
+    monitor = PresenceMonitor(upstream.signer.card)
+    pool = LinkPool(
+        upstream,
+        monitor,
+        settings.reuse_while_present,
+        settings.reuse_idle,
+        settings.keep_streams_on_removal,
+    )
     try:
-        return ProxyServer(
-            settings.listen, upstream, context, settings.reuse_while_present
-        )
+        server = ProxyServer(settings.listen, upstream, context, pool)
     except (OSError, ValueError, UnicodeError, OverflowError) as exc:
         where = format_address(settings.listen)
         reason = getattr(exc, "strerror", None) or str(exc)
@@ -4023,6 +4375,8 @@ def start_server(settings: ProxySettings, upstream: Upstream) -> ProxyServer:
             f"cannot listen on {where} ({reason}): is another proxy "
             "running? choose another address with --listen"
         ) from None
+    monitor.start()
+    return server
 
 
 def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None:
@@ -4037,6 +4391,7 @@ def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None
     def reload(signum: int, frame: Any) -> None:
         log.warning("reloading: releasing the card and reading the PIN again")
         pins.reload()
+        server.upstream.refresh_certificate()
         threading.Thread(target=card.close, daemon=True).start()
 
     handlers = {signal.SIGTERM: stop, signal.SIGINT: stop}
@@ -4055,6 +4410,9 @@ def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None
             log.warning(
                 "stopping with requests still open (after %g s)", SHUTDOWN_GRACE_SECONDS
             )
+        pool = getattr(server, "pool", None)  # a stand-in server may have none
+        if pool is not None:
+            pool.monitor.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -4127,6 +4485,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
                 signal.signal(signal.SIGINT, previous)
         server.shutdown()
         server.server_close()
+        server.pool.monitor.stop()
     finally:
         card.close()
         if terminal is not None:
@@ -5402,9 +5761,31 @@ def proxy_options() -> argparse.ArgumentParser:
     options.add_argument(
         "--reuse-while-present",
         action="store_true",
-        help="reuse an upstream connection for the next request on the same "
-        "local connection (one kubectl run) after checking the card is "
-        "still there: fewer signatures (default: from setup, else off)",
+        help="keep upstream connections for the next requests, also of later "
+        "kubectl runs, while the card that signed them stays in its reader: "
+        "fewer signatures (default: from setup, else a fresh one per request)",
+    )
+    options.add_argument(
+        "--reuse-idle",
+        type=seconds_arg,
+        default=REUSE_IDLE_SECONDS,
+        metavar="SECONDS",
+        help="with --reuse-while-present, close connections idle this long "
+        f"(default: {REUSE_IDLE_SECONDS:g})",
+    )
+    options.add_argument(
+        "--keep-streams-on-removal",
+        action="store_true",
+        help="let open watches, logs -f and exec/attach/port-forward sessions run "
+        "on after the card is pulled (default: they end at once)",
+    )
+    options.add_argument(
+        "--certificate-refresh",
+        type=seconds_arg,
+        default=CERTIFICATE_REFRESH_SECONDS,
+        metavar="SECONDS",
+        help="read the slot's certificate again at most this often, to pick up "
+        f"'renew' (default: {CERTIFICATE_REFRESH_SECONDS:g})",
     )
     options.add_argument(
         "--handshake-timeout",
