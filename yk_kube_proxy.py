@@ -79,7 +79,6 @@ DEFAULT_MANAGEMENT_KEY = bytes.fromhex(
 )
 EXPIRY_WARNING_DAYS = 30
 CHUNK = 64 * 1024  # largest write on either side of the relay
-RECORD_READ_AHEAD = 256 * 1024  # bytes read from the upstream socket at once
 HANDSHAKE_TIMEOUT = 30.0  # seconds: longer than a YubiKey's 15 s touch window
 LOCAL_PKI_DAYS = 3650  # the local hop's certificates; setup makes new ones
 TOUCH_REMINDER_SECONDS = 0.2
@@ -2058,7 +2057,7 @@ def days_left(cert: Any, now: datetime.datetime | None = None) -> int:
 
 
 # =============================================================================
-# Card-backed keys for tlslite-ng: the card makes the CertificateVerify signature
+# Card signatures: the card makes the CertificateVerify signature
 # =============================================================================
 
 
@@ -2159,76 +2158,6 @@ def check_notify(wanted: bool) -> None:
     )
 
 
-def tls_private_key(signer: CardSigner, public_key: Any) -> Any:
-    """A tlslite key object whose private operation is the card's."""
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-    from tlslite.utils.ecdsakey import ECDSAKey
-    from tlslite.utils.eddsakey import EdDSAKey
-    from tlslite.utils.python_rsakey import Python_RSAKey
-
-    class CardECDSAKey(ECDSAKey):
-        key_type = "ecdsa"
-
-        def __init__(self) -> None:
-            self.size = (public_key.curve.key_size + 7) // 8
-            self.curve_name = {32: "NIST256p", 48: "NIST384p"}[self.size]
-            # tlslite cuts TLS 1.2 digests to private_key.curve.baselen
-            self.private_key = types.SimpleNamespace(
-                curve=types.SimpleNamespace(baselen=self.size)
-            )
-
-        def __len__(self) -> int:
-            return public_key.curve.key_size
-
-        def hasPrivateKey(self) -> bool:  # noqa: N802 (tlslite's name)
-            return True
-
-        def _sign(self, data: bytes, hash_alg: str) -> bytearray:
-            return bytearray(signer(ecdsa_input(bytes(data), self.size)))
-
-        def _verify(self, signature: bytes, hash_bytes: bytes) -> bool:
-            return verify_prehashed(public_key, bytes(signature), bytes(hash_bytes))
-
-    class CardRSAKey(Python_RSAKey):
-        def __init__(self) -> None:
-            numbers = public_key.public_numbers()
-            super().__init__(numbers.n, numbers.e)
-
-        def hasPrivateKey(self) -> bool:  # noqa: N802
-            return True
-
-        def _raw_private_key_op_bytes(self, message: bytes) -> bytearray:
-            if len(message) != (self.n.bit_length() + 7) // 8:
-                raise ValueError("message has the wrong length for the key")
-            return bytearray(signer(bytes(message)))
-
-    class CardEdDSAKey(EdDSAKey):
-        key_type = curve_name = "Ed25519"
-
-        def __init__(self) -> None:
-            self.public_key = public_key
-
-        def __len__(self) -> int:
-            return 256
-
-        def hasPrivateKey(self) -> bool:  # noqa: N802
-            return True
-
-        def _hashAndSign(self, data: bytes) -> bytearray:  # noqa: N802
-            return bytearray(signer(bytes(data)))
-
-        def _hashAndVerify(self, signature: bytes, data: bytes) -> bool:  # noqa: N802
-            return verify_signature(
-                public_key, KeyAlgorithm.ED25519, bytes(data), bytes(signature)
-            )
-
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        return CardECDSAKey()
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        return CardEdDSAKey()
-    return CardRSAKey()
-
-
 def verify_prehashed(public_key: Any, signature: bytes, digest: bytes) -> bool:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
@@ -2263,98 +2192,6 @@ class UpstreamTimeout(UpstreamError):
 
 class ServerCertificateError(UpstreamError):
     """The API server's certificate failed verification: no card signature."""
-
-
-class FastAead:
-    """tlslite's AEAD interface on top of cryptography's AES-GCM / ChaCha20-Poly1305
-    (tlslite's own are pure Python: 0.56 MB/s against hundreds of MB/s here)."""
-
-    isBlockCipher = False  # noqa: N815 (tlslite's names)
-    isAEAD = True  # noqa: N815
-    nonceLength = 12  # noqa: N815
-    tagLength = 16  # noqa: N815
-    implementation = "cryptography"
-
-    def __init__(self, name: str, key: bytes, factory: Any) -> None:
-        self.name = name
-        self.key = key
-        self._aead = factory(bytes(key))
-
-    def seal(self, nonce: bytes, plaintext: bytes, data: bytes) -> bytearray:
-        return bytearray(
-            self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(data))
-        )
-
-    def open(self, nonce: bytes, ciphertext: bytes, data: bytes) -> bytearray | None:
-        from cryptography.exceptions import InvalidTag
-
-        try:
-            return bytearray(
-                self._aead.decrypt(bytes(nonce), bytes(ciphertext), bytes(data))
-            )
-        except InvalidTag:
-            return None
-
-
-def install_fast_crypto() -> None:
-    """Point tlslite's record layer at FastAead and its X25519 at cryptography's
-    (pure Python costs 3 ms per use); idempotent."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-    from tlslite import keyexchange, recordlayer
-
-    def aes_gcm(key: bytes, impl_list: Any = None) -> FastAead:
-        return FastAead("aes128gcm" if len(key) == 16 else "aes256gcm", key, AESGCM)
-
-    def chacha20(key: bytes, impl_list: Any = None) -> FastAead:
-        return FastAead("chacha20-poly1305", key, ChaCha20Poly1305)
-
-    recordlayer.createAESGCM = aes_gcm
-    recordlayer.createCHACHA20 = chacha20
-    keyexchange.x25519 = fast_x25519
-
-
-X25519_BASE_POINT = bytes([9]) + bytes(31)
-
-
-def fast_x25519(scalar: bytes, point: bytes) -> bytearray:
-    """RFC 7748 X25519 with cryptography; all zeros for a low-order point, which
-    tlslite checks for."""
-    from cryptography.hazmat.primitives.asymmetric.x25519 import (
-        X25519PrivateKey,
-        X25519PublicKey,
-    )
-
-    private = X25519PrivateKey.from_private_bytes(bytes(scalar))
-    if bytes(point) == X25519_BASE_POINT:
-        return bytearray(private.public_key().public_bytes_raw())
-    try:
-        return bytearray(
-            private.exchange(X25519PublicKey.from_public_bytes(bytes(point)))
-        )
-    except ValueError:
-        return bytearray(32)
-
-
-def fast_server_key(tls_key: Any, leaf: Any) -> Any:
-    """The server's EC key with cryptography verifying its signature (python-ecdsa,
-    which tlslite uses, takes 5 ms); other key types are left as they are."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from tlslite.utils.python_ecdsakey import Python_ECDSAKey
-
-    public = leaf.public_key()
-    if not isinstance(tls_key, Python_ECDSAKey) or not isinstance(
-        public, ec.EllipticCurvePublicKey
-    ):
-        return tls_key
-
-    class FastECDSAPublicKey(Python_ECDSAKey):
-        def __init__(self) -> None:
-            self.__dict__.update(tls_key.__dict__)
-
-        def _verify(self, signature: bytes, hash_bytes: bytes) -> bool:
-            return verify_prehashed(public, bytes(signature), bytes(hash_bytes))
-
-    return FastECDSAPublicKey()
 
 
 def tls_settings() -> Any:
@@ -2636,6 +2473,183 @@ def system_roots() -> list[Any]:
     )
 
 
+# =============================================================================
+# tlslite-ng internals: everything that relies on more than tlslite-ng's public API
+# =============================================================================
+# Written against tlslite-ng 0.8.2 exactly (REQUIREMENTS: check_dependencies
+# refuses any other version at start, naming both and the pip command). Nothing
+# outside this section touches a private name of tlslite, and install_tlslite()
+# is the one place that changes tlslite's modules, called once by build_upstream.
+
+
+def install_tlslite() -> None:
+    """Point tlslite's record layer at FastAead and its X25519 at cryptography's
+    (pure Python costs 3 ms per use); idempotent."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+    from tlslite import keyexchange, recordlayer
+
+    def aes_gcm(key: bytes, impl_list: Any = None) -> FastAead:
+        return FastAead("aes128gcm" if len(key) == 16 else "aes256gcm", key, AESGCM)
+
+    def chacha20(key: bytes, impl_list: Any = None) -> FastAead:
+        return FastAead("chacha20-poly1305", key, ChaCha20Poly1305)
+
+    recordlayer.createAESGCM = aes_gcm
+    recordlayer.createCHACHA20 = chacha20
+    keyexchange.x25519 = fast_x25519
+
+
+def tls_buffered(conn: Any) -> bool:
+    """Whether tlslite holds bytes it has read but not handed out: decrypted
+    application data, or raw bytes its BufferedSocket read ahead."""
+    return bool(conn._readBuffer or conn.sock._read_buffer)
+
+
+class FastAead:
+    """tlslite's AEAD interface on top of cryptography's AES-GCM / ChaCha20-Poly1305
+    (tlslite's own are pure Python: 0.56 MB/s against hundreds of MB/s here)."""
+
+    isBlockCipher = False  # noqa: N815 (tlslite's names)
+    isAEAD = True  # noqa: N815
+    nonceLength = 12  # noqa: N815
+    tagLength = 16  # noqa: N815
+    implementation = "cryptography"
+
+    def __init__(self, name: str, key: bytes, factory: Any) -> None:
+        self.name = name
+        self.key = key
+        self._aead = factory(bytes(key))
+
+    def seal(self, nonce: bytes, plaintext: bytes, data: bytes) -> bytearray:
+        return bytearray(
+            self._aead.encrypt(bytes(nonce), bytes(plaintext), bytes(data))
+        )
+
+    def open(self, nonce: bytes, ciphertext: bytes, data: bytes) -> bytearray | None:
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            return bytearray(
+                self._aead.decrypt(bytes(nonce), bytes(ciphertext), bytes(data))
+            )
+        except InvalidTag:
+            return None
+
+
+X25519_BASE_POINT = bytes([9]) + bytes(31)
+
+
+def fast_x25519(scalar: bytes, point: bytes) -> bytearray:
+    """RFC 7748 X25519 with cryptography; all zeros for a low-order point, which
+    tlslite checks for."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    private = X25519PrivateKey.from_private_bytes(bytes(scalar))
+    if bytes(point) == X25519_BASE_POINT:
+        return bytearray(private.public_key().public_bytes_raw())
+    try:
+        return bytearray(
+            private.exchange(X25519PublicKey.from_public_bytes(bytes(point)))
+        )
+    except ValueError:
+        return bytearray(32)
+
+
+def fast_server_key(tls_key: Any, leaf: Any) -> Any:
+    """The server's EC key with cryptography verifying its signature (python-ecdsa,
+    which tlslite uses, takes 5 ms); other key types are left as they are."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from tlslite.utils.python_ecdsakey import Python_ECDSAKey
+
+    public = leaf.public_key()
+    if not isinstance(tls_key, Python_ECDSAKey) or not isinstance(
+        public, ec.EllipticCurvePublicKey
+    ):
+        return tls_key
+
+    class FastECDSAPublicKey(Python_ECDSAKey):
+        def __init__(self) -> None:
+            self.__dict__.update(tls_key.__dict__)
+
+        def _verify(self, signature: bytes, hash_bytes: bytes) -> bool:
+            return verify_prehashed(public, bytes(signature), bytes(hash_bytes))
+
+    return FastECDSAPublicKey()
+
+
+def tls_private_key(signer: CardSigner, public_key: Any) -> Any:
+    """A tlslite key object whose private operation is the card's."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from tlslite.utils.ecdsakey import ECDSAKey
+    from tlslite.utils.eddsakey import EdDSAKey
+    from tlslite.utils.python_rsakey import Python_RSAKey
+
+    class CardECDSAKey(ECDSAKey):
+        key_type = "ecdsa"
+
+        def __init__(self) -> None:
+            self.size = (public_key.curve.key_size + 7) // 8
+            self.curve_name = {32: "NIST256p", 48: "NIST384p"}[self.size]
+            # tlslite cuts TLS 1.2 digests to private_key.curve.baselen
+            self.private_key = types.SimpleNamespace(
+                curve=types.SimpleNamespace(baselen=self.size)
+            )
+
+        def __len__(self) -> int:
+            return public_key.curve.key_size
+
+        def hasPrivateKey(self) -> bool:  # noqa: N802 (tlslite's name)
+            return True
+
+        def _sign(self, data: bytes, hash_alg: str) -> bytearray:
+            return bytearray(signer(ecdsa_input(bytes(data), self.size)))
+
+        def _verify(self, signature: bytes, hash_bytes: bytes) -> bool:
+            return verify_prehashed(public_key, bytes(signature), bytes(hash_bytes))
+
+    class CardRSAKey(Python_RSAKey):
+        def __init__(self) -> None:
+            numbers = public_key.public_numbers()
+            super().__init__(numbers.n, numbers.e)
+
+        def hasPrivateKey(self) -> bool:  # noqa: N802
+            return True
+
+        def _raw_private_key_op_bytes(self, message: bytes) -> bytearray:
+            if len(message) != (self.n.bit_length() + 7) // 8:
+                raise ValueError("message has the wrong length for the key")
+            return bytearray(signer(bytes(message)))
+
+    class CardEdDSAKey(EdDSAKey):
+        key_type = curve_name = "Ed25519"
+
+        def __init__(self) -> None:
+            self.public_key = public_key
+
+        def __len__(self) -> int:
+            return 256
+
+        def hasPrivateKey(self) -> bool:  # noqa: N802
+            return True
+
+        def _hashAndSign(self, data: bytes) -> bytearray:  # noqa: N802
+            return bytearray(signer(bytes(data)))
+
+        def _hashAndVerify(self, signature: bytes, data: bytes) -> bool:  # noqa: N802
+            return verify_signature(
+                public_key, KeyAlgorithm.ED25519, bytes(data), bytes(signature)
+            )
+
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return CardECDSAKey()
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return CardEdDSAKey()
+    return CardRSAKey()
+
+
 def make_tls_connection(
     sock: socket.socket, verifier: ServerVerifier, where: str
 ) -> Any:
@@ -2700,119 +2714,9 @@ def make_tls_connection(
     return VerifyingTLSConnection(sock)
 
 
-class PushbackSocket:
-    """The socket under a tlslite connection, with a buffer in front: the fast
-    reader reads records ahead through it and leaves in it whatever tlslite
-    itself must handle."""
-
-    def __init__(self, raw: socket.socket) -> None:
-        self.raw = raw
-        self.pending = bytearray()
-
-    def recv(self, size: int) -> bytes:
-        if self.pending:
-            data = bytes(self.pending[:size])
-            del self.pending[:size]
-            return data
-        return self.raw.recv(size)
-
-    def fill(self, size: int) -> bool:
-        """Have at least ``size`` bytes pending; False at end of stream."""
-        while len(self.pending) < size:
-            data = self.raw.recv(max(RECORD_READ_AHEAD, size - len(self.pending)))
-            if not data:
-                return False
-            self.pending += data
-        return True
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.raw, name)
-
-
-class TLSStream(io.RawIOBase):
-    """Reads application data from a tlslite connection. Application-data records
-    are decrypted here with the connection's own keys and sequence numbers (tlslite
-    spends ~80 us of Python per record); anything else (alerts, session tickets,
-    KeyUpdate, a record that fails to decrypt) is left to tlslite. An abrupt close
-    reads as end of file."""
-
-    def __init__(self, conn: Any, sock: PushbackSocket) -> None:
-        self.conn = conn
-        self.sock = sock
-        self.fast_records = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        from tlslite.errors import TLSAbruptCloseError
-
-        try:
-            data = self.conn._readBuffer or self.fast_read()
-            if data:
-                self.conn._readBuffer = data[len(buffer) :]
-            else:
-                data = self.conn.read(max=len(buffer))
-        except TLSAbruptCloseError:
-            return 0
-        count = min(len(data), len(buffer))
-        buffer[:count] = data[:count]
-        return count
-
-    def fast_read(self) -> bytes:
-        """The next application-data record's content, or b"" to let tlslite read."""
-        sock = self.sock
-        ahead = self.conn.sock._read_buffer  # what tlslite's BufferedSocket read ahead
-        if ahead:
-            sock.pending[:0] = ahead
-            del ahead[:]
-        if not sock.fill(5):
-            return b""
-        length = int.from_bytes(sock.pending[3:5], "big")
-        if sock.pending[0] != 23 or not sock.fill(5 + length):
-            return b""
-        state = self.conn._recordLayer._readState
-        context = state.encContext
-        if not isinstance(context, FastAead):
-            return b""
-        record = bytes(sock.pending[: 5 + length])
-        content = open_record(self.conn.version, state, context, record)
-        if not content:
-            return b""  # not application data, or empty: tlslite's business
-        del sock.pending[: 5 + length]
-        state.seqnum += 1
-        self.fast_records += 1
-        return content
-
-
-def open_record(
-    version: tuple[int, int], state: Any, context: Any, record: bytes
-) -> bytes:
-    """Decrypt one application-data record (RFC 8446 5.2, RFC 5288 3, RFC 7905 2)
-    without changing any state; b"" when it is not plainly application data."""
-    from cryptography.exceptions import InvalidTag
-
-    payload, seqnum = record[5:], state.seqnum
-    if version >= (3, 4) or context.name == "chacha20-poly1305":
-        fixed = int.from_bytes(state.fixedNonce, "big")
-        nonce = (fixed ^ seqnum).to_bytes(12, "big")
-    else:
-        nonce, payload = bytes(state.fixedNonce) + payload[:8], payload[8:]
-    if version >= (3, 4):
-        additional = record[:5]
-    else:
-        size = len(payload) - 16
-        additional = seqnum.to_bytes(8, "big") + record[:3] + size.to_bytes(2, "big")
-    try:
-        plain = context._aead.decrypt(nonce, payload, additional)
-    except InvalidTag:
-        return b""  # tlslite reports it properly
-    if version >= (3, 4):
-        plain = plain.rstrip(b"\x00")
-        if not plain or plain[-1] != 23:
-            return b""
-        plain = plain[:-1]
-    return plain
+# =============================================================================
+# Upstream connections: the card signs each handshake
+# =============================================================================
 
 
 class HeadReader(io.BufferedReader):
@@ -2839,15 +2743,36 @@ class HeadReader(io.BufferedReader):
         return line
 
 
+class TLSStream(io.RawIOBase):
+    """Reads application data from a tlslite connection; an abrupt close reads as
+    end of file."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        from tlslite.errors import TLSAbruptCloseError
+
+        try:
+            data = self.conn.read(max=len(buffer))
+        except TLSAbruptCloseError:
+            return 0
+        count = len(data)
+        buffer[:count] = data
+        return count
+
+
 class TLSSocket:
     """The little of a socket that http.client and the tunnel use, over tlslite:
     writes in 64 KB pieces under a lock (tlslite's big writes are quadratic, and
     two writers would interleave records)."""
 
-    def __init__(self, conn: Any, raw: socket.socket, sock: PushbackSocket) -> None:
+    def __init__(self, conn: Any, raw: socket.socket) -> None:
         self.conn = conn
         self.raw = raw
-        self.sock = sock
         self.lock = threading.Lock()
         self.stamp: tuple[str, int] | None = None  # the card's presence when it signed
         self.idle_since = 0.0
@@ -2856,7 +2781,7 @@ class TLSSocket:
     def quiet(self) -> bool:
         """Nothing arrived while idle: the server has not closed it or sent
         anything (an idle HTTP/1.1 connection must stay silent)."""
-        if self.sock.pending or self.conn._readBuffer:
+        if tls_buffered(self.conn):
             return False
         return not select.select([self.raw], [], [], 0)[0]
 
@@ -2869,7 +2794,7 @@ class TLSSocket:
     def makefile(
         self, mode: str = "rb", buffering: int | None = None
     ) -> io.BufferedReader:
-        self.stream = TLSStream(self.conn, self.sock)
+        self.stream = TLSStream(self.conn)
         return HeadReader(self.stream)
 
     def shutdown(self, cut: bool = False) -> None:
@@ -2957,7 +2882,6 @@ class Upstream:
         signer: CardSigner,
         timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
-        install_fast_crypto()
         self.address = address
         self.verifier = verifier
         self.signer = signer
@@ -3019,8 +2943,7 @@ class Upstream:
         """A fresh connection, its handshake signed by the card."""
         cert_chain, key = self.identity()
         raw = self._tcp_connect()
-        pushback = PushbackSocket(raw)
-        conn = make_tls_connection(pushback, self.verifier, self.address.where)
+        conn = make_tls_connection(raw, self.verifier, self.address.where)
         signatures = self.signer.signatures
         try:
             conn.handshakeClientCert(
@@ -3035,7 +2958,7 @@ class Upstream:
             signed = self.signer.signatures != signatures
             raise self._handshake_error(conn, exc, signed) from None
         raw.settimeout(None)
-        return TLSSocket(conn, raw, pushback)
+        return TLSSocket(conn, raw)
 
     def _tcp_connect(self) -> socket.socket:
         where = self.address.where
@@ -4308,6 +4231,7 @@ def build_upstream(
     settings: ProxySettings, card: Card, args: argparse.Namespace
 ) -> Upstream:
     check_notify(args.notify)
+    install_tlslite()
     cert, meta = slot_identity(card, settings.slot)
     warn_expiry(cert, settings.slot)
     signer = card_signer(card, settings, args, cert, meta)
@@ -6212,6 +6136,8 @@ def check_dependencies() -> None:
         found = installed_version(distribution) if present else None
         if not present:
             problems.append(f"{distribution} (not installed)")
+        elif exact and not found:  # code relies on its internals: fail closed
+            problems.append(f"{spec} (found a copy without a version)")
         elif found and (
             version_tuple(found) != version_tuple(exact)
             if exact
