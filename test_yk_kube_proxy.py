@@ -8339,3 +8339,47 @@ def test_virtual_card_move_and_delete_key():
     assert piv.slot_info(0x82) is key and piv.slot_info(0x9A) is None
     assert sw(piv, "00F6FF82") == "9000"
     assert piv.slot_info(0x82) is None
+
+
+def test_enroll_again_keeps_its_own_roles_and_refuses_other_ones(
+    card57, csr_cluster, tmp_path, capsys
+):
+    enrolled_alice(csr_cluster, tmp_path)
+    before = slot_certificate(card57)
+    # The same roles exist already: accepted as they are.
+    code, _, err = run_cli(
+        *enroll_args(
+            csr_cluster,
+            tmp_path / "again",
+            "--approve",
+            "--force",
+            "--bind-clusterrole",
+            "view",
+        ),
+        capsys=capsys,
+    )
+    assert (code, err) == (0, "")
+    assert len(csr_cluster.api.cluster_role_bindings) == 2
+    second = slot_certificate(card57)
+    assert second.serial_number != before.serial_number
+    # A binding of that name to another role: refused, and the slot is as it was.
+    code, _, err = run_cli(
+        *enroll_args(
+            csr_cluster,
+            tmp_path / "edit",
+            "--approve",
+            "--force",
+            "--bind-clusterrole",
+            "edit",
+        ),
+        capsys=capsys,
+    )
+    assert (code, err) == (
+        1,
+        "yubikey-kube-proxy: error: a ClusterRoleBinding named yubikey-alice already "
+        "exists with other content: compare it (kubectl get clusterrolebinding "
+        "yubikey-alice -o yaml), delete it if it is stale, and run enroll again\n",
+    )
+    assert slot_certificate(card57) == second
+    assert yk.same_public_key(second.public_key(), card57.slot_key(0x9A).public_key())
+    assert retired_keys(card57) == []

@@ -3772,7 +3772,10 @@ class Kubectl:
         return done.stdout
 
     def get_json(self, *args: str) -> dict[str, Any]:
-        return json.loads(self.run(*args, "-o", "json"))
+        docs, rest = split_json(self.run(*args, "-o", "json"))
+        if len(docs) != 1 or not isinstance(docs[0], dict) or rest.strip():
+            raise not_json(args)
+        return docs[0]
 
     def watch(
         self, kind: str, name: str, deadline: float
@@ -3804,6 +3807,10 @@ class Kubectl:
                     ended = process.wait(10) is not None
                     break
                 docs, buffer = split_json(buffer + decode(chunk))
+                if buffer.lstrip()[:1] not in ("", "{") or not all(
+                    isinstance(d, dict) for d in docs
+                ):
+                    raise not_json(args)
                 yield from docs
         finally:
             if process.poll() is None:
@@ -3811,6 +3818,13 @@ class Kubectl:
             stderr = process.communicate()[1]
         if ended and process.returncode:
             raise kubectl_error(args, stderr.decode(errors="replace"))
+
+
+def not_json(args: tuple[str, ...]) -> UpstreamError:
+    return UpstreamError(
+        f"kubectl {' '.join(args[:2])} printed something that is not a Kubernetes "
+        "object in JSON: check that kubectl reaches a Kubernetes API server"
+    )
 
 
 def split_json(text: str) -> tuple[list[Any], str]:
@@ -3902,12 +3916,11 @@ def access_reviews(kube: Kubectl, attributes: list[dict[str, str]]) -> list[bool
         stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
     )
     docs, rest = split_json(out)
-    answers = [
-        i
-        for d in docs
-        for i in (d.get("items", []) if d.get("kind") == "List" else [d])
-    ]
-    allowed = [(a.get("status") or {}).get("allowed") for a in answers]
+    answers = []
+    for doc in docs:
+        is_list = isinstance(doc, dict) and doc.get("kind") == "List"
+        answers += (doc.get("items") or []) if is_list else [doc]
+    allowed = [review_allowed(a) for a in answers]
     if (
         rest.strip()
         or len(allowed) != len(items)
@@ -3918,6 +3931,12 @@ def access_reviews(kube: Kubectl, attributes: list[dict[str, str]]) -> list[bool
             "not understood: check that kubectl reaches a Kubernetes API server"
         )
     return allowed
+
+
+def review_allowed(answer: Any) -> bool | None:
+    """status.allowed of a SelfSubjectAccessReview answer (None if it has none)."""
+    status = answer.get("status") if isinstance(answer, dict) else None
+    return status.get("allowed") if isinstance(status, dict) else None
 
 
 def check_approval_rights(kube: Kubectl) -> None:
@@ -4027,8 +4046,9 @@ def request_certificate(
 
 
 def wait_for_certificate(kube: Kubectl, name: str, timeout: float) -> Any:
-    """Follow the request (one watch, so one card signature through the proxy)
-    until its certificate is issued, it is denied or failed, or time is up."""
+    """Follow the request (a watch, not polling: through the proxy a few card
+    signatures, not one a second) until its certificate is issued, it is denied
+    or failed, or time is up."""
     deadline = time.monotonic() + timeout
     approved = False
     while time.monotonic() < deadline:
@@ -4066,6 +4086,10 @@ def csr_outcome(csr: dict[str, Any], name: str) -> tuple[Any, bool]:
     import base64
 
     status = csr.get("status") or {}
+    if not isinstance(status, dict) or not isinstance(
+        status.get("conditions") or [], list
+    ):
+        raise UpstreamError(f"the cluster's answer about {name} is not understood")
     approved = False
     for condition in status.get("conditions") or []:
         if condition.get("type") in ("Denied", "Failed"):
