@@ -8090,7 +8090,7 @@ def test_renew_with_an_admin_kubeconfig(card57, csr_cluster, tmp_path, capsys):
 
 
 def test_renew_refused_when_the_renewal_binding_is_missing(
-    card57, csr_cluster, tmp_path, capsys
+    card57, csr_cluster, tmp_path, capsys, monkeypatch
 ):
     api = csr_cluster.api
     workdir = enrolled_alice(csr_cluster, tmp_path, "--no-allow-renew")
@@ -8106,6 +8106,8 @@ def test_renew_refused_when_the_renewal_binding_is_missing(
             done = admin_kubectl(csr_cluster, *command.split()[1:])
             assert done.returncode == 0, done.stderr
         assert api.cluster_roles["yubikey-renew-alice"]["rules"] == RENEWAL_RULES
+        # Renewal now waits, saying so, until the approval and the certificate.
+        monkeypatch.setattr(yk, "CSR_PROGRESS_SECONDS", 0.2)
         codes: list = []
         worker = threading.Thread(
             target=lambda: codes.append(
@@ -8114,9 +8116,34 @@ def test_renew_refused_when_the_renewal_binding_is_missing(
         )
         worker.start()
         pending = csr_wait(api, lambda o: o["spec"]["username"] == "alice", 60)
-        csr_approve(api, pending["metadata"]["name"])
+        name = pending["metadata"]["name"]
+        wait_until(
+            lambda: any(
+                "watch=true" in r.path and r.client_subject == "CN=alice,O=dev"
+                for r in list(api.requests)
+            ),
+            30,
+            "renew to watch its request",
+        )
+        seen: list = []
+        wait_until(
+            lambda: (
+                seen.append(capsys.readouterr().err) or "still waiting" in "".join(seen)
+            ),
+            30,
+            "a progress line",
+        )
+        csr_approve(api, name)
         worker.join(90)
         assert codes == [0]
+        err = "".join(seen) + capsys.readouterr().err
+        assert re.fullmatch(
+            f"Waiting up to 60 s for an administrator to run: kubectl certificate "
+            f"approve {name}\n(still waiting for {name} \\(\\d+ s left\\)\\.\\.\\.\\n)+"
+            f"{name} is approved; waiting for the cluster to issue its "
+            "certificate\\.\\.\\.\\n(still waiting for .*\\n)*",
+            err,
+        ), err
     finally:
         proxy.stop()
 
