@@ -8214,7 +8214,8 @@ def test_enroll_refused_rbac_names_the_permission_and_restores_the_slot(
         worker.join(90)
         proxy.stop()
     assert codes == [1]
-    assert capsys.readouterr().err.endswith(
+    err = capsys.readouterr().err
+    assert err.endswith(
         "yubikey-kube-proxy: error: the cluster refused: user alice may not create "
         "clusterrolebindings (API group rbac.authorization.k8s.io); an administrator "
         "grants it with: kubectl create clusterrole yubikey-create-clusterrolebindings-"
@@ -8224,6 +8225,19 @@ def test_enroll_refused_rbac_names_the_permission_and_restores_the_slot(
     )
     assert card57.slot_info(0x9C) is None and card57.certificate_object(0x9C) is None
     assert not (tmp_path / "bob" / "proxy.yml").exists()
+    # The commands in the message are ones the admin can run as they stand.
+    for command in err.split("grants it with: ")[1].strip().split(" && "):
+        done = admin_kubectl(csr_cluster, *command.split()[1:])
+        assert done.returncode == 0, done.stderr
+    assert csr_cluster.api.cluster_roles["yubikey-create-clusterrolebindings-alice"][
+        "rules"
+    ] == [
+        {
+            "verbs": ["create"],
+            "apiGroups": ["rbac.authorization.k8s.io"],
+            "resources": ["clusterrolebindings"],
+        }
+    ]
 
 
 def occupied_slot(piv, tmp_path: Path) -> tuple:
