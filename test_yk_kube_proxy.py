@@ -8444,3 +8444,22 @@ def test_enroll_again_keeps_its_own_roles_and_refuses_other_ones(
     assert slot_certificate(card57) == second
     assert yk.same_public_key(second.public_key(), card57.slot_key(0x9A).public_key())
     assert retired_keys(card57) == []
+
+
+def test_enroll_with_a_wrong_management_key_changes_nothing(
+    card57, csr_cluster, tmp_path, capsys
+):
+    before = occupied_slot(card57, tmp_path)
+    capsys.readouterr()
+    code, _, err = run_cli(
+        *enroll_args(
+            csr_cluster, tmp_path / "e", "--force", "--management-key", "00" * 24
+        ),
+        capsys=capsys,
+    )
+    assert code == 1
+    assert err.startswith(
+        "yubikey-kube-proxy: error: the YubiKey rejected the management key"
+    ), err
+    assert (card57.slot_info(0x9A), card57.certificate_object(0x9A)) == before
+    assert retired_keys(card57) == [] and csr_cluster.api.csrs == {}
