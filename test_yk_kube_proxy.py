@@ -7889,7 +7889,6 @@ def test_enroll_binds_a_cluster_role(card57, csr_cluster, tmp_path, capsys):
 # back (MOVE/DELETE KEY on firmware 5.7); a card whose signatures do not verify
 # =============================================================================
 
-RBAC_API = "rbac.authorization.k8s.io"
 RENEWAL_RULES = [
     {
         "apiGroups": ["certificates.k8s.io"],
@@ -7943,22 +7942,26 @@ def admin_kubectl(
 
 def grant_as_admin(cluster: Cluster, user: str, role: str, rules: list) -> None:
     """A ClusterRole with RULES and a binding of it for USER, made by the admin."""
-    subject = {"apiGroup": RBAC_API, "kind": "User", "name": user}
+    subject = {"apiGroup": RBAC_GROUP, "kind": "User", "name": user}
     manifest = {
         "apiVersion": "v1",
         "kind": "List",
         "items": [
             {
-                "apiVersion": f"{RBAC_API}/v1",
+                "apiVersion": f"{RBAC_GROUP}/v1",
                 "kind": "ClusterRole",
                 "metadata": {"name": role},
                 "rules": rules,
             },
             {
-                "apiVersion": f"{RBAC_API}/v1",
+                "apiVersion": f"{RBAC_GROUP}/v1",
                 "kind": "ClusterRoleBinding",
                 "metadata": {"name": f"{role}-{user}"},
-                "roleRef": {"apiGroup": RBAC_API, "kind": "ClusterRole", "name": role},
+                "roleRef": {
+                    "apiGroup": RBAC_GROUP,
+                    "kind": "ClusterRole",
+                    "name": role,
+                },
                 "subjects": [subject],
             },
         ],
@@ -8035,6 +8038,9 @@ def test_enroll_a_non_admin_then_renew_through_its_own_proxy_approved_outside(
         assert yk.same_public_key(second.public_key(), first.public_key())
         done = kubectl(proxy, "get", "--raw", "/version")
         assert done.returncode == 0, done.stderr
+        assert api.requests[-1].client_certificate == second.public_bytes(
+            serialization.Encoding.DER
+        )
     finally:
         worker.join(90)
         proxy.stop()
