@@ -8469,3 +8469,26 @@ def test_enroll_with_a_wrong_management_key_changes_nothing(
     ), err
     assert (card57.slot_info(0x9A), card57.certificate_object(0x9A)) == before
     assert retired_keys(card57) == [] and csr_cluster.api.csrs == {}
+
+
+def test_failed_enroll_on_firmware_57_without_a_free_retired_slot_says_what_is_left(
+    card57, csr_cluster, tmp_path, capsys
+):
+    occupied_slot(card57, tmp_path)
+    for slot in RETIRED_SLOTS:  # another program's keys, one in every retired slot
+        card57._slots[slot] = KeySlot(new_key("p256"), ALG_ECCP256, 1, 1, 1)
+    capsys.readouterr()
+    code, _, err = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "e", "--force", "--timeout", "1"),
+        capsys=capsys,
+    )
+    assert code == 1
+    assert err.endswith(
+        "; slot 9a of the YubiKey now holds the EC P-256 key generated for this "
+        "request and the certificate for CN=system:admin,O=system:masters it held "
+        "before, which does not belong to that key, as no retired slot was free to "
+        "keep the old key in: run enroll again with --force, or choose another "
+        "--slot\n"
+    ), err
+    assert card57.slot_info(0x9A).origin == ORIGIN_GENERATED
+    assert len(retired_keys(card57)) == 20

@@ -3804,7 +3804,9 @@ class Kubectl:
                     continue
                 chunk = os.read(process.stdout.fileno(), 65536)
                 if not chunk:
-                    ended = process.wait(10) is not None
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        process.wait(10)
+                    ended = process.returncode is not None
                     break
                 docs, buffer = split_json(buffer + decode(chunk))
                 if buffer.lstrip()[:1] not in ("", "{") or not all(
