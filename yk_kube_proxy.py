@@ -3943,7 +3943,7 @@ def review_allowed(answer: Any) -> bool | None:
 
 def check_approval_rights(kube: Kubectl) -> None:
     """--approve only with the rights to approve, asked of the cluster first with
-    access reviews (never found out by trying), before the card signs anything."""
+    access reviews (never found out by trying), before the card signs a request."""
     update, signer, signer_domain = access_reviews(kube, APPROVAL_REVIEWS)
     missing = [] if update else [f"update on {CSR_RESOURCE}/approval"]
     if not (signer or signer_domain):
