@@ -4248,10 +4248,14 @@ def undo_enroll(card: Card, args: argparse.Namespace, where: EnrollSlot) -> str:
         )
     certificate = "no certificate"
     if der:
-        subject = load_certificate(der, "the slot certificate").subject
+        try:
+            subject = load_certificate(der, "the slot certificate").subject
+            holder = f"for {subject.rfc4514_string()}"
+        except ConfigError:
+            holder = "(unreadable)"
         certificate = (
-            f"the certificate for {subject.rfc4514_string()} it held before, which "
-            "does not belong to that key"
+            f"the certificate {holder} it held before, which does not belong to "
+            "that key"
         )
     why = (
         "no retired slot was free to keep the old key in"
@@ -4318,7 +4322,11 @@ def enroll_on_card(
     try:
         install_enrolled(card, args, where, cert)
     except ProxyError as exc:
-        add_note(exc, f"check what slot {args.slot.name} holds with {PROG} status")
+        add_note(
+            exc,
+            f"check what slot {args.slot.name} holds with {PROG} status --slot "
+            f"{args.slot.name}",
+        )
         raise
     return name, cert
 
