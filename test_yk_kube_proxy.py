@@ -2057,6 +2057,8 @@ def _route(h: _Handler, fake: "FakeApiServer", path: str) -> None:
         )
     if parts[:2] == ["apis", "certificates.k8s.io"]:
         return route_certificates(h, fake, parts)
+    if path == "/apis/authentication.k8s.io/v1/selfsubjectreviews":
+        return _self_subject_review(h, fake)
     if parts[:2] == ["apis", "rbac.authorization.k8s.io"] and fake_has_csr_api(fake):
         return _route_rbac(h, fake, parts)
     if parts[:2] == ["apis", "authorization.k8s.io"] and fake_has_csr_api(fake):
@@ -2179,7 +2181,28 @@ def _route_pods(h: _Handler, fake: "FakeApiServer", ns: str, tail: list) -> None
         return _pod_log(h, fake, ns, name)
     if sub == "exec" and h.command in ("GET", "POST"):
         return _pod_exec(h, fake)
+    if sub == "portforward" and h.command in ("GET", "POST"):
+        return _pod_portforward(h, fake)
     h.send_status(405, "MethodNotAllowed", "the server does not allow this method")
+
+
+def _self_subject_review(h: _Handler, fake) -> None:
+    """POST authentication.k8s.io/v1 SelfSubjectReview (kubectl auth whoami): the
+    user and groups kube-apiserver derives from the client certificate."""
+    if h.command != "POST":
+        return h.send_status(
+            405, "MethodNotAllowed", "the server does not allow this method"
+        )
+    username, groups = _peer_identity(h)
+    h.send_json(
+        201,
+        {
+            "kind": "SelfSubjectReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": _ts(time.time())},
+            "status": {"userInfo": {"username": username, "groups": groups}},
+        },
+    )
 
 
 def _version(h: _Handler, fake) -> None:
@@ -2590,13 +2613,27 @@ def _pod_exec(h: _Handler, fake) -> None:
 
 def _exec_websocket(h: _Handler, fake) -> None:
     """WebSocket handshake (RFC 6455) with a k8s channel subprotocol."""
+    proto = _ws_accept(h, WS_PROTOCOLS)
+    if proto is not None:
+        fake._note_exec("websocket", proto)
+        _WsExecSession(h, proto).run()
+
+
+def _ws_accept(h: _Handler, protocols: tuple) -> str | None:
+    """Answer a WebSocket upgrade with the first of `protocols` the client offers
+    (101), or refuse it (400, None)."""
     offered = _header_tokens(h, "Sec-WebSocket-Protocol")
-    proto = next((p for p in WS_PROTOCOLS if p in offered), None)
+    proto = next((p for p in protocols if p in offered), None)
     key = h.headers.get("Sec-WebSocket-Key")
-    if not key or proto is None:
-        return h.send_status(
+    if (
+        not key
+        or proto is None
+        or (h.headers.get("Upgrade") or "").lower() != "websocket"
+    ):
+        h.send_status(
             400, "BadRequest", f"unsupported websocket subprotocols {offered}"
         )
+        return None
     accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
     h.send_response(101, "Switching Protocols")
     h.send_header("Upgrade", "websocket")
@@ -2605,8 +2642,16 @@ def _exec_websocket(h: _Handler, fake) -> None:
     h.send_header("Sec-WebSocket-Protocol", proto)
     h.end_headers()
     h.close_connection = True
-    fake._note_exec("websocket", proto)
-    _WsExecSession(h, proto).run()
+    return proto
+
+
+def _pod_portforward(h: _Handler, fake) -> None:
+    """Port-forward over WebSocket (v4.channel.k8s.io, as kube-apiserver offers it
+    to the Python client): each port's bytes are echoed back, as by an echo server
+    in the pod."""
+    if _ws_accept(h, ("v4.channel.k8s.io",)) is not None:
+        fake._note_exec("portforward", "v4.channel.k8s.io")
+        _WsPortForwardSession(h, "v4.channel.k8s.io").run()
 
 
 def _exec_spdy(h: _Handler, fake) -> None:
@@ -2774,6 +2819,35 @@ class _WsExecSession:
         else:
             head = struct.pack(">BBQ", 0x80 | opcode, 127, n)
         self.wfile.write(head + payload)
+
+
+class _WsPortForwardSession(_WsExecSession):
+    """Port i has data channel 2i and error channel 2i+1; each channel's first
+    frame carries the port number (little-endian). Data comes back unchanged."""
+
+    def run(self) -> None:
+        ports = [int(p) for p in self.query_ports]
+        try:
+            for i, port in enumerate(ports):
+                for channel in (2 * i, 2 * i + 1):
+                    self._send_frame(
+                        WS_OP_BIN, bytes([channel]) + struct.pack("<H", port)
+                    )
+            while True:
+                opcode, payload = self._read_message()
+                if opcode == WS_OP_CLOSE:
+                    self._send_frame(WS_OP_CLOSE, payload[:2])
+                    return
+                if opcode == WS_OP_BIN and payload[:1] and payload[0] % 2 == 0:
+                    self.echoed += len(payload) - 1
+                    self._send_frame(WS_OP_BIN, payload)
+        except (EOFError, OSError, ValueError):
+            return
+
+    def __init__(self, h: _Handler, proto: str):
+        super().__init__(h, proto)
+        self.query_ports = h.query.get("ports", "").split(",")
+        self.echoed = 0
 
 
 def _ws_unmask(payload: bytes, mask: bytes) -> bytes:
@@ -5100,10 +5174,26 @@ def test_setup_then_status_k3s_like_ec_p256_on_firmware_57(card57, tmp_path, cap
     assert extension == {"slot": "9a", "listen": "127.0.0.1:8080", "serial": 31000001}
     # The local hop: kubectl trusts the local CA and holds a client certificate of it.
     client_doc = read_yaml(client)
-    assert client_doc["clusters"][0]["cluster"] == {
-        "server": "https://127.0.0.1:8080",
-        "certificate-authority-data": local["client-ca-data"],
+    marker = [{"name": "yubikey-kube-proxy", "extension": {"proxy-config": str(proxy)}}]
+    assert client_doc["clusters"][0] == {
+        "name": "default",
+        "cluster": {
+            "server": "https://127.0.0.1:8080",
+            "certificate-authority-data": local["client-ca-data"],
+            "extensions": marker,
+        },
     }
+    assert client_doc["contexts"][0] == {
+        "name": "default",
+        "context": {
+            "cluster": "default",
+            "user": "default",
+            "namespace": "team-a",
+            "extensions": marker,
+        },
+    }
+    assert client_doc["users"][0]["name"] == "default"
+    assert client_doc["users"][0]["user"]["extensions"] == marker
     local_ca = x509.load_pem_x509_certificate(base64.b64decode(local["client-ca-data"]))
     user = client_doc["users"][0]["user"]
     client_cert = x509.load_pem_x509_certificate(
@@ -5194,10 +5284,19 @@ def test_setup_kubeadm_like_rsa2048_files_on_3des_card(card54, tmp_path, capsys)
         capsys=capsys,
     )
     assert (code, stderr) == (0, "")
+    marker = [
+        {
+            "name": "yubikey-kube-proxy",
+            "extension": {"proxy-config": str(tmp_path / "o" / "proxy.yml")},
+        }
+    ]
     assert read_yaml(tmp_path / "o" / "client.yml")["clusters"][0]["cluster"] == {
-        "server": "http://127.0.0.1:8181"
+        "server": "http://127.0.0.1:8181",
+        "extensions": marker,
     }
-    assert read_yaml(tmp_path / "o" / "client.yml")["users"][0]["user"] == {}
+    assert read_yaml(tmp_path / "o" / "client.yml")["users"][0]["user"] == {
+        "extensions": marker
+    }
     extension = read_yaml(tmp_path / "o" / "proxy.yml")["contexts"][0]["context"][
         "extensions"
     ][0]["extension"]
@@ -5294,7 +5393,7 @@ def test_existing_output_files_are_kept_without_force(card57, tmp_path, capsys):
     assert code == 1
     assert stderr == (
         f"yubikey-kube-proxy: error: {tmp_path / 'client.yml'} exists already: "
-        "pass --force to replace it, or choose another --output-dir\n"
+        "pass --force to replace it, or choose another --output-dir or --name\n"
     )
     assert (tmp_path / "client.yml").read_text() == "mine\n"
     assert card57.slot_key(0x9A) is None
@@ -5833,9 +5932,10 @@ def start_cluster(
     tls_versions=("1.2", "1.3"),
     path_prefix: str = "",
     server_pki=None,
+    subject: str = "CN=system:admin,O=system:masters",
     **cluster_extra,
 ) -> Cluster:
-    ident = make_identity(kind)
+    ident = make_identity(kind, subject=subject)
     server_ca, server_cert, server_key = server_pki or make_server_pki()
     api = FakeApiServer(
         server_cert_pem=pem(server_cert),
@@ -5861,7 +5961,7 @@ def start_cluster(
 class ProxyProcess:
     """`yubikey-kube-proxy proxy` as a user runs it, on a free loopback port."""
 
-    def __init__(self, workdir: Path, *extra: str) -> None:
+    def __init__(self, workdir: Path, *extra: str, env=None) -> None:
         self.workdir = workdir
         self.stderr_path = workdir / "proxy.stderr"
         self.process = subprocess.Popen(
@@ -5878,6 +5978,7 @@ class ProxyProcess:
             ],
             stderr=open(self.stderr_path, "wb"),
             stdin=subprocess.DEVNULL,
+            env=env,
         )
         wait_until(
             lambda: "listening on" in self.stderr() or self.process.poll() is not None,
@@ -6366,7 +6467,8 @@ def response_status_and_body(answer: bytes) -> tuple[str, dict]:
         ),
         (
             "Host: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\n",
-            "refused: requests from web browsers are not relayed",
+            "refused: Origin 'http://evil.example' is not this proxy's own (requests "
+            "from web browsers are not relayed)",
         ),
         (
             "Host: 127.0.0.1:{port}\r\nSec-Fetch-Mode: cors\r\n",
@@ -6553,6 +6655,1290 @@ def test_proxy_wrong_pin_fails_at_start_and_costs_one_try(
     )
     assert (card57.verify_attempts - attempts, card57.pin_tries_left) == (1, 2)
     assert cluster.api.handshakes == 0
+
+
+# =============================================================================
+# Go parity: the upstream TLS checked against Go's own crypto/x509 and crypto/tls
+# =============================================================================
+#
+# kubectl is a Go program: a server it accepts must work through the proxy, and a
+# server it refuses must never get a card signature. The tests build two small Go
+# programs from Go's standard library (Debian's golang-go): a verifier that gives
+# Go's verdict on a generated corpus of chains, and a TLS server configured like
+# kube-apiserver's secure serving, in front of the test API server.
+
+GO_VERIFIER = r"""
+package main
+
+import (
+	"bufio"
+	"crypto/x509"
+	"encoding/json"
+	"os"
+)
+
+type job struct {
+	Roots [][]byte `json:"roots"`
+	Chain [][]byte `json:"chain"`
+	Name  string   `json:"name"`
+}
+
+// verdict is what crypto/tls (so kubectl) decides: "" to accept, else Go's error.
+func verdict(j job) string {
+	roots := x509.NewCertPool()
+	for _, der := range j.Roots {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return "root: " + err.Error()
+		}
+		roots.AddCert(c)
+	}
+	var certs []*x509.Certificate
+	for _, der := range j.Chain {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return err.Error()
+		}
+		certs = append(certs, c)
+	}
+	intermediates := x509.NewCertPool()
+	for _, c := range certs[1:] {
+		intermediates.AddCert(c)
+	}
+	opts := x509.VerifyOptions{Roots: roots, Intermediates: intermediates, DNSName: j.Name}
+	if _, err := certs[0].Verify(opts); err != nil {
+		return err.Error()
+	}
+	return ""
+}
+
+func main() {
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<20), 1<<26)
+	out := json.NewEncoder(os.Stdout)
+	for in.Scan() {
+		var j job
+		if err := json.Unmarshal(in.Bytes(), &j); err != nil {
+			panic(err)
+		}
+		out.Encode(map[string]string{"error": verdict(j)})
+	}
+}
+"""
+
+GO_APISERVER = r"""
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"strconv"
+)
+
+func read(path string) []byte {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		panic(err)
+	}
+	return data
+}
+
+func pool(path string) *x509.CertPool {
+	p := x509.NewCertPool()
+	if !p.AppendCertsFromPEM(read(path)) {
+		panic("no certificates in " + path)
+	}
+	return p
+}
+
+var versions = map[uint16]string{tls.VersionTLS12: "1.2", tls.VersionTLS13: "1.3"}
+
+func main() {
+	cert := flag.String("cert", "", "serving certificate (PEM)")
+	key := flag.String("key", "", "its key (PKCS#8 PEM)")
+	impostor := flag.String("impostor-key", "", "serve the certificate with this other key")
+	clientCA := flag.String("client-ca", "", "CA of the client certificates")
+	backend := flag.String("backend", "", "URL of the test API server behind")
+	backendCA := flag.String("backend-ca", "", "its CA")
+	backendCert := flag.String("backend-cert", "", "our client certificate for it")
+	backendKey := flag.String("backend-key", "", "its key")
+	maxVersion := flag.String("max", "1.3", "highest TLS version: 1.1, 1.2 or 1.3")
+	suites := flag.String("suites", "", "TLS 1.2 suites: rsa (static RSA) or ecdhe; default Go's")
+	flag.Parse()
+
+	pair, err := tls.X509KeyPair(read(*cert), read(*key))
+	if err != nil {
+		panic(err)
+	}
+	if *impostor != "" {
+		block, _ := pem.Decode(read(*impostor))
+		other, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+		if err != nil {
+			panic(err)
+		}
+		pair.PrivateKey = other // the genuine certificate, someone else's key
+	}
+	// kube-apiserver's secure serving: client certificates requested, not
+	// verified by crypto/tls; its x509 authenticator checks them itself.
+	config := &tls.Config{
+		Certificates: []tls.Certificate{pair},
+		ClientAuth:   tls.RequestClientCert,
+		NextProtos:   []string{"h2", "http/1.1"},
+		MinVersion:   tls.VersionTLS12,
+		MaxVersion:   map[string]uint16{"1.1": tls.VersionTLS11, "1.2": tls.VersionTLS12, "1.3": tls.VersionTLS13}[*maxVersion],
+	}
+	if config.MaxVersion < tls.VersionTLS12 { // an outdated server, for a negative test
+		config.MinVersion = tls.VersionTLS10
+	}
+	server := &http.Server{TLSConfig: config}
+	switch *suites {
+	case "rsa": // HTTP/2 needs ECDHE: HTTP/1.1 only
+		config.CipherSuites = []uint16{tls.TLS_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_RSA_WITH_AES_256_GCM_SHA384}
+		config.NextProtos = []string{"http/1.1"}
+		server.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
+	case "ecdhe":
+		config.CipherSuites = []uint16{tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256}
+	}
+	clients := pool(*clientCA)
+	var proxy *httputil.ReverseProxy
+	if *backend != "" {
+		target, _ := url.Parse(*backend)
+		ours, err := tls.LoadX509KeyPair(*backendCert, *backendKey)
+		if err != nil {
+			panic(err)
+		}
+		proxy = httputil.NewSingleHostReverseProxy(target)
+		proxy.FlushInterval = -1
+		proxy.Transport = &http.Transport{TLSClientConfig: &tls.Config{
+			RootCAs: pool(*backendCA), Certificates: []tls.Certificate{ours},
+		}}
+	}
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		peer := r.TLS.PeerCertificates
+		intermediates := x509.NewCertPool()
+		for _, c := range peer[min(1, len(peer)):] {
+			intermediates.AddCert(c)
+		}
+		if len(peer) == 0 || proxy == nil {
+			http.Error(w, "Unauthorized", http.StatusUnauthorized)
+			return
+		}
+		opts := x509.VerifyOptions{Roots: clients, Intermediates: intermediates,
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+		if _, err := peer[0].Verify(opts); err != nil {
+			http.Error(w, "Unauthorized", http.StatusUnauthorized)
+			return
+		}
+		r.Header.Set("X-Go-Client", peer[0].Subject.String())
+		r.Header.Set("X-Go-Tls", versions[r.TLS.Version])
+		r.Header.Set("X-Go-Alpn", r.TLS.NegotiatedProtocol)
+		r.Header.Set("X-Go-Resumed", strconv.FormatBool(r.TLS.DidResume))
+		r.Header.Set("X-Go-Cipher", tls.CipherSuiteName(r.TLS.CipherSuite))
+		proxy.ServeHTTP(w, r)
+	})
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	fmt.Printf("listening on %d\n", listener.Addr().(*net.TCPAddr).Port)
+	server.Handler = handler
+	panic(server.ServeTLS(listener, "", ""))
+}
+
+func min(a, b int) int {
+	if a < b {
+		return a
+	}
+	return b
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def go_build(tmp_path_factory):
+    """Builds a Go program from source, standard library only, with Go's caches
+    under pytest's temporary directory; fails (never skips) without Go."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail(
+            "the Go parity tests need Go: install it with "
+            "'sudo apt-get install -y golang-go' (the README's test command does)"
+        )
+    root = tmp_path_factory.mktemp("go")
+    env = {
+        **os.environ,
+        "GOCACHE": str(root / "cache"),
+        "GOPATH": str(root / "path"),
+        "GOTMPDIR": str(root),
+        "GOTOOLCHAIN": "local",
+        "GOFLAGS": "",
+        "GOPROXY": "off",
+        "GO111MODULE": "on",
+        "CGO_ENABLED": "0",
+        "HOME": str(root),
+    }
+    built: dict[str, Path] = {}
+
+    def build(name: str, source: str) -> Path:
+        if name not in built:
+            folder = root / name
+            folder.mkdir()
+            (folder / "main.go").write_text(source)
+            done = subprocess.run(
+                [go, "build", "-o", str(folder / name), "main.go"],
+                cwd=folder,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stderr
+            built[name] = folder / name
+        return built[name]
+
+    return build
+
+
+TLS_FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tls_figures(request):
+    """Print the Go differential's figures at the end of the run."""
+    yield
+    if TLS_FIGURES:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("")
+            reporter.write_sep("=", "Go parity figures")
+            for line in TLS_FIGURES:
+                reporter.write_line(line)
+
+
+# -- the differential corpus ----------------------------------------------------------
+
+SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
+CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
+NETSCAPE_SGC = x509.ObjectIdentifier("2.16.840.1.113730.4.1")
+UNKNOWN_EXTENSION = x509.ObjectIdentifier("1.3.6.1.4.1.55555.1")
+KU_FIELDS = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
+)
+
+
+def key_usage(*names: str) -> x509.KeyUsage:
+    return x509.KeyUsage(**{f: f in names for f in KU_FIELDS})
+
+
+@dataclasses.dataclass
+class CertSpec:
+    """One certificate of a corpus chain; None leaves an extension out."""
+
+    cn: str
+    ca: bool | None = None  # basicConstraints: None = absent
+    bc_critical: bool = True
+    pathlen: int | None = None
+    sans: tuple = ()
+    eku: tuple | None = None
+    ku: x509.KeyUsage | None = None
+    nc: x509.NameConstraints | None = None
+    valid: tuple[int, int] = (-1, 365)  # days from now
+    hash: object = dataclasses.field(default_factory=hashes.SHA256)
+    key: str = "p256"
+    unknown: bool | None = None  # an unknown extension: None absent, else critical?
+    aki: bool = True
+
+
+def dns(*names: str) -> tuple:
+    return tuple(x509.DNSName(n) for n in names)
+
+
+def ips(*addresses: str) -> tuple:
+    return tuple(x509.IPAddress(ipaddress.ip_address(a)) for a in addresses)
+
+
+def ip_net(text: str) -> x509.IPAddress:
+    return x509.IPAddress(ipaddress.ip_network(text))
+
+
+CORPUS_KEYS: dict[str, object] = {}
+
+
+def corpus_key(name: str):
+    """Keys by name, made once ("p256", "p256-2", "rsa1024", ...)."""
+    if name not in CORPUS_KEYS:
+        CORPUS_KEYS[name] = new_key(name.split("-")[0])
+    return CORPUS_KEYS[name]
+
+
+def build_cert(spec: CertSpec, issuer: CertSpec | None, issuer_key_name: str | None):
+    key = corpus_key(spec.key)
+    signer = corpus_key(issuer_key_name or spec.key)
+    issuer_cn = (issuer or spec).cn
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec.cn)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_cn)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW + datetime.timedelta(days=spec.valid[0]))
+        .not_valid_after(NOW + datetime.timedelta(days=spec.valid[1]))
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False
+        )
+    )
+    if spec.ca is not None:
+        bc = x509.BasicConstraints(ca=spec.ca, path_length=spec.pathlen)
+        builder = builder.add_extension(bc, spec.bc_critical)
+    if spec.aki:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key())
+        builder = builder.add_extension(aki, False)
+    for ext, critical in (
+        (spec.sans and x509.SubjectAlternativeName(list(spec.sans)), False),
+        (spec.eku and x509.ExtendedKeyUsage(list(spec.eku)), False),
+        (spec.ku, True),
+        (spec.nc, True),
+    ):
+        if ext:
+            builder = builder.add_extension(ext, critical)
+    if spec.unknown is not None:
+        ext = x509.UnrecognizedExtension(UNKNOWN_EXTENSION, b"\x05\x00")
+        builder = builder.add_extension(ext, spec.unknown)
+    if spec.hash == "sha1":
+        return sha1_signed(builder.sign(signer, hashes.SHA256()), signer)
+    algorithm = None if isinstance(signer, ed25519.Ed25519PrivateKey) else spec.hash
+    return builder.sign(signer, algorithm)
+
+
+ECDSA_SHA256_ID = bytes.fromhex("300a06082a8648ce3d040302")
+ECDSA_SHA1_ID = bytes.fromhex("300906072a8648ce3d0401")
+
+
+def der_tlv(tag: int, content: bytes) -> bytes:
+    return bytes([tag]) + yk.encode_length(len(content)) + content
+
+
+def der_content(data: bytes) -> bytes:
+    """The content of a DER TLV whose tag is one byte."""
+    first = data[1]
+    if first < 0x80:
+        return data[2 : 2 + first]
+    n = first & 0x7F
+    return data[2 + n : 2 + n + int.from_bytes(data[2 : 2 + n], "big")]
+
+
+def sha1_signed(cert: x509.Certificate, signer) -> x509.Certificate:
+    """The certificate signed again with ECDSA-SHA1 (cryptography no longer signs
+    certificates with SHA-1; Go must still see one to refuse it)."""
+    tbs = der_content(cert.tbs_certificate_bytes)
+    assert tbs.count(ECDSA_SHA256_ID) == 1
+    tbs = der_tlv(0x30, tbs.replace(ECDSA_SHA256_ID, ECDSA_SHA1_ID))
+    signature = signer.sign(tbs, ec.ECDSA(hashes.SHA1()))
+    body = tbs + ECDSA_SHA1_ID + der_tlv(0x03, b"\x00" + signature)
+    return x509.load_der_x509_certificate(der_tlv(0x30, body))
+
+
+def root_spec(**kw) -> CertSpec:
+    kw = {"ca": True, "key": "p256-root", **kw}
+    kw.setdefault("ku", key_usage("key_cert_sign", "crl_sign"))
+    return CertSpec("Corpus Root", **kw)
+
+
+def inter_spec(n: int = 1, **kw) -> CertSpec:
+    kw = {"ca": True, "key": f"p256-int{n}", **kw}
+    kw.setdefault("ku", key_usage("key_cert_sign", "crl_sign"))
+    return CertSpec(f"Corpus Intermediate {n}", **kw)
+
+
+def leaf_spec(**kw) -> CertSpec:
+    kw = {"cn": "api.example.com", "key": "p256-leaf", **kw}
+    kw.setdefault("sans", dns("api.example.com") + ips("10.0.0.1"))
+    kw.setdefault("eku", (SERVER_AUTH,))
+    kw.setdefault("ku", key_usage("digital_signature"))
+    return CertSpec(**kw)
+
+
+@dataclasses.dataclass
+class CorpusCase:
+    label: str
+    roots: list  # DER
+    chain: list  # DER, leaf first, as the server sends it
+    name: str
+
+    def job(self) -> str:
+        return json.dumps(
+            {
+                "roots": [b64(d) for d in self.roots],
+                "chain": [b64(d) for d in self.chain],
+                "name": self.name,
+            }
+        )
+
+
+def chain_case(
+    label: str,
+    leaf: CertSpec | None = None,
+    inters: tuple = (None,),
+    root: CertSpec | None = None,
+    name: str = "api.example.com",
+    send=None,
+) -> CorpusCase:
+    """root -> intermediates (None = the default one; () = none) -> leaf."""
+    root = root or root_spec()
+    specs = (
+        [root]
+        + [s or inter_spec(i + 1) for i, s in enumerate(inters)]
+        + [leaf or leaf_spec()]
+    )
+    certs = [build_cert(root, None, None)]
+    for parent, spec in zip(specs, specs[1:]):
+        certs.append(build_cert(spec, parent, parent.key))
+    der = [c.public_bytes(serialization.Encoding.DER) for c in certs]
+    chain = list(reversed(der[1:]))  # leaf, intermediates up to the root
+    return CorpusCase(label, [der[0]], send(der) if send else chain, name)
+
+
+def self_signed_case(label: str, leaf: CertSpec, name="api.example.com", trusted=True):
+    der = build_cert(leaf, None, None).public_bytes(serialization.Encoding.DER)
+    roots = [der] if trusted else [chain_case("x").roots[0]]
+    return CorpusCase(label, roots, [der], name)
+
+
+def san_cases() -> list[CorpusCase]:
+    def leaf_with(*sans, cn="api.example.com"):
+        return leaf_spec(sans=sans, cn=cn)
+
+    cases = [
+        ("dns exact", leaf_spec(), "api.example.com"),
+        ("dns case-insensitive", leaf_with(*dns("API.Example.COM")), "api.example.com"),
+        ("dns mismatch", leaf_spec(), "other.example.com"),
+        ("ip san", leaf_spec(), "10.0.0.1"),
+        ("ip mismatch", leaf_spec(), "10.0.0.2"),
+        ("ip only as dns san", leaf_with(*dns("10.0.0.9")), "10.0.0.9"),
+        ("ipv6 san", leaf_with(*ips("::1")), "::1"),
+        ("ipv6 in brackets", leaf_with(*ips("::1")), "[::1]"),
+        ("wildcard one label", leaf_with(*dns("*.example.com")), "a.example.com"),
+        ("wildcard two labels", leaf_with(*dns("*.example.com")), "a.b.example.com"),
+        ("wildcard apex", leaf_with(*dns("*.example.com")), "example.com"),
+        ("partial wildcard", leaf_with(*dns("a*.example.com")), "ab.example.com"),
+        ("wildcard tld", leaf_with(*dns("*.com")), "example.com"),
+        ("wildcard not leftmost", leaf_with(*dns("a.*.com")), "a.b.com"),
+        ("cn only", leaf_spec(sans=()), "api.example.com"),
+        (
+            "cn matches, san does not",
+            leaf_with(*dns("other.example.com")),
+            "api.example.com",
+        ),
+        ("name with trailing dot", leaf_spec(), "api.example.com."),
+        (
+            "san with trailing dot",
+            leaf_with(*dns("api.example.com.")),
+            "api.example.com",
+        ),
+        (
+            "both with trailing dot",
+            leaf_with(*dns("api.example.com.")),
+            "api.example.com.",
+        ),
+        ("localhost.", leaf_with(*dns("localhost")), "localhost."),
+        ("underscore", leaf_with(*dns("my_host.example.com")), "my_host.example.com"),
+        (
+            "underscore under wildcard",
+            leaf_with(*dns("*.example.com")),
+            "a_b.example.com",
+        ),
+        (
+            "tls-server-name kubernetes",
+            leaf_with(*dns("kubernetes.default.svc")),
+            "kubernetes.default.svc",
+        ),
+        (
+            "tls-server-name mismatch",
+            leaf_with(*dns("kubernetes")),
+            "kubernetes.default",
+        ),
+        (
+            "email san only",
+            leaf_with(x509.RFC822Name("a@example.com")),
+            "api.example.com",
+        ),
+    ]
+    return [chain_case(f"san: {label}", leaf, name=name) for label, leaf, name in cases]
+
+
+def usage_cases() -> list[CorpusCase]:
+    ekus = {
+        "none": None,
+        "serverAuth": (SERVER_AUTH,),
+        "clientAuth": (CLIENT_AUTH,),
+        "any": (ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,),
+        "server+client": (SERVER_AUTH, CLIENT_AUTH),
+        "codeSigning": (ExtendedKeyUsageOID.CODE_SIGNING,),
+        "netscape sgc": (NETSCAPE_SGC,),
+    }
+    cases = []
+    for label, eku in ekus.items():
+        cases.append(chain_case(f"eku leaf {label}", leaf=leaf_spec(eku=eku)))
+        if label not in ("serverAuth+clientAuth", "server+client", "netscape sgc"):
+            cases.append(
+                chain_case(f"eku intermediate {label}", inters=(inter_spec(eku=eku),))
+            )
+        if label in ("serverAuth", "clientAuth", "any"):
+            cases.append(chain_case(f"eku root {label}", root=root_spec(eku=eku)))
+    kus = {
+        "leaf none": dict(leaf=leaf_spec(ku=None)),
+        "leaf keyEncipherment": dict(leaf=leaf_spec(ku=key_usage("key_encipherment"))),
+        "leaf keyCertSign only": dict(leaf=leaf_spec(ku=key_usage("key_cert_sign"))),
+        "intermediate none": dict(inters=(inter_spec(ku=None),)),
+        "intermediate digitalSignature": dict(
+            inters=(inter_spec(ku=key_usage("digital_signature")),)
+        ),
+        "intermediate crlSign": dict(inters=(inter_spec(ku=key_usage("crl_sign")),)),
+        "intermediate keyCertSign": dict(
+            inters=(inter_spec(ku=key_usage("key_cert_sign")),)
+        ),
+        "root none": dict(root=root_spec(ku=None)),
+        "root digitalSignature": dict(
+            root=root_spec(ku=key_usage("digital_signature"))
+        ),
+        "root keyCertSign": dict(root=root_spec(ku=key_usage("key_cert_sign"))),
+    }
+    cases += [chain_case(f"ku {label}", **kw) for label, kw in kus.items()]
+    bcs = {
+        "intermediate without": dict(inters=(inter_spec(ca=None),)),
+        "intermediate ca=false": dict(inters=(inter_spec(ca=False),)),
+        "intermediate not critical": dict(inters=(inter_spec(bc_critical=False),)),
+        "root without": dict(root=root_spec(ca=None)),
+        "root ca=false": dict(root=root_spec(ca=False)),
+        "leaf ca=true": dict(leaf=leaf_spec(ca=True)),
+    }
+    cases += [
+        chain_case(f"basic constraints {label}", **kw) for label, kw in bcs.items()
+    ]
+    return cases
+
+
+def constraint_cases() -> list[CorpusCase]:
+    def nc(permitted=None, excluded=None):
+        return x509.NameConstraints(
+            permitted_subtrees=permitted, excluded_subtrees=excluded
+        )
+
+    def inter_nc(c):
+        return (inter_spec(nc=c),)
+
+    cases = [
+        chain_case(
+            "nc permitted dns inside",
+            inters=inter_nc(nc([x509.DNSName("example.com")])),
+        ),
+        chain_case(
+            "nc permitted dns outside",
+            leaf_spec(sans=dns("api.other.com")),
+            inter_nc(nc([x509.DNSName("example.com")])),
+            name="api.other.com",
+        ),
+        chain_case(
+            "nc excluded dns", inters=inter_nc(nc(None, [x509.DNSName("example.com")]))
+        ),
+        chain_case(
+            "nc permitted ip inside",
+            inters=inter_nc(nc([ip_net("10.0.0.0/8")])),
+            name="10.0.0.1",
+        ),
+        chain_case(
+            "nc permitted ip outside",
+            inters=inter_nc(nc([ip_net("192.168.0.0/16")])),
+            name="10.0.0.1",
+        ),
+        chain_case(
+            "nc root permitted .example.com",
+            root=root_spec(nc=nc([x509.DNSName(".example.com")])),
+        ),
+        chain_case(
+            "nc root permitted example.org",
+            root=root_spec(nc=nc([x509.DNSName("example.org")])),
+        ),
+        chain_case(
+            "nc second san outside",
+            leaf_spec(sans=dns("api.example.com", "api.evil.com")),
+            inter_nc(nc([x509.DNSName("example.com")])),
+        ),
+        chain_case(
+            "nc with cn-only leaf",
+            leaf_spec(sans=()),
+            inter_nc(nc([x509.DNSName("example.com")])),
+        ),
+        chain_case("pathlen root 0 with intermediate", root=root_spec(pathlen=0)),
+        chain_case("pathlen root 0 direct", inters=(), root=root_spec(pathlen=0)),
+        chain_case("pathlen root 1 with intermediate", root=root_spec(pathlen=1)),
+        chain_case(
+            "pathlen root 1 with two", inters=(None, None), root=root_spec(pathlen=1)
+        ),
+        chain_case("pathlen intermediate 0 direct", inters=(inter_spec(pathlen=0),)),
+        chain_case(
+            "pathlen intermediate 0 with another", inters=(inter_spec(pathlen=0), None)
+        ),
+    ]
+    return cases
+
+
+def validity_cases() -> list[CorpusCase]:
+    periods = {"expired": (-30, -1), "not yet valid": (1, 30)}
+    cases = []
+    for label, valid in periods.items():
+        cases.append(chain_case(f"leaf {label}", leaf_spec(valid=valid)))
+        cases.append(
+            chain_case(f"intermediate {label}", inters=(inter_spec(valid=valid),))
+        )
+        cases.append(chain_case(f"root {label}", root=root_spec(valid=valid)))
+    return cases
+
+
+def algorithm_cases() -> list[CorpusCase]:
+    return [
+        chain_case("sha1 leaf", leaf_spec(hash="sha1")),
+        chain_case("sha1 intermediate", inters=(inter_spec(hash="sha1"),)),
+        chain_case("sha1 self-signed root", root=root_spec(hash="sha1")),
+        chain_case("rsa1024 leaf", leaf_spec(key="rsa1024")),
+        chain_case("rsa1024 intermediate", inters=(inter_spec(key="rsa1024-int"),)),
+        chain_case("rsa2048 leaf", leaf_spec(key="rsa2048")),
+        chain_case("sha384 ecdsa leaf", leaf_spec(hash=hashes.SHA384())),
+        chain_case(
+            "p384 chain",
+            inters=(inter_spec(key="p384-int"),),
+            root=root_spec(key="p384-root"),
+        ),
+        chain_case("ed25519 intermediate", inters=(inter_spec(key="ed25519-int"),)),
+        chain_case("ed25519 leaf", leaf_spec(key="ed25519-leaf")),
+        chain_case("p521 leaf", leaf_spec(key="p521-leaf")),
+    ]
+
+
+def structure_cases() -> list[CorpusCase]:
+    foreign = chain_case("foreign", root=root_spec(key="p256-foreign"))
+    genuine = chain_case("genuine")
+    two = chain_case("two", inters=(None, None))
+    ss = leaf_spec(ca=None, aki=False)
+    return [
+        CorpusCase(
+            "chain from a foreign CA", genuine.roots, foreign.chain, "api.example.com"
+        ),
+        chain_case("intermediate not sent", send=lambda der: [der[-1]]),
+        CorpusCase(
+            "intermediates in reverse order",
+            two.roots,
+            [two.chain[0], two.chain[2], two.chain[1]],
+            "api.example.com",
+        ),
+        CorpusCase(
+            "extra unrelated certificate",
+            genuine.roots,
+            genuine.chain + foreign.chain[1:],
+            "api.example.com",
+        ),
+        CorpusCase(
+            "root sent too",
+            genuine.roots,
+            genuine.chain + genuine.roots,
+            "api.example.com",
+        ),
+        chain_case("unknown critical extension leaf", leaf_spec(unknown=True)),
+        chain_case(
+            "unknown critical extension intermediate",
+            inters=(inter_spec(unknown=True),),
+        ),
+        chain_case("unknown critical extension root", root=root_spec(unknown=True)),
+        chain_case("unknown extension not critical", leaf_spec(unknown=False)),
+        chain_case("leaf without authority key id", leaf_spec(aki=False)),
+        self_signed_case("self-signed leaf as the CA", ss),
+        self_signed_case(
+            "self-signed leaf as the CA, wrong name", ss, name="other.example.com"
+        ),
+        self_signed_case(
+            "self-signed leaf as the CA, expired",
+            dataclasses.replace(ss, valid=(-30, -1)),
+        ),
+        self_signed_case(
+            "self-signed leaf as the CA, clientAuth",
+            dataclasses.replace(ss, eku=(CLIENT_AUTH,)),
+        ),
+        self_signed_case(
+            "self-signed leaf as the CA, ca=true", dataclasses.replace(ss, ca=True)
+        ),
+        self_signed_case("self-signed leaf as the CA, ip name", ss, name="10.0.0.1"),
+        self_signed_case("self-signed leaf not trusted", ss, trusted=False),
+        CorpusCase("garbage certificate", genuine.roots, [b"junk"], "api.example.com"),
+        CorpusCase(
+            "truncated leaf",
+            genuine.roots,
+            [genuine.chain[0][:-20], *genuine.chain[1:]],
+            "api.example.com",
+        ),
+    ]
+
+
+def v1_root_case() -> CorpusCase:
+    """A version 1 root (no extensions at all), which Go takes as an issuer."""
+    key = corpus_key("p256-v1root")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Corpus Root")])
+    v3 = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    tbs = der_content(v3.tbs_certificate_bytes)
+    assert tbs.startswith(bytes.fromhex("a003020102"))  # [0] version v3
+    tbs = der_tlv(0x30, tbs[5:])
+    signature = der_tlv(0x03, b"\x00" + key.sign(tbs, ec.ECDSA(hashes.SHA256())))
+    root = der_tlv(0x30, tbs + ECDSA_SHA256_ID + signature)
+    assert x509.load_der_x509_certificate(root).version == x509.Version.v1
+    issuer = CertSpec("Corpus Root", key="p256-v1root")
+    leaf = build_cert(leaf_spec(), issuer, issuer.key)
+    return CorpusCase("v1 root", [root], [der_bytes(leaf)], "api.example.com")
+
+
+def der_bytes(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def go_corpus() -> list[CorpusCase]:
+    return (
+        san_cases()
+        + usage_cases()
+        + constraint_cases()
+        + validity_cases()
+        + algorithm_cases()
+        + structure_cases()
+        + [v1_root_case()]
+    )
+
+
+# Where we refuse what Go accepts, on purpose (the README lists the same).
+STRICTER_THAN_GO = {
+    "nc root permitted .example.com": "a DNS name constraint with a leading dot is "
+    "refused as malformed",
+    "rsa1024 intermediate": "certificates signed by an RSA key under 2048 bits are "
+    "refused",
+    "ed25519 intermediate": "certificates signed by an Ed25519 key are refused",
+    "v1 root": "a version 1 certificate (no basicConstraints) cannot be an issuer",
+}
+
+
+def our_verdict(case: CorpusCase) -> str:
+    roots = [x509.load_der_x509_certificate(d) for d in case.roots]
+    try:
+        yk.ServerVerifier(roots, case.name).verify(case.chain, "corpus")
+    except yk.ProxyError as exc:
+        return str(exc)
+    return ""
+
+
+def test_go_differential_corpus(go_build):
+    corpus = go_corpus()
+    assert len(corpus) >= 80
+    verifier = go_build("goverify", GO_VERIFIER)
+    done = subprocess.run(
+        [str(verifier)],
+        input="".join(case.job() + "\n" for case in corpus),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    go = [json.loads(line)["error"] for line in done.stdout.splitlines()]
+    assert len(go) == len(corpus)
+    lenient, stricter, unexplained = [], [], []
+    for case, go_error in zip(corpus, go):
+        ours = our_verdict(case)
+        if go_error and not ours:
+            lenient.append(f"{case.label}: Go says {go_error}")
+        elif ours and not go_error:
+            known = case.label in STRICTER_THAN_GO
+            (stricter if known else unexplained).append((case.label, ours))
+    agree = len(corpus) - len(lenient) - len(stricter) - len(unexplained)
+    TLS_FIGURES.append(
+        f"Go differential: {len(corpus)} chains, {agree} agreements, {len(stricter)} "
+        f"deliberately stricter than Go, {len(lenient)} more lenient, "
+        f"{len(unexplained)} unexplained"
+    )
+    TLS_FIGURES.extend(f"  stricter: {s}: {STRICTER_THAN_GO[s]}" for s, _ in stricter)
+    assert lenient == [] and unexplained == []
+    assert sorted(label for label, _ in stricter) == sorted(STRICTER_THAN_GO)
+
+
+# -- a Go TLS server configured like kube-apiserver, in front of the test API server --
+
+
+def go_serving_pki(kind: str, names=("localhost",), ips_=("127.0.0.1",), days=365):
+    """A serving CA and certificate with a key of the given kind (p256, rsa2048)."""
+    ca_key = new_key("p256")
+    ca_cert = make_cert(
+        ca_key, ca_key, "CN=go-apiserver-ca", "CN=go-apiserver-ca", ca=True, days=3650
+    )
+    key = new_key(kind)
+    sans = [x509.DNSName(n) for n in names] + [
+        x509.IPAddress(ipaddress.ip_address(i)) for i in ips_
+    ]
+    start = -1 if days > 0 else days - 30
+    cert = make_cert(
+        key,
+        ca_key,
+        "CN=kube-apiserver",
+        "CN=go-apiserver-ca",
+        sans=sans,
+        days=days,
+        start_days=start,
+    )
+    return (ca_key, ca_cert), cert, key
+
+
+@dataclasses.dataclass
+class GoFront:
+    process: subprocess.Popen
+    port: int
+    cluster: Cluster  # its kubeconfig reaches the Go server; .api is the server behind
+
+
+@contextlib.contextmanager
+def go_apiserver(
+    tmp_path,
+    go_build,
+    serving="p256",
+    max_version="1.3",
+    pki=None,
+    extra=(),
+    **cluster_extra,
+):
+    """kubectl -> proxy -> Go TLS server (kube-apiserver's settings) -> test API server."""
+    binary = go_build("goapiserver", GO_APISERVER)
+    backend = start_cluster(tmp_path)
+    folder = tmp_path / "go"
+    folder.mkdir(exist_ok=True)
+    (ca_key, ca_cert), cert, key = pki or go_serving_pki(serving)
+    ident = backend.ident
+    front_key = new_key("p256")
+    front_cert = make_cert(
+        front_key, ident.ca_key, "CN=system:admin,O=system:masters", "CN=k3s-client-ca"
+    )
+    files = {
+        "cert": pem(cert),
+        "key": pem(key),
+        "client-ca": pem(ident.ca_cert),
+        "backend-ca": pem(backend.server_ca),
+        "backend-cert": pem(front_cert),
+        "backend-key": pem(front_key),
+    }
+    argv = [str(binary), "-max", max_version, "-backend", backend.api.url, *extra]
+    for flag, data in files.items():
+        (folder / f"{flag}.pem").write_bytes(data)
+        argv += [f"-{flag}", str(folder / f"{flag}.pem")]
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=open(folder / "stderr", "wb"), text=True
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("listening on "), (folder / "stderr").read_text()
+        port = int(line.split()[-1])
+        doc = yaml.safe_load(backend.kubeconfig.read_text())
+        cluster_doc = doc["clusters"][0]["cluster"]
+        cluster_doc["server"] = f"https://127.0.0.1:{port}"
+        cluster_doc["certificate-authority-data"] = b64(pem(ca_cert))
+        cluster_doc.update(cluster_extra)
+        backend.kubeconfig.write_text(yaml.safe_dump(doc))
+        yield GoFront(process, port, backend)
+    finally:
+        process.kill()
+        process.wait()
+        backend.api.stop()
+
+
+@contextlib.contextmanager
+def proxy_through(front: GoFront, workdir: Path):
+    proxy = setup_and_proxy(front.cluster, workdir)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize(
+    "max_version, serving",
+    [("1.2", "p256"), ("1.3", "p256"), ("1.2", "rsa2048"), ("1.3", "rsa2048")],
+)
+def test_go_apiserver_kubectl_requests(
+    card57, tmp_path, capsys, go_build, max_version, serving
+):
+    with go_apiserver(tmp_path, go_build, serving, max_version) as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            signed = card57.sign_count
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
+            done = kubectl(proxy, "get", "nodes", "-o", "name")
+            assert (done.returncode, done.stdout) == (
+                0,
+                "".join(f"node/{n}\n" for n in NODE_NAMES),
+            ), done.stderr
+            requests = list(front.cluster.api.requests)
+            # each request a full handshake the card signed: no ticket, no resumption
+            assert card57.sign_count - signed == len(requests) > 0
+            go = {
+                (
+                    r["headers"]["x-go-client"],
+                    r["headers"]["x-go-tls"],
+                    r["headers"]["x-go-alpn"],
+                    r["headers"]["x-go-resumed"],
+                )
+                for r in requests
+            }
+            assert go == {
+                ("CN=system:admin,O=system:masters", max_version, "http/1.1", "false")
+            }
+            ciphers = {r["headers"]["x-go-cipher"] for r in requests}
+            if max_version == "1.2":
+                kind = "ECDSA" if serving == "p256" else "RSA"
+                assert ciphers <= {
+                    f"TLS_ECDHE_{kind}_WITH_AES_128_GCM_SHA256",
+                    f"TLS_ECDHE_{kind}_WITH_CHACHA20_POLY1305_SHA256",
+                }, ciphers
+            else:
+                assert ciphers <= {
+                    "TLS_AES_128_GCM_SHA256",
+                    "TLS_CHACHA20_POLY1305_SHA256",
+                }, ciphers
+
+
+@pytest.mark.parametrize("max_version, serving", [("1.3", "p256"), ("1.2", "rsa2048")])
+def test_go_apiserver_streams_exec_and_writes(
+    card57, tmp_path, capsys, go_build, max_version, serving
+):
+    with go_apiserver(tmp_path, go_build, serving, max_version) as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            cluster = front.cluster
+            test_kubectl_watch_sees_events_as_they_happen(proxy, cluster)
+            test_kubectl_logs_follow_streams_lines(proxy, cluster)
+            for websockets in ("true", "false"):
+                test_kubectl_exec_stdin_echo(proxy, cluster, websockets)
+            (tmp_path / "pod.json").write_text(
+                json.dumps(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "metadata": {"name": "web"},
+                        "spec": {"containers": [{"name": "c", "image": "nginx"}]},
+                    }
+                )
+            )
+            done = kubectl(proxy, "create", "-f", str(tmp_path / "pod.json"))
+            assert (done.returncode, done.stdout) == (0, "pod/web created\n"), (
+                done.stderr
+            )
+            done = kubectl(proxy, "delete", "pod", "web", "--wait=false")
+            assert (done.returncode, done.stdout) == (0, 'pod "web" deleted\n'), (
+                done.stderr
+            )
+
+
+@pytest.mark.parametrize("name", ["localhost.", "my_host.example"])
+def test_go_apiserver_tls_server_names_go_accepts(
+    card57, tmp_path, capsys, go_build, name
+):
+    pki = go_serving_pki("p256", names=("localhost", "my_host.example"))
+    with go_apiserver(
+        tmp_path, go_build, pki=pki, **{"tls-server-name": name}
+    ) as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 0, done.stderr
+
+
+def test_go_apiserver_client_hello_offers_what_go_offers(card57, tmp_path, capsys):
+    """The proxy's ClientHello, caught by a listener that answers nothing."""
+    from tlslite.constants import CipherSuite
+    from tlslite.messages import ClientHello
+    from tlslite.utils.codec import Parser
+
+    cluster = start_cluster(tmp_path)
+    listener = socket.create_server(("127.0.0.1", 0))
+    caught = []
+
+    def catch():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed by the test
+            with conn:
+                data = b""
+                while len(data) < 5 or len(data) < 5 + int.from_bytes(data[3:5], "big"):
+                    data += conn.recv(65536)
+                caught.append(data)
+
+    thread = threading.Thread(target=catch, daemon=True)
+    thread.start()
+    try:
+        doc = yaml.safe_load(cluster.kubeconfig.read_text())
+        doc["clusters"][0]["cluster"]["server"] = (
+            f"https://127.0.0.1:{listener.getsockname()[1]}"
+        )
+        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+        with proxy_through(GoFront(None, 0, cluster), tmp_path / "yk") as proxy:
+            signed = card57.sign_count
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 1
+            assert card57.sign_count == signed
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        listener.close()
+        thread.join(10)
+        cluster.api.stop()
+    assert caught
+    hello = ClientHello().parse(Parser(bytearray(caught[0][6:])))
+    names = [CipherSuite.ietfNames.get(s, hex(s)) for s in hello.cipher_suites]
+    assert sorted(names) == sorted(
+        [
+            "TLS_AES_128_GCM_SHA256",
+            "TLS_CHACHA20_POLY1305_SHA256",
+            "TLS_AES_256_GCM_SHA384",
+            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+            "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+            "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+            "TLS_EMPTY_RENEGOTIATION_INFO_SCSV",
+        ]
+    ), names
+    versions = hello.getExtension(43).versions
+    assert versions == [(3, 4), (3, 3)]
+    extensions = {e.extType for e in hello.extensions}
+    assert not extensions & {35, 41, 45}  # session_ticket, pre_shared_key, psk modes
+    assert hello.client_version == (3, 3)
+
+
+def impostor_case(kind: str):
+    """(serving key kind, extra Go flags, max version) for each impostor."""
+    return {
+        "static RSA": ("rsa2048", ["-suites", "rsa"], "1.2"),
+        "ECDHE TLS 1.2": ("rsa2048", ["-suites", "ecdhe"], "1.2"),
+        "TLS 1.3": ("rsa2048", [], "1.3"),
+    }[kind]
+
+
+def refused_by_us(front: GoFront, proxy: ProxyProcess, card, expected: str) -> None:
+    signed = card.sign_count
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 1
+    message = status_error(done)
+    assert message.startswith(
+        f"Error from server (BadGateway): the API server at 127.0.0.1:{front.port} "
+    ), message
+    assert expected in message, message
+    assert "client certificate" not in message
+    assert card.sign_count == signed
+    assert front.cluster.api.requests == []
+
+
+@pytest.mark.parametrize("kind", ["static RSA", "ECDHE TLS 1.2", "TLS 1.3"])
+def test_go_impostor_with_the_genuine_certificate_gets_no_signature(
+    card57, tmp_path, capsys, go_build, kind
+):
+    serving, flags, max_version = impostor_case(kind)
+    pki = go_serving_pki(serving)
+    other = tmp_path / "other-key.pem"
+    other.write_bytes(pem(new_key(serving)))
+    expected = {
+        "static RSA": "accepts none of what kubectl offers too (TLS 1.2 or 1.3, ECDHE key "
+        "exchange, AES-GCM or ChaCha20)",
+        "ECDHE TLS 1.2": "did not prove that it holds the key of its certificate",
+        "TLS 1.3": "did not prove that it holds the key of its certificate",
+    }[kind]
+    with go_apiserver(
+        tmp_path,
+        go_build,
+        max_version=max_version,
+        pki=pki,
+        extra=[*flags, "-impostor-key", str(other)],
+    ) as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            refused_by_us(front, proxy, card57, expected)
+
+
+def test_go_apiserver_with_tls_1_1_only_gets_no_signature(
+    card57, tmp_path, capsys, go_build
+):
+    with go_apiserver(tmp_path, go_build, max_version="1.1") as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            refused_by_us(
+                front,
+                proxy,
+                card57,
+                "accepts none of what kubectl offers too (TLS 1.2 or 1.3, ECDHE key "
+                "exchange, AES-GCM or ChaCha20): ",
+            )
+
+
+@pytest.mark.parametrize("kind", ["foreign CA", "wrong name", "expired"])
+def test_go_apiserver_we_refuse_gets_no_signature(
+    card57, tmp_path, capsys, go_build, kind
+):
+    extra = {}
+    if kind == "foreign CA":
+        (_, cert, key), (ca, _, _) = go_serving_pki("p256"), go_serving_pki("p256")
+        pki = (ca, cert, key)
+        expected = "(it is not signed by the cluster's CA)"
+    elif kind == "wrong name":
+        pki, extra = go_serving_pki("p256"), {"tls-server-name": "kubernetes.default"}
+        expected = (
+            "for 'kubernetes.default' (leaf certificate has no matching subjectAltName)"
+        )
+    else:
+        pki = go_serving_pki("rsa2048", days=-1)
+        expected = "(it expired on "
+    with go_apiserver(tmp_path, go_build, pki=pki, **extra) as front:
+        with proxy_through(front, tmp_path / "yk") as proxy:
+            refused_by_us(front, proxy, card57, expected)
+
+
+def test_sni_is_what_go_sends():
+    parse = yk.UpstreamAddress.parse
+    assert parse("https://10.0.0.1:6443", None).sni is None
+    assert parse("https://[::1]:6443", None).sni is None
+    assert parse("https://127.0.0.1:6443", "localhost.").sni == "localhost"
+    assert parse("https://127.0.0.1:6443", "api.example.com").sni == "api.example.com"
+    # Go sends names with '_' too; tlslite cannot, so none is sent (the certificate
+    # is still checked against the name).
+    assert parse("https://127.0.0.1:6443", "my_host.example").sni is None
+    assert parse("https://127.0.0.1:6443", "my_host.example").server_name == (
+        "my_host.example"
+    )
+
+
+def test_tls_server_name_that_can_never_match_is_refused_at_start(
+    card57, tmp_path, capsys
+):
+    cluster = start_cluster(tmp_path, **{"tls-server-name": "kübernetes.local"})
+    try:
+        assert (
+            yk.main(
+                [
+                    "setup",
+                    "--kubeconfig",
+                    str(cluster.kubeconfig),
+                    "--output-dir",
+                    str(tmp_path / "yk"),
+                ]
+            )
+            == 0
+        )
+        capsys.readouterr()
+        signed = card57.sign_count
+        code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")])
+        assert (code, capsys.readouterr().err) == (
+            1,
+            "yubikey-kube-proxy: error: the server name 'kübernetes.local' "
+            "(tls-server-name, or the host of the server URL) can never match a "
+            "certificate: write the host name or IP address that the API server's "
+            "certificate names\n",
+        )
+        assert card57.sign_count == signed
+        assert cluster.api.handshakes == 0
+    finally:
+        cluster.api.stop()
+
+
+def test_tickets_are_never_kept():
+    left, right = socket.socketpair()
+    with left, right:
+        verifier = yk.ServerVerifier([], "localhost")
+        conn = yk.make_tls_connection(left, verifier, "localhost:6443")
+        conn.tickets.append("ticket")
+        conn.tls_1_0_tickets.append("ticket")
+        assert (conn.tickets, conn.tls_1_0_tickets) == ([], [])
+
+
+@contextlib.contextmanager
+def hangup_relay(upstream_port: int):
+    """Relays to the API server until the client speaks a second time (its flight
+    with the signed CertificateVerify), then hangs up on both without an alert."""
+    import select
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def relay(client: socket.socket) -> None:
+        server = socket.create_connection(("127.0.0.1", upstream_port))
+        spoken = 0
+        with client, server:
+            while True:
+                ready, _, _ = select.select([client, server], [], [])
+                data = ready[0].recv(65536)
+                if not data or (ready[0] is client and spoken):
+                    return
+                spoken += ready[0] is client
+                (server if ready[0] is client else client).sendall(data)
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=relay, args=(client,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(10)
+
+
+def test_hangup_after_our_signature_is_not_blamed_on_the_certificate(
+    card57, tmp_path, capsys
+):
+    cluster = start_cluster(tmp_path, tls_versions=("1.2",))
+    try:
+        with hangup_relay(cluster.api.port) as port:
+            doc = yaml.safe_load(cluster.kubeconfig.read_text())
+            doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
+            cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+            with proxy_through(GoFront(None, port, cluster), tmp_path / "yk") as proxy:
+                signed = card57.sign_count
+                done = kubectl(proxy, "get", "--raw", "/version")
+                assert done.returncode == 1
+                assert status_error(done) == (
+                    f"Error from server (BadGateway): the API server at 127.0.0.1:{port} "
+                    "closed the connection during the TLS handshake: is it a Kubernetes "
+                    "API server?"
+                )
+                assert card57.sign_count > signed  # the card did sign
+    finally:
+        cluster.api.stop()
 
 
 # =============================================================================
@@ -7072,7 +8458,7 @@ def test_systemd_unit_verifies(tmp_path):
     directives = [line.strip() for line in unit.splitlines()]
     for expected in (
         "ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
-        "%h/.kube/yubikey/proxy.yml",
+        "%h/.kube/yubikey/default/proxy.yml",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
         "UMask=0077",
@@ -7270,6 +8656,934 @@ def test_reuse_while_present_one_signature_per_local_connection(
         proxy.stop()
         if inserted.inserted:
             rig.remove(inserted)
+
+
+# =============================================================================
+# Many clusters, every client, every desk: names, merge, the template unit,
+# Origin of non-browser clients, other platforms (faked), touch prompts, the CLI
+# =============================================================================
+
+
+def kubectl_with(kubeconfig: str, *args: str) -> subprocess.CompletedProcess:
+    """kubectl as a user runs it, KUBECONFIG from the environment."""
+    return subprocess.run(
+        ["kubectl", "--request-timeout", "30s", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": kubeconfig},
+    )
+
+
+def whoami(kubeconfig: str, *args: str) -> str:
+    done = kubectl_with(kubeconfig, "auth", "whoami", "-o", "json", *args)
+    assert done.returncode == 0, done.stderr
+    review = json.loads(done.stdout)
+    assert review["kind"] == "SelfSubjectReview"
+    return review["status"]["userInfo"]["username"]
+
+
+def entry_names(doc: dict) -> list[list[str]]:
+    return [
+        [e["name"] for e in doc[kind]] for kind in ("clusters", "contexts", "users")
+    ]
+
+
+OTHER_KUBECONFIG = {
+    "apiVersion": "v1",
+    "kind": "Config",
+    "clusters": [
+        {"name": "other", "cluster": {"server": "https://other.example:6443"}}
+    ],
+    "contexts": [{"name": "other", "context": {"cluster": "other", "user": "other"}}],
+    "current-context": "other",
+    "users": [{"name": "other", "user": {"token": "other-token"}}],
+    "preferences": {},
+}
+
+
+def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
+    rig, tmp_path, capsys, monkeypatch
+):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    config = home / ".kube" / "config"
+    config.parent.mkdir(parents=True)
+    original = yaml.safe_dump(OTHER_KUBECONFIG, sort_keys=False)
+    config.write_text(original)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    alpha = start_cluster(tmp_path / "a", subject="CN=alice,O=team-alpha")
+    beta = start_cluster(tmp_path / "b", subject="CN=bob,O=team-beta")
+    piv_a, piv_b = VirtualPiv(serial=11100001), VirtualPiv(serial=11100002)
+    card_a, card_b = rig.insert(piv_a, 0), rig.insert(piv_b, 1)
+    proxies: list[ProxyProcess] = []
+    port = free_port_pair()  # not 8080 and 8081: CI's machine may use them
+    try:
+        # Both source kubeconfigs call their context 'default': --name tells them apart.
+        code, stdout, stderr = run_cli(
+            "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "alpha",
+            "--serial", "11100001", "--port", str(port), "--merge", capsys=capsys,
+        )  # fmt: skip
+        assert (code, stderr) == (0, "")
+        assert (
+            f"Merged context, cluster and user 'alpha' into {config} (current-context "
+            f"unchanged; a file that was there is kept as {config}.bak); "
+            "'yubikey-kube-proxy unmerge alpha' removes them.\n"
+        ) in stdout
+        after_alpha = config.read_text()
+        code, stdout, stderr = run_cli(
+            "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
+            "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
+            "--merge", str(config), "--use-context", capsys=capsys,
+        )  # fmt: skip
+        assert (code, stderr) == (0, "")
+        assert "  2. kubectl --context beta get nodes\n" in stdout
+        folders = {n: home / ".kube" / "yubikey" / n for n in ("alpha", "beta")}
+        servers = {
+            n: read_yaml(f / "client.yml")["clusters"][0]["cluster"]["server"]
+            for n, f in folders.items()
+        }
+        assert servers == {
+            "alpha": f"https://127.0.0.1:{port}",
+            "beta": f"https://127.0.0.1:{port + 1}",
+        }
+        # The merged kubeconfig: the other entries and their order kept, 0600, backup.
+        merged = read_yaml(config)
+        assert entry_names(merged) == [["other", "alpha", "beta"]] * 3
+        assert merged["current-context"] == "beta"
+        for kind in ("clusters", "contexts", "users"):
+            assert merged[kind][0] == OTHER_KUBECONFIG[kind][0]
+        client_beta = read_yaml(folders["beta"] / "client.yml")
+        for kind in ("clusters", "users"):
+            assert merged[kind][2] == client_beta[kind][0]
+        context = copy.deepcopy(client_beta["contexts"][0])
+        context["context"]["extensions"][0]["extension"].update(
+            {"previous-current-context": "other"}
+        )
+        assert merged["contexts"][2] == context
+        assert context["context"]["extensions"][0]["extension"] == {
+            "proxy-config": str(folders["beta"] / "proxy.yml"),
+            "previous-current-context": "other",
+        }
+        assert stat.S_IMODE(config.stat().st_mode) == 0o600
+        assert (home / ".kube" / "config.bak").read_text() == after_alpha
+        assert stat.S_IMODE((home / ".kube" / "config.bak").stat().st_mode) == 0o600
+        # status with a proxy.yml reports that proxy's card and slot only.
+        code, stdout, _ = run_cli(
+            "status", "--kubeconfig", str(folders["beta"] / "proxy.yml"), "--json",
+            capsys=capsys,
+        )  # fmt: skip
+        report = json.loads(stdout)["cards"]
+        assert code == 0
+        assert [(r["serial"], [s["slot"] for s in r["slots"]]) for r in report] == [
+            (11100002, ["9c"])
+        ]
+        assert report[0]["slots"][0]["certificate"]["subject"] == "CN=bob,O=team-beta"
+        signed = (piv_a.sign_count, piv_b.sign_count)
+        for name, listen in (("alpha", port), ("beta", port + 1)):
+            proxies.append(
+                ProxyProcess(folders[name], "--listen", f"127.0.0.1:{listen}")
+            )
+        sides = f"{folders['alpha'] / 'client.yml'}:{folders['beta'] / 'client.yml'}"
+        assert [
+            whoami(sides, "--context", "alpha"),  # 1. side files in KUBECONFIG
+            whoami(sides, "--context", "beta"),
+            whoami(sides),  # the first file's current-context
+            whoami(str(config), "--context", "alpha"),  # 2. merged, other entries
+            whoami(str(config)),  # 3. --use-context made beta current
+        ] == ["alice", "bob", "alice", "alice", "bob"]
+        reviews = {
+            name: [
+                r.client_subject for r in api.requests if "selfsubjectreviews" in r.path
+            ]
+            for name, api in (("alpha", alpha.api), ("beta", beta.api))
+        }
+        assert reviews == {
+            "alpha": ["CN=alice,O=team-alpha"] * 3,
+            "beta": ["CN=bob,O=team-beta"] * 2,
+        }
+        assert (piv_a.sign_count - signed[0], piv_b.sign_count - signed[1]) == (
+            alpha.api.handshakes,
+            beta.api.handshakes,
+        )
+        for proxy in proxies:
+            proxy.stop()
+        # Merging again replaces the entries in place, keeps what --use-context
+        # replaced, and the same client.yml merged twice changes no byte.
+        code, _, stderr = run_cli(
+            "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
+            "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
+            "--force", "--merge", "--use-context", capsys=capsys,
+        )  # fmt: skip
+        assert (code, stderr) == (0, "")
+        again = read_yaml(config)
+        assert entry_names(again) == [["other", "alpha", "beta"]] * 3
+        assert (
+            again["contexts"][2]["context"]["extensions"][0]["extension"][
+                "previous-current-context"
+            ]
+            == "other"
+        )
+        before = config.read_bytes()
+        yk.merge_client(config, read_yaml(folders["beta"] / "client.yml"), True)
+        assert config.read_bytes() == before
+        # An entry of that name that we did not write is never replaced.
+        signed = piv_a.sign_count
+        code, _, stderr = run_cli(
+            "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "other",
+            "--serial", "11100001", "--force", "--merge", capsys=capsys,
+        )  # fmt: skip
+        assert (code, stderr) == (
+            1,
+            f"yubikey-kube-proxy: error: {config} already has a cluster named 'other' "
+            "that yubikey-kube-proxy did not write: choose another --name\n",
+        )
+        assert config.read_bytes() == before and piv_a.sign_count == signed
+        assert not (home / ".kube" / "yubikey" / "other").exists()
+        # unmerge removes exactly what merge added.
+        for name in ("alpha", "beta"):
+            code, stdout, stderr = run_cli("unmerge", name, capsys=capsys)
+            assert (code, stderr) == (0, "")
+            assert stdout == (
+                f"Removed {name!r} (cluster, context, user) from {config} "
+                f"(the previous file is {config}.bak).\n"
+            )
+        assert config.read_text() == original
+        code, _, stderr = run_cli("unmerge", "beta", capsys=capsys)
+        assert (code, stderr) == (
+            1,
+            f"yubikey-kube-proxy: error: {config} has no context, cluster or user named "
+            "'beta' that yubikey-kube-proxy merged: check the name (kubectl config "
+            "get-contexts)\n",
+        )
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        alpha.api.stop()
+        beta.api.stop()
+        rig.remove(card_a, 0)
+        rig.remove(card_b, 1)
+
+
+@pytest.mark.parametrize(
+    "context, name, shown",
+    [
+        ("arn:aws:eks:eu-west-1:123456789012:cluster/prod", None, "the context"),
+        ("default", "a b", "--name"),
+        ("default", "../escape", "--name"),
+    ],
+)
+def test_names_that_cannot_be_used_are_refused(
+    tmp_path, capsys, monkeypatch, context, name, shown
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
+    doc = read_yaml(source)
+    doc["contexts"][0]["name"] = doc["current-context"] = context
+    source.write_text(yaml.safe_dump(doc))
+    extra = ["--name", name] if name else []
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(source), *extra, capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {shown} {name or context!r} cannot name the "
+        "kubeconfig context and the folder ~/.kube/yubikey/NAME: pass --name with "
+        "letters, digits, '.', '_' and '-' (up to 63, starting with a letter or digit)\n",
+    )
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("clusters: {}\n", "clusters in {path} is not a list: fix the kubeconfig"),
+        (
+            "clusters: [\n",
+            "kubeconfig {path} is not valid YAML at line 2: fix or replace the file",
+        ),
+    ],
+)
+def test_merge_target_that_is_not_a_kubeconfig_is_refused_before_the_card(
+    tmp_path, capsys, monkeypatch, target, message
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "first"
+    path.write_text(target)
+    monkeypatch.setenv("KUBECONFIG", f"{path}{os.pathsep}{tmp_path / 'second'}")
+    assert yk.merge_target("") == path  # --merge alone: $KUBECONFIG's first file
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(source), "--merge", capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {message.format(path=path)}\n",
+    )
+    assert path.read_text() == target and not (tmp_path / "home").exists()
+
+
+def test_default_port_is_the_first_no_other_proxy_yml_uses(tmp_path):
+    root = tmp_path / "yubikey"
+    for name, listen in (("a", "127.0.0.1:8080"), ("b", "127.0.0.1:8081")):
+        (root / name).mkdir(parents=True)
+        doc = yk.proxy_kubeconfig(
+            yk.KubeContext(
+                name,
+                yk.Named("c", {"server": "https://127.0.0.1:6443"}, root),
+                yk.Named("u", {}, root),
+                None,
+                {},
+                [],
+            ),
+            {"slot": "9a", "listen": listen},
+        )
+        (root / name / "proxy.yml").write_text(yaml.safe_dump(doc))
+    (root / "broken").mkdir()
+    (root / "broken" / "proxy.yml").write_text("clusters: [\n")  # skipped
+    assert yk.free_port_beside(root / "new") == 8082
+    assert yk.free_port_beside(root / "a") == 8080  # setup --force in its own folder
+
+
+def test_template_unit_verifies_and_runs_the_instance_named_proxy(tmp_path):
+    unit = (HERE / "yubikey-kube-proxy@.service").read_text()
+    directives = [line.strip() for line in unit.splitlines()]
+    single = (HERE / "yubikey-kube-proxy.service").read_text()
+    expected = (
+        "ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
+        "%h/.kube/yubikey/%i/proxy.yml"
+    )
+    assert expected in directives
+
+    # The same hardening as the single unit: only ExecStart, the comments and the
+    # description differ.
+    def body(text: str) -> list[str]:
+        return [
+            line
+            for line in text.splitlines()
+            if not line.startswith(("#", "ExecStart=", "Description="))
+        ]
+
+    assert body(unit) == body(single)
+    home, runtime = tmp_path / "home", tmp_path / "run"
+    (home / ".local" / "bin").mkdir(parents=True)
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
+    shutil.copy(HERE / "yubikey-kube-proxy@.service", tmp_path)
+    shutil.copy(
+        HERE / "yubikey-kube-proxy@.service",
+        tmp_path / "yubikey-kube-proxy@dev.service",
+    )
+
+    def verify(name: str) -> tuple[int, str]:
+        done = subprocess.run(
+            ["systemd-analyze", "--user", "verify", str(tmp_path / name)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return done.returncode, done.stderr
+
+    program = home / ".local" / "bin" / "yubikey-kube-proxy"
+    assert verify("yubikey-kube-proxy@dev.service") == (
+        1,
+        f"yubikey-kube-proxy@dev.service: Command {program} is not executable: "
+        "No such file or directory\n",
+    )  # verify really checks the instance
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    assert verify("yubikey-kube-proxy@.service") == (0, "")
+    assert verify("yubikey-kube-proxy@dev.service") == (0, "")
+
+
+def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
+    card57, csr_cluster, tmp_path, capsys, monkeypatch
+):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    config = home / ".kube" / "config"
+    port = free_port_pair()
+    code, stdout, stderr = run_cli(
+        "enroll", "--kubeconfig", str(csr_cluster.kubeconfig), "--user", "alice",
+        "--group", "dev", "--approve", "--name", "dev-alice", "--port", str(port),
+        "--merge", "--use-context", "--allow-renew", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    # On a real cluster alice may approve only when an admin made her an approver.
+    grant_as_admin(csr_cluster, "alice", "csr-approver", APPROVER_RULES)
+    folder = home / ".kube" / "yubikey" / "dev-alice"
+    assert stdout.endswith(
+        f"Wrote {folder / 'proxy.yml'} and {folder / 'client.yml'}; next: "
+        f"yubikey-kube-proxy proxy --kubeconfig {folder / 'proxy.yml'}\n"
+        f"Merged context, cluster and user 'dev-alice' into {config} (current-context "
+        f"is now 'dev-alice'; a file that was there is kept as {config}.bak); "
+        "'yubikey-kube-proxy unmerge dev-alice' removes them.\n"
+    )
+    merged = read_yaml(config)
+    assert (entry_names(merged), merged["current-context"]) == (
+        [["dev-alice"]] * 3,
+        "dev-alice",
+    )
+    assert not (home / ".kube" / "config.bak").exists()  # there was no file before
+    first = slot_certificate(card57)
+    proxy = ProxyProcess(folder, "--listen", f"127.0.0.1:{port}")
+    try:
+        assert whoami(str(config)) == "alice"
+        # renew finds the proxy.yml that the merged context names.
+        code, stdout, stderr = run_cli(
+            "renew", "--approve", "--expiration", "3h", capsys=capsys
+        )
+        assert (code, stderr) == (0, ""), stdout
+        assert len(csr_cluster.api.csrs) == 2
+        assert slot_certificate(card57).serial_number != first.serial_number
+        assert whoami(str(config)) == "alice"  # the running proxy uses the new one
+    finally:
+        proxy.stop()
+    code, _, stderr = run_cli("unmerge", "dev-alice", capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert read_yaml(config) == {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [],
+        "contexts": [],
+        "users": [],
+    }
+
+
+@pytest.mark.parametrize(
+    "platform, environment, shell",
+    [
+        ("linux", {"SHELL": "/bin/zsh", "COMSPEC": "x"}, "/bin/zsh"),
+        ("linux", {}, "/bin/sh"),
+        ("darwin", {"SHELL": "/bin/zsh"}, "/bin/zsh"),
+        (
+            "win32",
+            {"SHELL": "/bin/zsh", "COMSPEC": "C:\\Windows\\cmd.exe"},
+            "C:\\Windows\\cmd.exe",
+        ),
+        ("win32", {}, "cmd.exe"),
+    ],
+)
+def test_shell_starts_the_platforms_shell(monkeypatch, platform, environment, shell):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    for name in ("SHELL", "COMSPEC"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert yk.default_shell() == shell
+
+
+# -- Origin: non-browser clients may name the proxy's own listener -------------------
+
+
+@pytest.mark.parametrize(
+    "headers, refusal",
+    [
+        ("Origin: https://127.0.0.1:{port}\r\n", None),
+        ("Origin: https://localhost:{port}\r\n", None),
+        ("Origin: HTTPS://[::1]:{port}\r\n", None),
+        (
+            "Origin: http://127.0.0.1:{port}\r\n",
+            "refused: Origin 'http://127.0.0.1:{port}' is not this proxy's own "
+            "(requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1:{other}\r\n",
+            "refused: Origin 'https://127.0.0.1:{other}' is not this proxy's own "
+            "(requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1.evil.example:{port}\r\n",
+            "refused: Origin 'https://127.0.0.1.evil.example:{port}' is not this "
+            "proxy's own (requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: null\r\n",
+            "refused: Origin 'null' is not this proxy's own (requests from web "
+            "browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1:{port}\r\nOrigin: https://127.0.0.1:{port}\r\n",
+            "refused: Origin 'https://127.0.0.1:{port}, https://127.0.0.1:{port}' is "
+            "not this proxy's own (requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n",
+            "refused: requests from web browsers are not relayed",
+        ),
+        (
+            "Sec-Fetch-Dest: websocket\r\n",
+            "refused: requests from web browsers are not relayed",
+        ),
+    ],
+    ids=[
+        "own-ip",
+        "own-localhost",
+        "own-ipv6",
+        "wrong-scheme",
+        "wrong-port",
+        "other-host",
+        "null",
+        "two-origins",
+        "own-with-sec-fetch",
+        "sec-fetch-only",
+    ],
+)
+def test_origin_of_the_proxy_itself_is_relayed_all_else_refused_and_logged(
+    proxied, cluster, card57, headers, refusal
+):
+    signed = card57.sign_count
+    fill = {"port": proxied.port, "other": proxied.port + 1}
+    raw = f"GET /version HTTP/1.1\r\nHost: 127.0.0.1:{{port}}\r\n{headers}"
+    raw += "Connection: close\r\n\r\n"
+    status, body = response_status_and_body(
+        local_request(proxied, raw.format(**fill).encode())
+    )
+    if refusal is None:
+        assert (status, body["gitVersion"]) == ("HTTP/1.1 200 OK", "v1.32.0")
+        assert card57.sign_count == signed + 1
+        assert [r.headers["origin"] for r in cluster.api.requests] == [
+            headers.split(": ", 1)[1].strip().format(**fill)
+        ]
+        return
+    message = refusal.format(**fill)
+    assert (status, body["message"], body["code"]) == (
+        "HTTP/1.1 403 Forbidden",
+        message,
+        403,
+    )
+    assert card57.sign_count == signed and cluster.api.requests == []
+    wait_until(lambda: message in proxied.stderr(), 10, "the refusal in the log")
+    assert f"yubikey-kube-proxy: WARNING: GET /version: {message}\n" in proxied.stderr()
+
+
+def test_official_python_client_lists_watches_execs_and_port_forwards(
+    proxied, cluster, card57
+):
+    from kubernetes import client, config, watch
+    from kubernetes.stream import portforward, stream
+
+    configuration = client.Configuration()
+    config.load_kube_config(
+        config_file=str(proxied.client_config), client_configuration=configuration
+    )
+    core = client.CoreV1Api(client.ApiClient(configuration))
+    cluster.api.add_pod("shell", namespace="team-a")
+    assert [p.metadata.name for p in core.list_namespaced_pod("team-a").items] == [
+        "shell"
+    ]
+    seen = []
+    watcher = watch.Watch()
+    for event in watcher.stream(core.list_namespaced_pod, "team-a", timeout_seconds=30):
+        seen.append((event["type"], event["object"].metadata.name))
+        if seen == [("ADDED", "shell")]:
+            cluster.api.add_pod("web", namespace="team-a")
+        if len(seen) == 2:
+            watcher.stop()
+    assert seen == [("ADDED", "shell"), ("ADDED", "web")]
+    output = stream(
+        core.connect_get_namespaced_pod_exec,
+        "shell",
+        "team-a",
+        command=["echo", "hello", "from", "the", "card"],
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
+    )
+    assert output == "hello from the card\n"
+    forward = portforward(
+        core.connect_get_namespaced_pod_portforward, "shell", "team-a", ports="8080"
+    )
+    sock = forward.socket(8080)
+    sock.setblocking(True)
+    payload = bytes(range(256)) * 1024 + b"end"
+    sock.sendall(payload)
+    echoed = bytearray()
+    while len(echoed) < len(payload):
+        chunk = sock.recv(65536)
+        assert chunk, "the port-forward closed early"
+        echoed += chunk
+    assert bytes(echoed) == payload
+    sock.close()
+    forward.close()
+    upgrades = [r for r in cluster.api.requests if r.headers.get("upgrade")]
+    assert [(r.path.split("?")[0], r.headers["origin"]) for r in upgrades] == [
+        (
+            f"/api/v1/namespaces/team-a/pods/shell/{sub}",
+            f"https://127.0.0.1:{proxied.port}",
+        )
+        for sub in ("exec", "portforward")
+    ]
+    assert cluster.api.exec_sessions == [
+        ("websocket", "v5.channel.k8s.io"),
+        ("portforward", "v4.channel.k8s.io"),
+    ]
+    assert "refused" not in proxied.stderr()
+
+
+# -- other platforms, faked at the boundary (host_platform, missing os/signal names) --
+
+
+@pytest.mark.parametrize(
+    "platform, error, message",
+    [
+        (
+            "linux",
+            yk.CardError,
+            "cannot reach the PC/SC daemon (pcscd): start it with 'sudo systemctl start "
+            "pcscd.socket' (or install the pcscd package)",
+        ),
+        (
+            "darwin",
+            yk.TransientCardError,
+            "the macOS smart card service is not available: plug the YubiKey in (macOS "
+            "starts the service when a reader appears) and try again",
+        ),
+        (
+            "win32",
+            yk.CardError,
+            "the Windows Smart Card service is not running: insert the YubiKey, or start "
+            "the 'Smart Card' service (services.msc) and try again",
+        ),
+    ],
+)
+def test_pcsc_service_advice_fits_the_platform(monkeypatch, platform, error, message):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    got = yk.pcsc_error(yk.SCARD_E_NO_SERVICE)
+    assert (type(got), str(got)) == (error, message)
+
+
+def test_no_service_mid_session_is_retried_once_on_macos_only(card57, monkeypatch):
+    card = yk.open_card()
+    real = yk.PcscTransport.transmit
+    failures = {"left": 0, "raised": 0}
+
+    def flaky(self, apdu):
+        if failures["left"]:
+            failures["left"] -= 1
+            failures["raised"] += 1
+            raise yk.pcsc_error(yk.SCARD_E_NO_SERVICE, self.reader)
+        return real(self, apdu)
+
+    monkeypatch.setattr(yk.PcscTransport, "transmit", flaky)
+    try:
+        for platform, fail, outcome in (
+            ("darwin", 1, 31000001),  # spurious on macOS: one retry and it works
+            ("darwin", 5, yk.TransientCardError),  # still failing: only one retry
+            ("linux", 1, yk.CardError),  # pcscd gone: said at once
+        ):
+            monkeypatch.setattr(yk, "host_platform", lambda platform=platform: platform)
+            failures.update(left=fail, raised=0)
+            if isinstance(outcome, int):
+                assert card.run(lambda piv: piv.get_serial()) == outcome
+            else:
+                with pytest.raises(yk.CardError) as caught:
+                    card.run(lambda piv: piv.get_serial())
+                assert type(caught.value) is outcome
+            assert failures["raised"] == min(fail, 2 if platform == "darwin" else 1)
+    finally:
+        card.close()
+
+
+def test_signals_without_sighup_as_on_windows(monkeypatch):
+    class StubServer:
+        def serve_forever(self):
+            self.during = {
+                s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)
+            }
+
+        def server_close(self):
+            pass
+
+        def wait_idle(self, timeout):
+            return True
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.delattr(signal, "SIGHUP")
+    server = StubServer()
+    yk.serve_until_signal(server, None, None)
+    assert all(server.during[s] is not before[s] for s in before)  # ours while serving
+    assert {s: signal.getsignal(s) for s in before} == before  # given back
+
+
+@pytest.mark.parametrize(
+    "platform, hint, mode_warning",
+    [
+        (
+            "linux",
+            "reload the proxy with kill -HUP or 'systemctl --user reload "
+            "yubikey-kube-proxy', or restart it",
+            True,
+        ),
+        ("darwin", "reload the proxy with kill -HUP, or restart it", True),
+        ("win32", "restart the proxy", False),
+    ],
+)
+def test_pin_advice_and_file_modes_fit_the_platform(
+    tmp_path, capsys, monkeypatch, platform, hint, mode_warning
+):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    yk.configure_logging(0)
+    pins = tmp_path / "pin"
+    pins.write_text("654321\n")
+    pins.chmod(0o644)
+
+    class StubPiv:
+        wrong = False
+
+        def verify_pin(self, pin):
+            assert pin == "654321"
+            if self.wrong:
+                raise yk.PinError("wrong PIN: the YubiKey has 2 tries left", 2)
+
+    piv = StubPiv()
+    card = types.SimpleNamespace(info=None, run=lambda operation: operation(piv))
+    settings = types.SimpleNamespace(slot=yk.SLOTS["9a"])
+    args = types.SimpleNamespace(pin_file=str(pins), notify=False)
+    signer = yk.card_signer(card, settings, args, make_identity("p256").cert, None)
+    piv.wrong = True
+    with pytest.raises(yk.PinError):
+        yk.ensure_pin(piv, yk.PinPolicy.ALWAYS, signer.pins)
+    with pytest.raises(yk.PinError) as caught:  # what the next requests are told
+        signer.pins.get()
+    assert str(caught.value) == (
+        "wrong PIN: the YubiKey has 2 tries left (the proxy will not send it again: "
+        f"fix the PIN or the PIN file, then {hint})"
+    )
+    warning = (
+        f"yubikey-kube-proxy: WARNING: the PIN file {pins} is readable by others: "
+        "chmod 600 it\n"
+    )
+    assert capsys.readouterr().err == (warning if mode_warning else "")
+
+
+def test_local_tls_without_memfd_uses_a_private_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    pki = yk.make_local_pki()
+    monkeypatch.delattr(os, "memfd_create")  # macOS and Windows have none
+    temporary = tmp_path / "temporary"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    server_context = yk.LocalTls(pki.server_cert, pki.server_key, pki.ca_cert).context()
+    assert list(temporary.iterdir()) == []  # the key did not stay on disk
+    client_context = ssl.create_default_context(cadata=pki.ca_cert.decode())
+    bundle = tmp_path / "client.pem"
+    bundle.write_bytes(pki.client_cert + pki.client_key)
+    client_context.load_cert_chain(bundle)
+    left, right = socket.socketpair()
+    answers = []
+
+    def serve():
+        with server_context.wrap_socket(left, server_side=True) as tls:
+            answers.append(tls.getpeercert()["subject"])
+            tls.sendall(b"hello")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with client_context.wrap_socket(right, server_hostname="localhost") as tls:
+        assert tls.recv(5) == b"hello"
+    thread.join(10)
+    assert answers and answers[0]
+
+
+def fake_programs(folder: Path, *names: str) -> Path:
+    """Programs that record their arguments (NUL-separated) in folder/NAME.calls."""
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        program = folder / name
+        program.write_text(
+            f"#!/bin/sh\nprintf '%s\\0' \"${{0##*/}}\" \"$@\" >> '{folder / name}.calls'\n"
+        )
+        program.chmod(0o755)
+    return folder
+
+
+def recorded_calls(folder: Path, name: str) -> list[str]:
+    path = folder / f"{name}.calls"
+    return path.read_text().split("\0")[:-1] if path.exists() else []
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin", "win32"])
+def test_notifications_fit_the_platform(tmp_path, capsys, monkeypatch, platform):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    yk.configure_logging(0)
+    tools = fake_programs(tmp_path / "bin", "notify-send", "osascript")
+    monkeypatch.setenv("PATH", str(tools))
+    info = yk.CardInfo("Reader 00 00", 123, (5, 7, 1))
+    card = types.SimpleNamespace(info=info, reader="Reader 00 00")
+    signer = yk.CardSigner(
+        card,
+        yk.SLOTS["9a"],
+        yk.KeyAlgorithm.ECCP256,
+        yk.PinPolicy.NEVER,
+        yk.PinSource(),
+        yk.TouchPolicy.ALWAYS,
+        notify=True,
+    )
+    yk.check_notify(True)
+    signer.remind()
+    message = f"touch your YubiKey ({info.describe()}) to approve a kubectl request"
+    expected = {
+        "linux": (["notify-send", "-u", "critical", "yubikey-kube-proxy", message], []),
+        "darwin": (
+            [],
+            [
+                "osascript",
+                "-e",
+                "on run argv\ndisplay notification (item 1 of argv) with title "
+                '"yubikey-kube-proxy"\nend run',
+                message,
+            ],
+        ),
+        "win32": ([], []),
+    }[platform]
+    assert (
+        recorded_calls(tools, "notify-send"),
+        recorded_calls(tools, "osascript"),
+    ) == expected
+    start = (
+        "yubikey-kube-proxy: WARNING: --notify: Windows notifications are not "
+        "supported, so touch prompts only go to this log: fix that or drop --notify\n"
+        if platform == "win32"
+        else ""
+    )
+    assert capsys.readouterr().err == (
+        f"{start}yubikey-kube-proxy: WARNING: {message}\n"
+    )
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    yk.check_notify(True)
+    yk.check_notify(False)
+    reason = {
+        "linux": "notify-send was not found (Debian and Ubuntu: install libnotify-bin)",
+        "darwin": "osascript was not found",
+        "win32": "Windows notifications are not supported",
+    }[platform]
+    assert capsys.readouterr().err == (
+        f"yubikey-kube-proxy: WARNING: --notify: {reason}, so touch prompts only go "
+        "to this log: fix that or drop --notify\n"
+    )
+
+
+# -- touch prompts reach the person; the command line --------------------------------
+
+
+def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
+    rig, cluster, tmp_path, capsys
+):
+    import shlex
+
+    prompted = threading.Event()
+    waiting = {"on": False}
+
+    def touch(slot):
+        return prompted.wait(60) if waiting["on"] else True
+
+    piv = VirtualPiv(serial=11100003, touch=touch)
+    inserted = rig.insert(piv)
+    try:
+        out = tmp_path / "yk"
+        assert (
+            run_cli(
+                *setup_args(cluster.kubeconfig, out, "--touch-policy", "always"),
+                capsys=capsys,
+            )[0]
+            == 0
+        )
+        waiting["on"] = True
+        tools = fake_programs(tmp_path / "bin", "notify-send")
+        command = shlex.join(
+            [
+                sys.executable, str(HERE / "yk_kube_proxy.py"), "shell", "--notify",
+                "--kubeconfig", str(out / "proxy.yml"), "--", "kubectl", "get",
+                "--raw", "/version", "--request-timeout", "60s",
+            ]
+        )  # fmt: skip
+        err = tmp_path / "shell.err"
+        terminal = subprocess.Popen(  # a pseudo-terminal, as a person's
+            ["script", "-qefc", f"{command} 2>{shlex.quote(str(err))}", "/dev/null"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"},
+        )
+        shown = bytearray()
+
+        def read():
+            while chunk := os.read(terminal.stdout.fileno(), 65536):
+                shown.extend(chunk)
+                if b"to approve a kubectl request" in shown:
+                    prompted.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert terminal.wait(120) == 0, (bytes(shown), err.read_text())
+        reader.join(10)
+        terminal.stdin.close()
+    finally:
+        rig.remove(inserted)
+    message = (
+        "touch your YubiKey (YubiKey serial 11100003 (firmware 5.7.1) in reader "
+        f"'{YUBIKEY_READER} 00 00') to approve a kubectl request"
+    )
+    text = shown.decode(errors="replace")
+    assert f"yubikey-kube-proxy: {message}\r\n" in text
+    assert '"gitVersion":"v1.32.0"' in text
+    assert "touch your YubiKey" not in err.read_text()  # the terminal, not the log
+    assert recorded_calls(tools, "notify-send") == [
+        "notify-send",
+        "-u",
+        "critical",
+        "yubikey-kube-proxy",
+        message,
+    ]
+
+
+def test_proxy_says_at_start_when_notify_cannot_notify(
+    card57, cluster, tmp_path, capsys
+):
+    assert (
+        run_cli(*setup_args(cluster.kubeconfig, tmp_path / "yk"), capsys=capsys)[0] == 0
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proxy = ProxyProcess(
+        tmp_path / "yk", "--notify", env={**os.environ, "PATH": str(empty)}
+    )
+    try:
+        assert proxy.stderr().startswith(
+            "yubikey-kube-proxy: WARNING: --notify: notify-send was not found (Debian "
+            "and Ubuntu: install libnotify-bin), so touch prompts only go to this log: "
+            "fix that or drop --notify\n"
+        )
+    finally:
+        proxy.stop()
+
+
+def test_verbose_before_or_after_the_command(tmp_path, capsys):
+    import logging
+
+    missing = tmp_path / "none.yml"
+    error = (
+        f"yubikey-kube-proxy: error: {missing} does not exist: pass the merged file "
+        "with --kubeconfig\n"
+    )
+    for argv, verbose in (
+        (["unmerge", "x", "--kubeconfig", str(missing)], False),
+        (["-v", "unmerge", "x", "--kubeconfig", str(missing)], True),
+        (["unmerge", "x", "--kubeconfig", str(missing), "-v"], True),
+    ):
+        code, _, stderr = run_cli(*argv, capsys=capsys)
+        assert code == 1 and stderr.endswith(error)
+        assert ("Traceback" in stderr) == verbose
+        assert yk.log.level == (logging.INFO if verbose else logging.WARNING)
+    run_cli("-v", "unmerge", "x", "--kubeconfig", str(missing), "-v", capsys=capsys)
+    assert yk.log.level == logging.DEBUG  # the two add up
+    yk.configure_logging(0)
 
 
 # =============================================================================

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import enum
@@ -39,6 +40,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -86,11 +88,16 @@ INSECURE_WARNING = (
 )
 SHELL_ENV = "YUBIKEY_KUBE_PROXY_SHELL"  # set inside a shell, to refuse nesting
 SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight requests may finish after SIGTERM
-PIN_RELOAD_HINT = (
-    " (the proxy will not send it again: fix the PIN or the PIN file, then "
-    f"reload the proxy with kill -HUP or 'systemctl --user reload {PROG}', "
-    "or restart it)"
-)
+PIN_RELOAD_HINTS = {  # how to make a running proxy read the PIN again
+    "linux": "reload the proxy with kill -HUP or "
+    f"'systemctl --user reload {PROG}', or restart it",
+    "darwin": "reload the proxy with kill -HUP, or restart it",
+    "win32": "restart the proxy",
+}
+# A name for client.yml's context, cluster and user and for the folder
+# ~/.kube/yubikey/NAME: safe for kubectl, file systems and systemd instances.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+OUTPUT_ROOT = "~/.kube/yubikey"
 
 # PIV application (NIST SP 800-73-4 part 2) and Yubico's extensions.
 PIV_AID = bytes.fromhex("A000000308")
@@ -169,10 +176,24 @@ SCARD_W_RESET_CARD = 0x80100068
 SCARD_E_INVALID_HANDLE = 0x80100003
 SCARD_STATE_PRESENT = 0x20
 SCARD_CARD_GONE = {SCARD_E_NO_SMARTCARD, SCARD_W_REMOVED_CARD, 0x80100017, 0x80100009}
+PCSC_SERVICE_ADVICE = {  # SCARD_E_NO_SERVICE, by platform
+    "linux": "cannot reach the PC/SC daemon (pcscd): start it with "
+    "'sudo systemctl start pcscd.socket' (or install the pcscd package)",
+    "darwin": "the macOS smart card service is not available: plug the YubiKey in "
+    "(macOS starts the service when a reader appears) and try again",
+    "win32": "the Windows Smart Card service is not running: insert the YubiKey, or "
+    "start the 'Smart Card' service (services.msc) and try again",
+}
 BUSY_SUSPECTS = (
     "scdaemon/gpg-agent (add 'disable-ccid' or 'pcsc-shared' to ~/.gnupg/scdaemon.conf "
     "and run 'gpgconf --kill scdaemon'), yubikey-agent, or another ykman/PKCS#11 session"
 )
+
+
+def host_platform() -> str:
+    """'darwin', 'win32' or 'linux' (any other Unix): the one seam through which
+    the tests fake the platforms they cannot run on."""
+    return sys.platform if sys.platform in ("darwin", "win32") else "linux"
 
 
 # =============================================================================
@@ -621,11 +642,10 @@ def pcsc_error(hresult: int, reader: str = "") -> CardError:
         return TransientCardError(
             f"the card{where} was reset or pcscd restarted (0x{code:08X}): try again"
         )
-    if code == SCARD_E_NO_SERVICE:
-        return CardError(
-            "cannot reach the PC/SC daemon (pcscd): start it with "
-            "'sudo systemctl start pcscd.socket' (or install the pcscd package)"
-        )
+    if code == SCARD_E_NO_SERVICE:  # macOS says so spuriously mid-session: retried
+        platform = host_platform()
+        error = TransientCardError if platform == "darwin" else CardError
+        return error(PCSC_SERVICE_ADVICE[platform])
     if code in SCARD_CARD_GONE:
         return NoCardError(f"YubiKey not present{where} - insert it")
     if code == SCARD_E_SHARING_VIOLATION:
@@ -1330,7 +1350,7 @@ class PinSource:
             raise ConfigError(
                 f"cannot read the PIN file {path}: {exc.strerror}"
             ) from None
-        if mode & 0o077:
+        if mode & 0o077 and host_platform() != "win32":  # Windows has no such modes
             log.warning("the PIN file %s is readable by others: chmod 600 it", path)
         pin = text.strip("\r\n")
         if not pin:
@@ -1666,6 +1686,7 @@ class CardSigner:
         self.notify = notify
         self.signatures = 0
         self.last_seconds = 0.0
+        self.terminal: Any = None  # shell: the touch prompt goes to its terminal
 
     def __call__(self, prepared: bytes) -> bytes:
         return self.card.run(lambda piv: self._sign(piv, prepared))
@@ -1696,14 +1717,45 @@ class CardSigner:
     def remind(self) -> None:
         card = self.card.info.describe() if self.card.info else self.card.reader
         message = f"touch your YubiKey ({card}) to approve a kubectl request"
-        log.warning("%s", message)
-        if self.notify and shutil.which("notify-send"):
+        if self.terminal is None:
+            log.warning("%s", message)
+        else:
+            log.info("%s", message)
+            with contextlib.suppress(OSError, ValueError):
+                print(f"\r\n{PROG}: {message}", file=self.terminal, flush=True)
+        command = notify_command(message) if self.notify else None
+        if command:
             with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(
-                    ["notify-send", "-u", "critical", PROG, message],
-                    timeout=5,
-                    check=False,
-                )
+                subprocess.run(command, timeout=5, check=False)
+
+
+def notify_command(message: str) -> list[str] | None:
+    """The command that shows a desktop notification here, or None."""
+    platform = host_platform()
+    if platform == "linux" and shutil.which("notify-send"):
+        return ["notify-send", "-u", "critical", PROG, message]
+    if platform == "darwin" and shutil.which("osascript"):
+        script = (  # the message as an argument: nothing to quote
+            "on run argv\n"
+            f'display notification (item 1 of argv) with title "{PROG}"\nend run'
+        )
+        return ["osascript", "-e", script, message]
+    return None
+
+
+def check_notify(wanted: bool) -> None:
+    """--notify: say at start when no notification can be shown."""
+    if not wanted or notify_command("") is not None:
+        return
+    reason = {
+        "linux": "notify-send was not found (Debian and Ubuntu: install libnotify-bin)",
+        "darwin": "osascript was not found",
+        "win32": "Windows notifications are not supported",
+    }[host_platform()]
+    log.warning(
+        "--notify: %s, so touch prompts only go to this log: fix that or drop --notify",
+        reason,
+    )
 
 
 def tls_private_key(signer: CardSigner, public_key: Any) -> Any:
@@ -1905,42 +1957,75 @@ def fast_server_key(tls_key: Any, leaf: Any) -> Any:
 
 
 def tls_settings() -> Any:
-    """TLS 1.2 and 1.3, AEAD suites only, one key share, no resumption."""
+    """What Go's crypto/tls offers and no more: TLS 1.2 and 1.3, ECDHE key
+    exchange (the server signs its key share before the card signs anything; with
+    static RSA the card would sign first), AEAD suites, one key share."""
     from tlslite import HandshakeSettings
 
     settings = HandshakeSettings()
     settings.minVersion = (3, 3)
     settings.maxVersion = (3, 4)
+    settings.versions = [(3, 4), (3, 3)]  # supported_versions: no TLS 1.0 or 1.1
+    settings.keyExchangeNames = ["ecdhe_ecdsa", "ecdhe_rsa"]
     settings.cipherNames = ["aes128gcm", "aes256gcm", "chacha20-poly1305"]
+    settings.macNames = ["aead"]
     settings.keyShares = ["x25519"]
     settings.eccCurves = ["x25519", "secp256r1", "secp384r1"]
+    settings.rsaSigHashes = ["sha256", "sha384", "sha512", "sha1"]
+    settings.ecdsaSigHashes = ["sha256", "sha384", "sha512", "sha1"]
+    settings.dsaSigHashes = []
+    settings.more_sig_schemes = ["Ed25519"]
+    settings.use_heartbeat_extension = False
     settings.certificate_compression_send = []  # 0.8.2 breaks TLS 1.3 client auth otherwise
     return settings
 
 
+# ClientHello extensions that ask for session tickets: a resumed TLS 1.3 session
+# needs no client signature, so we never ask for, keep or offer one (as Go does
+# without a ClientSessionCache).
+TICKET_EXTENSIONS = {35, 45}  # session_ticket, psk_key_exchange_modes
+SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
+ANY_EXTENDED_KEY_USAGE = "2.5.29.37.0"
+NOT_FOR_SERVERS = "certificate is not for TLS servers (no serverAuth usage)"
+# Extensions Go's crypto/x509 understands; it refuses a certificate with any other
+# critical one. 2.5.29.x: subject key id, key usage, subjectAltName, basic
+# constraints, name constraints, CRL distribution points, certificate policies,
+# authority key id, extended key usage; then authority information access.
+GO_KNOWN_EXTENSIONS = {f"2.5.29.{n}" for n in (14, 15, 17, 19, 30, 31, 32, 35, 37)} | {
+    "1.3.6.1.5.5.7.1.1"
+}
+
+
 def go_like_policies() -> tuple[Any, Any]:
-    """Extension policies as lenient as Go's crypto/x509 and no more: issuers
-    must be CAs, the leaf needs a subjectAltName and, if it has an extended key
-    usage, serverAuth; criticality and key usage bits are not enforced."""
+    """Extension policies as lenient as Go's crypto/x509 and no more: every
+    certificate of the chain with an extended key usage must allow serverAuth
+    (Go checks the whole chain), issuers must be CAs and, with a key usage,
+    allow keyCertSign; the leaf needs a subjectAltName (ServerVerifier matches
+    its names as Go does). Criticality is not enforced here (see
+    GO_KNOWN_EXTENSIONS)."""
     from cryptography import x509
-    from cryptography.x509.oid import ExtendedKeyUsageOID
     from cryptography.x509.verification import Criticality, ExtensionPolicy
 
     def is_ca(policy: Any, cert: Any, ext: Any) -> None:
         if ext is None or not ext.ca:
             raise ValueError("issuer is not a CA")
 
+    def cert_sign(policy: Any, cert: Any, ext: Any) -> None:
+        if ext is not None and not ext.key_cert_sign:
+            raise ValueError(
+                "an issuer's key usage does not allow signing certificates"
+            )
+
     def server_auth(policy: Any, cert: Any, ext: Any) -> None:
-        allowed = {
-            ExtendedKeyUsageOID.SERVER_AUTH,
-            ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
-        }
-        if ext is not None and not allowed & set(ext):
-            raise ValueError("certificate is not for TLS servers (no serverAuth usage)")
+        if not server_auth_allowed(cert):
+            raise ValueError(NOT_FOR_SERVERS)
 
     any_ = Criticality.AGNOSTIC
-    ca_policy = ExtensionPolicy.permit_all().require_present(
-        x509.BasicConstraints, any_, is_ca
+    ca_policy = (
+        ExtensionPolicy.permit_all()
+        .require_present(x509.BasicConstraints, any_, is_ca)
+        .may_be_present(x509.KeyUsage, any_, cert_sign)
+        .may_be_present(x509.ExtendedKeyUsage, any_, server_auth)
     )
     ee_policy = (
         ExtensionPolicy.permit_all()
@@ -1950,67 +2035,187 @@ def go_like_policies() -> tuple[Any, Any]:
     return ca_policy, ee_policy
 
 
+def go_ip(name: str) -> Any:
+    """The IP address a server name stands for, as Go reads it ([v6] too), or None."""
+    import ipaddress
+
+    host = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def go_valid_hostname(host: str, pattern: bool) -> bool:
+    """Go's validHostname: LDH labels, '_' allowed, a leading '*' label in a pattern."""
+    if not pattern:
+        host = host.removesuffix(".")
+    if not host:
+        return False
+    for i, label in enumerate(host.split(".")):
+        if pattern and i == 0 and label == "*":
+            continue
+        if not label or not all(
+            c.isascii() and (c.isalnum() or c == "_" or (c == "-" and j))
+            for j, c in enumerate(label)
+        ):
+            return False
+    return True
+
+
+def go_name_matches(leaf: Any, name: str) -> bool:
+    """Go's Certificate.VerifyHostname: IP addresses against IP SANs only; DNS names
+    case-insensitively, one leading wildcard label, a trailing dot ignored, exact
+    comparison for names outside those rules. The common name is never used."""
+    from cryptography import x509
+
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return False
+    ip = go_ip(name)
+    if ip is not None:
+        return ip in sans.value.get_values_for_type(x509.IPAddress)
+    host = name.lower()
+    for pattern in sans.value.get_values_for_type(x509.DNSName):
+        pattern = pattern.lower()
+        if go_valid_hostname(host, False) and go_valid_hostname(pattern, True):
+            want, have = pattern.split("."), host.removesuffix(".").split(".")
+            if len(want) == len(have) and all(
+                w == h or (i == 0 and w == "*")
+                for i, (w, h) in enumerate(zip(want, have))
+            ):
+                return True
+        elif pattern not in ("", ".") and pattern == host:
+            return True
+    return False
+
+
+def go_unknown_critical(chain: list[Any]) -> bool:
+    return any(
+        ext.critical and ext.oid.dotted_string not in GO_KNOWN_EXTENSIONS
+        for cert in chain
+        for ext in cert.extensions
+    )
+
+
 class ServerVerifier:
-    """Checks the API server's chain, dates and name before the card signs."""
+    """Checks the API server's chain, dates and name before the card signs, as
+    Go's crypto/x509 does for kubectl (README: where we are stricter)."""
 
     def __init__(
         self, roots: list[Any], server_name: str, insecure: bool = False
     ) -> None:
+        if (
+            not server_name
+            or not server_name.isascii()
+            or not server_name.isprintable()
+        ):
+            raise ConfigError(
+                f"the server name {server_name!r} (tls-server-name, or the host of the "
+                "server URL) can never match a certificate: write the host name or IP "
+                "address that the API server's certificate names"
+            )
         self.roots = roots
+        self.root_ders = {der_bytes(root) for root in roots}
         self.server_name = server_name
         self.insecure = insecure
-
-    def subject(self) -> Any:
-        import ipaddress
-
-        from cryptography.x509 import DNSName, IPAddress
-
-        try:
-            return IPAddress(ipaddress.ip_address(self.server_name.strip("[]")))
-        except ValueError:
-            return DNSName(self.server_name)
 
     def verify(self, chain_der: list[bytes], where: str) -> Any:
         """Raise ServerCertificateError unless the chain passes; return the leaf."""
         from cryptography import x509
+
+        try:
+            certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
+        except ValueError as exc:
+            certs, problem = [], f"it cannot be parsed: {exc}"
+        else:
+            problem = "it sent no certificate" if not certs else None
+        if certs and self.insecure:
+            return certs[0]
+        try:
+            problem = problem or self.problem(certs)
+        except Exception as exc:  # noqa: BLE001 (hostile input: refuse, never crash)
+            problem = f"it cannot be checked: {exc}"
+        if problem:
+            raise ServerCertificateError(
+                f"the API server at {where} presented a certificate we do not trust for "
+                f"{self.server_name!r} ({problem}): check the server URL, "
+                "certificate-authority and tls-server-name in the kubeconfig"
+            ) from None
+        return certs[0]
+
+    def problem(self, certs: list[Any]) -> str | None:
+        """Why Go would refuse the chain (or we, where stricter), or None."""
         from cryptography.x509.verification import (
             PolicyBuilder,
             Store,
             VerificationError,
         )
 
-        certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
-        if self.insecure:
-            return certs[0]
-        ca_policy, ee_policy = go_like_policies()
-        verifier = (
-            PolicyBuilder()
-            .store(Store(self.roots))
-            .time(datetime.datetime.now(datetime.timezone.utc))
-            .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
-            .build_server_verifier(self.subject())
-        )
-        try:
-            verifier.verify(certs[0], certs[1:])
-        except VerificationError as exc:
-            raise ServerCertificateError(
-                f"the API server at {where} presented a certificate we do not trust for "
-                f"{self.server_name!r} ({verification_reason(exc, certs[0])}): check the "
-                "server URL, certificate-authority and tls-server-name in the kubeconfig"
-            ) from None
-        return certs[0]
+        leaf, now = certs[0], datetime.datetime.now(datetime.timezone.utc)
+        if expired := date_problem(leaf, now):
+            return expired
+        if not go_name_matches(leaf, self.server_name):
+            return "leaf certificate has no matching subjectAltName"
+        if der_bytes(leaf) in self.root_ders:
+            chain = [leaf]  # Go: a certificate the kubeconfig trusts needs no issuer
+            if not server_auth_allowed(leaf):
+                return NOT_FOR_SERVERS
+        else:
+            ca_policy, ee_policy = go_like_policies()
+            verifier = (
+                PolicyBuilder()
+                .store(Store(self.roots))
+                .time(now)
+                .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+                .build_client_verifier()  # the name is matched above, as Go does
+            )
+            try:
+                chain = verifier.verify(leaf, certs[1:]).chain
+            except VerificationError as exc:
+                return verification_reason(exc)
+        if go_unknown_critical(chain):
+            return "it has a critical extension that Go does not know"
+        return None
 
 
-def verification_reason(exc: Exception, leaf: Any) -> str:
+def server_auth_allowed(cert: Any) -> bool:
+    """Go's extended key usage rule for one certificate: none, or serverAuth or any."""
+    from cryptography import x509
+
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return bool(
+        {SERVER_AUTH, ANY_EXTENDED_KEY_USAGE} & {o.dotted_string for o in usages}
+    )
+
+
+def der_bytes(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def date_problem(cert: Any, now: datetime.datetime) -> str | None:
+    if cert.not_valid_after_utc < now:
+        return f"it expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    if cert.not_valid_before_utc > now:
+        return f"it is not valid before {cert.not_valid_before_utc:%Y-%m-%d}"
+    return None
+
+
+def verification_reason(exc: Exception) -> str:
     """A short reason from cryptography's verbose verification error."""
     text = str(exc).removeprefix("validation failed: ").split(" (encountered")[0]
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if leaf.not_valid_after_utc < now:
-        return f"it expired on {leaf.not_valid_after_utc:%Y-%m-%d}"
-    if leaf.not_valid_before_utc > now:
-        return f"it is not valid before {leaf.not_valid_before_utc:%Y-%m-%d}"
-    if "candidates exhausted" in text or "signature does not match" in text:
+    text = text.removeprefix("candidates exhausted: ")
+    text = text.replace("Python extension validator failed: ValueError: ", "")
+    if "signature does not match" in text or "no interior errors" in text:
         return "it is not signed by the cluster's CA"
+    if "not valid at validation time" in text:
+        return "a certificate of its chain has expired or is not valid yet"
     return text
 
 
@@ -2036,10 +2241,40 @@ def make_tls_connection(
     """A tlslite client connection that verifies the server's chain the moment
     it arrives, before the card is asked for a signature."""
     from tlslite import TLSConnection
-    from tlslite.constants import AlertDescription
+    from tlslite.constants import AlertDescription, ContentType
+    from tlslite.messages import ClientHello
 
     class VerifyingTLSConnection(TLSConnection):
         rejection: ProxyError | None = None
+
+        @property
+        def tickets(self) -> list[Any]:
+            return []  # whatever tlslite stores here is dropped
+
+        @tickets.setter
+        def tickets(self, value: list[Any]) -> None:
+            pass
+
+        tls_1_0_tickets = tickets
+
+        def _sendMsg(self, msg: Any, *a: Any, **kw: Any) -> Iterator[Any]:  # noqa: N802
+            if isinstance(msg, ClientHello):
+                msg.extensions = [
+                    e for e in msg.extensions if e.extType not in TICKET_EXTENSIONS
+                ]
+            yield from self._alert_on_hangup(super()._sendMsg(msg, *a, **kw))
+
+        def _sendMsgs(self, msgs: Any) -> Iterator[Any]:  # noqa: N802
+            yield from self._alert_on_hangup(super()._sendMsgs(msgs))
+
+        def _alert_on_hangup(self, sending: Iterator[Any]) -> Iterator[Any]:
+            """A server that hangs up on our flight may have said why first: its
+            alert is raised (TLSRemoteAlert); without one, the OSError stands."""
+            try:
+                yield from sending
+            except OSError:
+                yield from self._getMsg(ContentType.handshake)
+                raise
 
         def _clientGetKeyFromChain(
             self,
@@ -2234,7 +2469,6 @@ class UpstreamAddress:
 
     @classmethod
     def parse(cls, url: str, tls_server_name: str | None) -> UpstreamAddress:
-        import ipaddress
         import urllib.parse
 
         parts = urllib.parse.urlsplit(url)
@@ -2244,12 +2478,24 @@ class UpstreamAddress:
                 "YubiKey can only protect TLS connections"
             )
         name = tls_server_name or parts.hostname
-        try:
-            ipaddress.ip_address(name)
-            sni = None
-        except ValueError:
-            sni = name
-        return cls(parts.hostname, parts.port or 443, parts.path.rstrip("/"), name, sni)
+        return cls(
+            parts.hostname,
+            parts.port or 443,
+            parts.path.rstrip("/"),
+            name,
+            sni_for(name),
+        )
+
+
+def sni_for(name: str) -> str | None:
+    """The server_name extension Go sends for a name: none for an IP address,
+    trailing dots dropped; none either for names tlslite cannot send (with '_')."""
+    from tlslite.utils.dns_utils import is_valid_hostname
+
+    host = name.rstrip(".")
+    if go_ip(name) is not None or not host or not is_valid_hostname(host):
+        return None
+    return host
 
 
 class Upstream:
@@ -2363,19 +2609,41 @@ class Upstream:
     def _handshake_error(
         self, conn: Any, exc: BaseException, signed: bool
     ) -> BaseException:
-        """The error to report for a failed handshake. A server that hangs up or
-        alerts right after our signed certificate went out refused that certificate."""
-        from tlslite.errors import TLSAbruptCloseError, TLSError, TLSRemoteAlert
+        """The error to report for a failed handshake. The client certificate is
+        blamed only when the server refused it with an alert that says so, after
+        the card signed; everything else names the server."""
+        from tlslite.constants import AlertDescription as Alert
+        from tlslite.errors import TLSDecryptionFailed, TLSLocalAlert, TLSRemoteAlert
 
         where = self.address.where
         if getattr(conn, "rejection", None):
             return conn.rejection
         if isinstance(exc, (ProxyError, KeyboardInterrupt)):
             return exc
-        if signed and isinstance(exc, (TLSRemoteAlert, TLSAbruptCloseError, OSError)):
+        alert = getattr(exc, "description", None)
+        remote = isinstance(exc, TLSRemoteAlert)
+        if remote and signed and alert in CERTIFICATE_ALERTS:
             return client_certificate_rejected(where, self.subject)
-        if isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS:
-            return client_certificate_rejected(where, self.subject)
+        forged = isinstance(exc, TLSDecryptionFailed) or (
+            isinstance(exc, TLSLocalAlert) and alert == Alert.decrypt_error
+        )
+        if forged and not signed:
+            return ServerCertificateError(
+                f"the API server at {where} did not prove that it holds the key of its "
+                "certificate (its handshake signature is wrong): it may be an impostor; "
+                "check the server URL in the kubeconfig"
+            )
+        if remote and not signed and alert in OFFER_ALERTS:
+            return UpstreamError(
+                f"the API server at {where} accepts none of what kubectl offers too "
+                f"(TLS 1.2 or 1.3, ECDHE key exchange, AES-GCM or ChaCha20): {exc}"
+            )
+        return self._transport_error(exc)
+
+    def _transport_error(self, exc: BaseException) -> BaseException:
+        from tlslite.errors import BaseTLSException, TLSAbruptCloseError
+
+        where = self.address.where
         if isinstance(exc, TimeoutError):
             return UpstreamTimeout(
                 f"the TLS handshake with the API server at {where} took "
@@ -2386,7 +2654,7 @@ class Upstream:
                 f"the API server at {where} closed the connection during "
                 "the TLS handshake: is it a Kubernetes API server?"
             )
-        if isinstance(exc, (TLSError, OSError)):
+        if isinstance(exc, (BaseTLSException, OSError)):
             return UpstreamError(
                 f"the TLS handshake with the API server at {where} failed: {exc}"
             )
@@ -2395,6 +2663,12 @@ class Upstream:
 
 # TLS alerts by which a server refuses a client certificate (RFC 8446 6.2).
 CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48, 49, 51, 116}
+# ... and by which it says that nothing we offered suits it.
+OFFER_ALERTS = {
+    40,
+    70,
+    71,
+}  # handshake_failure, protocol_version, insufficient_security
 
 
 def client_certificate_rejected(where: str, subject: str) -> UpstreamError:
@@ -2481,6 +2755,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             f"{address[0]}:{port}",
             f"[{address[0]}]:{port}",
         }
+        scheme = "http" if tls_context is None else "https"
+        self.own_origins = {  # what non-browser WebSocket clients send as Origin
+            f"{scheme}://{host}:{port}" for host in ("127.0.0.1", "localhost", "[::1]")
+        }
 
     def track(self, change: int) -> None:
         """Count requests in flight (for a graceful stop)."""
@@ -2532,6 +2810,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         started = time.perf_counter()
         refusal = self.refusal()
         if refusal:
+            log.warning("%s %s: %s", self.command, self.path, refusal[1])
             return self.send_status(*refusal)
         try:
             link = self.upstream_link()
@@ -2579,10 +2858,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 f"refused: Host {self.headers.get('Host', '')!r} does not name this "
                 "proxy's loopback listener (DNS rebinding?)"
             )
-        if "Origin" in self.headers or any(
-            k.lower().startswith("sec-fetch-") for k in self.headers
-        ):
+        if any(k.lower().startswith("sec-fetch-") for k in self.headers):
             return 403, "refused: requests from web browsers are not relayed"
+        origins = self.headers.get_all("Origin") or []
+        if origins and (
+            len(origins) > 1 or origins[0].lower() not in self.server.own_origins
+        ):
+            return 403, (
+                f"refused: Origin {', '.join(origins)!r} is not this proxy's own "
+                "(requests from web browsers are not relayed)"
+            )
         if not self.path.startswith("/"):
             return 400, "refused: the request target must be a path"
         coding = self.headers.get("Transfer-Encoding")
@@ -2819,6 +3104,14 @@ class LocalTls:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(cadata=self.client_ca.decode())
+        if not hasattr(os, "memfd_create"):  # macOS, Windows: a private temp folder
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="yk-kube-proxy-") as folder:
+                path = Path(folder) / "local-tls.pem"
+                write_private_file(path, (self.server_cert + self.server_key).decode())
+                context.load_cert_chain(path)
+            return context
         fd = os.memfd_create("yk-kube-proxy-local-tls", os.MFD_CLOEXEC)
         try:
             os.write(fd, self.server_cert + self.server_key)
@@ -2983,7 +3276,11 @@ def card_signer(
     label = (
         f"{card.info.describe() if card.info else 'YubiKey'}, slot {settings.slot.name}"
     )
-    pins = PinSource(args.pin_file, label, reload_hint=PIN_RELOAD_HINT)
+    hint = (
+        " (the proxy will not send it again: fix the PIN or the PIN file, then "
+        f"{PIN_RELOAD_HINTS[host_platform()]})"
+    )
+    pins = PinSource(args.pin_file, label, reload_hint=hint)
     signer = CardSigner(
         card,
         settings.slot,
@@ -3001,6 +3298,7 @@ def card_signer(
 def build_upstream(
     settings: ProxySettings, card: Card, args: argparse.Namespace
 ) -> Upstream:
+    check_notify(args.notify)
     cert, meta = slot_identity(card, settings.slot)
     warn_expiry(cert, settings.slot)
     signer = card_signer(card, settings, args, cert, meta)
@@ -3073,7 +3371,9 @@ def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None
         pins.reload()
         threading.Thread(target=card.close, daemon=True).start()
 
-    handlers = {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: reload}
+    handlers = {signal.SIGTERM: stop, signal.SIGINT: stop}
+    if hasattr(signal, "SIGHUP"):  # not on Windows: restart there to reload
+        handlers[signal.SIGHUP] = reload
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {
@@ -3126,15 +3426,18 @@ def cmd_shell(args: argparse.Namespace) -> int:
         )
     settings = proxy_settings(args)
     card = open_card(args.reader, settings.serial)
+    terminal = open_terminal()
     try:
-        server = start_server(settings, build_upstream(settings, card, args))
+        upstream = build_upstream(settings, card, args)
+        upstream.signer.terminal = terminal
+        server = start_server(settings, upstream)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         with tempfile.TemporaryDirectory(prefix="yk-kube-proxy-") as directory:
             config = shell_client_config(
                 args, server.server_address[1], Path(directory)
             )
             command = args.command[1:] if args.command[:1] == ["--"] else args.command
-            command = command or [os.environ.get("SHELL") or "/bin/sh"]
+            command = command or [default_shell()]
             print(
                 f"{PROG}: KUBECONFIG={config} through the YubiKey; exit the shell to stop",
                 file=sys.stderr,
@@ -3156,7 +3459,170 @@ def cmd_shell(args: argparse.Namespace) -> int:
         server.server_close()
     finally:
         card.close()
+        if terminal is not None:
+            terminal.close()
     return code if code >= 0 else 128 - code
+
+
+def default_shell() -> str:
+    if host_platform() == "win32":
+        return os.environ.get("COMSPEC") or "cmd.exe"
+    return os.environ.get("SHELL") or "/bin/sh"
+
+
+def open_terminal() -> Any:
+    """The controlling terminal, where shell prints the touch prompt, or None."""
+    try:
+        return open("CONOUT$" if host_platform() == "win32" else "/dev/tty", "w")
+    except OSError:
+        return None
+
+
+# =============================================================================
+# merge and unmerge: client.yml's context, cluster and user in a kubeconfig
+# =============================================================================
+
+MERGED_KINDS = (("clusters", "cluster"), ("contexts", "context"), ("users", "user"))
+
+
+def merge_target(given: str | None) -> Path | None:
+    """--merge PATH; --merge alone: $KUBECONFIG's first file, else ~/.kube/config."""
+    if given is None:
+        return None
+    return Path(given).expanduser() if given else kubeconfig_paths(None)[0]
+
+
+def load_merge_target(path: Path) -> dict[str, Any]:
+    doc = _load_yaml(path) if path.exists() else {"apiVersion": "v1", "kind": "Config"}
+    for kind, _ in MERGED_KINDS:
+        entries = doc.get(kind)
+        if entries is not None and not isinstance(entries, list):
+            raise ConfigError(f"{kind} in {path} is not a list: fix the kubeconfig")
+    return doc
+
+
+def merged_by_us(item: Any, inner: str) -> bool:
+    body = item.get(inner) if isinstance(item, dict) else None
+    return isinstance(body, dict) and "proxy-config" in find_extension(body)
+
+
+def check_mergeable(doc: dict[str, Any], path: Path, name: str) -> None:
+    """Refuse to replace an entry of that name that we did not write."""
+    for kind, inner in MERGED_KINDS:
+        for item in doc.get(kind) or []:
+            named = isinstance(item, dict) and item.get("name") == name
+            if named and not merged_by_us(item, inner):
+                raise ConfigError(
+                    f"{path} already has a {inner} named {name!r} that {PROG} "
+                    "did not write: choose another --name"
+                )
+
+
+def merge_client(path: Path, client: dict[str, Any], use_context: bool) -> None:
+    """Add or replace client.yml's three entries in place, keeping all else."""
+    doc = load_merge_target(path)
+    name = client["contexts"][0]["name"]
+    check_mergeable(doc, path, name)
+    old = [
+        c["context"]
+        for c in doc.get("contexts") or []
+        if isinstance(c, dict) and c.get("name") == name
+    ]
+    old_ext = find_extension(old[0]) if old else {}
+    current = doc.get("current-context")
+    previous = (
+        old_ext.get("previous-current-context")
+        if current == name
+        else (current if use_context else None)
+    )
+    for kind, inner in MERGED_KINDS:
+        entry = copy.deepcopy(client[kind][0])
+        if kind == "contexts" and previous:
+            entry[inner]["extensions"][0]["extension"]["previous-current-context"] = (
+                previous
+            )
+        entries = doc[kind] = doc.get(kind) or []
+        names = [e.get("name") if isinstance(e, dict) else None for e in entries]
+        if name in names:
+            entries[names.index(name)] = entry
+        else:
+            entries.append(entry)
+    if use_context:
+        doc["current-context"] = name
+    write_kubeconfig_with_backup(path, doc)
+
+
+def write_kubeconfig_with_backup(path: Path, doc: dict[str, Any]) -> None:
+    """Keep the old file as PATH.bak, then replace PATH atomically, mode 0600."""
+    import yaml
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists():
+        write_private_file(backup_path(path), path.read_text())
+    write_private_file(path, yaml.safe_dump(doc, sort_keys=False))
+
+
+def backup_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.bak")
+
+
+def print_merged(outputs: Outputs, use_context: bool) -> None:
+    if outputs.merge is None:
+        return
+    current = (
+        f"current-context is now {outputs.name!r}"
+        if use_context
+        else "current-context unchanged"
+    )
+    print(
+        f"Merged context, cluster and user {outputs.name!r} into {outputs.merge} "
+        f"({current}; a file that was there is kept as {backup_path(outputs.merge)}); "
+        f"'{PROG} unmerge {outputs.name}' removes them."
+    )
+
+
+def cmd_unmerge(args: argparse.Namespace) -> int:
+    """Remove what merge added: the three entries named NAME that carry our mark,
+    and the current-context it set (the previous one comes back)."""
+    path = merge_target(args.kubeconfig or "")
+    if not path.exists():
+        raise ConfigError(
+            f"{path} does not exist: pass the merged file with --kubeconfig"
+        )
+    doc = load_merge_target(path)
+    removed, previous = [], None
+    for kind, inner in MERGED_KINDS:
+        kept = []
+        for item in doc.get(kind) or []:
+            if (
+                isinstance(item, dict)
+                and item.get("name") == args.name
+                and merged_by_us(item, inner)
+            ):
+                removed.append(inner)
+                previous = previous or find_extension(item[inner]).get(
+                    "previous-current-context"
+                )
+            else:
+                kept.append(item)
+        if kind in doc:
+            doc[kind] = kept
+    if not removed:
+        raise ConfigError(
+            f"{path} has no context, cluster or user named {args.name!r} that {PROG} "
+            "merged: check the name (kubectl config get-contexts)"
+        )
+    if doc.get("current-context") == args.name:
+        if previous:
+            doc["current-context"] = previous
+        else:
+            del doc["current-context"]
+    write_kubeconfig_with_backup(path, doc)
+    print(
+        f"Removed {args.name!r} ({', '.join(removed)}) from {path} "
+        f"(the previous file is {backup_path(path)})."
+    )
+    return 0
 
 
 # =============================================================================
@@ -3348,26 +3814,33 @@ def proxy_kubeconfig(ctx: KubeContext, settings: dict[str, Any]) -> dict[str, An
 
 
 def client_kubeconfig(
-    ctx: KubeContext, port: int, pki: LocalPki | None
+    outputs: Outputs, ctx: KubeContext, pki: LocalPki | None
 ) -> dict[str, Any]:
     """client.yml: kubectl's view, the local proxy as its server; with the local
-    hop's CA and client credentials unless it is plain HTTP."""
-    context: dict[str, Any] = {"cluster": EXTENSION_NAME, "user": EXTENSION_NAME}
+    hop's CA and client credentials unless it is plain HTTP. Context, cluster and
+    user are all named NAME and marked as ours (for merge and unmerge)."""
+    name, port = outputs.name, outputs.port
+    marker = [
+        {"name": EXTENSION_NAME, "extension": {"proxy-config": str(outputs.proxy)}}
+    ]
+    context: dict[str, Any] = {"cluster": name, "user": name}
     if ctx.namespace:
         context["namespace"] = ctx.namespace
-    if pki is None:
-        return kubeconfig_doc(
-            EXTENSION_NAME, {"server": f"http://127.0.0.1:{port}"}, ctx.name, context
-        )
-    cluster = {
-        "server": f"https://127.0.0.1:{port}",
-        "certificate-authority-data": b64encode(pki.ca_cert),
-    }
-    user = {
-        "client-certificate-data": b64encode(pki.client_cert),
-        "client-key-data": b64encode(pki.client_key),
-    }
-    return kubeconfig_doc(EXTENSION_NAME, cluster, ctx.name, context, user)
+    context["extensions"] = marker
+    cluster: dict[str, Any] = {"server": f"http://127.0.0.1:{port}"}
+    user: dict[str, Any] = {}
+    if pki is not None:
+        cluster = {
+            "server": f"https://127.0.0.1:{port}",
+            "certificate-authority-data": b64encode(pki.ca_cert),
+        }
+        user = {
+            "client-certificate-data": b64encode(pki.client_cert),
+            "client-key-data": b64encode(pki.client_key),
+        }
+    cluster["extensions"] = copy.deepcopy(marker)
+    user["extensions"] = copy.deepcopy(marker)
+    return kubeconfig_doc(name, cluster, name, context, user, name)
 
 
 def kubeconfig_doc(
@@ -3376,6 +3849,7 @@ def kubeconfig_doc(
     context_name: str,
     context: dict[str, Any],
     user: dict[str, Any] | None = None,
+    user_name: str = EXTENSION_NAME,
 ) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -3383,16 +3857,67 @@ def kubeconfig_doc(
         "clusters": [{"name": cluster_name, "cluster": cluster}],
         "contexts": [{"name": context_name, "context": context}],
         "current-context": context_name,
-        "users": [{"name": EXTENSION_NAME, "user": user or {}}],
+        "users": [{"name": user_name, "user": user or {}}],
         "preferences": {},
     }
 
 
-def output_paths(args: argparse.Namespace, sources: list[Path]) -> tuple[Path, Path]:
-    """proxy.yml and client.yml in --output-dir, checked before the card is touched."""
-    out = Path(args.output_dir).expanduser()
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """Where setup and enroll write, under which name, and what they merge into."""
+
+    name: str
+    proxy: Path
+    client: Path
+    port: int
+    merge: Path | None
+
+
+def check_name(name: str, what: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(
+            f"{what} {name!r} cannot name the kubeconfig context and the folder "
+            f"{OUTPUT_ROOT}/NAME: pass --name with letters, digits, '.', '_' and '-' "
+            "(up to 63, starting with a letter or digit)"
+        )
+    return name
+
+
+def plan_outputs(
+    args: argparse.Namespace, ctx: KubeContext, sources: list[Path]
+) -> Outputs:
+    """The name, the files and the merge target, checked before the card is touched."""
+    name = check_name(args.name or ctx.name, "--name" if args.name else "the context")
+    out = Path(args.output_dir or f"{OUTPUT_ROOT}/{name}").expanduser().absolute()
+    target = merge_target(args.merge)
+    if target is not None:
+        check_mergeable(load_merge_target(target), target, name)
+    proxy_path, client_path = output_paths(args, out, sources)
+    port = args.port or (DEFAULT_PORT if args.output_dir else free_port_beside(out))
+    return Outputs(name, proxy_path, client_path, port, target)
+
+
+def free_port_beside(out: Path) -> int:
+    """DEFAULT_PORT, or the next one no other proxy.yml under OUTPUT_ROOT listens on."""
+    used = set()
+    for other in out.parent.glob("*/proxy.yml"):
+        if other.parent == out:
+            continue
+        with contextlib.suppress(ProxyError, OSError):
+            listen = str(Kubeconfig([other]).resolve(None).extension.get("listen"))
+            used.add(listen.rpartition(":")[2])
+    port = DEFAULT_PORT
+    while str(port) in used:
+        port += 1
+    return port
+
+
+def output_paths(
+    args: argparse.Namespace, out: Path, sources: list[Path]
+) -> tuple[Path, Path]:
+    """proxy.yml and client.yml in the output folder."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"cannot create the output folder {out}: {exc.strerror}"
@@ -3407,7 +3932,7 @@ def output_paths(args: argparse.Namespace, sources: list[Path]) -> tuple[Path, P
         if path.exists() and not args.force:
             raise ConfigError(
                 f"{path} exists already: pass --force to replace it, "
-                "or choose another --output-dir"
+                "or choose another --output-dir or --name"
             )
     if not os.access(out, os.W_OK):
         raise ConfigError(
@@ -3424,31 +3949,28 @@ def cmd_setup(args: argparse.Namespace) -> int:
             "the client certificate expired on %s: the cluster will refuse it",
             not_after(cert).date(),
         )
-    proxy_path, client_path = output_paths(args, ctx.sources)
+    outputs = plan_outputs(args, ctx, ctx.sources)
     card = open_card(args.reader, args.serial)
     try:
         install_identity(card, args, cert, key)
     finally:
         card.close()
     del key
-    write_proxy_files(ctx, card, args, proxy_path, client_path)
-    print_next_steps(ctx, card, args, cert, proxy_path, client_path)
+    write_proxy_files(ctx, card, args, outputs)
+    print_next_steps(ctx, card, args, cert, outputs)
     return 0
 
 
 def write_proxy_files(
-    ctx: KubeContext,
-    card: Card,
-    args: argparse.Namespace,
-    proxy_path: Path,
-    client_path: Path,
+    ctx: KubeContext, card: Card, args: argparse.Namespace, outputs: Outputs
 ) -> None:
-    """proxy.yml (cluster, proxy settings, local TLS) and client.yml, mode 0600."""
+    """proxy.yml (cluster, proxy settings, local TLS) and client.yml, mode 0600;
+    client.yml's entries also merged into a kubeconfig when asked."""
     import yaml
 
     settings: dict[str, Any] = {
         "slot": args.slot.name,
-        "listen": f"127.0.0.1:{args.port}",
+        "listen": f"127.0.0.1:{outputs.port}",
     }
     if card.info and card.info.serial is not None:
         settings["serial"] = card.info.serial
@@ -3461,20 +3983,18 @@ def write_proxy_files(
             "server-key-data": b64encode(pki.server_key),
             "client-ca-data": b64encode(pki.ca_cert),
         }
+    client = client_kubeconfig(outputs, ctx, pki)
     for path, doc in (
-        (proxy_path, proxy_kubeconfig(ctx, settings)),
-        (client_path, client_kubeconfig(ctx, args.port, pki)),
+        (outputs.proxy, proxy_kubeconfig(ctx, settings)),
+        (outputs.client, client),
     ):
         write_private_file(path, yaml.safe_dump(doc, sort_keys=False))
+    if outputs.merge is not None:
+        merge_client(outputs.merge, client, args.use_context)
 
 
 def print_next_steps(
-    ctx: KubeContext,
-    card: Card,
-    args: argparse.Namespace,
-    cert: Any,
-    proxy_path: Path,
-    client_path: Path,
+    ctx: KubeContext, card: Card, args: argparse.Namespace, cert: Any, outputs: Outputs
 ) -> None:
     algorithm = ALGORITHM_NAMES[key_algorithm(cert.public_key())]
     print(
@@ -3487,12 +4007,17 @@ def print_next_steps(
         "certificate."
     )
     print(
-        f"Wrote {proxy_path} (for the proxy) and {client_path} (for kubectl), mode 0600."
+        f"Wrote {outputs.proxy} (for the proxy) and {outputs.client} (for kubectl), "
+        "mode 0600."
     )
+    print_merged(outputs, args.use_context)
     print()
     print("Next steps:")
-    print(f"  1. {PROG} proxy --kubeconfig {proxy_path}")
-    print(f"  2. KUBECONFIG={client_path} kubectl get nodes")
+    print(f"  1. {PROG} proxy --kubeconfig {outputs.proxy}")
+    if outputs.merge is None:
+        print(f"  2. KUBECONFIG={outputs.client} kubectl get nodes")
+    else:
+        print(f"  2. kubectl --context {outputs.name} get nodes")
     sources = ", ".join(map(str, ctx.sources))
     print(
         f"  3. The private key is still in {sources} (user {ctx.user.name!r}): once the "
@@ -3622,28 +4147,31 @@ def print_card_report(report: dict[str, Any]) -> None:
             print(f"    {problem['level']}: {problem['message']}")
 
 
-def config_warnings(path: str) -> list[str]:
-    """What is unsafe about a proxy kubeconfig (for status)."""
+def proxy_config_status(path: str | None) -> tuple[dict[str, Any], list[str]]:
+    """A proxy kubeconfig's settings (slot, serial) and what is unsafe about it."""
+    if path is None:
+        return {}, []
     ctx = Kubeconfig([Path(path).expanduser()]).resolve(None)
     if ctx.cluster.body.get("insecure-skip-tls-verify"):
-        return [INSECURE_WARNING]
-    return []
+        return ctx.extension, [INSECURE_WARNING]
+    return ctx.extension, []
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    settings, warnings = proxy_config_status(args.kubeconfig)
+    slot = args.slot or parse_slot(str(settings.get("slot", "9a")))
+    serial = args.serial if args.serial is not None else settings.get("serial")
     found = find_cards(args.reader)
     try:
         cards = found
-        if args.serial is not None:
-            cards = [c for c in found if c.info and c.info.serial == args.serial]
+        if serial is not None:
+            cards = [c for c in found if c.info and c.info.serial == serial]
         if not cards:
-            what = f"with serial {args.serial} " if args.serial is not None else ""
+            what = f"with serial {serial} " if serial is not None else ""
             raise NoCardError(f"no YubiKey {what}found - please insert your YubiKey")
-        slots = [args.slot] if args.slot else [SLOTS["9a"]]
-        reports = [card_report(card, slots) for card in cards]
+        reports = [card_report(card, [slot]) for card in cards]
     finally:
         _close_all(found)
-    warnings = config_warnings(args.kubeconfig) if args.kubeconfig else []
     if args.json:
         print(json.dumps({"cards": reports, "warnings": warnings}, indent=2))
     else:
@@ -4350,8 +4878,9 @@ def cluster_context(args: argparse.Namespace) -> KubeContext:
     proxy's client.yml, from the proxy.yml beside it."""
     paths = kubeconfig_paths(args.kubeconfig)
     ctx = Kubeconfig(paths).resolve(args.context)
-    if ctx.user.name == EXTENSION_NAME and ctx.cluster.name == EXTENSION_NAME:
-        beside = paths[0].resolve().parent / "proxy.yml"
+    older = ctx.user.name == EXTENSION_NAME == ctx.cluster.name  # before names
+    if "proxy-config" in ctx.extension or older:  # a client.yml setup or enroll wrote
+        beside = recorded_proxy_config(ctx, paths[0])
         if not beside.exists():
             raise ConfigError(
                 f"{paths[0]} is a proxy's client.yml but there is no proxy.yml beside "
@@ -4361,10 +4890,18 @@ def cluster_context(args: argparse.Namespace) -> KubeContext:
     return ctx
 
 
+def recorded_proxy_config(ctx: KubeContext, kubeconfig: Path) -> Path:
+    """The proxy.yml a client.yml (or a merged context) names, else the one beside."""
+    recorded = ctx.extension.get("proxy-config")
+    if isinstance(recorded, str) and Path(recorded).exists():
+        return Path(recorded)
+    return kubeconfig.resolve().parent / "proxy.yml"
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     subject = enroll_subject(args)
     ctx = cluster_context(args)
-    proxy_path, client_path = output_paths(args, [])
+    outputs = plan_outputs(args, ctx, [])
     kube = Kubectl(args.kubeconfig, args.context)
     if args.approve:
         check_approval_rights(kube)
@@ -4373,7 +4910,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         name, cert = enroll_on_card(card, kube, args, subject)
     finally:
         card.close()
-    write_proxy_files(ctx, card, args, proxy_path, client_path)
+    write_proxy_files(ctx, card, args, outputs)
     print(
         f"Enrolled {subject.rfc4514_string()}: "
         f"{with_article(ALGORITHM_NAMES[ENROLL_ALGORITHMS[args.algorithm]])} "
@@ -4382,17 +4919,23 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         f"{not_after(cert):%Y-%m-%d %H:%M} UTC. The key has never been anywhere else."
     )
     print(
-        f"Wrote {proxy_path} and {client_path}; next: {PROG} proxy --kubeconfig {proxy_path}"
+        f"Wrote {outputs.proxy} and {outputs.client}; next: {PROG} proxy --kubeconfig "
+        f"{outputs.proxy}"
     )
+    print_merged(outputs, args.use_context)
     return 0
 
 
 def proxy_settings_beside(args: argparse.Namespace) -> dict[str, Any]:
     """The extension entry of --proxy-config, else of the proxy.yml beside --kubeconfig."""
-    path = args.proxy_config or (
-        kubeconfig_paths(args.kubeconfig)[0].resolve().parent / "proxy.yml"
-    )
-    path = Path(path).expanduser()
+    paths = kubeconfig_paths(args.kubeconfig)
+    path = Path(args.proxy_config).expanduser() if args.proxy_config else None
+    if path is None:
+        path = paths[0].resolve().parent / "proxy.yml"
+        with contextlib.suppress(ConfigError):  # kubectl will say what is wrong
+            path = recorded_proxy_config(
+                Kubeconfig(paths).resolve(args.context), paths[0]
+            )
     if not path.exists():
         if args.proxy_config:
             raise ConfigError(
@@ -4634,16 +5177,35 @@ def add_card_write_options(parser: argparse.ArgumentParser) -> None:
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     """Where setup and enroll write proxy.yml and client.yml, and what goes in."""
     parser.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the name of client.yml's context, cluster and user, and of the folder "
+        f"{OUTPUT_ROOT}/NAME (default: the source context's name)",
+    )
+    parser.add_argument(
         "--output-dir",
-        default=".",
         metavar="DIR",
-        help="where proxy.yml and client.yml go, created if missing (default: .)",
+        help="where proxy.yml and client.yml go, created if missing "
+        f"(default: {OUTPUT_ROOT}/NAME)",
     )
     parser.add_argument(
         "--port",
         type=port_arg,
-        default=DEFAULT_PORT,
-        help=f"local port of the proxy (default: {DEFAULT_PORT})",
+        help=f"local port of the proxy (default: {DEFAULT_PORT}, or the next one that "
+        f"no other proxy.yml in {OUTPUT_ROOT} uses)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="also add client.yml's context, cluster and user to this kubeconfig "
+        "(default: $KUBECONFIG's first file, else ~/.kube/config), keeping a .bak",
+    )
+    parser.add_argument(
+        "--use-context",
+        action="store_true",
+        help="with --merge: make NAME the current context",
     )
     parser.add_argument(
         "--plain-http",
@@ -4823,14 +5385,39 @@ def add_status_command(commands: Any, common: argparse.ArgumentParser) -> None:
         description="Show each YubiKey, the key and certificate of a slot, and PIN tries left. "
         "Exits 1 when the slot is empty or its certificate expired.",
     )
-    status.add_argument("--slot", type=slot_arg, help="PIV slot (default: 9a)")
+    status.add_argument(
+        "--slot", type=slot_arg, help="PIV slot (default: from --kubeconfig, else 9a)"
+    )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument(
         "--kubeconfig",
         metavar="PATH",
-        help="also check the proxy.yml setup wrote (e.g. insecure settings)",
+        help="the proxy.yml setup wrote: report its slot and card, and check it "
+        "(e.g. insecure settings)",
     )
     status.set_defaults(func=cmd_status)
+
+
+def add_unmerge_command(commands: Any, common: argparse.ArgumentParser) -> None:
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more output"
+    )
+    unmerge = commands.add_parser(
+        "unmerge",
+        parents=[verbose],
+        help="remove what setup --merge added to a kubeconfig",
+        description="Remove the context, cluster and user NAME that setup or enroll "
+        "--merge added, and give back the current-context --use-context replaced.",
+    )
+    unmerge.add_argument("name", metavar="NAME", help="the name given to setup")
+    unmerge.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="the merged kubeconfig (default: $KUBECONFIG's first file, else "
+        "~/.kube/config)",
+    )
+    unmerge.set_defaults(func=cmd_unmerge)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4839,6 +5426,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep the key that opens a Kubernetes cluster on a YubiKey.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(  # -v before the command; the commands' own -v adds up
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        dest="leading_verbose",
+        help="more output: -v info, -vv debug with an APDU trace",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = card_options()
     for add in (
@@ -4848,6 +5443,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_enroll_command,
         add_renew_command,
         add_status_command,
+        add_unmerge_command,
     ):
         add(commands, common)
     return parser
@@ -4879,6 +5475,7 @@ def configure_logging(verbosity: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose += args.leading_verbose
     configure_logging(args.verbose)
     try:
         return args.func(args)
