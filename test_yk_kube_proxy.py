@@ -51,7 +51,14 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives import serialization as ser
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import (
+    ec,
+    ed448,
+    ed25519,
+    rsa,
+    utils,
+    x25519,
+)
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -120,6 +127,7 @@ ALG_RSA4096 = 0x16
 ALG_ECCP256 = 0x11
 ALG_ECCP384 = 0x14
 ALG_ED25519 = 0xE0
+ALG_X25519 = 0xE1  # key agreement only (firmware 5.7)
 ALG_PIN_PUK = 0xFF
 
 MGMT_KEY_LENGTHS = {ALG_3DES: 24, ALG_AES128: 16, ALG_AES192: 24, ALG_AES256: 32}
@@ -132,6 +140,7 @@ ALG_MIN_VERSION = {
     ALG_RSA3072: (5, 7, 0),
     ALG_RSA4096: (5, 7, 0),
     ALG_ED25519: (5, 7, 0),
+    ALG_X25519: (5, 7, 0),
 }
 MIN_VERSION_METADATA = (5, 3, 0)
 MIN_VERSION_AES_MGMT = (5, 4, 0)
@@ -199,6 +208,7 @@ TAG_OBJECT_ID = 0x5C
 TAG_OBJECT_DATA = 0x53
 TAG_IMPORT_EC = 0x06
 TAG_IMPORT_ED25519 = 0x07
+TAG_IMPORT_X25519 = 0x08
 
 PIV_AID = bytes.fromhex("A000000308000010000100")
 PIV_AID_MIN_PREFIX = 5
@@ -484,6 +494,22 @@ class VirtualPiv:
         """The ``cryptography`` private key in ``slot``, or None."""
         entry = self._slots.get(slot)
         return entry.key if entry else None
+
+    def install_key(
+        self,
+        slot: int,
+        key,
+        algorithm: int,
+        pin_policy: int = PIN_POLICY_NEVER,
+        touch_policy: int = TOUCH_POLICY_NEVER,
+        origin: int = ORIGIN_GENERATED,
+    ) -> None:
+        """Put ``key`` into ``slot`` as another tool (or a newer firmware) would;
+        GET METADATA reports ``algorithm`` as given, known to us or not."""
+        with self._lock:
+            self._slots[slot] = KeySlot(
+                key, algorithm, pin_policy, touch_policy, origin
+            )
 
     def slot_info(self, slot: int) -> Optional[KeySlot]:
         """The full :class:`KeySlot` record (algorithm, policies, origin) or None."""
@@ -809,10 +835,14 @@ class VirtualPiv:
             _, size, hash_alg = EC_CURVES[entry.algorithm]
             digest = message[:size].rjust(size, b"\x00")
             return entry.key.sign(digest, ec.ECDSA(utils.Prehashed(hash_alg)))
+        if entry.algorithm != ALG_ED25519:
+            raise CardStatus(SW_WRONG_DATA)  # X25519 and others cannot sign
         return entry.key.sign(message)
 
     @staticmethod
     def _ecdh(entry: KeySlot, point: bytes) -> bytes:
+        if entry.algorithm == ALG_X25519 and len(point) == 32:
+            return entry.key.exchange(x25519.X25519PublicKey.from_public_bytes(point))
         if entry.algorithm not in EC_CURVES:
             raise CardStatus(SW_WRONG_DATA)
         curve = EC_CURVES[entry.algorithm][0]
@@ -825,7 +855,9 @@ class VirtualPiv:
     # --- key import / generation -------------------------------------------------------------
     def _check_key_algorithm(self, algorithm: int) -> None:
         known = (
-            algorithm in RSA_BITS or algorithm in EC_CURVES or algorithm == ALG_ED25519
+            algorithm in RSA_BITS
+            or algorithm in EC_CURVES
+            or algorithm in (ALG_ED25519, ALG_X25519)
         )
         if not known or self.version < ALG_MIN_VERSION.get(algorithm, (0, 0, 0)):
             raise CardStatus(SW_WRONG_DATA)
@@ -877,6 +909,8 @@ class VirtualPiv:
             if len(scalar) != size:
                 raise ValueError("wrong scalar size")
             return ec.derive_private_key(int.from_bytes(scalar, "big"), curve)
+        if algorithm == ALG_X25519:
+            return x25519.X25519PrivateKey.from_private_bytes(fields[TAG_IMPORT_X25519])
         return ed25519.Ed25519PrivateKey.from_private_bytes(fields[TAG_IMPORT_ED25519])
 
     def _cmd_generate(self, p1: int, p2: int, data: bytes) -> bytes:
@@ -902,6 +936,8 @@ class VirtualPiv:
             return rsa.generate_private_key(65537, RSA_BITS[algorithm])
         if algorithm in EC_CURVES:
             return ec.generate_private_key(EC_CURVES[algorithm][0])
+        if algorithm == ALG_X25519:
+            return x25519.X25519PrivateKey.generate()
         return ed25519.Ed25519PrivateKey.generate()
 
     def _cmd_move_key(self, p1: int, p2: int, data: bytes) -> bytes:
@@ -5120,6 +5156,1123 @@ def test_kubeconfig_errors_name_the_problem(tmp_path):
 
 
 # =============================================================================
+# Fail closed, never a traceback: kubeconfig types as kubectl reads them, the
+# local hop, secrets off the command line, hostile files, dependencies, and a
+# seeded kubeconfig fuzz
+# =============================================================================
+
+ERROR = "yubikey-kube-proxy: error: "
+
+
+def mutated_kubeconfig(tmp_path: Path, mutate, name: str = "k3s.yaml") -> Path:
+    """A k3s-like kubeconfig, changed by ``mutate(doc)`` and written as YAML."""
+    path = write_kubeconfig(tmp_path / name, make_identity())
+    doc = yaml.safe_load(path.read_text())
+    mutate(doc)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def cluster_of(doc: dict) -> dict:
+    return doc["clusters"][0]["cluster"]
+
+
+STRING_HINT = "write a string, in quotes where YAML would read something else"
+TYPE_CASES = {
+    "insecure as the string false": (
+        lambda d: cluster_of(d).update({"insecure-skip-tls-verify": "false"}),
+        "kubeconfig {path}, cluster 'default': insecure-skip-tls-verify is a string, "
+        "not a boolean: write true or false, without quotes",
+    ),
+    "insecure as the string no": (
+        lambda d: cluster_of(d).update({"insecure-skip-tls-verify": "no"}),
+        "kubeconfig {path}, cluster 'default': insecure-skip-tls-verify is a string, "
+        "not a boolean: write true or false, without quotes",
+    ),
+    "namespace as a number": (
+        lambda d: d["contexts"][0]["context"].update(namespace=5),
+        f"kubeconfig {{path}}, context 'default': namespace is a number, not a "
+        f"string: {STRING_HINT}",
+    ),
+    "tls-server-name as a number": (
+        lambda d: cluster_of(d).update({"tls-server-name": 443}),
+        f"kubeconfig {{path}}, cluster 'default': tls-server-name is a number, not "
+        f"a string: {STRING_HINT}",
+    ),
+    "server as a decimal number": (
+        lambda d: cluster_of(d).update(server=6443.5),
+        f"kubeconfig {{path}}, cluster 'default': server is a decimal number, not "
+        f"a string: {STRING_HINT}",
+    ),
+    "clusters as a mapping": (
+        lambda d: d.update(clusters={"default": {}}),
+        "kubeconfig {path}: clusters is a mapping, not a list: write a list (lines "
+        "starting with '- ')",
+    ),
+    "cluster as a string": (
+        lambda d: d["clusters"][0].update(cluster="https://127.0.0.1:6443"),
+        "kubeconfig {path}, cluster 'default' is a string, not a mapping: write "
+        "key: value lines there",
+    ),
+    "a user entry that is a string": (
+        lambda d: d.update(users=["default"]),
+        "kubeconfig {path}, entry 1 of users is a string, not a mapping: write "
+        "key: value lines there",
+    ),
+    "client-key-data as a list": (
+        lambda d: d["users"][0]["user"].update({"client-key-data": ["a", "b"]}),
+        f"kubeconfig {{path}}, user 'default': client-key-data is a list, not a "
+        f"string: {STRING_HINT}",
+    ),
+    "current-context as a boolean": (
+        lambda d: d.update({"current-context": True}),
+        f"kubeconfig {{path}}: current-context is a boolean, not a string: "
+        f"{STRING_HINT}",
+    ),
+    "preferences as a list": (
+        lambda d: d.update(preferences=[]),
+        "kubeconfig {path}: preferences is a list, not a mapping: write a mapping "
+        "(key: value lines)",
+    ),
+    "context extensions as a string": (
+        lambda d: d["contexts"][0]["context"].update(extensions="none"),
+        "kubeconfig {path}, context 'default': extensions is a string, not a list: "
+        "write a list (lines starting with '- ')",
+    ),
+}
+
+
+@pytest.mark.parametrize("mutate, message", TYPE_CASES.values(), ids=TYPE_CASES)
+def test_kubeconfig_types_are_read_as_kubectl_reads_them(
+    tmp_path, capsys, mutate, message
+):
+    path = mutated_kubeconfig(tmp_path, mutate)
+    code, _, stderr = run_cli(*setup_args(path, tmp_path / "out"), capsys=capsys)
+    assert (code, stderr) == (1, f"{ERROR}{message.format(path=path)}\n")
+    assert not (tmp_path / "out" / "proxy.yml").exists()
+    # kubectl refuses the same file while decoding it
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(path), "config", "view"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        f'error: error loading config file "{path}": json: cannot unmarshal '
+    )
+
+
+def test_insecure_with_a_ca_is_refused_as_kubectl_refuses_it(tmp_path, capsys):
+    path = mutated_kubeconfig(
+        tmp_path, lambda d: cluster_of(d).update({"insecure-skip-tls-verify": True})
+    )
+    message = (
+        f"kubeconfig {path}, cluster 'default': insecure-skip-tls-verify: true "
+        "together with a certificate authority is refused, as kubectl refuses it: "
+        "remove insecure-skip-tls-verify so that the server is checked against the "
+        "CA\n"
+    )
+    code, _, stderr = run_cli(*setup_args(path, tmp_path / "out"), capsys=capsys)
+    assert (code, stderr) == (1, ERROR + message)
+    code, _, stderr = run_cli(
+        "proxy", "--kubeconfig", str(path), "--plain-http", capsys=capsys
+    )
+    assert (code, stderr) == (1, ERROR + message)
+    code, _, stderr = run_cli("status", "--kubeconfig", str(path), capsys=capsys)
+    assert (code, stderr) == (1, ERROR + message)
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(path), "get", "--raw", "/version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr) == (
+        1,
+        "error: specifying a root certificates file with the insecure flag is not "
+        "allowed\n",
+    )
+
+
+def test_bad_server_urls_are_refused_at_start(tmp_path, capsys):
+    for server in (
+        "https://127.0.0.1:99999",
+        "https://127.0.0.1:0",
+        "https://127.0.0.1:-1",
+        "https://[::1",
+        "https://exa mple:6443",
+        "https://exämple:6443",
+    ):
+        path = mutated_kubeconfig(
+            tmp_path, lambda d: cluster_of(d).update(server=server)
+        )
+        code, _, stderr = run_cli(
+            "proxy", "--kubeconfig", str(path), "--plain-http", capsys=capsys
+        )
+        assert (code, stderr) == (
+            1,
+            f"{ERROR}kubeconfig {path}, cluster 'default': the cluster server "
+            f"{server!r} is not a URL (ASCII, no spaces, a port from 1 to 65535): "
+            "write https://HOST:PORT in the kubeconfig\n",
+        )
+
+
+# -- the local hop fails closed ---------------------------------------------------
+
+
+def extension_of(doc: dict) -> dict:
+    return doc["contexts"][0]["context"]["extensions"][0]["extension"]
+
+
+def damage(key: str, value):
+    def change(doc: dict) -> None:
+        local = extension_of(doc)["local-tls"]
+        if value is None:
+            local.pop(key)
+        else:
+            local[key] = value
+
+    return change
+
+
+PROXY_YML_CASES = {
+    "no local-tls entry": (
+        lambda d: extension_of(d).pop("local-tls"),
+        "the proxy kubeconfig {path} has no local-tls entry for the local hop's "
+        "mutual TLS: run 'yubikey-kube-proxy setup' again (plain HTTP only with setup "
+        "--plain-http or proxy --plain-http)",
+    ),
+    "an empty local-tls entry": (
+        lambda d: extension_of(d).update({"local-tls": {}}),
+        "the proxy kubeconfig {path} has no local-tls entry for the local hop's "
+        "mutual TLS: run 'yubikey-kube-proxy setup' again (plain HTTP only with setup "
+        "--plain-http or proxy --plain-http)",
+    ),
+    "a key that is not a key": (
+        damage("server-key-data", b64(b"-----BEGIN PRIVATE KEY-----\nAAAA\n")),
+        "the local-tls entry of the proxy kubeconfig {path} is damaged: run "
+        "'yubikey-kube-proxy setup' again",
+    ),
+    "a CA that is not base64": (
+        damage("client-ca-data", "not base64!"),
+        "the local-tls entry of the proxy kubeconfig {path} is damaged: run "
+        "'yubikey-kube-proxy setup' again",
+    ),
+    "no client CA": (
+        damage("client-ca-data", None),
+        "the local-tls entry of the proxy kubeconfig {path} is damaged: run "
+        "'yubikey-kube-proxy setup' again",
+    ),
+    "local-tls as a string": (
+        lambda d: extension_of(d).update({"local-tls": "none"}),
+        "kubeconfig {path}, context 'default', extension yubikey-kube-proxy: "
+        "local-tls is a string, not a mapping: write a mapping (key: value lines)",
+    ),
+    "plain-http as a string": (
+        lambda d: extension_of(d).update({"plain-http": "true"}),
+        "kubeconfig {path}, context 'default', extension yubikey-kube-proxy: "
+        "plain-http is a string, not a boolean: write true or false, without quotes",
+    ),
+    "insecure as the string false": (
+        lambda d: cluster_of(d).update({"insecure-skip-tls-verify": "false"}),
+        "kubeconfig {path}, cluster 'default': insecure-skip-tls-verify is a string, "
+        "not a boolean: write true or false, without quotes",
+    ),
+    "an unknown slot": (
+        lambda d: extension_of(d).update(slot="9z"),
+        "the yubikey-kube-proxy extension of the proxy kubeconfig {path}: unknown PIV "
+        "slot '9z': use 9a, 9c, 9d, 9e or a retired slot 82-95",
+    ),
+    "a listen address that is not loopback": (
+        lambda d: extension_of(d).update(listen="0.0.0.0:8080"),
+        "the yubikey-kube-proxy extension of the proxy kubeconfig {path}: listen "
+        "'0.0.0.0:8080' is not a loopback address: anyone who can reach it could use "
+        "your cluster; pass --unsafe-listen if you really mean it",
+    ),
+}
+
+
+def test_local_hop_fails_closed(rig, cluster, tmp_path, capsys):
+    piv = VirtualPiv(serial=41000014)
+    inserted = rig.insert(piv)
+    workdir = tmp_path / "yk"
+    assert run_cli(*setup_args(cluster.kubeconfig, workdir), capsys=capsys)[0] == 0
+    rig.remove(inserted)  # a refusal that failed would stop at "no YubiKey found"
+    written = (workdir / "proxy.yml").read_text()
+    signed = piv.sign_count
+    for mutate, message in PROXY_YML_CASES.values():
+        path = tmp_path / "damaged.yml"
+        doc = yaml.safe_load(written)
+        mutate(doc)
+        path.write_text(yaml.safe_dump(doc))
+        code, _, stderr = run_cli("proxy", "--kubeconfig", str(path), capsys=capsys)
+        assert (code, stderr) == (1, f"{ERROR}{message.format(path=path)}\n")
+    assert piv.sign_count == signed and cluster.api.handshakes == 0
+    # Only an explicit request gives plain HTTP, and it is announced loudly.
+    inserted = rig.insert(piv)
+    try:
+        proxy = ProxyProcess(workdir, "--plain-http")
+        try:
+            assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
+            assert "listening on http://127.0.0.1:" in proxy.stderr()
+            plain = workdir / "plain-client.yml"
+            doc = yaml.safe_load((workdir / "client.yml").read_text())
+            doc["clusters"][0]["cluster"] = {"server": f"http://127.0.0.1:{proxy.port}"}
+            doc["users"][0]["user"] = {}
+            plain.write_text(yaml.safe_dump(doc))
+            done = subprocess.run(
+                ["kubectl", "--kubeconfig", str(plain), "get", "--raw", "/version"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
+        finally:
+            proxy.stop()
+    finally:
+        rig.remove(inserted)
+
+
+def test_plain_http_from_setup_is_recorded_and_warned_about(
+    card57, cluster, tmp_path, capsys
+):
+    workdir = tmp_path / "yk"
+    code, _, stderr = run_cli(
+        *setup_args(cluster.kubeconfig, workdir, "--plain-http"), capsys=capsys
+    )
+    assert (code, stderr) == (
+        0,
+        f"yubikey-kube-proxy: WARNING: {yk.PLAIN_HTTP_WARNING}\n",
+    )
+    extension = extension_of(read_yaml(workdir / "proxy.yml"))
+    assert (extension["plain-http"], "local-tls" in extension) == (True, False)
+    proxy = ProxyProcess(workdir)
+    try:
+        assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
+        done = kubectl(proxy, "get", "--raw", "/version")
+        assert done.returncode == 0, done.stderr
+    finally:
+        proxy.stop()
+    code, stdout, _ = run_cli(
+        "status", "--kubeconfig", str(workdir / "proxy.yml"), capsys=capsys
+    )
+    assert code == 0
+    assert stdout.endswith(f"warning: {yk.PLAIN_HTTP_WARNING}\n")
+
+
+# -- secrets off the command line -----------------------------------------------------
+
+
+def secret_file(tmp_path: Path, name: str, content: str) -> Path:
+    path = tmp_path / name
+    path.write_text(content)
+    path.chmod(0o600)
+    return path
+
+
+def management_key_attempts(piv: "VirtualPiv") -> int:
+    """GENERAL AUTHENTICATE commands for the management key (9B) the card saw."""
+    return sum(
+        1 for apdu in piv.apdu_log if apdu[1] == INS_AUTHENTICATE and apdu[3] == 0x9B
+    )
+
+
+def test_management_key_from_a_file_the_environment_or_a_prompt(
+    rig, tmp_path, capsys, monkeypatch
+):
+    key = bytes(range(32))
+    piv = VirtualPiv(serial=42000015, mgmt_algorithm=ALG_AES256, mgmt_key=key)
+    inserted = rig.insert(piv)
+    try:
+        source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+        out = tmp_path / "out"
+
+        def setup(*extra: str) -> tuple[int, str, str]:
+            return run_cli(*setup_args(source, out, "--force", *extra), capsys=capsys)
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no terminal
+        assert setup() == (
+            1,
+            "",
+            f"{ERROR}the YubiKey's management key is not the factory key and there is "
+            "no terminal to ask on: pass --management-key-file PATH or set "
+            "YKP_MANAGEMENT_KEY\n",
+        )
+        assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
+        for content in (key.hex() + " \n", "\t" + key.hex(), key.hex() + "\n\n"):
+            path = secret_file(tmp_path, "mk", content)
+            assert setup("--management-key-file", str(path))[2] == (
+                f"{ERROR}the management-key file {path} has whitespace around the "
+                "secret, extra lines or control characters: write just the key in hex "
+                "into it, with at most one newline at the end\n"
+            )
+        path = secret_file(tmp_path, "mk", "zz" * 32 + "\n")
+        assert setup("--management-key-file", str(path))[2] == (
+            f"{ERROR}the management-key file {path} is not a management key: write 32, "
+            "48 or 64 hex digits (16, 24 or 32 bytes)\n"
+        )
+        assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
+        path = secret_file(tmp_path, "mk", key.hex() + "\n")
+        code, _, stderr = setup("--management-key-file", str(path))
+        assert (code, stderr) == (0, "")
+        assert piv.slot_key(0x9A) is not None
+        monkeypatch.setenv("YKP_MANAGEMENT_KEY", key.hex())
+        assert setup()[::2] == (0, "")
+        monkeypatch.delenv("YKP_MANAGEMENT_KEY")
+        prompts = []
+        monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
+        monkeypatch.setattr(
+            yk.getpass, "getpass", lambda prompt: prompts.append(prompt) or key.hex()
+        )
+        assert setup()[::2] == (0, "")
+        assert prompts == [
+            "Management key (hex) of YubiKey serial 42000015 (firmware 5.7.1) in "
+            f"reader '{YUBIKEY_READER} 00 00': "
+        ]
+        code, _, stderr = setup("--management-key", key.hex())
+        assert (code, stderr) == (
+            0,
+            "yubikey-kube-proxy: WARNING: --management-key puts the key on the "
+            "command line, where other users can see it (ps): use "
+            "--management-key-file PATH or YKP_MANAGEMENT_KEY\n",
+        )
+        assert key.hex() not in stderr
+        with pytest.raises(SystemExit) as usage:
+            setup("--management-key", key.hex(), "--management-key-file", str(path))
+        assert usage.value.code == 2
+        assert "not allowed with argument" in capsys.readouterr().err
+    finally:
+        rig.remove(inserted)
+
+
+def test_factory_key_is_used_without_asking_while_the_card_has_it(
+    card54, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
+    monkeypatch.setattr(yk.getpass, "getpass", lambda prompt: pytest.fail(prompt))
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert management_key_attempts(card54) == 2  # witness and challenge, once
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["123456 \n", " 123456\n", "123456\n\n", "123456\t\n", "123\x00456\n"],
+    ids=["trailing space", "leading space", "two newlines", "tab", "NUL"],
+)
+def test_pin_file_whitespace_is_refused_before_the_card_sees_it(
+    card57, tmp_path, capsys, content
+):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    pins = secret_file(tmp_path, "pin", content)
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--pin-policy", "once", "--pin-file", str(pins)),
+        capsys=capsys,
+    )
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}the PIN file {pins} has whitespace around the secret, extra lines "
+        "or control characters: write just the PIN into it, with at most one "
+        "newline at the end\n",
+    )
+    assert (card57.verify_attempts, card57.pin_tries_left) == (0, 3)
+    assert (card57.slot_key(0x9A), card57.sign_count) == (None, 0)
+
+
+@pytest.mark.parametrize("content", ["123456\n", "123456", "123456\r\n"])
+def test_pin_file_with_one_newline_or_none(card57, tmp_path, capsys, content):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    pins = secret_file(tmp_path, "pin", content)
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--pin-policy", "once", "--pin-file", str(pins)),
+        capsys=capsys,
+    )
+    assert (code, stderr) == (0, "")
+    assert (card57.verify_attempts, card57.pin_tries_left, card57.sign_count) == (
+        1,
+        3,
+        1,
+    )
+
+
+def test_first_wrong_pin_answer_says_it_is_not_sent_again(
+    rig, cluster, tmp_path, capsys
+):
+    piv = VirtualPiv(serial=43000016)
+    inserted = rig.insert(piv)
+    pins = secret_file(tmp_path, "pin", "123456\n")
+    proxy = setup_and_proxy(
+        cluster,
+        tmp_path / "yk",
+        "--pin-policy",
+        "once",
+        "--pin-file",
+        str(pins),
+        proxy_extra=("--pin-file", str(pins)),
+    )
+    try:
+        client = LocalClient(proxy)
+        assert client.get("/version")[0] == 200
+        pins.write_text("999999\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
+        signed, tries = piv.sign_count, piv.pin_tries_left
+        first, second = client.get("/version"), client.get("/version")
+        expected = (
+            "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check "
+            "the PIN (or the PIN file) and try again (the proxy will not send it again: "
+            "fix the PIN or the PIN file, then reload the proxy with kill -HUP or "
+            "'systemctl --user reload yubikey-kube-proxy', or restart it)"
+        )
+        assert (first[0], json.loads(first[1])["message"]) == (503, expected)
+        assert (second[0], json.loads(second[1])["message"]) == (503, expected)
+        assert (tries - piv.pin_tries_left, piv.sign_count - signed) == (1, 0)
+    finally:
+        proxy.stop()
+        rig.remove(inserted)
+
+
+# -- files that are not what they should be ------------------------------------------
+
+
+def hostile_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """A FIFO (nobody writes it), a directory, a huge sparse file and a binary
+    one, with the reason each is refused for."""
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    fifo = folder / "fifo"
+    os.mkfifo(fifo)
+    huge = folder / "huge"
+    with open(huge, "wb") as out:
+        out.truncate(yk.MAX_FILE_BYTES + 1)
+    binary = folder / "binary"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00" * 10)
+    binary.chmod(0o600)
+    return {
+        "fifo": (fifo, "it is a FIFO"),
+        "directory": (folder, "it is a directory"),
+        "huge": (huge, f"it is larger than {yk.MAX_FILE_BYTES} bytes"),
+        "binary": (binary, None),
+    }
+
+
+def run_subprocess_cli(*argv: str) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it; a hang would fail the test at the timeout."""
+    return subprocess.run(
+        [sys.executable, str(HERE / "yk_kube_proxy.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_fifo_directory_huge_and_binary_files_are_refused(rig, tmp_path, capsys):
+    files = hostile_files(tmp_path)
+    fix = "pass the right file with --kubeconfig"
+    for name, (path, reason) in files.items():
+        expected = (
+            f"{ERROR}kubeconfig {path} is not UTF-8 text (byte 0); {fix}\n"
+            if reason is None
+            else f"{ERROR}cannot read kubeconfig {path}: {reason}; {fix}\n"
+        )
+        for argv in (
+            ["setup", "--kubeconfig", str(path), "--output-dir", str(tmp_path / "o")],
+            ["proxy", "--kubeconfig", str(path)],
+            ["status", "--kubeconfig", str(path)],
+        ):
+            done = run_subprocess_cli(*argv) if name == "fifo" else None
+            code, err = (
+                (done.returncode, done.stderr)
+                if done
+                else run_cli(*argv, capsys=capsys)[::2]
+            )
+            assert (name, code, err) == (name, 1, expected)
+
+
+def test_hostile_certificate_pin_and_key_files(card57, tmp_path, capsys):
+    files = hostile_files(tmp_path)
+    for name, (path, reason) in files.items():
+        where = f"kubeconfig {tmp_path / 'k.yaml'}"
+        # a client certificate file, read by setup before the card is touched
+        source = mutated_kubeconfig(
+            tmp_path,
+            lambda d: d["users"][0].update(
+                user={"client-certificate": str(path), "client-key": str(path)}
+            ),
+            "k.yaml",
+        )
+        argv = setup_args(source, tmp_path / "o")
+        done = run_subprocess_cli(*argv) if name == "fifo" else None
+        code, err = (
+            (done.returncode, done.stderr)
+            if done
+            else run_cli(*argv, capsys=capsys)[::2]
+        )
+        if reason is None:
+            assert (code, err) == (
+                1,
+                f"{ERROR}the client certificate of user 'default' in {source} is not a "
+                "readable "
+                "X.509 certificate: fix the kubeconfig or export the certificate again\n",
+            )
+        else:
+            assert (code, err) == (
+                1,
+                f"{ERROR}cannot read client-certificate {path}: {reason}; fix the path "
+                f"in {where}, user 'default'\n",
+            )
+        # a CA file, read by the proxy before the card is touched
+        source = mutated_kubeconfig(
+            tmp_path,
+            lambda d: cluster_of(d).update(
+                {"certificate-authority": str(path), "certificate-authority-data": None}
+            ),
+            "k.yaml",
+        )
+        argv = ["proxy", "--kubeconfig", str(source), "--plain-http"]
+        done = run_subprocess_cli(*argv) if name == "fifo" else None
+        code, err = (
+            (done.returncode, done.stderr)
+            if done
+            else run_cli(*argv, capsys=capsys)[::2]
+        )
+        if reason is None:
+            assert (code, err) == (
+                1,
+                f"{ERROR}the certificate-authority of {where}, cluster 'default' is "
+                "not PEM certificates: fix the kubeconfig\n",
+            )
+        else:
+            assert (code, err) == (
+                1,
+                f"{ERROR}cannot read certificate-authority {path}: {reason}; fix the "
+                f"path in {where}, cluster 'default'\n",
+            )
+        # PIN and management-key files, refused before the card sees them
+        source = write_kubeconfig(tmp_path / "k.yaml", make_identity())
+        for option, what, fix in (
+            ("--pin-file", "the PIN file", "write just the PIN into it"),
+            (
+                "--management-key-file",
+                "the management-key file",
+                "write just the key in hex into it",
+            ),
+        ):
+            argv = setup_args(
+                source, tmp_path / "o", "--pin-policy", "once", option, str(path)
+            )
+            done = run_subprocess_cli(*argv) if name == "fifo" else None
+            code, err = (
+                (done.returncode, done.stderr)
+                if done
+                else run_cli(*argv, capsys=capsys)[::2]
+            )
+            if name == "huge":
+                reason = f"it is larger than {yk.MAX_SECRET_FILE_BYTES} bytes"
+            expected = (
+                f"{what} {path} is not UTF-8 text (byte 0); {fix}"
+                if reason is None
+                else f"cannot read {what} {path}: {reason}; {fix}"
+            )
+            assert (code, err) == (1, f"{ERROR}{expected}\n")
+    assert (card57.verify_attempts, card57.slot_key(0x9A), card57.sign_count) == (
+        0,
+        None,
+        0,
+    )
+    assert management_key_attempts(card57) == 0
+
+
+def test_nul_bytes_in_paths(tmp_path, capsys):
+    code, _, stderr = run_cli("proxy", "--kubeconfig", "a\x00b", capsys=capsys)
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}cannot read kubeconfig 'a\\x00b': the path contains a NUL byte; "
+        "pass the right file with --kubeconfig\n",
+    )
+    source = mutated_kubeconfig(
+        tmp_path,
+        lambda d: d["users"][0].update(
+            user={"client-certificate": "pki/\x00.crt", "client-key": "k"}
+        ),
+    )
+    code, _, stderr = run_cli(*setup_args(source, tmp_path / "o"), capsys=capsys)
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}cannot read client-certificate '{tmp_path}/pki/\\x00.crt': the path "
+        f"contains a NUL byte; fix the path in kubeconfig {source}, user 'default'\n",
+    )
+
+
+def test_command_line_values_are_one_line_or_a_usage_error(rig, tmp_path, capsys):
+    source = str(write_kubeconfig(tmp_path / "k3s.yaml", make_identity()))
+    (tmp_path / "a-file").write_text("x")
+    proxy = ["proxy", "--kubeconfig", source, "--plain-http"]
+    for argv, message in (
+        (
+            ["setup", "--kubeconfig", source, "--output-dir", f"{tmp_path}/o\x00"],
+            f"cannot create the output folder '{tmp_path}/o\\x00': the path contains a "
+            "NUL byte; choose another --output-dir",
+        ),
+        (
+            ["setup", "--kubeconfig", source, "--output-dir", str(tmp_path / "a-file")],
+            f"cannot create the output folder '{tmp_path / 'a-file'}': File exists; "
+            "choose another --output-dir",
+        ),
+        (
+            [*proxy, "--listen", "127.0.0.1:\u00b2"],
+            "--listen '127.0.0.1:\u00b2' is not HOST:PORT, e.g. 127.0.0.1:8080",
+        ),
+        (
+            [*proxy, "--listen", "[::1]:99999"],
+            "--listen '[::1]:99999' is not HOST:PORT, e.g. 127.0.0.1:8080",
+        ),
+        (
+            ["setup", "--kubeconfig", source, "--context", "\x00"],
+            f"context '\\x00' not found in {source} (contexts: default): pass "
+            "--context NAME",
+        ),
+    ):
+        assert run_cli(*argv, capsys=capsys) == (1, "", f"{ERROR}{message}\n")
+    for argv, message in (
+        (
+            [*proxy, "--handshake-timeout", "nan"],
+            "argument --handshake-timeout: 'nan' is not a number of seconds between 0 "
+            "and 86400",
+        ),
+        (
+            [*proxy, "--handshake-timeout", "-1"],
+            "argument --handshake-timeout: '-1' is not a number of seconds between 0 "
+            "and 86400",
+        ),
+        (
+            ["status", "--serial", "\u00b2"],
+            "argument --serial: invalid serial_arg value",
+        ),
+        (["status", "--slot", "9a\x00"], "argument --slot: unknown PIV slot '9a\\x00'"),
+    ):
+        with pytest.raises(SystemExit) as usage:
+            yk.main(argv)
+        stderr = capsys.readouterr().err
+        assert (usage.value.code, stderr.splitlines()[0][:6]) == (2, "usage:")
+        assert f"{argv[0]}: error: {message}" in stderr.splitlines()[-1]
+
+
+# -- key types we do not know, in a slot ----------------------------------------------
+
+
+def test_unknown_key_types_in_a_slot_are_named(rig, tmp_path, capsys):
+    piv = VirtualPiv(serial=44000017)
+    inserted = rig.insert(piv)
+    try:
+        source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+        assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
+        # another tool replaces the key, leaving the certificate: X25519 (0xE1)
+        piv.install_key(0x9A, x25519.X25519PrivateKey.generate(), ALG_X25519)
+        piv.install_key(0x9C, x25519.X25519PrivateKey.generate(), 0x42)
+        code, stdout, stderr = run_cli(
+            "status", "--slot", "9a", "--json", capsys=capsys
+        )
+        slot = json.loads(stdout)["cards"][0]["slots"][0]
+        assert (code, stderr, slot["key"]["algorithm"]) == (1, "", "X25519")
+        assert slot["certificate"]["matches_key"] is False
+        assert [p["message"] for p in slot["problems"]] == [
+            "slot 9a holds an X25519 key, which cannot sign TLS handshakes: replace it "
+            "('yubikey-kube-proxy setup --force') or choose another --slot",
+            "the certificate does not belong to the key in the slot: run "
+            "'yubikey-kube-proxy setup --force'",
+        ]
+        code, stdout, stderr = run_cli("status", "--slot", "9c", capsys=capsys)
+        assert (code, stderr) == (1, "")
+        assert (
+            "  slot 9c: 0x42 key, generated on card, PIN policy never, touch policy "
+            "never\n    error: slot 9c holds a key of unknown type 0x42, which cannot "
+            "sign TLS handshakes: replace it ('yubikey-kube-proxy setup --force') or "
+            "choose another --slot\n    error: slot 9c holds a key but no certificate: "
+            "run 'yubikey-kube-proxy setup --force'\n"
+        ) in stdout
+        code, _, stderr = run_cli(
+            "proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), capsys=capsys
+        )
+        assert (code, stderr) == (
+            1,
+            f"{ERROR}slot 9a holds an X25519 key, which cannot sign TLS handshakes: "
+            "replace it ('yubikey-kube-proxy setup --force') or choose another --slot\n",
+        )
+        code, _, stderr = run_cli(
+            *setup_args(source, tmp_path / "again", "--slot", "9c"), capsys=capsys
+        )
+        assert (code, stderr) == (
+            1,
+            f"{ERROR}slot 9c of the YubiKey already holds a key of unknown type 0x42 "
+            "(generated on card): pass --force to overwrite it, or choose another "
+            "--slot\n",
+        )
+        assert piv.sign_count == 1  # setup's proof only
+    finally:
+        rig.remove(inserted)
+
+
+# -- dependencies --------------------------------------------------------------------
+
+
+def test_missing_and_old_dependencies_are_named_with_the_install_command(
+    capsys, monkeypatch
+):
+    found = {"tlslite-ng": "0.8.1", "cryptography": "38.0.4", "PyYAML": "6.0.1"}
+    monkeypatch.setattr(yk, "installed_version", found.get)
+    monkeypatch.setattr(sys, "prefix", "/venv")
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    code, _, stderr = run_cli("status", capsys=capsys)
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}cannot import tlslite-ng==0.8.2 (found 0.8.1), cryptography>=45 "
+        f"(found 38.0.4): install with: {sys.executable} -m pip install "
+        "'tlslite-ng==0.8.2' 'cryptography>=45'\n",
+    )
+    monkeypatch.setattr(sys, "base_prefix", "/venv")  # no venv: make one
+    monkeypatch.setattr(sys, "argv", ["yk_kube_proxy.py"])
+    code, _, stderr = run_cli("status", capsys=capsys)
+    venv = "~/.local/share/yubikey-kube-proxy/venv"
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}cannot import tlslite-ng==0.8.2 (found 0.8.1), cryptography>=45 "
+        f"(found 38.0.4): install with: python3 -m venv {venv} && {venv}/bin/pip "
+        "install 'pyscard>=2.0' 'tlslite-ng==0.8.2' 'PyYAML>=5.4' 'cryptography>=45', "
+        f"then run {venv}/bin/python yk_kube_proxy.py (pyscard builds with gcc, swig, "
+        "libpcsclite-dev and python3-dev: see the README)\n",
+    )
+    blocker = (
+        "import sys; sys.modules['smartcard'] = sys.modules['tlslite'] = None; "
+        "sys.argv[0] = 'x'; import yk_kube_proxy as m; "
+        "raise SystemExit(m.main(sys.argv[1:]))"
+    )
+    for argv, code, out in (
+        (["--version"], 0, f"yubikey-kube-proxy {yk.__version__}\n"),
+        (["proxy", "--help"], 0, "usage: yubikey-kube-proxy proxy"),
+        (["setup"], 1, ""),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", blocker, *argv],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout[: len(out)]) == (code, out)
+    assert done.stderr == (
+        f"{ERROR}cannot import pyscard (not installed), tlslite-ng (not installed): "
+        f"install with: {sys.executable} -m pip install 'pyscard>=2.0' "
+        "'tlslite-ng==0.8.2'\n"
+    )
+
+
+# -- the kubeconfig fuzz: setup, proxy and status on mutated files -----------------
+
+FUZZ_SEED = 20261201
+FUZZ_INPUTS = 320
+FUZZ_FIGURES: list[str] = []
+
+
+def fixed_ed25519(label: str) -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.from_private_bytes(
+        hashlib.sha256(label.encode()).digest()
+    )
+
+
+def fixed_cert(key, issuer_key, subject: str, issuer: str, ca: bool = False):
+    """A certificate whose bytes are the same in every run (Ed25519 signatures
+    are deterministic), so that the fuzz inputs are too."""
+    start = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name.from_rfc4514_string(subject))
+        .issuer_name(x509.Name.from_rfc4514_string(issuer))
+        .public_key(key.public_key())
+        .serial_number(4242)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=36500))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(issuer_key, None)
+    )
+
+
+def fuzz_material() -> dict:
+    ca_key, key = fixed_ed25519("ca"), fixed_ed25519("client")
+    ca = fixed_cert(ca_key, ca_key, "CN=fuzz-ca", "CN=fuzz-ca", ca=True)
+    cert = fixed_cert(key, ca_key, "CN=system:admin,O=system:masters", "CN=fuzz-ca")
+    server_key = fixed_ed25519("local server")
+    server = fixed_cert(server_key, ca_key, "CN=local", "CN=fuzz-ca")
+    digest = hashlib.sha512(b"fuzz").digest()
+    unsupported = [
+        ec.derive_private_key(int.from_bytes(digest, "big") % 2**500, ec.SECP521R1()),
+        ec.derive_private_key(int.from_bytes(digest[:20], "big"), ec.SECP256K1()),
+        ed448.Ed448PrivateKey.from_private_bytes(digest[:57]),
+        x25519.X25519PrivateKey.from_private_bytes(digest[:32]),
+    ]
+    return {
+        "ca": pem(ca),
+        "cert": pem(cert),
+        "key": pem(key),
+        "server": pem(server),
+        "server_key": pem(server_key),
+        "unsupported": [pem(k) for k in unsupported],
+    }
+
+
+def fuzz_bases(material: dict, folder: Path) -> list[dict]:
+    """A k3s-like source, a kubeadm-like one with files, a proxy.yml, a plain one."""
+    (folder / "pki").mkdir(parents=True)
+    (folder / "pki" / "admin.crt").write_bytes(material["cert"])
+    (folder / "pki" / "admin.key").write_bytes(material["key"])
+    (folder / "pki" / "ca.crt").write_bytes(material["ca"])
+
+    def doc(cluster: dict, user: dict, extension: dict | None = None) -> dict:
+        context = {"cluster": "default", "user": "default", "namespace": "team-a"}
+        if extension is not None:
+            context["extensions"] = [
+                {"name": "yubikey-kube-proxy", "extension": extension}
+            ]
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "default", "cluster": cluster}],
+            "contexts": [{"name": "default", "context": context}],
+            "current-context": "default",
+            "users": [{"name": "default", "user": user}],
+            "preferences": {},
+        }
+
+    inline_cluster = {
+        "server": "https://127.0.0.1:6443",
+        "certificate-authority-data": b64(material["ca"]),
+    }
+    local_tls = {
+        "server-certificate-data": b64(material["server"]),
+        "server-key-data": b64(material["server_key"]),
+        "client-ca-data": b64(material["ca"]),
+    }
+    settings = {"slot": "9a", "listen": "127.0.0.1:0", "serial": 1234}
+    return [
+        doc(
+            inline_cluster,
+            {
+                "client-certificate-data": b64(material["cert"]),
+                "client-key-data": b64(material["key"]),
+            },
+        ),
+        doc(
+            {"server": "https://127.0.0.1:6443", "certificate-authority": "pki/ca.crt"},
+            {"client-certificate": "pki/admin.crt", "client-key": "pki/admin.key"},
+        ),
+        doc(inline_cluster, {}, {**settings, "local-tls": local_tls}),
+        doc(inline_cluster, {}, {**settings, "plain-http": True}),
+    ]
+
+
+HOSTILE_VALUES = [
+    "false", "no", "", "\x00", "é", "a" * 3000, 0, -1, 2**70, 1.5, True, False,
+    None, [], {}, [[[]]], {"a": [1, {"b": None}]}, datetime.date(2020, 1, 1),
+]  # fmt: skip
+BAD_SERVERS = [
+    "https://127.0.0.1:99999", "https://127.0.0.1:0", "https://127.0.0.1:-5",
+    "https://127.0.0.1:x", "https://[::1", "http://127.0.0.1:6443", "https://",
+    "127.0.0.1:6443", "https://h\x00st:6443", "https://exa mple", "https://é:1",
+    "https://:6443", "https://[::1]:6443/path?q#f", "https://user@127.0.0.1:6443",
+]  # fmt: skip
+BAD_PATHS = [
+    "pki/\x00.crt", "/", "/dev/zero", "/dev/null", "missing.pem", "~nobody-here/x",
+    "pki", "", "../" * 40 + "etc/hostname", "a" * 5000,
+]  # fmt: skip
+BAD_LISTEN = [
+    "0.0.0.0:1", "127.0.0.1:²", ":::", "[::1]:99999", "localhost:0", "x", "[::1]:0",
+    "127.0.0.1:-1", "\x00:1", "127.0.0.1:1e3", "localhost:", "256.0.0.1:1",
+]  # fmt: skip
+
+
+def pem_lies(material: dict, rng: random.Random) -> str:
+    """PEM blocks that are not what they claim, base64 as in *-data fields."""
+    body = material["key"].split(b"\n", 1)[1]
+    lies = [
+        b"-----BEGIN CERTIFICATE-----\n" + body.replace(b"PRIVATE KEY", b"CERTIFICATE"),
+        material["cert"].replace(b"CERTIFICATE", b"PRIVATE KEY"),
+        material["cert"][: rng.randrange(20, len(material["cert"]))],
+        material["ca"]
+        + b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        material["key"],
+        material["cert"],
+        rng.choice(material["unsupported"]),
+        bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))),
+    ]
+    return b64(rng.choice(lies))
+
+
+def dig(value, *steps) -> dict:
+    """The mapping at ``steps`` (keys and list indexes), else a fresh empty one."""
+    for step in steps:
+        if isinstance(value, dict) and step in value:
+            value = value[step]
+        elif isinstance(value, list) and isinstance(step, int) and len(value) > step:
+            value = value[step]
+        else:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def mutate_doc(doc: dict, material: dict, rng: random.Random) -> None:
+    """One structural change: a wrong type, a bad value, a lie, a missing part."""
+    cluster = dig(doc, "clusters", 0, "cluster")
+    user = dig(doc, "users", 0, "user")
+    context = dig(doc, "contexts", 0, "context")
+    ext = dig(context, "extensions", 0, "extension")
+    local = dig(ext, "local-tls")
+    targets = [
+        (doc, ["clusters", "contexts", "users", "current-context", "preferences",
+               "apiVersion", "kind", "extensions"]),
+        (cluster, ["server", "certificate-authority-data", "certificate-authority",
+                   "insecure-skip-tls-verify", "tls-server-name", "proxy-url",
+                   "extensions"]),
+        (user, ["client-certificate-data", "client-key-data", "client-certificate",
+                "client-key", "token", "exec"]),
+        (context, ["cluster", "user", "namespace", "extensions"]),
+        (ext, ["slot", "serial", "listen", "reuse-while-present", "plain-http",
+               "local-tls"]),
+        (local, ["server-certificate-data", "server-key-data", "client-ca-data"]),
+    ]  # fmt: skip
+    target, keys = rng.choice(targets)
+    key = rng.choice(keys)
+    kind = rng.randrange(8)
+    if kind == 0 or not target:
+        target[key] = rng.choice(HOSTILE_VALUES)
+    elif kind == 1:
+        target.pop(key, None)
+    elif kind == 2:
+        cluster["server"] = rng.choice(BAD_SERVERS)
+    elif kind == 3:
+        place = rng.choice([cluster, user])
+        name = rng.choice(["certificate-authority", "client-certificate", "client-key"])
+        place.pop(f"{name}-data", None)
+        place[name] = rng.choice(BAD_PATHS)
+    elif kind == 4:
+        place = rng.choice([cluster, user, local or cluster])
+        name = rng.choice(
+            [k for k in place if isinstance(k, str) and k.endswith("-data")]
+            or ["certificate-authority-data"]
+        )
+        place[name] = pem_lies(material, rng)
+    elif kind == 5:
+        ext[rng.choice(["listen", "slot", "serial"])] = rng.choice(
+            BAD_LISTEN + ["9z", "0x9A", "82", 0x9A, "abc", -1, 2**64]
+        )
+    elif kind == 6:
+        depth = rng.choice([10, 200, 3000])
+        value: object = "x"
+        for _ in range(depth):
+            value = [value] if rng.random() < 0.5 else {"k": value}
+        target[key] = value
+    else:
+        name = rng.choice(["clusters", "contexts", "users"])
+        entries = doc.get(name)
+        if isinstance(entries, list) and entries:
+            entry = copy.deepcopy(entries[0])
+            if isinstance(entry, dict):
+                entry[rng.choice(["name", "cluster", "context", "user"])] = rng.choice(
+                    HOSTILE_VALUES + ["default", "other"]
+                )
+            entries.insert(rng.randrange(len(entries) + 1), entry)
+
+
+def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
+    """A change below YAML: invalid UTF-8, control bytes, cuts, tabs, noise."""
+    at = rng.randrange(len(data) + 1)
+    kind = rng.randrange(7)
+    if kind == 0:
+        return (
+            data[:at] + rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80"]) + data[at:]
+        )
+    if kind == 1:
+        return data[:at] + bytes([rng.choice([0, 1, 7, 27, 127])]) + data[at:]
+    if kind == 2:
+        return data[:at]
+    if kind == 3:
+        return data[:at] + b"\n\t- x: [" + data[at:]
+    if kind == 4:
+        return data[:at] + b"*undefined_alias " + data[at:]
+    if kind == 5:
+        return b"[" * rng.choice([50, 5000, 50000]) + data
+    return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400)))
+
+
+def fuzz_input(bases: list[dict], material: dict, rng: random.Random) -> bytes:
+    doc = copy.deepcopy(rng.choice(bases))
+    for _ in range(rng.randint(1, 3)):
+        mutate_doc(doc, material, rng)
+    try:
+        data = yaml.safe_dump(doc).encode()
+    except RecursionError:  # nesting PyYAML itself cannot write: write it by hand
+        data = b"clusters: " + b"[" * 3000 + b"]" * 3000 + b"\n"
+    if rng.random() < 0.3:
+        data = mutate_bytes(data, rng)
+    return data
+
+
+def check_one_line(code: int, stderr: str) -> str | None:
+    """None when the answer is exit code 1 and warnings plus one error line."""
+    lines = stderr.splitlines()
+    if code != 1 or not lines or not stderr.endswith("\n"):
+        return f"exit code {code}, stderr {stderr!r}"
+    if any(not line.startswith("yubikey-kube-proxy: ") for line in lines):
+        return f"a line that is not ours: {stderr!r}"
+    if [line.startswith(ERROR) for line in lines] != [False] * (len(lines) - 1) + [
+        True
+    ]:
+        return f"not exactly one error line at the end: {stderr!r}"
+    if "Traceback" in stderr or f"{ERROR}unexpected " in stderr:
+        return f"a traceback: {stderr!r}"
+    return None
+
+
+def test_kubeconfig_fuzz_never_a_traceback(rig, tmp_path, capsys):
+    rng = random.Random(FUZZ_SEED)
+    material = fuzz_material()
+    bases = fuzz_bases(material, tmp_path)
+    out = tmp_path / "out"
+    failures, messages, runs, no_card = [], set(), 0, 0
+    for number in range(FUZZ_INPUTS):
+        path = tmp_path / f"fuzz-{number}.yml"
+        path.write_bytes(fuzz_input(bases, material, rng))
+        for argv in (
+            ["setup", "--kubeconfig", str(path), "--output-dir", str(out)],
+            ["proxy", "--kubeconfig", str(path)],
+            ["status", "--kubeconfig", str(path)],
+        ):
+            runs += 1
+            try:
+                code, _, stderr = run_cli(*argv, capsys=capsys)
+            except BaseException as exc:  # noqa: BLE001 - counted, reported below
+                code, stderr = -1, f"{type(exc).__name__} escaped main(): {exc}"
+            problem = check_one_line(code, stderr)
+            if problem:
+                failures.append(f"input {number} ({path.name}), {argv[0]}: {problem}")
+                continue
+            message = stderr.splitlines()[-1]
+            messages.add(message.split(":", 2)[-1][:40])
+            no_card += message.startswith(f"{ERROR}no YubiKey ")
+    assert not (out / "proxy.yml").exists()
+    FAULT_FIGURES.append(
+        f"kubeconfig fuzz (seed {FUZZ_SEED}): {FUZZ_INPUTS} inputs, {runs} runs of "
+        f"setup/proxy/status, tracebacks or bad answers {len(failures)}, valid "
+        f"enough to reach the card {no_card}, distinct messages {len(messages)}"
+    )
+    assert failures == [], "\n".join(failures[:20])
+
+
+# =============================================================================
 # setup and status through pcscd and the virtual card
 # =============================================================================
 
@@ -5283,7 +6436,10 @@ def test_setup_kubeadm_like_rsa2048_files_on_3des_card(card54, tmp_path, capsys)
         ),
         capsys=capsys,
     )
-    assert (code, stderr) == (0, "")
+    assert (code, stderr) == (
+        0,
+        f"yubikey-kube-proxy: WARNING: {yk.PLAIN_HTTP_WARNING}\n",
+    )
     marker = [
         {
             "name": "yubikey-kube-proxy",
@@ -5300,7 +6456,12 @@ def test_setup_kubeadm_like_rsa2048_files_on_3des_card(card54, tmp_path, capsys)
     extension = read_yaml(tmp_path / "o" / "proxy.yml")["contexts"][0]["context"][
         "extensions"
     ][0]["extension"]
-    assert extension == {"slot": "9c", "listen": "127.0.0.1:8181", "serial": 21000002}
+    assert extension == {
+        "slot": "9c",
+        "listen": "127.0.0.1:8181",
+        "serial": 21000002,
+        "plain-http": True,
+    }
     code, stdout, _ = run_cli("status", "--slot", "9c", "--json", capsys=capsys)
     report = json.loads(stdout)["cards"][0]
     assert code == 0
@@ -5407,19 +6568,26 @@ def test_wrong_management_key_changes_nothing(card57, tmp_path, capsys):
     )
     assert code == 1
     assert stderr == (
+        "yubikey-kube-proxy: WARNING: --management-key puts the key on the command "
+        "line, where other users can see it (ps): use --management-key-file PATH or "
+        "YKP_MANAGEMENT_KEY\n"
         "yubikey-kube-proxy: error: the YubiKey rejected the management key: "
-        "pass the card's key with --management-key HEX (the factory key is the "
-        "default)\n"
+        "pass the card's key with --management-key-file PATH or YKP_MANAGEMENT_KEY "
+        "(the factory key is the default)\n"
     )
     assert card57.slot_key(0x9A) is None
     assert not (tmp_path / "proxy.yml").exists()
+    key_file = tmp_path / "management-key"
+    key_file.write_text("00" * 32 + "\n")
+    key_file.chmod(0o600)
     code, _, stderr = run_cli(
-        *setup_args(source, tmp_path, "--management-key", "00" * 32), capsys=capsys
+        *setup_args(source, tmp_path, "--management-key-file", str(key_file)),
+        capsys=capsys,
     )
     assert stderr == (
         "yubikey-kube-proxy: error: this YubiKey's management key is AES-192 "
         "(24 bytes) but the key given has 32 bytes: pass the right one with "
-        "--management-key HEX\n"
+        "--management-key-file PATH\n"
     )
 
 
@@ -5451,7 +6619,8 @@ def test_mismatched_key_and_certificate_never_reach_the_card(card57, tmp_path, c
         ),
         (
             {"client-certificate": "gone.crt", "client-key": "gone.key"},
-            "cannot read client-certificate {dir}/gone.crt of 'default': No such file or directory",
+            "cannot read client-certificate {dir}/gone.crt: No such file or directory; fix "
+            "the path in kubeconfig {dir}/k3s.yaml, user 'default'",
         ),
     ],
 )
@@ -5775,7 +6944,7 @@ def test_our_signing_uses_a_key_imported_by_yubico_piv_tool(card54, tmp_path):
     ],
 )
 def test_aes_management_keys_big_rsa_and_retired_slots(
-    rig, tmp_path, capsys, mgmt_algorithm, key_kind, slot, algorithm_name
+    rig, tmp_path, capsys, monkeypatch, mgmt_algorithm, key_kind, slot, algorithm_name
 ):
     mgmt_key = os.urandom(yk.MANAGEMENT_KEY_SIZES[yk.KeyAlgorithm(mgmt_algorithm)])
     piv = VirtualPiv(
@@ -5788,11 +6957,9 @@ def test_aes_management_keys_big_rsa_and_retired_slots(
     try:
         ident = make_identity(key_kind)
         source = write_kubeconfig(tmp_path / "k.yaml", ident)
+        monkeypatch.setenv("YKP_MANAGEMENT_KEY", mgmt_key.hex())
         code, stdout, stderr = run_cli(
-            *setup_args(
-                source, tmp_path, "--slot", slot, "--management-key", mgmt_key.hex()
-            ),
-            capsys=capsys,
+            *setup_args(source, tmp_path, "--slot", slot), capsys=capsys
         )
         assert (code, stderr) == (0, "")
         assert stdout.startswith(f"Imported the {algorithm_name} key and certificate")
@@ -5846,7 +7013,7 @@ def test_encrypted_key_and_missing_cluster(tmp_path, capsys):
     code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
     assert (code, stderr) == (
         1,
-        "yubikey-kube-proxy: error: the client key of user 'default' "
+        f"yubikey-kube-proxy: error: the client key of user 'default' in {source} "
         "is encrypted with a passphrase: decrypt it first (openssl "
         "pkey -in KEY) and keep the plain copy off disk\n",
     )
@@ -8899,7 +10066,11 @@ def test_names_that_cannot_be_used_are_refused(
 @pytest.mark.parametrize(
     "target, message",
     [
-        ("clusters: {}\n", "clusters in {path} is not a list: fix the kubeconfig"),
+        (
+            "clusters: {}\n",
+            "kubeconfig {path}: clusters is a mapping, not a list: write a list (lines "
+            "starting with '- ')",
+        ),
         (
             "clusters: [\n",
             "kubeconfig {path} is not valid YAML at line 2: fix or replace the file",
@@ -10297,6 +11468,12 @@ def renew_through(proxy: ProxyProcess, *extra: str) -> list[str]:
     ]
 
 
+def alice_requests(api) -> list:
+    return [
+        (r.method, r.path) for r in api.requests if r.client_subject == "CN=alice,O=dev"
+    ]
+
+
 def approval_attempts(api) -> list:
     return [r for r in api.requests if r.path.split("?")[0].endswith("/approval")]
 
@@ -10338,8 +11515,8 @@ def test_enroll_a_non_admin_then_renew_through_its_own_proxy_approved_outside(
         done = admin_kubectl(csr_cluster, "certificate", "approve", name)
         assert done.returncode == 0, done.stderr
         worker.join(90)
-        assert codes == [0]
         out, err = capsys.readouterr()
+        assert codes == [0], (err, proxy.stderr(), alice_requests(api))
         assert err.startswith(
             "Waiting up to 60 s for an administrator to run: kubectl certificate "
             f"approve {name}\n"
@@ -10767,20 +11944,20 @@ def test_enroll_again_keeps_its_own_roles_and_refuses_other_ones(
 
 
 def test_enroll_with_a_wrong_management_key_changes_nothing(
-    card57, csr_cluster, tmp_path, capsys
+    card57, csr_cluster, tmp_path, capsys, monkeypatch
 ):
     before = occupied_slot(card57, tmp_path)
     capsys.readouterr()
+    monkeypatch.setenv("YKP_MANAGEMENT_KEY", "00" * 24)
     code, _, err = run_cli(
-        *enroll_args(
-            csr_cluster, tmp_path / "e", "--force", "--management-key", "00" * 24
-        ),
-        capsys=capsys,
+        *enroll_args(csr_cluster, tmp_path / "e", "--force"), capsys=capsys
     )
-    assert code == 1
-    assert err.startswith(
-        "yubikey-kube-proxy: error: the YubiKey rejected the management key"
-    ), err
+    assert (code, err) == (
+        1,
+        "yubikey-kube-proxy: error: the YubiKey rejected the management key: pass "
+        "the card's key with --management-key-file PATH or YKP_MANAGEMENT_KEY (the "
+        "factory key is the default)\n",
+    )
     assert (card57.slot_info(0x9A), card57.certificate_object(0x9A)) == before
     assert retired_keys(card57) == [] and csr_cluster.api.csrs == {}
 

@@ -88,6 +88,23 @@ INSECURE_WARNING = (
 )
 SHELL_ENV = "YUBIKEY_KUBE_PROXY_SHELL"  # set inside a shell, to refuse nesting
 SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight requests may finish after SIGTERM
+PLAIN_HTTP_WARNING = (
+    "the local hop is plain HTTP: any local user or program on this machine can "
+    "send requests to the proxy and act as the card's identity; run setup again "
+    "without --plain-http for mutual TLS"
+)
+MANAGEMENT_KEY_ENV = "YKP_MANAGEMENT_KEY"
+MANAGEMENT_KEY_LENGTHS = (16, 24, 32)  # bytes: AES-128, 3DES or AES-192, AES-256
+MAX_FILE_BYTES = 4 * 1024 * 1024  # a kubeconfig, certificate or key file
+MAX_SECRET_FILE_BYTES = 4096  # a PIN or management-key file
+# What the commands need, as pip names it: (distribution, module, minimum,
+# exact version or None). Checked at start so that a missing one is named.
+REQUIREMENTS = (
+    ("pyscard", "smartcard", "2.0", None),
+    ("tlslite-ng", "tlslite", "0.8.2", "0.8.2"),
+    ("PyYAML", "yaml", "5.4", None),
+    ("cryptography", "cryptography", "45", None),
+)
 PIN_RELOAD_HINTS = {  # how to make a running proxy read the PIN again
     "linux": "reload the proxy with kill -HUP or "
     f"'systemctl --user reload {PROG}', or restart it",
@@ -131,6 +148,7 @@ TAG_META_ALGORITHM = 0x01
 TAG_META_POLICY = 0x02
 TAG_META_ORIGIN = 0x03
 TAG_META_PUBLIC_KEY = 0x04
+TAG_META_IS_DEFAULT = 0x05
 TAG_META_RETRIES = 0x06
 TAG_GEN_TEMPLATE = 0xAC
 TAG_GEN_ALGORITHM = 0x80
@@ -256,6 +274,56 @@ class KeyMismatchError(ProxyError):
 
 
 # =============================================================================
+# Files the user names: regular files of bounded size, never a blocking open
+# =============================================================================
+
+
+def read_user_file(
+    path: Path, what: str, fix: str, limit: int = MAX_FILE_BYTES
+) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes. FIFOs, devices and
+    directories are refused before reading: the open does not block."""
+    import stat
+
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except ValueError:
+        raise ConfigError(
+            f"cannot read {what} {str(path)!r}: the path contains a NUL byte; {fix}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}; {fix}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO"}.get(
+                stat.S_IFMT(mode), "not a regular file"
+            )
+            raise ConfigError(f"cannot read {what} {path}: it is {kind}; {fix}")
+        data = os.read(fd, limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}; {fix}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ConfigError(
+            f"cannot read {what} {path}: it is larger than {limit} bytes; {fix}"
+        )
+    return data
+
+
+def read_user_text(path: Path, what: str, fix: str, limit: int = MAX_FILE_BYTES) -> str:
+    """A file as UTF-8 text; binary content is refused with a message."""
+    try:
+        return read_user_file(path, what, fix, limit).decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {exc.start}); {fix}"
+        ) from None
+
+
+# =============================================================================
 # Value types
 # =============================================================================
 
@@ -274,6 +342,7 @@ class KeyAlgorithm(enum.IntEnum):
     ECCP256 = 0x11
     ECCP384 = 0x14
     ED25519 = 0xE0
+    X25519 = 0xE1  # key agreement only: it cannot sign
 
 
 class PinPolicy(enum.IntEnum):
@@ -298,6 +367,7 @@ ALGORITHM_NAMES = {
     KeyAlgorithm.ECCP256: "EC P-256",
     KeyAlgorithm.ECCP384: "EC P-384",
     KeyAlgorithm.ED25519: "Ed25519",
+    KeyAlgorithm.X25519: "X25519",
     KeyAlgorithm.TDES: "3DES",
     KeyAlgorithm.AES128: "AES-128",
     KeyAlgorithm.AES192: "AES-192",
@@ -362,7 +432,7 @@ def parse_slot(text: str) -> Slot:
 class SlotMetadata:
     """What GET METADATA tells about a key slot (firmware 5.3+)."""
 
-    algorithm: KeyAlgorithm
+    algorithm: KeyAlgorithm | int  # an int when we do not know it
     pin_policy: PinPolicy
     touch_policy: TouchPolicy
     origin: str
@@ -387,6 +457,13 @@ class CardInfo:
 # =============================================================================
 # TLV and APDU encoding (pure functions)
 # =============================================================================
+
+
+def key_words(algorithm: int) -> str:
+    """'an EC P-256 key', 'an X25519 key', 'a key of unknown type 0x42'."""
+    if algorithm in ALGORITHM_NAMES:
+        return f"{with_article(ALGORITHM_NAMES[algorithm])} key"
+    return f"a key of unknown type 0x{algorithm:02X}"
 
 
 def with_article(word: str) -> str:
@@ -519,11 +596,20 @@ def import_key_data(key: Any) -> bytes:
     )
 
 
-def public_key_from_metadata(algorithm: KeyAlgorithm, data: bytes) -> Any:
-    """Rebuild a cryptography public key from GET METADATA's public-key TLVs."""
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+def can_sign(algorithm: KeyAlgorithm | int) -> bool:
+    return algorithm in RSA_SIZES or algorithm in IMPORTABLE
+
+
+def public_key_from_metadata(algorithm: KeyAlgorithm | int, data: bytes) -> Any:
+    """Rebuild a cryptography public key from GET METADATA's public-key TLVs;
+    None for a key type we do not know."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 
     tlvs = parse_tlvs(data)
+    if algorithm == KeyAlgorithm.X25519:
+        return x25519.X25519PublicKey.from_public_bytes(tlvs[0x86])
+    if not can_sign(algorithm):
+        return None
     if algorithm in (KeyAlgorithm.ECCP256, KeyAlgorithm.ECCP384):
         curve = ec.SECP256R1() if algorithm == KeyAlgorithm.ECCP256 else ec.SECP384R1()
         return ec.EllipticCurvePublicKey.from_encoded_point(curve, tlvs[0x86])
@@ -850,8 +936,11 @@ class PivSession:
         if meta is None:
             return None
         policy = meta.get(TAG_META_POLICY, b"\x00\x00")
+        algorithm: KeyAlgorithm | int = meta[TAG_META_ALGORITHM][0]
+        with contextlib.suppress(ValueError):
+            algorithm = KeyAlgorithm(algorithm)
         return SlotMetadata(
-            algorithm=KeyAlgorithm(meta[TAG_META_ALGORITHM][0]),
+            algorithm=algorithm,
             pin_policy=PinPolicy(policy[0]),
             touch_policy=TouchPolicy(policy[1]),
             origin=ORIGINS.get(meta.get(TAG_META_ORIGIN, b"\x00")[0], "unknown"),
@@ -908,6 +997,14 @@ class PivSession:
                 return KeyAlgorithm(meta[TAG_META_ALGORITHM][0])
         return KeyAlgorithm.TDES
 
+    def management_key_is_default(self) -> bool | None:
+        """Whether the management key is still the factory key (GET METADATA,
+        firmware 5.3+); None when the card cannot tell."""
+        meta = self.get_metadata(KEY_MANAGEMENT) if self.has_metadata() else None
+        if not meta or TAG_META_IS_DEFAULT not in meta:
+            return None
+        return meta[TAG_META_IS_DEFAULT] == b"\x01"
+
     def authenticate(self, key: bytes) -> None:
         """Mutual authentication with the management key (SP 800-73-4 part 2, 3.2.4)."""
         algorithm = self.management_algorithm()
@@ -915,7 +1012,7 @@ class PivSession:
             raise ManagementKeyError(
                 f"this YubiKey's management key is {ALGORITHM_NAMES[algorithm]} "
                 f"({MANAGEMENT_KEY_SIZES[algorithm]} bytes) but the key given has "
-                f"{len(key)} bytes: pass the right one with --management-key HEX"
+                f"{len(key)} bytes: pass the right one with --management-key-file PATH"
             )
         cipher = management_cipher(algorithm, key)
         witness = self._dyn_auth(algorithm, tlv(TAG_AUTH_WITNESS))[TAG_AUTH_WITNESS]
@@ -931,7 +1028,8 @@ class PivSession:
             if exc.sw in (SW_SECURITY_STATUS, SW_INCORRECT_DATA, SW_AUTH_BLOCKED):
                 raise ManagementKeyError(
                     "the YubiKey rejected the management key: pass the card's key with "
-                    "--management-key HEX (the factory key is the default)"
+                    f"--management-key-file PATH or {MANAGEMENT_KEY_ENV} (the factory "
+                    "key is the default)"
                 ) from None
             raise
         encryptor = cipher.encryptor()
@@ -1342,20 +1440,27 @@ class PinSource:
         return pin
 
     def _read_file(self) -> str:
-        path = Path(self.path).expanduser()
-        try:
-            text = path.read_text()
-            mode = path.stat().st_mode
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read the PIN file {path}: {exc.strerror}"
-            ) from None
-        if mode & 0o077 and host_platform() != "win32":  # Windows has no such modes
-            log.warning("the PIN file %s is readable by others: chmod 600 it", path)
-        pin = text.strip("\r\n")
+        path = Path(os.path.expanduser(self.path))
+        pin = read_secret_file(path, "the PIN file", "write just the PIN into it")
         if not pin:
             raise ConfigError(f"the PIN file {path} is empty: write the PIN into it")
         return pin
+
+
+def read_secret_file(path: Path, what: str, fix: str) -> str:
+    """A PIN or key file: one trailing newline is dropped; any other whitespace
+    around the secret is refused, so that the card never sees a stray space."""
+    text = read_user_text(path, what, fix, MAX_SECRET_FILE_BYTES)
+    with contextlib.suppress(OSError):
+        if path.stat().st_mode & 0o077 and host_platform() != "win32":
+            log.warning("%s %s is readable by others: chmod 600 it", what, path)
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if secret != secret.strip() or not secret.isprintable():
+        raise ConfigError(
+            f"{what} {path} has whitespace around the secret, extra lines or control "
+            f"characters: {fix}, with at most one newline at the end"
+        )
+    return secret
 
 
 def ensure_pin(piv: PivSession, policy: PinPolicy, pins: PinSource) -> None:
@@ -1370,7 +1475,7 @@ def ensure_pin(piv: PivSession, policy: PinPolicy, pins: PinSource) -> None:
         piv.verify_pin(pin)
     except PinError as exc:
         pins.reject(exc)  # never sent to the card again
-        raise
+        raise pins.rejected from None  # the first answer says so too
 
 
 # =============================================================================
@@ -1385,6 +1490,13 @@ class Named:
     name: str
     body: dict[str, Any]
     base: Path
+    kind: str = "entry"  # cluster, context or user
+    source: Path | None = None  # the file that defines it
+
+    @property
+    def where(self) -> str:
+        """The file and the entry, for messages."""
+        return f"kubeconfig {self.source}, {self.kind} {self.name!r}"
 
 
 @dataclasses.dataclass
@@ -1399,37 +1511,171 @@ class KubeContext:
     sources: list[Path]
 
 
+# The fields we read, with the types client-go decodes them into
+# (clientcmd/api/v1): like kubectl, a file in which one has another type is
+# refused. Fields we do not read are kubectl's business and left alone.
+KUBECONFIG_FIELDS: dict[str, dict[str, type]] = {
+    "config": {
+        "apiVersion": str,
+        "kind": str,
+        "current-context": str,
+        "clusters": list,
+        "contexts": list,
+        "users": list,
+        "extensions": list,
+        "preferences": dict,
+    },
+    "named": {"name": str},
+    "cluster": {
+        "server": str,
+        "tls-server-name": str,
+        "insecure-skip-tls-verify": bool,
+        "certificate-authority": str,
+        "certificate-authority-data": str,
+        "proxy-url": str,
+        "disable-compression": bool,
+        "extensions": list,
+    },
+    "context": {"cluster": str, "user": str, "namespace": str, "extensions": list},
+    "user": {
+        "client-certificate": str,
+        "client-certificate-data": str,
+        "client-key": str,
+        "client-key-data": str,
+        "token": str,
+        "tokenFile": str,
+        "username": str,
+        "password": str,
+        "exec": dict,
+        "auth-provider": dict,
+        "extensions": list,
+    },
+    EXTENSION_NAME: {
+        "slot": str,
+        "serial": int,
+        "listen": str,
+        "reuse-while-present": bool,
+        "plain-http": bool,
+        "local-tls": dict,
+        "proxy-config": str,
+    },
+    "local-tls": {
+        "server-certificate-data": str,
+        "server-key-data": str,
+        "client-ca-data": str,
+    },
+}
+TYPE_WORDS = {
+    bool: ("a boolean", "true or false, without quotes"),
+    str: ("a string", "a string, in quotes where YAML would read something else"),
+    int: ("a number", "a whole number, without quotes"),
+    list: ("a list", "a list (lines starting with '- ')"),
+    dict: ("a mapping", "a mapping (key: value lines)"),
+}
+
+
+def type_word(value: Any) -> str:
+    """'a string', 'a boolean', 'a date': what YAML made of a value."""
+    for kind, (word, _) in TYPE_WORDS.items():
+        if type(value) is kind:
+            return word
+    names = {"float": "a decimal number", "date": "a date", "datetime": "a timestamp"}
+    return names.get(type(value).__name__, f"a {type(value).__name__} value")
+
+
+def check_fields(where: str, body: Any, kind: str) -> dict[str, Any]:
+    """``body`` as a mapping whose known fields have client-go's types; ``where``
+    names the file and the entry in messages."""
+    if body is None:
+        return {}
+    if type(body) is not dict:
+        raise ConfigError(
+            f"{where} is {type_word(body)}, not a mapping: write key: value lines there"
+        )
+    for key, expected in KUBECONFIG_FIELDS[kind].items():
+        value = body.get(key)
+        if value is not None and type(value) is not expected:
+            word, instead = TYPE_WORDS[expected]
+            raise ConfigError(
+                f"{where}: {key} is {type_word(value)}, not {word}: write {instead}"
+            )
+    return body
+
+
+def check_document(path: Path, doc: dict[str, Any]) -> None:
+    """Refuse what kubectl refuses to decode: wrong types, entries without names."""
+    where = f"kubeconfig {path}"
+    check_fields(where, doc, "config")
+    check_extensions(where, doc)
+    for kind, inner in (
+        ("clusters", "cluster"),
+        ("contexts", "context"),
+        ("users", "user"),
+    ):
+        for number, item in enumerate(doc.get(kind) or [], 1):
+            entry = f"{where}, entry {number} of {kind}"
+            if not check_fields(entry, item, "named").get("name"):
+                raise ConfigError(f"{entry} has no name: add name: NAME to it")
+            named = f"{where}, {inner} {item['name']!r}"
+            check_extensions(named, check_fields(named, item.get(inner), inner))
+
+
+def check_extensions(where: str, body: dict[str, Any]) -> None:
+    for number, item in enumerate(body.get("extensions") or [], 1):
+        entry = check_fields(f"{where}, extension {number}", item, "named")
+        if entry.get("name") == EXTENSION_NAME:
+            ours = f"{where}, extension {EXTENSION_NAME}"
+            settings = check_fields(ours, entry.get("extension"), EXTENSION_NAME)
+            check_fields(f"{ours}, local-tls", settings.get("local-tls"), "local-tls")
+
+
+def check_cluster(cluster: Named) -> None:
+    body = cluster.body
+    if body.get("insecure-skip-tls-verify") and (
+        body.get("certificate-authority") or body.get("certificate-authority-data")
+    ):
+        raise ConfigError(
+            f"{cluster.where}: insecure-skip-tls-verify: true together with a "
+            "certificate authority is refused, as kubectl refuses it: remove "
+            "insecure-skip-tls-verify so that the server is checked against the CA"
+        )
+
+
 def kubeconfig_paths(given: str | None) -> list[Path]:
     """--kubeconfig, else $KUBECONFIG (a list), else ~/.kube/config."""
     if given:
-        return [Path(given).expanduser()]
+        return [Path(os.path.expanduser(given))]
     env = os.environ.get("KUBECONFIG", "")
-    paths = [Path(p).expanduser() for p in env.split(os.pathsep) if p]
-    return paths or [Path("~/.kube/config").expanduser()]
+    paths = [Path(os.path.expanduser(p)) for p in env.split(os.pathsep) if p]
+    return paths or [Path(os.path.expanduser("~/.kube/config"))]
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
+    fix = "pass the right file with --kubeconfig"
+    text = read_user_text(path, "kubeconfig", fix)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read kubeconfig {path}: {exc.strerror}; "
-            "pass the right file with --kubeconfig"
-        ) from None
-    try:
-        doc = yaml.safe_load(text) or {}
+        # libyaml where PyYAML has it: the pure-Python scanner is quadratic in
+        # the nesting depth, so a file of 50000 '[' would take minutes
+        doc = yaml.load(text, getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(
             f"kubeconfig {path} is not valid YAML{where}: fix or replace the file"
         ) from None
+    except RecursionError:
+        raise ConfigError(
+            f"kubeconfig {path} is nested too deeply to be a kubeconfig: fix or "
+            "replace the file"
+        ) from None
     if not isinstance(doc, dict):
         raise ConfigError(
-            f"kubeconfig {path} is not a kubeconfig (no mapping at the top)"
+            f"kubeconfig {path} is not a kubeconfig (no mapping at the top): "
+            "fix or replace the file"
         )
+    check_document(path, doc)
     return doc
 
 
@@ -1454,6 +1700,7 @@ class Kubeconfig:
             self._merge(path, _load_yaml(path))
 
     def _merge(self, path: Path, doc: dict[str, Any]) -> None:
+        """``doc`` has passed check_document: the types are client-go's."""
         base = path.resolve().parent
         self.current_context = (
             self.current_context or doc.get("current-context") or None
@@ -1464,11 +1711,10 @@ class Kubeconfig:
             ("users", "user"),
         ):
             for item in doc.get(kind) or []:
-                if isinstance(item, dict) and item.get("name"):
-                    body = item.get(inner) or {}
-                    self.entries[kind].setdefault(
-                        item["name"], Named(item["name"], body, base)
-                    )
+                body = item.get(inner) or {}
+                self.entries[kind].setdefault(
+                    item["name"], Named(item["name"], body, base, inner, path)
+                )
 
     def _get(self, kind: str, name: str, context: str) -> Named:
         entry = self.entries[kind].get(name)
@@ -1496,6 +1742,7 @@ class Kubeconfig:
                 f"(contexts: {known}): pass --context NAME"
             )
         cluster = self._get("clusters", ctx.body.get("cluster", ""), name)
+        check_cluster(cluster)
         user = self._get("users", ctx.body.get("user", ""), name)
         return KubeContext(
             name,
@@ -1524,16 +1771,12 @@ def read_material(entry: Named, data_key: str, path_key: str) -> bytes | None:
             return base64.b64decode(entry.body[data_key], validate=True)
         except (binascii.Error, ValueError):
             raise ConfigError(
-                f"{data_key} of {entry.name!r} is not valid base64: fix the kubeconfig"
+                f"{entry.where}: {data_key} is not valid base64: write the "
+                "base64 of the PEM file there (base64 -w0 FILE)"
             ) from None
     if entry.body.get(path_key):
-        path = entry.base / Path(entry.body[path_key]).expanduser()
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read {path_key} {path} of {entry.name!r}: {exc.strerror}"
-            ) from None
+        path = entry.base / Path(os.path.expanduser(entry.body[path_key]))
+        return read_user_file(path, path_key, f"fix the path in {entry.where}")
     return None
 
 
@@ -1616,8 +1859,9 @@ def load_client_identity(ctx: KubeContext) -> tuple[Any, Any]:
             f"(it uses {auth_kind(user.body)}): yubikey-kube-proxy moves a client-certificate "
             "key onto the card, so pick a context whose user has one with --context"
         )
-    cert = load_certificate(cert_data, f"the client certificate of user {user.name!r}")
-    key = load_private_key(key_data, f"the client key of user {user.name!r}")
+    where = f"user {user.name!r} in {user.source}"
+    cert = load_certificate(cert_data, f"the client certificate of {where}")
+    key = load_private_key(key_data, f"the client key of {where}")
     key_algorithm(key)
     if not same_public_key(cert.public_key(), key.public_key()):
         raise KeyMismatchError(
@@ -2471,7 +2715,17 @@ class UpstreamAddress:
     def parse(cls, url: str, tls_server_name: str | None) -> UpstreamAddress:
         import urllib.parse
 
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError:
+            parts, port = None, 0
+        printable = url.isascii() and url.isprintable() and " " not in url
+        if parts is None or port == 0 or not printable:
+            raise ConfigError(
+                f"the cluster server {url!r} is not a URL (ASCII, no spaces, a "
+                "port from 1 to 65535): write https://HOST:PORT in the kubeconfig"
+            )
         if parts.scheme != "https" or not parts.hostname:
             raise ConfigError(
                 f"the cluster server {url!r} is not an https:// URL: the "
@@ -2480,7 +2734,7 @@ class UpstreamAddress:
         name = tls_server_name or parts.hostname
         return cls(
             parts.hostname,
-            parts.port or 443,
+            port or 443,
             parts.path.rstrip("/"),
             name,
             sni_for(name),
@@ -3135,86 +3389,101 @@ class ProxySettings:
     reuse_while_present: bool = False
 
 
-def parse_listen(text: str, unsafe: bool) -> tuple[str, int]:
+def parse_listen(text: str, unsafe: bool, what: str = "--listen") -> tuple[str, int]:
     import ipaddress
 
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--listen {text!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
+    if not (sep and port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ConfigError(f"{what} {text!r} is not HOST:PORT, e.g. 127.0.0.1:8080")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
     if not loopback and not unsafe:
         raise ConfigError(
-            f"--listen {text!r} is not a loopback address: anyone who can "
+            f"{what} {text!r} is not a loopback address: anyone who can "
             "reach it could use your cluster; pass --unsafe-listen if you "
             "really mean it"
         )
     return ("127.0.0.1" if host == "localhost" else host), int(port)
 
 
-def local_tls_from(extension: dict[str, Any]) -> LocalTls | None:
+def local_tls_from(extension: dict[str, Any], where: str) -> LocalTls:
+    """The local hop's credentials; a missing or damaged entry is an error, never
+    a quiet fallback to plain HTTP."""
     import base64
 
     local = extension.get("local-tls")
     if not local:
-        return None
-    try:
-        return LocalTls(
-            *(
-                base64.b64decode(local[k])
-                for k in (
-                    "server-certificate-data",
-                    "server-key-data",
-                    "client-ca-data",
-                )
-            )
-        )
-    except (KeyError, TypeError, ValueError):
         raise ConfigError(
-            "the local-tls entry of the proxy kubeconfig is damaged: "
-            f"run '{PROG} setup' again"
+            f"{where} has no local-tls entry for the local hop's mutual TLS: run "
+            f"'{PROG} setup' again (plain HTTP only with setup --plain-http or "
+            "proxy --plain-http)"
+        )
+    keys = ("server-certificate-data", "server-key-data", "client-ca-data")
+    try:
+        tls = LocalTls(*(base64.b64decode(local[k], validate=True) for k in keys))
+        tls.context()
+    except (KeyError, TypeError, ValueError, OSError):
+        raise ConfigError(
+            f"the local-tls entry of {where} is damaged: run '{PROG} setup' again"
         ) from None
+    return tls
 
 
-def proxy_settings(args: argparse.Namespace) -> ProxySettings:
+def upstream_settings(cluster: Named) -> tuple[UpstreamAddress, list[Any]]:
+    """The API server's address and the roots its chain must lead to."""
     from cryptography import x509
 
-    ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
-    ext = ctx.extension
-    body = ctx.cluster.body
+    body = cluster.body
     if not body.get("server"):
-        raise ConfigError(
-            f"cluster {ctx.cluster.name!r} has no server URL: fix the kubeconfig"
-        )
-    address = UpstreamAddress.parse(body["server"], body.get("tls-server-name"))
-    ca = read_material(
-        ctx.cluster, "certificate-authority-data", "certificate-authority"
-    )
+        raise ConfigError(f"{cluster.where} has no server URL: fix the kubeconfig")
+    try:
+        address = UpstreamAddress.parse(body["server"], body.get("tls-server-name"))
+    except ConfigError as exc:
+        raise ConfigError(f"{cluster.where}: {exc}") from None
+    ca = read_material(cluster, "certificate-authority-data", "certificate-authority")
     try:
         roots = x509.load_pem_x509_certificates(ca) if ca else system_roots()
     except ValueError:
         raise ConfigError(
-            f"the certificate-authority of cluster {ctx.cluster.name!r} is not "
-            "PEM certificates: fix the kubeconfig"
+            f"the certificate-authority of {cluster.where} is not PEM "
+            "certificates: fix the kubeconfig"
         ) from None
-    slot = args.slot or parse_slot(str(ext.get("slot", "9a")))
+    return address, roots
+
+
+def proxy_settings(args: argparse.Namespace) -> ProxySettings:
+    ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
+    address, roots = upstream_settings(ctx.cluster)
+    ext = ctx.extension
+    where = f"the proxy kubeconfig {os.pathsep.join(map(str, ctx.sources))}"
+    ours = f"the {EXTENSION_NAME} extension of {where}"
+    try:
+        slot = args.slot or parse_slot(ext.get("slot") or "9a")
+    except ConfigError as exc:
+        raise ConfigError(f"{ours}: {exc}") from None
     serial = args.serial if args.serial is not None else ext.get("serial")
-    listen = parse_listen(
-        args.listen or ext.get("listen") or f"127.0.0.1:{DEFAULT_PORT}",
-        args.unsafe_listen,
+    listen = (
+        parse_listen(args.listen, args.unsafe_listen)
+        if args.listen
+        else parse_listen(
+            ext.get("listen") or f"127.0.0.1:{DEFAULT_PORT}",
+            args.unsafe_listen,
+            f"{ours}: listen",
+        )
     )
     reuse = args.reuse_while_present or bool(ext.get("reuse-while-present"))
+    plain = args.plain_http or ext.get("plain-http") is True
     return ProxySettings(
         address,
         roots,
-        bool(body.get("insecure-skip-tls-verify")),
+        bool(ctx.cluster.body.get("insecure-skip-tls-verify")),
         slot,
         serial,
         listen,
-        local_tls_from(ext),
+        None if plain else local_tls_from(ext, where),
         reuse,
     )
 
@@ -3231,6 +3500,7 @@ def slot_identity(card: Card, slot: Slot) -> tuple[Any, SlotMetadata | None]:
         )
     cert = load_certificate(der, f"the certificate in slot {slot.name}")
     if meta is not None:
+        refuse_non_signing(slot, meta)
         public = public_key_from_metadata(meta.algorithm, meta.public_key)
         if not same_public_key(public, cert.public_key()):
             raise KeyMismatchError(
@@ -3238,6 +3508,18 @@ def slot_identity(card: Card, slot: Slot) -> tuple[Any, SlotMetadata | None]:
                 f"its key: run '{PROG} setup --force'"
             )
     return cert, meta
+
+
+def refuse_non_signing(slot: Slot, meta: SlotMetadata) -> None:
+    if not can_sign(meta.algorithm):
+        raise ConfigError(non_signing(slot, meta))
+
+
+def non_signing(slot: Slot, meta: SlotMetadata) -> str:
+    return (
+        f"slot {slot.name} holds {key_words(meta.algorithm)}, which cannot sign TLS "
+        f"handshakes: replace it ('{PROG} setup --force') or choose another --slot"
+    )
 
 
 def warn_expiry(cert: Any, slot: Slot) -> None:
@@ -3276,11 +3558,7 @@ def card_signer(
     label = (
         f"{card.info.describe() if card.info else 'YubiKey'}, slot {settings.slot.name}"
     )
-    hint = (
-        " (the proxy will not send it again: fix the PIN or the PIN file, then "
-        f"{PIN_RELOAD_HINTS[host_platform()]})"
-    )
-    pins = PinSource(args.pin_file, label, reload_hint=hint)
+    pins = PinSource(args.pin_file, label)
     signer = CardSigner(
         card,
         settings.slot,
@@ -3292,6 +3570,10 @@ def card_signer(
     )
     if pin_policy != PinPolicy.NEVER:
         card.run(lambda piv: ensure_pin(piv, PinPolicy.ALWAYS, pins))
+    pins.reload_hint = (  # from now on a rejection waits for a reload
+        " (the proxy will not send it again: fix the PIN or the PIN file, then "
+        f"{PIN_RELOAD_HINTS[host_platform()]})"
+    )
     return signer
 
 
@@ -3345,14 +3627,17 @@ def format_address(address: tuple[Any, ...]) -> str:
 
 def start_server(settings: ProxySettings, upstream: Upstream) -> ProxyServer:
     context = settings.local_tls.context() if settings.local_tls else None
+    if context is None:
+        log.warning("%s", PLAIN_HTTP_WARNING)
     try:
         return ProxyServer(
             settings.listen, upstream, context, settings.reuse_while_present
         )
-    except OSError as exc:
+    except (OSError, ValueError, UnicodeError, OverflowError) as exc:
         where = format_address(settings.listen)
+        reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError(
-            f"cannot listen on {where} ({exc.strerror}): is another proxy "
+            f"cannot listen on {where} ({reason}): is another proxy "
             "running? choose another address with --listen"
         ) from None
 
@@ -3396,9 +3681,11 @@ def shell_client_config(args: argparse.Namespace, port: int, directory: Path) ->
     import yaml
 
     source = Path(
-        args.client_config
-        or Path(args.kubeconfig or ".").expanduser().parent / "client.yml"
-    ).expanduser()
+        os.path.expanduser(
+            args.client_config
+            or Path(os.path.expanduser(args.kubeconfig or ".")).parent / "client.yml"
+        )
+    )
     doc = _load_yaml(source)
     try:
         cluster = doc["clusters"][0]["cluster"]
@@ -3489,7 +3776,7 @@ def merge_target(given: str | None) -> Path | None:
     """--merge PATH; --merge alone: $KUBECONFIG's first file, else ~/.kube/config."""
     if given is None:
         return None
-    return Path(given).expanduser() if given else kubeconfig_paths(None)[0]
+    return Path(os.path.expanduser(given)) if given else kubeconfig_paths(None)[0]
 
 
 def load_merge_target(path: Path) -> dict[str, Any]:
@@ -3635,10 +3922,7 @@ def slot_occupant(piv: PivSession, slot: Slot) -> str | None:
     parts = []
     meta = piv.slot_metadata(slot) if piv.has_metadata() else None
     if meta:
-        parts.append(
-            f"{with_article(ALGORITHM_NAMES.get(meta.algorithm, 'unknown'))} key "
-            f"({meta.origin})"
-        )
+        parts.append(f"{key_words(meta.algorithm)} ({meta.origin})")
     der = piv.get_certificate(slot)
     if der:
         try:
@@ -3683,6 +3967,50 @@ def prove_slot(
         )
 
 
+def management_key(args: argparse.Namespace, card: Card) -> bytes:
+    """--management-key-file, --management-key (others can see it), the
+    environment, the factory key while the card still has it, else a prompt."""
+    if args.management_key_file:
+        path = Path(os.path.expanduser(args.management_key_file))
+        what = "the management-key file"
+        text = read_secret_file(path, what, "write just the key in hex into it")
+        return parse_management_key(text, f"{what} {path}")
+    if args.management_key is not None:
+        log.warning(
+            "--management-key puts the key on the command line, where other users "
+            "can see it (ps): use --management-key-file PATH or %s",
+            MANAGEMENT_KEY_ENV,
+        )
+        return args.management_key
+    if os.environ.get(MANAGEMENT_KEY_ENV):
+        return parse_management_key(os.environ[MANAGEMENT_KEY_ENV], MANAGEMENT_KEY_ENV)
+    if card.run(lambda piv: piv.management_key_is_default()) is not False:
+        return DEFAULT_MANAGEMENT_KEY
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            "the YubiKey's management key is not the factory key and there is no "
+            "terminal to ask on: pass --management-key-file PATH or set "
+            f"{MANAGEMENT_KEY_ENV}"
+        )
+    label = card.info.describe() if card.info else "the YubiKey"
+    text = getpass.getpass(f"Management key (hex) of {label}: ")
+    return parse_management_key(text.strip(), "the management key entered")
+
+
+def parse_management_key(text: str, where: str) -> bytes:
+    """A management key in hex; the message never shows the key."""
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) not in MANAGEMENT_KEY_LENGTHS:
+        raise ConfigError(
+            f"{where} is not a management key: write 32, 48 or 64 hex digits "
+            "(16, 24 or 32 bytes)"
+        )
+    return key
+
+
 def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) -> None:
     """Import key and certificate into the slot, then prove the import."""
     from cryptography.hazmat.primitives import serialization
@@ -3691,6 +4019,9 @@ def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) 
     pin_policy = PinPolicy[args.pin_policy.upper()]
     touch_policy = TouchPolicy[args.touch_policy.upper()]
     label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {slot.name}"
+    pins = PinSource(args.pin_file, label)
+    if args.pin_file and pin_policy != PinPolicy.NEVER:
+        pins.get()  # a bad PIN file fails before the card is changed
     with card.session() as piv:
         occupant = slot_occupant(piv, slot)
         if occupant and not args.force:
@@ -3701,9 +4032,7 @@ def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) 
         piv.authenticate(args.management_key)
         piv.import_key(slot, key, pin_policy, touch_policy)
         piv.put_certificate(slot, cert.public_bytes(serialization.Encoding.DER))
-        prove_slot(
-            piv, slot, cert, pin_policy, touch_policy, PinSource(args.pin_file, label)
-        )
+        prove_slot(piv, slot, cert, pin_policy, touch_policy, pins)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3888,7 +4217,9 @@ def plan_outputs(
 ) -> Outputs:
     """The name, the files and the merge target, checked before the card is touched."""
     name = check_name(args.name or ctx.name, "--name" if args.name else "the context")
-    out = Path(args.output_dir or f"{OUTPUT_ROOT}/{name}").expanduser().absolute()
+    out = Path(
+        os.path.expanduser(args.output_dir or f"{OUTPUT_ROOT}/{name}")
+    ).absolute()
     target = merge_target(args.merge)
     if target is not None:
         check_mergeable(load_merge_target(target), target, name)
@@ -3918,9 +4249,11 @@ def output_paths(
     """proxy.yml and client.yml in the output folder."""
     try:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or "the path contains a NUL byte"
         raise ConfigError(
-            f"cannot create the output folder {out}: {exc.strerror}"
+            f"cannot create the output folder {str(out)!r}: {reason}; choose "
+            "another --output-dir"
         ) from None
     paths = (out / "proxy.yml", out / "client.yml")
     resolved_sources = {s.resolve() for s in sources}
@@ -3952,6 +4285,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     outputs = plan_outputs(args, ctx, ctx.sources)
     card = open_card(args.reader, args.serial)
     try:
+        args.management_key = management_key(args, card)
         install_identity(card, args, cert, key)
     finally:
         card.close()
@@ -3977,7 +4311,10 @@ def write_proxy_files(
     if args.reuse_while_present:
         settings["reuse-while-present"] = True
     pki = None if args.plain_http else make_local_pki()
-    if pki:
+    if pki is None:
+        settings["plain-http"] = True  # asked for: the proxy refuses it otherwise
+        log.warning("%s", PLAIN_HTTP_WARNING)
+    else:
         settings["local-tls"] = {
             "server-certificate-data": b64encode(pki.server_cert),
             "server-key-data": b64encode(pki.server_key),
@@ -4047,6 +4384,8 @@ def slot_report(piv: PivSession, slot: Slot) -> dict[str, Any]:
             "touch_policy": meta.touch_policy.name.lower(),
             "origin": meta.origin,
         }
+        if not can_sign(meta.algorithm):
+            problems.append(("error", non_signing(slot, meta)))
     der = piv.get_certificate(slot)
     if der:
         report["certificate"] = certificate_report(der, meta, problems)
@@ -4095,8 +4434,12 @@ def certificate_report(
                 f"({not_after(cert):%Y-%m-%d}): renew it soon",
             )
         )
-    if meta and meta.public_key:
-        public = public_key_from_metadata(meta.algorithm, meta.public_key)
+    public = (
+        public_key_from_metadata(meta.algorithm, meta.public_key)
+        if meta and meta.public_key
+        else None
+    )
+    if public is not None:
         info["matches_key"] = same_public_key(public, cert.public_key())
         if not info["matches_key"]:
             problems.append(
@@ -4151,15 +4494,18 @@ def proxy_config_status(path: str | None) -> tuple[dict[str, Any], list[str]]:
     """A proxy kubeconfig's settings (slot, serial) and what is unsafe about it."""
     if path is None:
         return {}, []
-    ctx = Kubeconfig([Path(path).expanduser()]).resolve(None)
+    ctx = Kubeconfig([Path(os.path.expanduser(path))]).resolve(None)
+    warnings = []
     if ctx.cluster.body.get("insecure-skip-tls-verify"):
-        return ctx.extension, [INSECURE_WARNING]
-    return ctx.extension, []
+        warnings.append(INSECURE_WARNING)
+    if ctx.extension.get("plain-http"):
+        warnings.append(PLAIN_HTTP_WARNING)
+    return ctx.extension, warnings
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings, warnings = proxy_config_status(args.kubeconfig)
-    slot = args.slot or parse_slot(str(settings.get("slot", "9a")))
+    slot = args.slot or parse_slot(settings.get("slot") or "9a")
     serial = args.serial if args.serial is not None else settings.get("serial")
     found = find_cards(args.reader)
     try:
@@ -4907,6 +5253,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         check_approval_rights(kube)
     card = open_card(args.reader, args.serial)
     try:
+        args.management_key = management_key(args, card)
         name, cert = enroll_on_card(card, kube, args, subject)
     finally:
         card.close()
@@ -4929,7 +5276,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def proxy_settings_beside(args: argparse.Namespace) -> dict[str, Any]:
     """The extension entry of --proxy-config, else of the proxy.yml beside --kubeconfig."""
     paths = kubeconfig_paths(args.kubeconfig)
-    path = Path(args.proxy_config).expanduser() if args.proxy_config else None
+    path = Path(os.path.expanduser(args.proxy_config)) if args.proxy_config else None
     if path is None:
         path = paths[0].resolve().parent / "proxy.yml"
         with contextlib.suppress(ConfigError):  # kubectl will say what is wrong
@@ -4954,6 +5301,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     kube = Kubectl(args.kubeconfig, args.context)
     card = open_card(args.reader, serial)
     try:
+        args.management_key = management_key(args, card)
         return renew_on_card(card, kube, slot, args)
     finally:
         card.close()
@@ -5016,7 +5364,7 @@ def management_key_arg(text: str) -> bytes:
         raise argparse.ArgumentTypeError(
             "the management key must be hexadecimal"
         ) from None
-    if len(key) not in (16, 24, 32):
+    if len(key) not in MANAGEMENT_KEY_LENGTHS:
         raise argparse.ArgumentTypeError(
             "the management key has 32, 48 or 64 hex digits (16, 24 or 32 bytes)"
         )
@@ -5028,6 +5376,18 @@ def slot_arg(text: str) -> Slot:
         return parse_slot(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def seconds_arg(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86400:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds between 0 and 86400"
+        )
+    return seconds
 
 
 def port_arg(text: str) -> int:
@@ -5097,7 +5457,7 @@ def proxy_options() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--handshake-timeout",
-        type=float,
+        type=seconds_arg,
         default=HANDSHAKE_TIMEOUT,
         metavar="SECONDS",
         help="connecting and the TLS handshake with the API server, card "
@@ -5139,17 +5499,28 @@ def add_certificate_request_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_management_key_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--management-key-file",
+        metavar="PATH",
+        help="read the card's management key (hex) from this file (default: "
+        f"${MANAGEMENT_KEY_ENV}, else the factory key while the card has it, else "
+        "a prompt)",
+    )
+    group.add_argument(
+        "--management-key",
+        type=management_key_arg,
+        metavar="HEX",
+        help="the management key on the command line, where other users can see it",
+    )
+
+
 def add_card_write_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--slot", type=slot_arg, default=SLOTS["9a"], help="PIV slot (default: 9a)"
     )
-    parser.add_argument(
-        "--management-key",
-        type=management_key_arg,
-        metavar="HEX",
-        default=DEFAULT_MANAGEMENT_KEY,
-        help="the card's management key (default: the factory key)",
-    )
+    add_management_key_options(parser)
     parser.add_argument(
         "--pin-policy",
         choices=["never", "once", "always"],
@@ -5259,6 +5630,12 @@ def add_proxy_command(commands: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a --listen address that is not loopback",
     )
+    proxy.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="serve plain HTTP on the local hop, whatever proxy.yml says: any "
+        "local user can then act as the card's identity",
+    )
     proxy.set_defaults(func=cmd_proxy)
 
 
@@ -5281,7 +5658,9 @@ def add_shell_command(commands: Any, common: argparse.ArgumentParser) -> None:
         nargs=argparse.REMAINDER,
         help="run this instead of $SHELL (after --)",
     )
-    shell.set_defaults(func=cmd_shell, listen="127.0.0.1:0", unsafe_listen=False)
+    shell.set_defaults(
+        func=cmd_shell, listen="127.0.0.1:0", unsafe_listen=False, plain_http=False
+    )
 
 
 def add_enroll_command(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -5366,13 +5745,7 @@ def add_renew_command(commands: Any, common: argparse.ArgumentParser) -> None:
         help="do nothing unless the certificate expires within DURATION (e.g. 30d)",
     )
     add_certificate_request_options(renew)
-    renew.add_argument(
-        "--management-key",
-        type=management_key_arg,
-        metavar="HEX",
-        default=DEFAULT_MANAGEMENT_KEY,
-        help="the card's management key (default: the factory key)",
-    )
+    add_management_key_options(renew)
     renew.add_argument("--pin-file", metavar="PATH", help="read the PIN from this file")
     renew.set_defaults(func=cmd_renew)
 
@@ -5473,11 +5846,76 @@ def configure_logging(verbosity: int) -> None:
     log.setLevel(level)
 
 
+def installed_version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """'45.0.3' -> (45, 0, 3); a non-numeric part ends it ('1.0rc1' -> (1,))."""
+    numbers = []
+    for part in text.split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
+
+
+def check_dependencies() -> None:
+    """Name each missing or too old package with the command that installs it."""
+    import importlib.util
+
+    problems, specs = [], []
+    for distribution, module, minimum, exact in REQUIREMENTS:
+        spec = f"{distribution}=={exact}" if exact else f"{distribution}>={minimum}"
+        try:
+            present = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            present = False
+        found = installed_version(distribution) if present else None
+        if not present:
+            problems.append(f"{distribution} (not installed)")
+        elif found and (
+            version_tuple(found) != version_tuple(exact)
+            if exact
+            else version_tuple(found) < version_tuple(minimum)
+        ):
+            problems.append(f"{spec} (found {found})")
+        else:
+            continue
+        specs.append(f"'{spec}'")
+    if problems:
+        raise ProxyError(
+            f"cannot import {', '.join(problems)}: install with: {install_command(specs)}"
+        )
+
+
+def install_command(specs: list[str]) -> str:
+    """pip inside the running venv; otherwise a new venv (Debian 12 refuses a
+    system-wide pip install, PEP 668)."""
+    if sys.prefix != sys.base_prefix:
+        return f"{sys.executable} -m pip install {' '.join(specs)}"
+    venv = f"~/.local/share/{PROG}/venv"
+    every = " ".join(
+        f"'{d}=={e}'" if e else f"'{d}>={m}'" for d, _, m, e in REQUIREMENTS
+    )
+    return (
+        f"python3 -m venv {venv} && {venv}/bin/pip install {every}, then run "
+        f"{venv}/bin/python {sys.argv[0] or 'yk_kube_proxy.py'} (pyscard builds "
+        "with gcc, swig, libpcsclite-dev and python3-dev: see the README)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.verbose += args.leading_verbose
     configure_logging(args.verbose)
     try:
+        check_dependencies()
         return args.func(args)
     except ProxyError as exc:
         if args.verbose:
@@ -5487,6 +5925,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: still one line, the traceback with -v
+        if args.verbose:
+            log.exception("details")
+        print(
+            f"{PROG}: error: unexpected {type(exc).__name__} (a bug in {PROG}): "
+            "run again with -v and report the output",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":
