@@ -4929,6 +4929,8 @@ def wait_for_certificate(kube: Kubectl, name: str, timeout: float) -> Any:
     approved = False
     while time.monotonic() < deadline:
         for csr in kube.watch("certificatesigningrequest", name, deadline):
+            if csr is None and approved:
+                break  # issuing takes moments: a fresh watch reads it again
             if csr is None:
                 left = max(0.0, deadline - time.monotonic())
                 print(
@@ -4949,7 +4951,7 @@ def wait_for_certificate(kube: Kubectl, name: str, timeout: float) -> Any:
                 )
             approved = approved or now_approved
         if time.monotonic() < deadline:
-            time.sleep(CSR_POLL_SECONDS)  # the watch ended early: watch again
+            time.sleep(CSR_POLL_SECONDS)  # the watch ended: watch again
     raise UpstreamTimeout(
         f"no certificate for request {name} after {timeout:g} s: approve it "
         f"(kubectl certificate approve {name}) and run the command again"
