@@ -4829,6 +4829,258 @@ def test_pcscd_not_running_says_how_to_start_it(tmp_path):
 
 
 # =============================================================================
+# PivSession in-process: the PIV session against the virtual card, no pcscd
+# =============================================================================
+
+
+class DirectTransport:
+    """The Transport seam wired straight to the card's APDU handler (no pcscd, no
+    vpcd): the bytes PivSession sends are exactly the bytes the card sees."""
+
+    def __init__(self, card) -> None:
+        self.card = card
+
+    def transmit(self, apdu: bytes) -> tuple[bytes, int]:
+        reply = self.card.process(apdu)
+        return reply[:-2], int.from_bytes(reply[-2:], "big")
+
+    @contextlib.contextmanager
+    def transaction(self):
+        yield
+
+    def close(self) -> None:
+        self.card.power_off()
+
+
+DIRECT_READER = "Direct 00 00"
+SLOT_9A = yk.SLOTS["9a"]
+
+
+def direct_session(**card) -> tuple[yk.PivSession, VirtualPiv]:
+    """A SELECTed PivSession on a fresh virtual card, and the card."""
+    piv = VirtualPiv(**card)
+    session = yk.PivSession(DirectTransport(piv), DIRECT_READER)
+    session.select()
+    return session, piv
+
+
+def test_session_select_reads_the_version_and_refuses_a_card_without_piv():
+    session, piv = direct_session(version=(5, 4, 3))
+    assert session.version == (5, 4, 3)
+    assert piv.apdu_log == [
+        bytes.fromhex("00a4040005a00000030800"),
+        bytes.fromhex("00fd000000"),
+    ]
+    not_piv = types.SimpleNamespace(process=lambda apdu: b"\x6a\x82")
+    with pytest.raises(yk.CardError) as refused:
+        yk.PivSession(DirectTransport(not_piv), DIRECT_READER).select()
+    assert type(refused.value) is yk.CardError
+    assert str(refused.value) == (
+        "the card in reader 'Direct 00 00' has no PIV application (SW 6A82): "
+        "is it a YubiKey 4 or 5?"
+    )
+
+
+@pytest.mark.parametrize("version", [(5, 7, 1), (5, 2, 7)], ids=["metadata", "probe"])
+def test_session_pin_tries_verify_and_block(version):
+    session, piv = direct_session(version=version)
+    assert session.pin_tries_left() == 3 and piv.verify_attempts == 0
+    if version < (5, 3, 0):  # the empty VERIFY probe, which costs no try
+        assert piv.apdu_log[-1] == bytes.fromhex("00200080")
+    assert not session.pin_verified()
+    with pytest.raises(yk.ConfigError, match="a PIV PIN has 6 to 8 characters"):
+        session.verify_pin("12345")
+    assert piv.verify_attempts == 0
+    with pytest.raises(yk.PinError) as wrong:
+        session.verify_pin("654321")
+    assert str(wrong.value) == (
+        "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; "
+        "check the PIN (or the PIN file) and try again"
+    )
+    assert wrong.value.attempts_remaining == 2 and piv.verify_attempts == 1
+    assert session.pin_tries_left() == 2 and piv.verify_attempts == 1
+    session.verify_pin("123456")
+    assert session.pin_verified() and piv.pin_tries_left == 3
+    # Once verified, the probe answers 9000, which tells no count.
+    assert session.pin_tries_left() == (3 if version >= (5, 3, 0) else None)
+    blocked = (
+        "the PIN is blocked: unblock it with the PUK ('ykman piv access unblock-pin' "
+        "or 'yubico-piv-tool -a unblock-pin')"
+    )
+    for left in (2, 1, 0):
+        with pytest.raises(yk.PinError) as wrong:
+            session.verify_pin("654321")
+        assert wrong.value.attempts_remaining == left
+    assert str(wrong.value) == blocked  # 63C0: the last try went
+    with pytest.raises(yk.PinError) as wrong:
+        session.verify_pin("123456")  # 6983: even the right PIN
+    assert str(wrong.value) == blocked and wrong.value.attempts_remaining == 0
+    assert session.pin_tries_left() == 0 and piv.verify_attempts == 6
+    assert not session.pin_verified()
+
+
+MGMT_CASES = {
+    "3des-5.2": ((5, 2, 7), ALG_3DES, DEFAULT_MGMT_KEY),
+    "3des-5.4": ((5, 4, 3), ALG_3DES, bytes(range(24))),
+    "aes128": ((5, 7, 1), ALG_AES128, bytes(range(16))),
+    "aes192": ((5, 7, 1), ALG_AES192, DEFAULT_MGMT_KEY),
+    "aes256": ((5, 7, 1), ALG_AES256, bytes(range(32))),
+}
+
+
+@pytest.mark.parametrize("version, algorithm, key", MGMT_CASES.values(), ids=MGMT_CASES)
+def test_session_management_key_3des_and_aes(version, algorithm, key):
+    session, piv = direct_session(
+        version=version, mgmt_algorithm=algorithm, mgmt_key=key
+    )
+    assert session.management_algorithm() == algorithm
+    default = None if version < (5, 3, 0) else key == DEFAULT_MGMT_KEY
+    assert session.management_key_is_default() is default
+    wrong = bytes(b ^ 0x55 for b in key)
+    with pytest.raises(yk.ManagementKeyError) as refused:
+        session.authenticate(wrong)
+    assert str(refused.value) == (
+        "the YubiKey rejected the management key: pass the card's key with "
+        "--management-key-file PATH or YKP_MANAGEMENT_KEY (the factory key is the "
+        "default)"
+    )
+    assert not piv.mgmt_authenticated
+    with pytest.raises(yk.ManagementKeyError) as refused:
+        session.authenticate(key[:-8])
+    name = yk.ALGORITHM_NAMES[yk.KeyAlgorithm(algorithm)]
+    assert str(refused.value) == (
+        f"this YubiKey's management key is {name} ({len(key)} bytes) but the key "
+        f"given has {len(key) - 8} bytes: pass the right one with "
+        "--management-key-file PATH"
+    )
+    session.authenticate(key)
+    assert piv.mgmt_authenticated
+    step1 = bytes([0x00, 0x87, algorithm, 0x9B, 0x04]) + bytes.fromhex("7c02800000")
+    assert piv.apdu_log[-2] == step1
+
+
+class LyingPiv(VirtualPiv):
+    """A card that answers our management-key challenge wrongly."""
+
+    def _authenticate_mgmt(self, algorithm, fields):
+        reply = super()._authenticate_mgmt(algorithm, fields)
+        if fields.get(TAG_CHALLENGE):
+            reply = reply[:-1] + bytes([reply[-1] ^ 1])
+        return reply
+
+
+def test_session_card_answering_the_challenge_wrongly_is_not_trusted():
+    piv = LyingPiv()
+    session = yk.PivSession(DirectTransport(piv), DIRECT_READER)
+    session.select()
+    with pytest.raises(yk.ManagementKeyError) as refused:
+        session.authenticate(DEFAULT_MGMT_KEY)
+    assert str(refused.value) == (
+        "the card's answer to our management-key challenge is wrong: "
+        "this is not the YubiKey it claims to be, or it is faulty"
+    )
+
+
+def verify_signature(public_key, signature: bytes, message: bytes) -> None:
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    if isinstance(public_key, rsa.RSAPublicKey):
+        public_key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+    else:
+        public_key.verify(signature, message)
+
+
+@pytest.mark.parametrize("kind", ["p256", "p384", "rsa2048", "ed25519"])
+def test_session_import_then_sign_with_chaining(kind):
+    session, piv = direct_session(version=(5, 7, 1))
+    key = new_key(kind)
+    session.authenticate(DEFAULT_MGMT_KEY)
+    start = len(piv.apdu_log)
+    session.import_key(SLOT_9A, key, yk.PinPolicy.NEVER, yk.TouchPolicy.NEVER)
+    algorithm = yk.key_algorithm(key)
+    data = yk.import_key_data(key) + bytes.fromhex("aa0101ab0101")
+    chunks = [data[i : i + 255] for i in range(0, len(data), 255)]
+    sent = [bytes([0x10, 0xFE, algorithm, 0x9A, 255]) + c for c in chunks[:-1]]
+    last = bytes([0x00, 0xFE, algorithm, 0x9A, len(chunks[-1])]) + chunks[-1]
+    assert piv.apdu_log[start:] == sent + [last]
+    assert bool(sent) == (kind == "rsa2048")  # CLA 10 on all but the last 255
+    meta = session.slot_metadata(SLOT_9A)
+    assert (meta.algorithm, meta.pin_policy, meta.touch_policy, meta.origin) == (
+        algorithm,
+        yk.PinPolicy.NEVER,
+        yk.TouchPolicy.NEVER,
+        "imported",
+    )
+    message = b"the card signs this"
+    signature = yk.sign_message(session, SLOT_9A, algorithm, message)
+    verify_signature(key.public_key(), signature, message)
+    assert piv.sign_count == 1
+
+
+def test_session_get_response_collects_a_long_certificate():
+    session, piv = direct_session()
+    ident = make_identity("rsa4096")
+    der = ident.cert.public_bytes(serialization.Encoding.DER)
+    assert session.get_certificate(SLOT_9A) is None  # 6A82: none yet
+    session.authenticate(DEFAULT_MGMT_KEY)
+    session.put_certificate(SLOT_9A, der)
+    start = len(piv.apdu_log)
+    assert session.get_certificate(SLOT_9A) == der
+    answer = len(yk.tlv(0x53, yk.tlv(0x70, der) + bytes.fromhex("710100fe00")))
+    more = -(-answer // 256) - 1
+    assert more >= 2
+    assert piv.apdu_log[start + 1 :] == [bytes.fromhex("00c0000000")] * more
+
+
+def test_session_status_words_become_typed_errors():
+    session, piv = direct_session(version=(5, 4, 3), serial=21000002)
+    assert session.get_serial() == 21000002
+    assert session.slot_metadata(SLOT_9A) is None  # 6A88 is "empty", not an error
+    with pytest.raises(yk.ApduError) as refused:
+        session.sign_raw(SLOT_9A, yk.KeyAlgorithm.ECCP256, b"\x01" * 32)
+    assert refused.value.sw == 0x6A88 and str(refused.value) == (
+        "the YubiKey refused a signature with slot 9a (reader 'Direct 00 00'): "
+        "referenced data not found (SW 6A88)"
+    )
+    key = new_key("p256")
+    with pytest.raises(yk.ApduError) as refused:
+        session.import_key(SLOT_9A, key, yk.PinPolicy.ONCE, yk.TouchPolicy.NEVER)
+    assert refused.value.sw == 0x6982 and str(refused.value) == (
+        "the YubiKey refused the key import into slot 9a (reader 'Direct 00 00'): "
+        "security status not satisfied (SW 6982)"
+    )
+    assert piv.slot_key(0x9A) is None
+    with pytest.raises(yk.ConfigError) as refused:
+        session.import_key(
+            SLOT_9A, new_key("ed25519"), yk.PinPolicy.ONCE, yk.TouchPolicy.NEVER
+        )
+    assert str(refused.value) == (
+        "Ed25519 keys need YubiKey firmware 5.7.0 or later; this card has 5.4.3"
+    )
+    assert piv.slot_key(0x9A) is None
+    session.authenticate(DEFAULT_MGMT_KEY)
+    session.import_key(SLOT_9A, key, yk.PinPolicy.ONCE, yk.TouchPolicy.NEVER)
+    with pytest.raises(yk.CardError) as refused:
+        yk.sign_message(session, SLOT_9A, yk.KeyAlgorithm.ECCP256, b"message")
+    assert type(refused.value) is yk.CardError and str(refused.value) == (
+        "the YubiKey refused to sign with slot 9a: the PIN was not verified or the "
+        "key was not touched in time"
+    )
+    assert piv.sign_count == 0
+    with pytest.raises(yk.ApduError) as refused:
+        session.send(0x99, 0, 0)
+    assert refused.value.sw == 0x6D00 and str(refused.value) == (
+        "the YubiKey refused command 99 (reader 'Direct 00 00'): instruction not "
+        "supported (SW 6D00)"
+    )
+    assert refused.value.http_status == 503
+    old, _ = direct_session(version=(4, 3, 7))
+    assert old.get_serial() is None and old.management_key_is_default() is None
+
+
+# =============================================================================
 # Kubeconfig
 # =============================================================================
 
