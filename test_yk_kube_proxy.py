@@ -4583,6 +4583,45 @@ def card54(rig):
     rig.remove(inserted)
 
 
+class InsertedCard:
+    """A virtual card in one of the rig's readers, to pull out and put back (in
+    the same or another reader) as a user would."""
+
+    def __init__(self, rig: PcscRig, piv: VirtualPiv, index: int, generic: bool):
+        self.rig, self.piv, self.index, self.generic = rig, piv, index, generic
+        self.vpcd: VpcdCard | None = None
+
+    @property
+    def inserted(self) -> bool:
+        return self.vpcd is not None
+
+    def insert(self, index: int | None = None) -> None:
+        """Put the card in (into reader ``index`` when given) and wait for pcscd."""
+        self.index = self.index if index is None else index
+        self.vpcd = self.rig.insert(self.piv, self.index, self.generic)
+
+    def remove(self) -> None:
+        """Pull the card out and wait until pcscd sees the reader empty."""
+        if self.vpcd is not None:
+            self.rig.remove(self.vpcd, self.index, self.generic)
+            self.vpcd = None
+
+
+@pytest.fixture
+def cards(rig):
+    """Factory: ``cards(piv, index=0, generic=False)`` inserts a virtual card and
+    returns its InsertedCard; every card still in is removed at teardown."""
+    with contextlib.ExitStack() as teardown:
+
+        def insert(piv: VirtualPiv, index: int = 0, generic: bool = False):
+            card = InsertedCard(rig, piv, index, generic)
+            card.insert()
+            teardown.callback(card.remove)
+            return card
+
+        yield insert
+
+
 # =============================================================================
 # A small PKI and kubeconfigs like k3s's and kubeadm's
 # =============================================================================
@@ -5357,12 +5396,12 @@ PROXY_YML_CASES = {
 }
 
 
-def test_local_hop_fails_closed(rig, cluster, tmp_path, capsys):
+def test_local_hop_fails_closed(cards, proxies, cluster, tmp_path, capsys):
     piv = VirtualPiv(serial=41000014)
-    inserted = rig.insert(piv)
+    card = cards(piv)
     workdir = tmp_path / "yk"
     assert run_cli(*setup_args(cluster.kubeconfig, workdir), capsys=capsys)[0] == 0
-    rig.remove(inserted)  # a refusal that failed would stop at "no YubiKey found"
+    card.remove()  # a refusal that failed would stop at "no YubiKey found"
     written = (workdir / "proxy.yml").read_text()
     signed = piv.sign_count
     for mutate, message in PROXY_YML_CASES.values():
@@ -5374,33 +5413,27 @@ def test_local_hop_fails_closed(rig, cluster, tmp_path, capsys):
         assert (code, stderr) == (1, f"{ERROR}{message.format(path=path)}\n")
     assert piv.sign_count == signed and cluster.api.handshakes == 0
     # Only an explicit request gives plain HTTP, and it is announced loudly.
-    inserted = rig.insert(piv)
-    try:
-        proxy = ProxyProcess(workdir, "--plain-http")
-        try:
-            assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
-            assert "listening on http://127.0.0.1:" in proxy.stderr()
-            plain = workdir / "plain-client.yml"
-            doc = yaml.safe_load((workdir / "client.yml").read_text())
-            doc["clusters"][0]["cluster"] = {"server": f"http://127.0.0.1:{proxy.port}"}
-            doc["users"][0]["user"] = {}
-            plain.write_text(yaml.safe_dump(doc))
-            done = subprocess.run(
-                ["kubectl", "--kubeconfig", str(plain), "get", "--raw", "/version"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert done.returncode == 0, done.stderr
-            assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
-        finally:
-            proxy.stop()
-    finally:
-        rig.remove(inserted)
+    card.insert()
+    proxy = proxies(workdir, "--plain-http")
+    assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
+    assert "listening on http://127.0.0.1:" in proxy.stderr()
+    plain = workdir / "plain-client.yml"
+    doc = yaml.safe_load((workdir / "client.yml").read_text())
+    doc["clusters"][0]["cluster"] = {"server": f"http://127.0.0.1:{proxy.port}"}
+    doc["users"][0]["user"] = {}
+    plain.write_text(yaml.safe_dump(doc))
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(plain), "get", "--raw", "/version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
 
 
 def test_plain_http_from_setup_is_recorded_and_warned_about(
-    card57, cluster, tmp_path, capsys
+    card57, proxies, cluster, tmp_path, capsys
 ):
     workdir = tmp_path / "yk"
     code, _, stderr = run_cli(
@@ -5412,13 +5445,10 @@ def test_plain_http_from_setup_is_recorded_and_warned_about(
     )
     extension = extension_of(read_yaml(workdir / "proxy.yml"))
     assert (extension["plain-http"], "local-tls" in extension) == (True, False)
-    proxy = ProxyProcess(workdir)
-    try:
-        assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
-        done = kubectl(proxy, "get", "--raw", "/version")
-        assert done.returncode == 0, done.stderr
-    finally:
-        proxy.stop()
+    proxy = proxies(workdir)
+    assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
     code, stdout, _ = run_cli(
         "status", "--kubeconfig", str(workdir / "proxy.yml"), capsys=capsys
     )
@@ -5444,71 +5474,68 @@ def management_key_attempts(piv: "VirtualPiv") -> int:
 
 
 def test_management_key_from_a_file_the_environment_or_a_prompt(
-    rig, tmp_path, capsys, monkeypatch
+    cards, tmp_path, capsys, monkeypatch
 ):
     key = bytes(range(32))
     piv = VirtualPiv(serial=42000015, mgmt_algorithm=ALG_AES256, mgmt_key=key)
-    inserted = rig.insert(piv)
-    try:
-        source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-        out = tmp_path / "out"
+    cards(piv)
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    out = tmp_path / "out"
 
-        def setup(*extra: str) -> tuple[int, str, str]:
-            return run_cli(*setup_args(source, out, "--force", *extra), capsys=capsys)
+    def setup(*extra: str) -> tuple[int, str, str]:
+        return run_cli(*setup_args(source, out, "--force", *extra), capsys=capsys)
 
-        monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no terminal
-        assert setup() == (
-            1,
-            "",
-            f"{ERROR}the YubiKey's management key is not the factory key and there is "
-            "no terminal to ask on: pass --management-key-file PATH or set "
-            "YKP_MANAGEMENT_KEY\n",
-        )
-        assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
-        for content in (key.hex() + " \n", "\t" + key.hex(), key.hex() + "\n\n"):
-            path = secret_file(tmp_path, "mk", content)
-            assert setup("--management-key-file", str(path))[2] == (
-                f"{ERROR}the management-key file {path} has whitespace around the "
-                "secret, extra lines or control characters: write just the key in hex "
-                "into it, with at most one newline at the end\n"
-            )
-        path = secret_file(tmp_path, "mk", "zz" * 32 + "\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no terminal
+    assert setup() == (
+        1,
+        "",
+        f"{ERROR}the YubiKey's management key is not the factory key and there is "
+        "no terminal to ask on: pass --management-key-file PATH or set "
+        "YKP_MANAGEMENT_KEY\n",
+    )
+    assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
+    for content in (key.hex() + " \n", "\t" + key.hex(), key.hex() + "\n\n"):
+        path = secret_file(tmp_path, "mk", content)
         assert setup("--management-key-file", str(path))[2] == (
-            f"{ERROR}the management-key file {path} is not a management key: write 32, "
-            "48 or 64 hex digits (16, 24 or 32 bytes)\n"
+            f"{ERROR}the management-key file {path} has whitespace around the "
+            "secret, extra lines or control characters: write just the key in hex "
+            "into it, with at most one newline at the end\n"
         )
-        assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
-        path = secret_file(tmp_path, "mk", key.hex() + "\n")
-        code, _, stderr = setup("--management-key-file", str(path))
-        assert (code, stderr) == (0, "")
-        assert piv.slot_key(0x9A) is not None
-        monkeypatch.setenv("YKP_MANAGEMENT_KEY", key.hex())
-        assert setup()[::2] == (0, "")
-        monkeypatch.delenv("YKP_MANAGEMENT_KEY")
-        prompts = []
-        monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
-        monkeypatch.setattr(
-            yk.getpass, "getpass", lambda prompt: prompts.append(prompt) or key.hex()
-        )
-        assert setup()[::2] == (0, "")
-        assert prompts == [
-            "Management key (hex) of YubiKey serial 42000015 (firmware 5.7.1) in "
-            f"reader '{YUBIKEY_READER} 00 00': "
-        ]
-        code, _, stderr = setup("--management-key", key.hex())
-        assert (code, stderr) == (
-            0,
-            "yubikey-kube-proxy: WARNING: --management-key puts the key on the "
-            "command line, where other users can see it (ps): use "
-            "--management-key-file PATH or YKP_MANAGEMENT_KEY\n",
-        )
-        assert key.hex() not in stderr
-        with pytest.raises(SystemExit) as usage:
-            setup("--management-key", key.hex(), "--management-key-file", str(path))
-        assert usage.value.code == 2
-        assert "not allowed with argument" in capsys.readouterr().err
-    finally:
-        rig.remove(inserted)
+    path = secret_file(tmp_path, "mk", "zz" * 32 + "\n")
+    assert setup("--management-key-file", str(path))[2] == (
+        f"{ERROR}the management-key file {path} is not a management key: write 32, "
+        "48 or 64 hex digits (16, 24 or 32 bytes)\n"
+    )
+    assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
+    path = secret_file(tmp_path, "mk", key.hex() + "\n")
+    code, _, stderr = setup("--management-key-file", str(path))
+    assert (code, stderr) == (0, "")
+    assert piv.slot_key(0x9A) is not None
+    monkeypatch.setenv("YKP_MANAGEMENT_KEY", key.hex())
+    assert setup()[::2] == (0, "")
+    monkeypatch.delenv("YKP_MANAGEMENT_KEY")
+    prompts = []
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
+    monkeypatch.setattr(
+        yk.getpass, "getpass", lambda prompt: prompts.append(prompt) or key.hex()
+    )
+    assert setup()[::2] == (0, "")
+    assert prompts == [
+        "Management key (hex) of YubiKey serial 42000015 (firmware 5.7.1) in "
+        f"reader '{YUBIKEY_READER} 00 00': "
+    ]
+    code, _, stderr = setup("--management-key", key.hex())
+    assert (code, stderr) == (
+        0,
+        "yubikey-kube-proxy: WARNING: --management-key puts the key on the "
+        "command line, where other users can see it (ps): use "
+        "--management-key-file PATH or YKP_MANAGEMENT_KEY\n",
+    )
+    assert key.hex() not in stderr
+    with pytest.raises(SystemExit) as usage:
+        setup("--management-key", key.hex(), "--management-key-file", str(path))
+    assert usage.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_factory_key_is_used_without_asking_while_the_card_has_it(
@@ -5563,12 +5590,12 @@ def test_pin_file_with_one_newline_or_none(card57, tmp_path, capsys, content):
 
 
 def test_first_wrong_pin_answer_says_it_is_not_sent_again(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
     piv = VirtualPiv(serial=43000016)
-    inserted = rig.insert(piv)
+    cards(piv)
     pins = secret_file(tmp_path, "pin", "123456\n")
-    proxy = setup_and_proxy(
+    proxy = proxies.setup(
         cluster,
         tmp_path / "yk",
         "--pin-policy",
@@ -5577,26 +5604,22 @@ def test_first_wrong_pin_answer_says_it_is_not_sent_again(
         str(pins),
         proxy_extra=("--pin-file", str(pins)),
     )
-    try:
-        client = LocalClient(proxy)
-        assert client.get("/version")[0] == 200
-        pins.write_text("999999\n")
-        proxy.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
-        signed, tries = piv.sign_count, piv.pin_tries_left
-        first, second = client.get("/version"), client.get("/version")
-        expected = (
-            "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check "
-            "the PIN (or the PIN file) and try again (the proxy will not send it again: "
-            "fix the PIN or the PIN file, then reload the proxy with kill -HUP or "
-            "'systemctl --user reload yubikey-kube-proxy', or restart it)"
-        )
-        assert (first[0], json.loads(first[1])["message"]) == (503, expected)
-        assert (second[0], json.loads(second[1])["message"]) == (503, expected)
-        assert (tries - piv.pin_tries_left, piv.sign_count - signed) == (1, 0)
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    client = LocalClient(proxy)
+    assert client.get("/version")[0] == 200
+    pins.write_text("999999\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
+    signed, tries = piv.sign_count, piv.pin_tries_left
+    first, second = client.get("/version"), client.get("/version")
+    expected = (
+        "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check "
+        "the PIN (or the PIN file) and try again (the proxy will not send it again: "
+        "fix the PIN or the PIN file, then reload the proxy with kill -HUP or "
+        "'systemctl --user reload yubikey-kube-proxy', or restart it)"
+    )
+    assert (first[0], json.loads(first[1])["message"]) == (503, expected)
+    assert (second[0], json.loads(second[1])["message"]) == (503, expected)
+    assert (tries - piv.pin_tries_left, piv.sign_count - signed) == (1, 0)
 
 
 # -- files that are not what they should be ------------------------------------------
@@ -5829,56 +5852,51 @@ def test_command_line_values_are_one_line_or_a_usage_error(rig, tmp_path, capsys
 # -- key types we do not know, in a slot ----------------------------------------------
 
 
-def test_unknown_key_types_in_a_slot_are_named(rig, tmp_path, capsys):
+def test_unknown_key_types_in_a_slot_are_named(cards, tmp_path, capsys):
     piv = VirtualPiv(serial=44000017)
-    inserted = rig.insert(piv)
-    try:
-        source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-        assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
-        # another tool replaces the key, leaving the certificate: X25519 (0xE1)
-        piv.install_key(0x9A, x25519.X25519PrivateKey.generate(), ALG_X25519)
-        piv.install_key(0x9C, x25519.X25519PrivateKey.generate(), 0x42)
-        code, stdout, stderr = run_cli(
-            "status", "--slot", "9a", "--json", capsys=capsys
-        )
-        slot = json.loads(stdout)["cards"][0]["slots"][0]
-        assert (code, stderr, slot["key"]["algorithm"]) == (1, "", "X25519")
-        assert slot["certificate"]["matches_key"] is False
-        assert [p["message"] for p in slot["problems"]] == [
-            "slot 9a holds an X25519 key, which cannot sign TLS handshakes: replace it "
-            "('yubikey-kube-proxy setup --force') or choose another --slot",
-            "the certificate does not belong to the key in the slot: run "
-            "'yubikey-kube-proxy setup --force'",
-        ]
-        code, stdout, stderr = run_cli("status", "--slot", "9c", capsys=capsys)
-        assert (code, stderr) == (1, "")
-        assert (
-            "  slot 9c: 0x42 key, generated on card, PIN policy never, touch policy "
-            "never\n    error: slot 9c holds a key of unknown type 0x42, which cannot "
-            "sign TLS handshakes: replace it ('yubikey-kube-proxy setup --force') or "
-            "choose another --slot\n    error: slot 9c holds a key but no certificate: "
-            "run 'yubikey-kube-proxy setup --force'\n"
-        ) in stdout
-        code, _, stderr = run_cli(
-            "proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), capsys=capsys
-        )
-        assert (code, stderr) == (
-            1,
-            f"{ERROR}slot 9a holds an X25519 key, which cannot sign TLS handshakes: "
-            "replace it ('yubikey-kube-proxy setup --force') or choose another --slot\n",
-        )
-        code, _, stderr = run_cli(
-            *setup_args(source, tmp_path / "again", "--slot", "9c"), capsys=capsys
-        )
-        assert (code, stderr) == (
-            1,
-            f"{ERROR}slot 9c of the YubiKey already holds a key of unknown type 0x42 "
-            "(generated on card): pass --force to overwrite it, or choose another "
-            "--slot\n",
-        )
-        assert piv.sign_count == 1  # setup's proof only
-    finally:
-        rig.remove(inserted)
+    cards(piv)
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
+    # another tool replaces the key, leaving the certificate: X25519 (0xE1)
+    piv.install_key(0x9A, x25519.X25519PrivateKey.generate(), ALG_X25519)
+    piv.install_key(0x9C, x25519.X25519PrivateKey.generate(), 0x42)
+    code, stdout, stderr = run_cli("status", "--slot", "9a", "--json", capsys=capsys)
+    slot = json.loads(stdout)["cards"][0]["slots"][0]
+    assert (code, stderr, slot["key"]["algorithm"]) == (1, "", "X25519")
+    assert slot["certificate"]["matches_key"] is False
+    assert [p["message"] for p in slot["problems"]] == [
+        "slot 9a holds an X25519 key, which cannot sign TLS handshakes: replace it "
+        "('yubikey-kube-proxy setup --force') or choose another --slot",
+        "the certificate does not belong to the key in the slot: run "
+        "'yubikey-kube-proxy setup --force'",
+    ]
+    code, stdout, stderr = run_cli("status", "--slot", "9c", capsys=capsys)
+    assert (code, stderr) == (1, "")
+    assert (
+        "  slot 9c: 0x42 key, generated on card, PIN policy never, touch policy "
+        "never\n    error: slot 9c holds a key of unknown type 0x42, which cannot "
+        "sign TLS handshakes: replace it ('yubikey-kube-proxy setup --force') or "
+        "choose another --slot\n    error: slot 9c holds a key but no certificate: "
+        "run 'yubikey-kube-proxy setup --force'\n"
+    ) in stdout
+    code, _, stderr = run_cli(
+        "proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}slot 9a holds an X25519 key, which cannot sign TLS handshakes: "
+        "replace it ('yubikey-kube-proxy setup --force') or choose another --slot\n",
+    )
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path / "again", "--slot", "9c"), capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}slot 9c of the YubiKey already holds a key of unknown type 0x42 "
+        "(generated on card): pass --force to overwrite it, or choose another "
+        "--slot\n",
+    )
+    assert piv.sign_count == 1  # setup's proof only
 
 
 # -- dependencies --------------------------------------------------------------------
@@ -6736,51 +6754,43 @@ def test_no_card_inserted(rig, capsys):
     )
 
 
-def test_several_cards_need_a_choice(rig, card57, tmp_path, capsys):
-    second = rig.insert(VirtualPiv(version=(5, 7, 1), serial=31000009), index=1)
-    try:
-        source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-        code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
-        assert code == 1
-        assert stderr == (
-            "yubikey-kube-proxy: error: several YubiKeys found: YubiKey serial 31000001 "
-            f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'; YubiKey serial 31000009 "
-            f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 01'; choose one with --serial "
-            "N or --reader NAME\n"
-        )
-        code, _, stderr = run_cli(
-            *setup_args(source, tmp_path, "--serial", "31000009"), capsys=capsys
-        )
-        assert (code, stderr) == (0, "")
-        assert second.piv.slot_key(0x9A) is not None and card57.slot_key(0x9A) is None
-        code, stdout, _ = run_cli("status", "--json", capsys=capsys)
-        assert [c["serial"] for c in json.loads(stdout)["cards"]] == [
-            31000001,
-            31000009,
-        ]
-        assert code == 1  # the first card's slot is empty
-        code, _, stderr = run_cli("status", "--serial", "42", capsys=capsys)
-        assert stderr == (
-            "yubikey-kube-proxy: error: no YubiKey with serial 42 found - "
-            "please insert your YubiKey\n"
-        )
-    finally:
-        rig.remove(second, index=1)
+def test_several_cards_need_a_choice(cards, card57, tmp_path, capsys):
+    second = cards(VirtualPiv(version=(5, 7, 1), serial=31000009), index=1)
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert code == 1
+    assert stderr == (
+        "yubikey-kube-proxy: error: several YubiKeys found: YubiKey serial 31000001 "
+        f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'; YubiKey serial 31000009 "
+        f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 01'; choose one with --serial "
+        "N or --reader NAME\n"
+    )
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--serial", "31000009"), capsys=capsys
+    )
+    assert (code, stderr) == (0, "")
+    assert second.piv.slot_key(0x9A) is not None and card57.slot_key(0x9A) is None
+    code, stdout, _ = run_cli("status", "--json", capsys=capsys)
+    assert [c["serial"] for c in json.loads(stdout)["cards"]] == [
+        31000001,
+        31000009,
+    ]
+    assert code == 1  # the first card's slot is empty
+    code, _, stderr = run_cli("status", "--serial", "42", capsys=capsys)
+    assert stderr == (
+        "yubikey-kube-proxy: error: no YubiKey with serial 42 found - "
+        "please insert your YubiKey\n"
+    )
 
 
-def test_other_readers_are_skipped_unless_chosen(rig, tmp_path, capsys):
-    inserted = rig.insert(VirtualPiv(serial=41000004), generic=True)
-    try:
-        code, _, stderr = run_cli("status", capsys=capsys)
-        assert stderr == (
-            "yubikey-kube-proxy: error: no YubiKey found - please insert your YubiKey\n"
-        )
-        code, stdout, _ = run_cli(
-            "status", "--reader", "generic", "--json", capsys=capsys
-        )
-        assert json.loads(stdout)["cards"][0]["serial"] == 41000004
-    finally:
-        rig.remove(inserted, generic=True)
+def test_other_readers_are_skipped_unless_chosen(cards, tmp_path, capsys):
+    cards(VirtualPiv(serial=41000004), generic=True)
+    code, _, stderr = run_cli("status", capsys=capsys)
+    assert stderr == (
+        "yubikey-kube-proxy: error: no YubiKey found - please insert your YubiKey\n"
+    )
+    code, stdout, _ = run_cli("status", "--reader", "generic", "--json", capsys=capsys)
+    assert json.loads(stdout)["cards"][0]["serial"] == 41000004
 
 
 def test_card_held_exclusively_names_the_suspects(rig, card57, capsys):
@@ -6909,7 +6919,7 @@ def test_our_signing_uses_a_key_imported_by_yubico_piv_tool(card54, tmp_path):
     ],
 )
 def test_aes_management_keys_big_rsa_and_retired_slots(
-    rig, tmp_path, capsys, monkeypatch, mgmt_algorithm, key_kind, slot, algorithm_name
+    cards, tmp_path, capsys, monkeypatch, mgmt_algorithm, key_kind, slot, algorithm_name
 ):
     mgmt_key = os.urandom(yk.MANAGEMENT_KEY_SIZES[yk.KeyAlgorithm(mgmt_algorithm)])
     piv = VirtualPiv(
@@ -6918,49 +6928,38 @@ def test_aes_management_keys_big_rsa_and_retired_slots(
         mgmt_algorithm=mgmt_algorithm,
         mgmt_key=mgmt_key,
     )
-    inserted = rig.insert(piv)
-    try:
-        ident = make_identity(key_kind)
-        source = write_kubeconfig(tmp_path / "k.yaml", ident)
-        monkeypatch.setenv("YKP_MANAGEMENT_KEY", mgmt_key.hex())
-        code, stdout, stderr = run_cli(
-            *setup_args(source, tmp_path, "--slot", slot), capsys=capsys
-        )
-        assert (code, stderr) == (0, "")
-        assert stdout.startswith(f"Imported the {algorithm_name} key and certificate")
-        assert (
-            piv.slot_key(int(slot, 16)).private_numbers() == ident.key.private_numbers()
-        )
-        code, stdout, _ = run_cli("status", "--slot", slot, "--json", capsys=capsys)
-        report = json.loads(stdout)["cards"][0]["slots"][0]
-        assert (code, report["slot"], report["key"]["algorithm"]) == (
-            0,
-            slot,
-            algorithm_name,
-        )
-        assert report["certificate"]["matches_key"] is True
-    finally:
-        rig.remove(inserted)
+    cards(piv)
+    ident = make_identity(key_kind)
+    source = write_kubeconfig(tmp_path / "k.yaml", ident)
+    monkeypatch.setenv("YKP_MANAGEMENT_KEY", mgmt_key.hex())
+    code, stdout, stderr = run_cli(
+        *setup_args(source, tmp_path, "--slot", slot), capsys=capsys
+    )
+    assert (code, stderr) == (0, "")
+    assert stdout.startswith(f"Imported the {algorithm_name} key and certificate")
+    assert piv.slot_key(int(slot, 16)).private_numbers() == ident.key.private_numbers()
+    code, stdout, _ = run_cli("status", "--slot", slot, "--json", capsys=capsys)
+    report = json.loads(stdout)["cards"][0]["slots"][0]
+    assert (code, report["slot"], report["key"]["algorithm"]) == (
+        0,
+        slot,
+        algorithm_name,
+    )
+    assert report["certificate"]["matches_key"] is True
 
 
-def test_touch_policy_asks_for_a_touch(rig, tmp_path, capsys):
+def test_touch_policy_asks_for_a_touch(cards, tmp_path, capsys):
     touches = []
     piv = VirtualPiv(serial=61000006, touch=lambda slot: touches.append(slot) or True)
-    inserted = rig.insert(piv)
-    try:
-        source = write_kubeconfig(tmp_path / "k.yaml", make_identity())
-        code, _, stderr = run_cli(
-            *setup_args(source, tmp_path, "--touch-policy", "cached"), capsys=capsys
-        )
-        assert (code, stderr) == (0, "Touch your YubiKey now to prove the import...\n")
-        assert touches == [0x9A]
-        code, stdout, _ = run_cli("status", "--json", capsys=capsys)
-        assert (
-            json.loads(stdout)["cards"][0]["slots"][0]["key"]["touch_policy"]
-            == "cached"
-        )
-    finally:
-        rig.remove(inserted)
+    cards(piv)
+    source = write_kubeconfig(tmp_path / "k.yaml", make_identity())
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--touch-policy", "cached"), capsys=capsys
+    )
+    assert (code, stderr) == (0, "Touch your YubiKey now to prove the import...\n")
+    assert touches == [0x9A]
+    code, stdout, _ = run_cli("status", "--json", capsys=capsys)
+    assert json.loads(stdout)["cards"][0]["slots"][0]["key"]["touch_policy"] == "cached"
 
 
 def test_encrypted_key_and_missing_cluster(tmp_path, capsys):
@@ -7112,14 +7111,21 @@ class ProxyProcess:
             stdin=subprocess.DEVNULL,
             env=env,
         )
-        wait_until(
-            lambda: "listening on" in self.stderr() or self.process.poll() is not None,
-            30,
-            "the proxy to listen",
-        )
-        line = next((x for x in self.stderr().splitlines() if "listening on" in x), "")
-        if not line:
-            raise AssertionError(f"proxy did not start: {self.stderr()}")
+        try:
+            wait_until(
+                lambda: (
+                    "listening on" in self.stderr() or self.process.poll() is not None
+                ),
+                30,
+                "the proxy to listen",
+            )
+            lines = self.stderr().splitlines()
+            line = next((x for x in lines if "listening on" in x), "")
+            if not line:
+                raise AssertionError(f"proxy did not start: {self.stderr()}")
+        except AssertionError:
+            self.stop()  # never left running by a start that failed
+            raise
         self.port = int(line.split("://127.0.0.1:")[1].split()[0])
         self.client_config = workdir / f"client-{self.port}.yml"
         doc = yaml.safe_load((workdir / "client.yml").read_text())
@@ -7197,6 +7203,54 @@ def proxied(card57, cluster, tmp_path, capsys):
     capsys.readouterr()
     yield proxy
     proxy.stop()
+
+
+class Proxies:
+    """The ``proxies`` factory: every proxy it starts is stopped at teardown."""
+
+    def __init__(self, teardown: contextlib.ExitStack) -> None:
+        self._teardown = teardown
+
+    def __call__(self, workdir: Path, *extra: str, env=None) -> ProxyProcess:
+        """``proxy --kubeconfig workdir/proxy.yml *extra`` (see ProxyProcess)."""
+        return self._owned(lambda: ProxyProcess(workdir, *extra, env=env))
+
+    def setup(
+        self, cluster: Cluster, workdir: Path, *setup_extra: str, proxy_extra=()
+    ) -> ProxyProcess:
+        """``setup`` into workdir, then the proxy (see setup_and_proxy)."""
+        return self._owned(
+            lambda: setup_and_proxy(
+                cluster, workdir, *setup_extra, proxy_extra=proxy_extra
+            )
+        )
+
+    def _owned(self, start: Callable[[], ProxyProcess]) -> ProxyProcess:
+        proxy = start()
+        self._teardown.callback(proxy.stop)
+        return proxy
+
+
+@pytest.fixture
+def proxies():
+    """Factory: ``proxies(workdir, *extra)`` or ``proxies.setup(cluster, workdir,
+    *setup_extra)`` starts a ProxyProcess that is stopped at teardown."""
+    with contextlib.ExitStack() as teardown:
+        yield Proxies(teardown)
+
+
+@pytest.fixture
+def clusters():
+    """Factory: ``clusters(folder, **start_cluster options)`` starts a test API
+    server and its kubeconfig in folder; each is stopped at teardown."""
+    with contextlib.ExitStack() as teardown:
+
+        def start(folder: Path, **options) -> Cluster:
+            started = start_cluster(folder, **options)
+            teardown.callback(started.api.stop)
+            return started
+
+        yield start
 
 
 def test_kubectl_get_version_one_handshake_and_signature_per_request(
@@ -7420,40 +7474,24 @@ def test_fast_aead_is_the_record_layer_in_use(card57, cluster, tmp_path, capsys)
         (("1.3",), "p384"),
     ],
 )
-def test_tls_versions_and_key_types(card57, tmp_path, capsys, versions, kind):
-    cluster = start_cluster(tmp_path, kind=kind, tls_versions=versions)
-    try:
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 0, done.stderr
-            record = cluster.api.requests[-1]
-            assert (
-                record["tls_version"]
-                == {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}[versions[0]]
-            )
-            assert record["alpn"] == "http/1.1"
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+def test_tls_versions_and_key_types(
+    card57, clusters, proxies, tmp_path, capsys, versions, kind
+):
+    cluster = clusters(tmp_path, kind=kind, tls_versions=versions)
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    record = cluster.api.requests[-1]
+    assert record["tls_version"] == {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}[versions[0]]
+    assert record["alpn"] == "http/1.1"
 
 
-def test_path_prefix_is_kept(card57, tmp_path, capsys):
-    cluster = start_cluster(tmp_path, path_prefix="/k8s/clusters/c1")
-    try:
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 0, done.stderr
-            assert (
-                cluster.api.requests[-1]["path"]
-                == "/k8s/clusters/c1/version?timeout=30s"
-            )
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+def test_path_prefix_is_kept(card57, clusters, proxies, tmp_path, capsys):
+    cluster = clusters(tmp_path, path_prefix="/k8s/clusters/c1")
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    assert cluster.api.requests[-1]["path"] == "/k8s/clusters/c1/version?timeout=30s"
 
 
 # -- the API server is verified before the card signs ------------------------------
@@ -7463,95 +7501,75 @@ def status_error(done: subprocess.CompletedProcess) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
-def test_mitm_server_gets_zero_signatures(card57, tmp_path, capsys):
+def test_mitm_server_gets_zero_signatures(card57, clusters, proxies, tmp_path, capsys):
     # The proxy's kubeconfig trusts one CA; the server presents a certificate of another.
-    cluster = start_cluster(tmp_path)
-    try:
-        impostor_ca, _, _ = make_server_pki()
-        doc = yaml.safe_load(cluster.kubeconfig.read_text())
-        doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(
-            pem(impostor_ca)
-        )
-        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        signed = card57.sign_count
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 1
-            assert status_error(done) == (
-                "Error from server (BadGateway): the API server at 127.0.0.1:"
-                f"{cluster.api.port} presented a certificate we do not trust for "
-                "'127.0.0.1' (it is not signed by the cluster's CA): check the server URL, "
-                "certificate-authority and tls-server-name in the kubeconfig"
-            )
-            assert card57.sign_count == signed
-            assert cluster.api.requests == []
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+    cluster = clusters(tmp_path)
+    impostor_ca, _, _ = make_server_pki()
+    doc = yaml.safe_load(cluster.kubeconfig.read_text())
+    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(pem(impostor_ca))
+    cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    signed = card57.sign_count
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 1
+    assert status_error(done) == (
+        "Error from server (BadGateway): the API server at 127.0.0.1:"
+        f"{cluster.api.port} presented a certificate we do not trust for "
+        "'127.0.0.1' (it is not signed by the cluster's CA): check the server URL, "
+        "certificate-authority and tls-server-name in the kubeconfig"
+    )
+    assert card57.sign_count == signed
+    assert cluster.api.requests == []
 
 
-def test_wrong_host_name_gets_zero_signatures(card57, tmp_path, capsys):
-    cluster = start_cluster(tmp_path, **{"tls-server-name": "kubernetes.default"})
-    try:
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        signed = card57.sign_count
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 1
-            assert (
-                "presented a certificate we do not trust for 'kubernetes.default' "
-                "(leaf certificate has no matching subjectAltName)"
-            ) in status_error(done)
-            assert card57.sign_count == signed
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+def test_wrong_host_name_gets_zero_signatures(
+    card57, clusters, proxies, tmp_path, capsys
+):
+    cluster = clusters(tmp_path, **{"tls-server-name": "kubernetes.default"})
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    signed = card57.sign_count
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 1
+    assert (
+        "presented a certificate we do not trust for 'kubernetes.default' "
+        "(leaf certificate has no matching subjectAltName)"
+    ) in status_error(done)
+    assert card57.sign_count == signed
 
 
-def test_expired_server_certificate_is_refused(card57, tmp_path, capsys):
-    cluster = start_cluster(tmp_path, server_pki=make_server_pki(days=-1))
-    try:
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        signed = card57.sign_count
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert "(it expired on " in status_error(done)
-            assert card57.sign_count == signed
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+def test_expired_server_certificate_is_refused(
+    card57, clusters, proxies, tmp_path, capsys
+):
+    cluster = clusters(tmp_path, server_pki=make_server_pki(days=-1))
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    signed = card57.sign_count
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert "(it expired on " in status_error(done)
+    assert card57.sign_count == signed
 
 
-def test_client_certificate_rejected_by_the_server(card57, tmp_path, capsys):
-    cluster = start_cluster(tmp_path)
-    try:
-        # A client certificate from a CA the API server does not know.
-        other = make_identity()
-        doc = yaml.safe_load(cluster.kubeconfig.read_text())
-        doc["users"][0]["user"] = {
-            "client-certificate-data": b64(pem(other.cert)),
-            "client-key-data": b64(pem(other.key)),
-        }
-        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 1
-            assert status_error(done) == (
-                f"Error from server (BadGateway): the API server at 127.0.0.1:{cluster.api.port}"
-                " refused the YubiKey's client certificate (CN=system:admin,O=system:masters):"
-                " it may have expired or belong to another cluster; check it with "
-                "'yubikey-kube-proxy status' and run 'yubikey-kube-proxy setup' with a "
-                "current certificate"
-            )
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+def test_client_certificate_rejected_by_the_server(
+    card57, clusters, proxies, tmp_path, capsys
+):
+    cluster = clusters(tmp_path)
+    # A client certificate from a CA the API server does not know.
+    other = make_identity()
+    doc = yaml.safe_load(cluster.kubeconfig.read_text())
+    doc["users"][0]["user"] = {
+        "client-certificate-data": b64(pem(other.cert)),
+        "client-key-data": b64(pem(other.key)),
+    }
+    cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 1
+    assert status_error(done) == (
+        f"Error from server (BadGateway): the API server at 127.0.0.1:{cluster.api.port}"
+        " refused the YubiKey's client certificate (CN=system:admin,O=system:masters):"
+        " it may have expired or belong to another cluster; check it with "
+        "'yubikey-kube-proxy status' and run 'yubikey-kube-proxy setup' with a "
+        "current certificate"
+    )
 
 
 # -- the local side is not an open door ----------------------------------------------
@@ -7642,47 +7660,39 @@ def test_local_client_without_certificate_is_refused(proxied, cluster, card57):
     assert card57.sign_count == signed and cluster.api.requests == []
 
 
-def test_plain_http_mode_still_checks_host(card57, cluster, tmp_path, capsys):
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--plain-http")
-    try:
-        done = kubectl(proxy, "get", "--raw", "/version")
-        assert done.returncode == 0, done.stderr
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-            sock.sendall(
-                b"GET /version HTTP/1.1\r\nHost: attacker.example\r\n"
-                b"Connection: close\r\n\r\n"
-            )
-            answer = b"".join(iter(lambda: sock.recv(65536), b""))
-        assert response_status_and_body(answer)[0] == "HTTP/1.1 403 Forbidden"
-    finally:
-        proxy.stop()
+def test_plain_http_mode_still_checks_host(card57, proxies, cluster, tmp_path, capsys):
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--plain-http")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(
+            b"GET /version HTTP/1.1\r\nHost: attacker.example\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert response_status_and_body(answer)[0] == "HTTP/1.1 403 Forbidden"
 
 
 # -- the card goes away -------------------------------------------------------------
 
 
-def test_card_pulled_next_request_fails_fast(rig, cluster, tmp_path, capsys):
+def test_card_pulled_next_request_fails_fast(cards, proxies, cluster, tmp_path, capsys):
     piv = VirtualPiv(serial=71000007)
-    inserted = rig.insert(piv)
-    proxy = setup_and_proxy(cluster, tmp_path / "yk")
-    try:
-        assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
-        relayed = len(cluster.api.requests)
-        rig.remove(inserted)
-        started = time.monotonic()
-        done = kubectl(proxy, "get", "--raw", "/version")
-        elapsed = time.monotonic() - started
-        assert done.returncode == 1
-        assert status_error(done) == (
-            "Error from server (ServiceUnavailable): YubiKey not present in reader "
-            f"'{YUBIKEY_READER} 00 00' - insert it"
-        )
-        assert elapsed < 20, elapsed  # kubectl's retries included: no hang
-        assert len(cluster.api.requests) == relayed
-    finally:
-        proxy.stop()
-        if inserted.inserted:
-            rig.remove(inserted)
+    card = cards(piv)
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+    relayed = len(cluster.api.requests)
+    card.remove()
+    started = time.monotonic()
+    done = kubectl(proxy, "get", "--raw", "/version")
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1
+    assert status_error(done) == (
+        "Error from server (ServiceUnavailable): YubiKey not present in reader "
+        f"'{YUBIKEY_READER} 00 00' - insert it"
+    )
+    assert elapsed < 20, elapsed  # kubectl's retries included: no hang
+    assert len(cluster.api.requests) == relayed
 
 
 def test_proxy_start_errors(card57, cluster, tmp_path, capsys):
@@ -7723,9 +7733,9 @@ def test_proxy_start_errors(card57, cluster, tmp_path, capsys):
 # -- PIN in the proxy ---------------------------------------------------------------
 
 
-def test_proxy_with_pin_policy_once(card57, cluster, tmp_path, capsys):
+def test_proxy_with_pin_policy_once(card57, proxies, cluster, tmp_path, capsys):
     pins = pin_file(tmp_path, "123456")
-    proxy = setup_and_proxy(
+    proxy = proxies.setup(
         cluster,
         tmp_path / "yk",
         "--pin-policy",
@@ -7734,14 +7744,11 @@ def test_proxy_with_pin_policy_once(card57, cluster, tmp_path, capsys):
         str(pins),
         proxy_extra=("--pin-file", str(pins)),
     )
-    try:
-        for _ in range(2):
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 0, done.stderr
-        assert card57.pin_tries_left == 3
-        assert card57.sign_count - 1 == cluster.api.handshakes
-    finally:
-        proxy.stop()
+    for _ in range(2):
+        done = kubectl(proxy, "get", "--raw", "/version")
+        assert done.returncode == 0, done.stderr
+    assert card57.pin_tries_left == 3
+    assert card57.sign_count - 1 == cluster.api.handshakes
 
 
 def test_proxy_wrong_pin_fails_at_start_and_costs_one_try(
@@ -8807,13 +8814,15 @@ def test_go_apiserver_tls_server_names_go_accepts(
             assert done.returncode == 0, done.stderr
 
 
-def test_go_apiserver_client_hello_offers_what_go_offers(card57, tmp_path, capsys):
+def test_go_apiserver_client_hello_offers_what_go_offers(
+    card57, clusters, tmp_path, capsys
+):
     """The proxy's ClientHello, caught by a listener that answers nothing."""
     from tlslite.constants import CipherSuite
     from tlslite.messages import ClientHello
     from tlslite.utils.codec import Parser
 
-    cluster = start_cluster(tmp_path)
+    cluster = clusters(tmp_path)
     listener = socket.create_server(("127.0.0.1", 0))
     caught = []
 
@@ -8846,7 +8855,6 @@ def test_go_apiserver_client_hello_offers_what_go_offers(card57, tmp_path, capsy
         listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
         listener.close()
         thread.join(10)
-        cluster.api.stop()
     assert caught
     hello = ClientHello().parse(Parser(bytearray(caught[0][6:])))
     names = [CipherSuite.ietfNames.get(s, hex(s)) for s in hello.cipher_suites]
@@ -8970,36 +8978,33 @@ def test_sni_is_what_go_sends():
 
 
 def test_tls_server_name_that_can_never_match_is_refused_at_start(
-    card57, tmp_path, capsys
+    card57, clusters, tmp_path, capsys
 ):
-    cluster = start_cluster(tmp_path, **{"tls-server-name": "kübernetes.local"})
-    try:
-        assert (
-            yk.main(
-                [
-                    "setup",
-                    "--kubeconfig",
-                    str(cluster.kubeconfig),
-                    "--output-dir",
-                    str(tmp_path / "yk"),
-                ]
-            )
-            == 0
+    cluster = clusters(tmp_path, **{"tls-server-name": "kübernetes.local"})
+    assert (
+        yk.main(
+            [
+                "setup",
+                "--kubeconfig",
+                str(cluster.kubeconfig),
+                "--output-dir",
+                str(tmp_path / "yk"),
+            ]
         )
-        capsys.readouterr()
-        signed = card57.sign_count
-        code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")])
-        assert (code, capsys.readouterr().err) == (
-            1,
-            "yubikey-kube-proxy: error: the server name 'kübernetes.local' "
-            "(tls-server-name, or the host of the server URL) can never match a "
-            "certificate: write the host name or IP address that the API server's "
-            "certificate names\n",
-        )
-        assert card57.sign_count == signed
-        assert cluster.api.handshakes == 0
-    finally:
-        cluster.api.stop()
+        == 0
+    )
+    capsys.readouterr()
+    signed = card57.sign_count
+    code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")])
+    assert (code, capsys.readouterr().err) == (
+        1,
+        "yubikey-kube-proxy: error: the server name 'kübernetes.local' "
+        "(tls-server-name, or the host of the server URL) can never match a "
+        "certificate: write the host name or IP address that the API server's "
+        "certificate names\n",
+    )
+    assert card57.sign_count == signed
+    assert cluster.api.handshakes == 0
 
 
 def test_tickets_are_never_kept():
@@ -9051,26 +9056,23 @@ def hangup_relay(upstream_port: int):
 
 
 def test_hangup_after_our_signature_is_not_blamed_on_the_certificate(
-    card57, tmp_path, capsys
+    card57, clusters, tmp_path, capsys
 ):
-    cluster = start_cluster(tmp_path, tls_versions=("1.2",))
-    try:
-        with hangup_relay(cluster.api.port) as port:
-            doc = yaml.safe_load(cluster.kubeconfig.read_text())
-            doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
-            cluster.kubeconfig.write_text(yaml.safe_dump(doc))
-            with proxy_through(GoFront(None, port, cluster), tmp_path / "yk") as proxy:
-                signed = card57.sign_count
-                done = kubectl(proxy, "get", "--raw", "/version")
-                assert done.returncode == 1
-                assert status_error(done) == (
-                    f"Error from server (BadGateway): the API server at 127.0.0.1:{port} "
-                    "closed the connection during the TLS handshake: is it a Kubernetes "
-                    "API server?"
-                )
-                assert card57.sign_count > signed  # the card did sign
-    finally:
-        cluster.api.stop()
+    cluster = clusters(tmp_path, tls_versions=("1.2",))
+    with hangup_relay(cluster.api.port) as port:
+        doc = yaml.safe_load(cluster.kubeconfig.read_text())
+        doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
+        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+        with proxy_through(GoFront(None, port, cluster), tmp_path / "yk") as proxy:
+            signed = card57.sign_count
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 1
+            assert status_error(done) == (
+                f"Error from server (BadGateway): the API server at 127.0.0.1:{port} "
+                "closed the connection during the TLS handshake: is it a Kubernetes "
+                "API server?"
+            )
+            assert card57.sign_count > signed  # the card did sign
 
 
 # =============================================================================
@@ -9260,40 +9262,31 @@ def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
 
 
 @pytest.mark.parametrize("kind", ["p256", "rsa2048"])
-def test_fifty_concurrent_requests(rig, tmp_path, capsys, kind):
+def test_fifty_concurrent_requests(cards, clusters, proxies, tmp_path, capsys, kind):
     piv = VirtualPiv(serial=91000009)
-    inserted = rig.insert(piv)
-    cluster = start_cluster(tmp_path, kind=kind)
-    try:
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        try:
-            client = LocalClient(proxy)
-            signed = piv.sign_count
-            results: list[int] = []
-            threads = [
-                threading.Thread(
-                    target=lambda: results.append(client.get("/version")[0])
-                )
-                for _ in range(50)
-            ]
-            started = time.monotonic()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(120)
-            elapsed = time.monotonic() - started
-            FAULT_FIGURES.append(
-                f"50 concurrent requests, {kind}: {results.count(200)} ok "
-                f"in {elapsed:.2f} s, {piv.sign_count - signed} signatures,"
-                f" {cluster.api.handshakes} handshakes"
-            )
-            assert results == [200] * 50
-            assert piv.sign_count - signed == cluster.api.handshakes == 50
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
-        rig.remove(inserted)
+    cards(piv)
+    cluster = clusters(tmp_path, kind=kind)
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    client = LocalClient(proxy)
+    signed = piv.sign_count
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(client.get("/version")[0]))
+        for _ in range(50)
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    elapsed = time.monotonic() - started
+    FAULT_FIGURES.append(
+        f"50 concurrent requests, {kind}: {results.count(200)} ok "
+        f"in {elapsed:.2f} s, {piv.sign_count - signed} signatures,"
+        f" {cluster.api.handshakes} handshakes"
+    )
+    assert results == [200] * 50
+    assert piv.sign_count - signed == cluster.api.handshakes == 50
 
 
 def test_upstream_down_costs_no_signature(proxied_rig, cluster):
@@ -9317,30 +9310,27 @@ def silent_server() -> tuple[socket.socket, int]:
     return listener, listener.getsockname()[1]
 
 
-def test_upstream_handshake_timeout(card57, tmp_path, capsys):
+def test_upstream_handshake_timeout(card57, proxies, tmp_path, capsys):
     listener, port = silent_server()
     ident = make_identity()
     kubeconfig = write_kubeconfig(
         tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}"
     )
     try:
-        proxy = setup_and_proxy(
+        proxy = proxies.setup(
             types.SimpleNamespace(kubeconfig=kubeconfig),
             tmp_path / "yk",
             proxy_extra=("--handshake-timeout", "1"),
         )
-        try:
-            started = time.monotonic()
-            status, body = LocalClient(proxy).get("/version")
-            elapsed = time.monotonic() - started
-            assert status == 504
-            assert json.loads(body)["message"] == (
-                f"the TLS handshake with the API server at 127.0.0.1:{port} took longer "
-                "than 1 s"
-            )
-            assert elapsed < 10
-        finally:
-            proxy.stop()
+        started = time.monotonic()
+        status, body = LocalClient(proxy).get("/version")
+        elapsed = time.monotonic() - started
+        assert status == 504
+        assert json.loads(body)["message"] == (
+            f"the TLS handshake with the API server at 127.0.0.1:{port} took longer "
+            "than 1 s"
+        )
+        assert elapsed < 10
     finally:
         listener.close()
 
@@ -9408,7 +9398,7 @@ def test_client_leaving_mid_response_leaks_nothing(proxied_rig, cluster):
     assert state.client.get("/version")[0] == 200
 
 
-def test_upstream_closing_mid_response(card57, tmp_path, capsys):
+def test_upstream_closing_mid_response(card57, proxies, tmp_path, capsys):
     server_pki = make_server_pki()
     ident = make_identity()
     listener, port = truncating_server(server_pki, ident.ca_cert)
@@ -9421,41 +9411,40 @@ def test_upstream_closing_mid_response(card57, tmp_path, capsys):
     )
     kubeconfig.write_text(yaml.safe_dump(doc))
     try:
-        proxy = setup_and_proxy(
+        proxy = proxies.setup(
             types.SimpleNamespace(kubeconfig=kubeconfig), tmp_path / "yk"
         )
-        try:
-            client = LocalClient(proxy)
-            pid = proxy.process.pid
-            conn = client.connection()
-            conn.request("GET", "/version")
-            response = conn.getresponse()
-            assert response.status == 200
-            with pytest.raises(http.client.IncompleteRead) as short:
-                response.read()
-            conn.close()
-            assert len(short.value.partial) == 400_000
-            baseline = process_counts(pid)
-            for _ in range(3):
-                with contextlib.suppress(http.client.IncompleteRead):
-                    client.get("/version")
-            wait_for_counts(pid, baseline)
-            FAULT_FIGURES.append(
-                f"upstream hung up mid-response: client got "
-                f"{len(short.value.partial)} of 1000000 bytes, proxy "
-                f"threads/descriptors back to {process_counts(pid)}"
-            )
-        finally:
-            proxy.stop()
+        client = LocalClient(proxy)
+        pid = proxy.process.pid
+        conn = client.connection()
+        conn.request("GET", "/version")
+        response = conn.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead) as short:
+            response.read()
+        conn.close()
+        assert len(short.value.partial) == 400_000
+        baseline = process_counts(pid)
+        for _ in range(3):
+            with contextlib.suppress(http.client.IncompleteRead):
+                client.get("/version")
+        wait_for_counts(pid, baseline)
+        FAULT_FIGURES.append(
+            f"upstream hung up mid-response: client got "
+            f"{len(short.value.partial)} of 1000000 bytes, proxy "
+            f"threads/descriptors back to {process_counts(pid)}"
+        )
     finally:
         listener.close()
 
 
-def test_wrong_pin_file_costs_exactly_one_try(rig, cluster, tmp_path, capsys):
+def test_wrong_pin_file_costs_exactly_one_try(
+    cards, proxies, cluster, tmp_path, capsys
+):
     piv = VirtualPiv(serial=10100010)
-    inserted = rig.insert(piv)
+    cards(piv)
     pins = pin_file(tmp_path, "123456")
-    proxy = setup_and_proxy(
+    proxy = proxies.setup(
         cluster,
         tmp_path / "yk",
         "--pin-policy",
@@ -9464,39 +9453,33 @@ def test_wrong_pin_file_costs_exactly_one_try(rig, cluster, tmp_path, capsys):
         str(pins),
         proxy_extra=("--pin-file", str(pins)),
     )
-    try:
-        client = LocalClient(proxy)
-        assert client.get("/version")[0] == 200
-        pins.write_text("999999\n")
-        proxy.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
-        tries = piv.pin_tries_left
-        answers = [client.get("/version") for _ in range(6)]
-        FAULT_FIGURES.append(
-            f"wrong PIN file, 6 requests: the card's tries went {tries} -> "
-            f"{piv.pin_tries_left}"
-        )
-        assert {status for status, _ in answers} == {503}
-        assert piv.pin_tries_left == tries - 1
-        assert json.loads(answers[-1][1])["message"] == (
-            "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check the PIN "
-            "(or the PIN file) and try again (the proxy will not send it again: fix the PIN "
-            "or the PIN file, then reload the proxy with kill -HUP or 'systemctl --user "
-            "reload yubikey-kube-proxy', or restart it)"
-        )
-        pins.write_text("123456\n")
-        proxy.process.send_signal(signal.SIGHUP)
-        wait_until(
-            lambda: proxy.stderr().count("reloading") == 2, 10, "the second reload"
-        )
-        assert client.get("/version")[0] == 200
-        assert piv.pin_tries_left == 3
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    client = LocalClient(proxy)
+    assert client.get("/version")[0] == 200
+    pins.write_text("999999\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
+    tries = piv.pin_tries_left
+    answers = [client.get("/version") for _ in range(6)]
+    FAULT_FIGURES.append(
+        f"wrong PIN file, 6 requests: the card's tries went {tries} -> "
+        f"{piv.pin_tries_left}"
+    )
+    assert {status for status, _ in answers} == {503}
+    assert piv.pin_tries_left == tries - 1
+    assert json.loads(answers[-1][1])["message"] == (
+        "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check the PIN "
+        "(or the PIN file) and try again (the proxy will not send it again: fix the PIN "
+        "or the PIN file, then reload the proxy with kill -HUP or 'systemctl --user "
+        "reload yubikey-kube-proxy', or restart it)"
+    )
+    pins.write_text("123456\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: proxy.stderr().count("reloading") == 2, 10, "the second reload")
+    assert client.get("/version")[0] == 200
+    assert piv.pin_tries_left == 3
 
 
-def test_touch_slow_and_never(rig, cluster, tmp_path, capsys):
+def test_touch_slow_and_never(cards, proxies, cluster, tmp_path, capsys):
     touches = {"delay": 0.0, "given": True}
 
     def touch(slot):
@@ -9504,36 +9487,32 @@ def test_touch_slow_and_never(rig, cluster, tmp_path, capsys):
         return touches["given"]
 
     piv = VirtualPiv(serial=10200011, touch=touch)
-    inserted = rig.insert(piv)
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--touch-policy", "always")
-    try:
-        client = LocalClient(proxy)
-        touches["delay"] = 1.5
-        assert client.get("/version")[0] == 200
-        assert "WARNING: touch your YubiKey (YubiKey serial 10200011" in proxy.stderr()
-        touches.update(delay=2.0, given=False)  # the card's wait runs out
-        results: list[tuple[int, bytes]] = []
-        threads = [
-            threading.Thread(target=lambda: results.append(client.get("/version")))
-            for _ in range(2)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert [status for status, _ in results] == [
-            503,
-            503,
-        ]  # both answered, one by one
-        assert json.loads(results[0][1])["message"] == (
-            "the YubiKey refused to sign with slot 9a: the PIN was not verified or the key "
-            "was not touched in time"
-        )
-        touches.update(delay=0.0, given=True)
-        assert client.get("/version")[0] == 200
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    cards(piv)
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--touch-policy", "always")
+    client = LocalClient(proxy)
+    touches["delay"] = 1.5
+    assert client.get("/version")[0] == 200
+    assert "WARNING: touch your YubiKey (YubiKey serial 10200011" in proxy.stderr()
+    touches.update(delay=2.0, given=False)  # the card's wait runs out
+    results: list[tuple[int, bytes]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(client.get("/version")))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [status for status, _ in results] == [
+        503,
+        503,
+    ]  # both answered, one by one
+    assert json.loads(results[0][1])["message"] == (
+        "the YubiKey refused to sign with slot 9a: the PIN was not verified or the key "
+        "was not touched in time"
+    )
+    touches.update(delay=0.0, given=True)
+    assert client.get("/version")[0] == 200
 
 
 @pytest.mark.parametrize(
@@ -9729,65 +9708,54 @@ def test_card_reset_by_another_program_is_recovered(proxied_rig, rig):
 
 
 def test_insecure_skip_tls_verify_warns_at_start_and_in_status(
-    card57, tmp_path, capsys
+    card57, clusters, proxies, tmp_path, capsys
 ):
-    cluster = start_cluster(tmp_path, **{"insecure-skip-tls-verify": True})
-    try:
-        doc = yaml.safe_load(cluster.kubeconfig.read_text())
-        del doc["clusters"][0]["cluster"]["certificate-authority-data"]
-        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 0, done.stderr
-            assert f"WARNING: {yk.INSECURE_WARNING}\n" in proxy.stderr()
-        finally:
-            proxy.stop()
-        code, stdout, _ = run_cli(
-            "status", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml"), capsys=capsys
-        )
-        assert code == 0
-        assert stdout.endswith(f"warning: {yk.INSECURE_WARNING}\n")
-    finally:
-        cluster.api.stop()
+    cluster = clusters(tmp_path, **{"insecure-skip-tls-verify": True})
+    doc = yaml.safe_load(cluster.kubeconfig.read_text())
+    del doc["clusters"][0]["cluster"]["certificate-authority-data"]
+    cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    assert f"WARNING: {yk.INSECURE_WARNING}\n" in proxy.stderr()
+    code, stdout, _ = run_cli(
+        "status", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml"), capsys=capsys
+    )
+    assert code == 0
+    assert stdout.endswith(f"warning: {yk.INSECURE_WARNING}\n")
 
 
 def test_reuse_while_present_one_signature_per_local_connection(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
     piv = VirtualPiv(serial=10300012)
-    inserted = rig.insert(piv)
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--reuse-while-present")
-    try:
-        client = LocalClient(proxy)
-        signed = piv.sign_count
-        conn = client.connection()  # one local connection, as one kubectl run keeps
-        for _ in range(4):
-            conn.request("GET", "/version")
-            response = conn.getresponse()
-            assert response.status == 200
-            response.read()
-        assert (piv.sign_count - signed, cluster.api.handshakes) == (1, 1)
-        done = kubectl(proxy, "get", "pods")
-        assert done.returncode == 0, done.stderr
-        per_kubectl = piv.sign_count - signed - 1
-        FAULT_FIGURES.append(
-            f"--reuse-while-present: 4 requests on one local connection, 1 "
-            f"signature; kubectl get pods: {per_kubectl} signatures"
-        )
-        # The card goes away: the next request on the kept connection fails at once.
-        rig.remove(inserted)
+    card = cards(piv)
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--reuse-while-present")
+    client = LocalClient(proxy)
+    signed = piv.sign_count
+    conn = client.connection()  # one local connection, as one kubectl run keeps
+    for _ in range(4):
         conn.request("GET", "/version")
         response = conn.getresponse()
-        assert response.status == 503
-        assert json.loads(response.read())["message"] == (
-            f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it"
-        )
-        conn.close()
-    finally:
-        proxy.stop()
-        if inserted.inserted:
-            rig.remove(inserted)
+        assert response.status == 200
+        response.read()
+    assert (piv.sign_count - signed, cluster.api.handshakes) == (1, 1)
+    done = kubectl(proxy, "get", "pods")
+    assert done.returncode == 0, done.stderr
+    per_kubectl = piv.sign_count - signed - 1
+    FAULT_FIGURES.append(
+        f"--reuse-while-present: 4 requests on one local connection, 1 "
+        f"signature; kubectl get pods: {per_kubectl} signatures"
+    )
+    # The card goes away: the next request on the kept connection fails at once.
+    card.remove()
+    conn.request("GET", "/version")
+    response = conn.getresponse()
+    assert response.status == 503
+    assert json.loads(response.read())["message"] == (
+        f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it"
+    )
+    conn.close()
 
 
 # =============================================================================
@@ -9835,7 +9803,7 @@ OTHER_KUBECONFIG = {
 
 
 def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
-    rig, tmp_path, capsys, monkeypatch
+    cards, clusters, proxies, tmp_path, capsys, monkeypatch
 ):
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -9846,157 +9814,145 @@ def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
     config.write_text(original)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    alpha = start_cluster(tmp_path / "a", subject="CN=alice,O=team-alpha")
-    beta = start_cluster(tmp_path / "b", subject="CN=bob,O=team-beta")
+    alpha = clusters(tmp_path / "a", subject="CN=alice,O=team-alpha")
+    beta = clusters(tmp_path / "b", subject="CN=bob,O=team-beta")
     piv_a, piv_b = VirtualPiv(serial=11100001), VirtualPiv(serial=11100002)
-    card_a, card_b = rig.insert(piv_a, 0), rig.insert(piv_b, 1)
-    proxies: list[ProxyProcess] = []
+    cards(piv_a, 0), cards(piv_b, 1)
+    started: list[ProxyProcess] = []
     port = free_port_pair()  # not 8080 and 8081: CI's machine may use them
-    try:
-        # Both source kubeconfigs call their context 'default': --name tells them apart.
-        code, stdout, stderr = run_cli(
-            "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "alpha",
-            "--serial", "11100001", "--port", str(port), "--merge", capsys=capsys,
-        )  # fmt: skip
-        assert (code, stderr) == (0, "")
-        assert (
-            f"Merged context, cluster and user 'alpha' into {config} (current-context "
-            f"unchanged; a file that was there is kept as {config}.bak); "
-            "'yubikey-kube-proxy unmerge alpha' removes them.\n"
-        ) in stdout
-        after_alpha = config.read_text()
-        code, stdout, stderr = run_cli(
-            "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
-            "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
-            "--merge", str(config), "--use-context", capsys=capsys,
-        )  # fmt: skip
-        assert (code, stderr) == (0, "")
-        assert "  2. kubectl --context beta get nodes\n" in stdout
-        folders = {n: home / ".kube" / "yubikey" / n for n in ("alpha", "beta")}
-        servers = {
-            n: read_yaml(f / "client.yml")["clusters"][0]["cluster"]["server"]
-            for n, f in folders.items()
-        }
-        assert servers == {
-            "alpha": f"https://127.0.0.1:{port}",
-            "beta": f"https://127.0.0.1:{port + 1}",
-        }
-        # The merged kubeconfig: the other entries and their order kept, 0600, backup.
-        merged = read_yaml(config)
-        assert entry_names(merged) == [["other", "alpha", "beta"]] * 3
-        assert merged["current-context"] == "beta"
-        for kind in ("clusters", "contexts", "users"):
-            assert merged[kind][0] == OTHER_KUBECONFIG[kind][0]
-        client_beta = read_yaml(folders["beta"] / "client.yml")
-        for kind in ("clusters", "users"):
-            assert merged[kind][2] == client_beta[kind][0]
-        context = copy.deepcopy(client_beta["contexts"][0])
-        context["context"]["extensions"][0]["extension"].update(
-            {"previous-current-context": "other"}
-        )
-        assert merged["contexts"][2] == context
-        assert context["context"]["extensions"][0]["extension"] == {
-            "proxy-config": str(folders["beta"] / "proxy.yml"),
-            "previous-current-context": "other",
-        }
-        assert stat.S_IMODE(config.stat().st_mode) == 0o600
-        assert (home / ".kube" / "config.bak").read_text() == after_alpha
-        assert stat.S_IMODE((home / ".kube" / "config.bak").stat().st_mode) == 0o600
-        # status with a proxy.yml reports that proxy's card and slot only.
-        code, stdout, _ = run_cli(
-            "status", "--kubeconfig", str(folders["beta"] / "proxy.yml"), "--json",
-            capsys=capsys,
-        )  # fmt: skip
-        report = json.loads(stdout)["cards"]
-        assert code == 0
-        assert [(r["serial"], [s["slot"] for s in r["slots"]]) for r in report] == [
-            (11100002, ["9c"])
+    # Both source kubeconfigs call their context 'default': --name tells them apart.
+    code, stdout, stderr = run_cli(
+        "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "alpha",
+        "--serial", "11100001", "--port", str(port), "--merge", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    assert (
+        f"Merged context, cluster and user 'alpha' into {config} (current-context "
+        f"unchanged; a file that was there is kept as {config}.bak); "
+        "'yubikey-kube-proxy unmerge alpha' removes them.\n"
+    ) in stdout
+    after_alpha = config.read_text()
+    code, stdout, stderr = run_cli(
+        "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
+        "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
+        "--merge", str(config), "--use-context", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    assert "  2. kubectl --context beta get nodes\n" in stdout
+    folders = {n: home / ".kube" / "yubikey" / n for n in ("alpha", "beta")}
+    servers = {
+        n: read_yaml(f / "client.yml")["clusters"][0]["cluster"]["server"]
+        for n, f in folders.items()
+    }
+    assert servers == {
+        "alpha": f"https://127.0.0.1:{port}",
+        "beta": f"https://127.0.0.1:{port + 1}",
+    }
+    # The merged kubeconfig: the other entries and their order kept, 0600, backup.
+    merged = read_yaml(config)
+    assert entry_names(merged) == [["other", "alpha", "beta"]] * 3
+    assert merged["current-context"] == "beta"
+    for kind in ("clusters", "contexts", "users"):
+        assert merged[kind][0] == OTHER_KUBECONFIG[kind][0]
+    client_beta = read_yaml(folders["beta"] / "client.yml")
+    for kind in ("clusters", "users"):
+        assert merged[kind][2] == client_beta[kind][0]
+    context = copy.deepcopy(client_beta["contexts"][0])
+    context["context"]["extensions"][0]["extension"].update(
+        {"previous-current-context": "other"}
+    )
+    assert merged["contexts"][2] == context
+    assert context["context"]["extensions"][0]["extension"] == {
+        "proxy-config": str(folders["beta"] / "proxy.yml"),
+        "previous-current-context": "other",
+    }
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert (home / ".kube" / "config.bak").read_text() == after_alpha
+    assert stat.S_IMODE((home / ".kube" / "config.bak").stat().st_mode) == 0o600
+    # status with a proxy.yml reports that proxy's card and slot only.
+    code, stdout, _ = run_cli(
+        "status", "--kubeconfig", str(folders["beta"] / "proxy.yml"), "--json",
+        capsys=capsys,
+    )  # fmt: skip
+    report = json.loads(stdout)["cards"]
+    assert code == 0
+    assert [(r["serial"], [s["slot"] for s in r["slots"]]) for r in report] == [
+        (11100002, ["9c"])
+    ]
+    assert report[0]["slots"][0]["certificate"]["subject"] == "CN=bob,O=team-beta"
+    signed = (piv_a.sign_count, piv_b.sign_count)
+    for name, listen in (("alpha", port), ("beta", port + 1)):
+        started.append(proxies(folders[name], "--listen", f"127.0.0.1:{listen}"))
+    sides = f"{folders['alpha'] / 'client.yml'}:{folders['beta'] / 'client.yml'}"
+    assert [
+        whoami(sides, "--context", "alpha"),  # 1. side files in KUBECONFIG
+        whoami(sides, "--context", "beta"),
+        whoami(sides),  # the first file's current-context
+        whoami(str(config), "--context", "alpha"),  # 2. merged, other entries
+        whoami(str(config)),  # 3. --use-context made beta current
+    ] == ["alice", "bob", "alice", "alice", "bob"]
+    reviews = {
+        name: [r.client_subject for r in api.requests if "selfsubjectreviews" in r.path]
+        for name, api in (("alpha", alpha.api), ("beta", beta.api))
+    }
+    assert reviews == {
+        "alpha": ["CN=alice,O=team-alpha"] * 3,
+        "beta": ["CN=bob,O=team-beta"] * 2,
+    }
+    assert (piv_a.sign_count - signed[0], piv_b.sign_count - signed[1]) == (
+        alpha.api.handshakes,
+        beta.api.handshakes,
+    )
+    for proxy in started:
+        proxy.stop()
+    # Merging again replaces the entries in place, keeps what --use-context
+    # replaced, and the same client.yml merged twice changes no byte.
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
+        "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
+        "--force", "--merge", "--use-context", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    again = read_yaml(config)
+    assert entry_names(again) == [["other", "alpha", "beta"]] * 3
+    assert (
+        again["contexts"][2]["context"]["extensions"][0]["extension"][
+            "previous-current-context"
         ]
-        assert report[0]["slots"][0]["certificate"]["subject"] == "CN=bob,O=team-beta"
-        signed = (piv_a.sign_count, piv_b.sign_count)
-        for name, listen in (("alpha", port), ("beta", port + 1)):
-            proxies.append(
-                ProxyProcess(folders[name], "--listen", f"127.0.0.1:{listen}")
-            )
-        sides = f"{folders['alpha'] / 'client.yml'}:{folders['beta'] / 'client.yml'}"
-        assert [
-            whoami(sides, "--context", "alpha"),  # 1. side files in KUBECONFIG
-            whoami(sides, "--context", "beta"),
-            whoami(sides),  # the first file's current-context
-            whoami(str(config), "--context", "alpha"),  # 2. merged, other entries
-            whoami(str(config)),  # 3. --use-context made beta current
-        ] == ["alice", "bob", "alice", "alice", "bob"]
-        reviews = {
-            name: [
-                r.client_subject for r in api.requests if "selfsubjectreviews" in r.path
-            ]
-            for name, api in (("alpha", alpha.api), ("beta", beta.api))
-        }
-        assert reviews == {
-            "alpha": ["CN=alice,O=team-alpha"] * 3,
-            "beta": ["CN=bob,O=team-beta"] * 2,
-        }
-        assert (piv_a.sign_count - signed[0], piv_b.sign_count - signed[1]) == (
-            alpha.api.handshakes,
-            beta.api.handshakes,
-        )
-        for proxy in proxies:
-            proxy.stop()
-        # Merging again replaces the entries in place, keeps what --use-context
-        # replaced, and the same client.yml merged twice changes no byte.
-        code, _, stderr = run_cli(
-            "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
-            "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
-            "--force", "--merge", "--use-context", capsys=capsys,
-        )  # fmt: skip
+        == "other"
+    )
+    before = config.read_bytes()
+    yk.merge_client(config, read_yaml(folders["beta"] / "client.yml"), True)
+    assert config.read_bytes() == before
+    # An entry of that name that we did not write is never replaced.
+    signed = piv_a.sign_count
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "other",
+        "--serial", "11100001", "--force", "--merge", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {config} already has a cluster named 'other' "
+        "that yubikey-kube-proxy did not write: choose another --name\n",
+    )
+    assert config.read_bytes() == before and piv_a.sign_count == signed
+    assert not (home / ".kube" / "yubikey" / "other").exists()
+    # unmerge removes exactly what merge added.
+    for name in ("alpha", "beta"):
+        code, stdout, stderr = run_cli("unmerge", name, capsys=capsys)
         assert (code, stderr) == (0, "")
-        again = read_yaml(config)
-        assert entry_names(again) == [["other", "alpha", "beta"]] * 3
-        assert (
-            again["contexts"][2]["context"]["extensions"][0]["extension"][
-                "previous-current-context"
-            ]
-            == "other"
+        assert stdout == (
+            f"Removed {name!r} (cluster, context, user) from {config} "
+            f"(the previous file is {config}.bak).\n"
         )
-        before = config.read_bytes()
-        yk.merge_client(config, read_yaml(folders["beta"] / "client.yml"), True)
-        assert config.read_bytes() == before
-        # An entry of that name that we did not write is never replaced.
-        signed = piv_a.sign_count
-        code, _, stderr = run_cli(
-            "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "other",
-            "--serial", "11100001", "--force", "--merge", capsys=capsys,
-        )  # fmt: skip
-        assert (code, stderr) == (
-            1,
-            f"yubikey-kube-proxy: error: {config} already has a cluster named 'other' "
-            "that yubikey-kube-proxy did not write: choose another --name\n",
-        )
-        assert config.read_bytes() == before and piv_a.sign_count == signed
-        assert not (home / ".kube" / "yubikey" / "other").exists()
-        # unmerge removes exactly what merge added.
-        for name in ("alpha", "beta"):
-            code, stdout, stderr = run_cli("unmerge", name, capsys=capsys)
-            assert (code, stderr) == (0, "")
-            assert stdout == (
-                f"Removed {name!r} (cluster, context, user) from {config} "
-                f"(the previous file is {config}.bak).\n"
-            )
-        assert config.read_text() == original
-        code, _, stderr = run_cli("unmerge", "beta", capsys=capsys)
-        assert (code, stderr) == (
-            1,
-            f"yubikey-kube-proxy: error: {config} has no context, cluster or user named "
-            "'beta' that yubikey-kube-proxy merged: check the name (kubectl config "
-            "get-contexts)\n",
-        )
-    finally:
-        for proxy in proxies:
-            proxy.stop()
-        alpha.api.stop()
-        beta.api.stop()
-        rig.remove(card_a, 0)
-        rig.remove(card_b, 1)
+    assert config.read_text() == original
+    code, _, stderr = run_cli("unmerge", "beta", capsys=capsys)
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {config} has no context, cluster or user named "
+        "'beta' that yubikey-kube-proxy merged: check the name (kubectl config "
+        "get-contexts)\n",
+    )
 
 
 @pytest.mark.parametrize(
@@ -10608,7 +10564,7 @@ def test_notifications_fit_the_platform(tmp_path, capsys, monkeypatch, platform)
 
 
 def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
-    rig, cluster, tmp_path, capsys
+    cards, cluster, tmp_path, capsys
 ):
     import shlex
 
@@ -10619,47 +10575,44 @@ def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
         return prompted.wait(60) if waiting["on"] else True
 
     piv = VirtualPiv(serial=11100003, touch=touch)
-    inserted = rig.insert(piv)
-    try:
-        out = tmp_path / "yk"
-        assert (
-            run_cli(
-                *setup_args(cluster.kubeconfig, out, "--touch-policy", "always"),
-                capsys=capsys,
-            )[0]
-            == 0
-        )
-        waiting["on"] = True
-        tools = fake_programs(tmp_path / "bin", "notify-send")
-        command = shlex.join(
-            [
-                sys.executable, str(HERE / "yk_kube_proxy.py"), "shell", "--notify",
-                "--kubeconfig", str(out / "proxy.yml"), "--", "kubectl", "get",
-                "--raw", "/version", "--request-timeout", "60s",
-            ]
-        )  # fmt: skip
-        err = tmp_path / "shell.err"
-        terminal = subprocess.Popen(  # a pseudo-terminal, as a person's
-            ["script", "-qefc", f"{command} 2>{shlex.quote(str(err))}", "/dev/null"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"},
-        )
-        shown = bytearray()
+    cards(piv)
+    out = tmp_path / "yk"
+    assert (
+        run_cli(
+            *setup_args(cluster.kubeconfig, out, "--touch-policy", "always"),
+            capsys=capsys,
+        )[0]
+        == 0
+    )
+    waiting["on"] = True
+    tools = fake_programs(tmp_path / "bin", "notify-send")
+    command = shlex.join(
+        [
+            sys.executable, str(HERE / "yk_kube_proxy.py"), "shell", "--notify",
+            "--kubeconfig", str(out / "proxy.yml"), "--", "kubectl", "get",
+            "--raw", "/version", "--request-timeout", "60s",
+        ]
+    )  # fmt: skip
+    err = tmp_path / "shell.err"
+    terminal = subprocess.Popen(  # a pseudo-terminal, as a person's
+        ["script", "-qefc", f"{command} 2>{shlex.quote(str(err))}", "/dev/null"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"},
+    )
+    shown = bytearray()
 
-        def read():
-            while chunk := os.read(terminal.stdout.fileno(), 65536):
-                shown.extend(chunk)
-                if b"to approve a kubectl request" in shown:
-                    prompted.set()
+    def read():
+        while chunk := os.read(terminal.stdout.fileno(), 65536):
+            shown.extend(chunk)
+            if b"to approve a kubectl request" in shown:
+                prompted.set()
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        assert terminal.wait(120) == 0, (bytes(shown), err.read_text())
-        reader.join(10)
-        terminal.stdin.close()
-    finally:
-        rig.remove(inserted)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert terminal.wait(120) == 0, (bytes(shown), err.read_text())
+    reader.join(10)
+    terminal.stdin.close()
     message = (
         "touch your YubiKey (YubiKey serial 11100003 (firmware 5.7.1) in reader "
         f"'{YUBIKEY_READER} 00 00') to approve a kubectl request"
@@ -10678,24 +10631,19 @@ def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
 
 
 def test_proxy_says_at_start_when_notify_cannot_notify(
-    card57, cluster, tmp_path, capsys
+    card57, proxies, cluster, tmp_path, capsys
 ):
     assert (
         run_cli(*setup_args(cluster.kubeconfig, tmp_path / "yk"), capsys=capsys)[0] == 0
     )
     empty = tmp_path / "empty"
     empty.mkdir()
-    proxy = ProxyProcess(
-        tmp_path / "yk", "--notify", env={**os.environ, "PATH": str(empty)}
+    proxy = proxies(tmp_path / "yk", "--notify", env={**os.environ, "PATH": str(empty)})
+    assert proxy.stderr().startswith(
+        "yubikey-kube-proxy: WARNING: --notify: notify-send was not found (Debian "
+        "and Ubuntu: install libnotify-bin), so touch prompts only go to this log: "
+        "fix that or drop --notify\n"
     )
-    try:
-        assert proxy.stderr().startswith(
-            "yubikey-kube-proxy: WARNING: --notify: notify-send was not found (Debian "
-            "and Ubuntu: install libnotify-bin), so touch prompts only go to this log: "
-            "fix that or drop --notify\n"
-        )
-    finally:
-        proxy.stop()
 
 
 def test_verbose_before_or_after_the_command(tmp_path, capsys):
@@ -10994,7 +10942,7 @@ def slot_certificate(piv: "VirtualPiv", slot: int = 0x9A) -> x509.Certificate:
 
 
 def test_enroll_with_approval_then_kubectl_as_the_new_user(
-    card57, csr_cluster, tmp_path, capsys
+    card57, proxies, csr_cluster, tmp_path, capsys
 ):
     code, stdout, stderr = run_cli(
         *enroll_args(csr_cluster, tmp_path / "yk", "--approve", "--expiration", "2h"),
@@ -11023,13 +10971,10 @@ def test_enroll_with_approval_then_kubectl_as_the_new_user(
         json.loads(stdout)["cards"][0]["slots"][0]["key"]["origin"]
         == "generated on card"
     )
-    proxy = ProxyProcess(tmp_path / "yk")
-    try:
-        done = kubectl(proxy, "get", "--raw", "/version")
-        assert done.returncode == 0, done.stderr
-        assert csr_cluster.api.requests[-1]["client_subject"] == "CN=alice,O=dev"
-    finally:
-        proxy.stop()
+    proxy = proxies(tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    assert csr_cluster.api.requests[-1]["client_subject"] == "CN=alice,O=dev"
 
 
 def test_enroll_waits_for_an_outside_approval(card57, csr_cluster, tmp_path, capsys):
@@ -11258,49 +11203,48 @@ def test_enroll_reports_a_shortened_lifetime(card57, csr_cluster, tmp_path, caps
 
 @pytest.mark.parametrize("versions", [("1.2",), ("1.3",)])
 @pytest.mark.parametrize("cipher", ["aes128gcm", "aes256gcm", "chacha20-poly1305"])
-def test_fast_record_reader_matches_tlslite(card57, tmp_path, capsys, versions, cipher):
+def test_fast_record_reader_matches_tlslite(
+    card57, clusters, tmp_path, capsys, versions, cipher
+):
     """Application data is decrypted by our reader, everything else by tlslite; the
     bytes must be exactly what the server sent, in every suite and version."""
-    cluster = start_cluster(tmp_path, tls_versions=versions)
+    cluster = clusters(tmp_path, tls_versions=versions)
+    assert (
+        yk.main(
+            [
+                "setup",
+                "--kubeconfig",
+                str(cluster.kubeconfig),
+                "--output-dir",
+                str(tmp_path / "yk"),
+            ]
+        )
+        == 0
+    )
+    args = yk.build_parser().parse_args(
+        ["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")]
+    )
+    card = yk.open_card()
     try:
-        assert (
-            yk.main(
-                [
-                    "setup",
-                    "--kubeconfig",
-                    str(cluster.kubeconfig),
-                    "--output-dir",
-                    str(tmp_path / "yk"),
-                ]
-            )
-            == 0
-        )
-        args = yk.build_parser().parse_args(
-            ["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")]
-        )
-        card = yk.open_card()
-        try:
-            upstream = yk.build_upstream(yk.proxy_settings(args), card, args)
-            upstream.settings.cipherNames = [cipher]
-            for path, size in (
-                ("/bytes?n=3000000", 3_000_000),
-                ("/chunked?n=1000000", 1_000_000),
-            ):
-                link = http.client.HTTPConnection("127.0.0.1")
-                link.sock = upstream.connect()
-                try:
-                    link.request("GET", path)
-                    response = link.getresponse()
-                    body = response.read()
-                    assert link.sock.conn.getCipherName() == cipher
-                    assert body == expected_bytes(size)
-                    assert link.sock.stream.fast_records >= size // 16384
-                finally:
-                    link.sock.release()
-        finally:
-            card.close()
+        upstream = yk.build_upstream(yk.proxy_settings(args), card, args)
+        upstream.settings.cipherNames = [cipher]
+        for path, size in (
+            ("/bytes?n=3000000", 3_000_000),
+            ("/chunked?n=1000000", 1_000_000),
+        ):
+            link = http.client.HTTPConnection("127.0.0.1")
+            link.sock = upstream.connect()
+            try:
+                link.request("GET", path)
+                response = link.getresponse()
+                body = response.read()
+                assert link.sock.conn.getCipherName() == cipher
+                assert body == expected_bytes(size)
+                assert link.sock.stream.fast_records >= size // 16384
+            finally:
+                link.sock.release()
     finally:
-        cluster.api.stop()
+        card.close()
 
 
 def test_enroll_binds_a_cluster_role(card57, csr_cluster, tmp_path, capsys):
