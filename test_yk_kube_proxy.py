@@ -1979,6 +1979,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             traceback.print_exc()
             self.close_connection = True
             self.send_status(500, "InternalError", f"fake apiserver error: {exc!r}")
+        finally:
+            fake._stream_ended(self)
 
     def _read_body(self) -> bytes:
         """Read a Content-Length or chunked request body."""
@@ -2018,6 +2020,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def start_chunked(self, ctype: str) -> None:
         """Start a chunked streaming response."""
+        self.server.fake._stream_started(self)
         self.send_response(200)
         self.send_header("Content-Type", ctype)
         self.send_header("Transfer-Encoding", "chunked")
@@ -2032,6 +2035,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def end_chunked(self) -> None:
         """Write the terminating chunk."""
         self.wfile.write(b"0\r\n\r\n")
+        self.server.fake._stream_ended(self)
 
     def wants_table(self) -> bool:
         """True when the Accept header asks for a meta.k8s.io Table."""
@@ -3061,6 +3065,8 @@ class FakeApiServer:
         self._conns: set = set()
         self._threads: list[threading.Thread] = []
         self._stop_event = threading.Event()
+        self._streams = 0  # chunked responses not yet ended
+        self._streams_ended = threading.Condition(self._lock)
         self._server: _TCPServer | None = None
         self._serve_thread: threading.Thread | None = None
 
@@ -3091,7 +3097,8 @@ class FakeApiServer:
         self.state.stop()
         self._server.shutdown()
         self._server.server_close()
-        time.sleep(0.05)  # let streams write their terminating chunk
+        with self._streams_ended:  # woken by stop, streams write their last chunk
+            self._streams_ended.wait_for(lambda: self._streams == 0, JOIN_TIMEOUT)
         with self._lock:
             conns, threads = list(self._conns), list(self._threads)
         for sock in conns:
@@ -3122,6 +3129,19 @@ class FakeApiServer:
         with self._lock:
             self._handshakes += 1
             self._conns.add(sock)
+
+    def _stream_started(self, h: _Handler) -> None:
+        with self._lock:
+            h.streaming = True
+            self._streams += 1
+
+    def _stream_ended(self, h: _Handler) -> None:
+        """Count a stream as ended (once: after its last chunk or its error)."""
+        with self._lock:
+            if getattr(h, "streaming", False):
+                h.streaming = False
+                self._streams -= 1
+                self._streams_ended.notify_all()
 
     def _conn_closed(self, sock) -> None:
         """Forget a connection."""
@@ -9246,10 +9266,13 @@ def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
     worker = threading.Thread(
         target=lambda: results.append(state.client.get("/version"))
     )
+    apdus = len(state.piv.apdu_log)
     started = time.monotonic()
     worker.start()
-    time.sleep(1.0)  # the other program holds the card for a while
+    # Not a wait for an event: the length of the other program's transaction.
+    time.sleep(1.0)
     assert results == []  # the request waits for the card
+    assert len(state.piv.apdu_log) == apdus  # and sends it nothing meanwhile
     scard.SCardEndTransaction(handle, scard.SCARD_LEAVE_CARD)
     worker.join(30)
     scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
