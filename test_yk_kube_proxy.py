@@ -8615,6 +8615,7 @@ def our_verdict(case: CorpusCase) -> str:
     return ""
 
 
+@pytest.mark.go
 def test_go_differential_corpus(go_build):
     corpus = go_corpus()
     assert len(corpus) >= 80
@@ -8743,6 +8744,7 @@ def proxy_through(front: GoFront, workdir: Path):
         proxy.stop()
 
 
+@pytest.mark.go
 @pytest.mark.parametrize(
     "max_version, serving",
     [("1.2", "p256"), ("1.3", "p256"), ("1.2", "rsa2048"), ("1.3", "rsa2048")],
@@ -8790,6 +8792,7 @@ def test_go_apiserver_kubectl_requests(
                 }, ciphers
 
 
+@pytest.mark.go
 @pytest.mark.parametrize("max_version, serving", [("1.3", "p256"), ("1.2", "rsa2048")])
 def test_go_apiserver_streams_exec_and_writes(
     card57, tmp_path, capsys, go_build, max_version, serving
@@ -8821,6 +8824,7 @@ def test_go_apiserver_streams_exec_and_writes(
             )
 
 
+@pytest.mark.go
 @pytest.mark.parametrize("name", ["localhost.", "my_host.example"])
 def test_go_apiserver_tls_server_names_go_accepts(
     card57, tmp_path, capsys, go_build, name
@@ -8834,6 +8838,7 @@ def test_go_apiserver_tls_server_names_go_accepts(
             assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.go
 def test_go_apiserver_client_hello_offers_what_go_offers(
     card57, clusters, tmp_path, capsys
 ):
@@ -8922,6 +8927,7 @@ def refused_by_us(front: GoFront, proxy: ProxyProcess, card, expected: str) -> N
     assert front.cluster.api.requests == []
 
 
+@pytest.mark.go
 @pytest.mark.parametrize("kind", ["static RSA", "ECDHE TLS 1.2", "TLS 1.3"])
 def test_go_impostor_with_the_genuine_certificate_gets_no_signature(
     card57, tmp_path, capsys, go_build, kind
@@ -8947,6 +8953,7 @@ def test_go_impostor_with_the_genuine_certificate_gets_no_signature(
             refused_by_us(front, proxy, card57, expected)
 
 
+@pytest.mark.go
 def test_go_apiserver_with_tls_1_1_only_gets_no_signature(
     card57, tmp_path, capsys, go_build
 ):
@@ -8961,6 +8968,7 @@ def test_go_apiserver_with_tls_1_1_only_gets_no_signature(
             )
 
 
+@pytest.mark.go
 @pytest.mark.parametrize("kind", ["foreign CA", "wrong name", "expired"])
 def test_go_apiserver_we_refuse_gets_no_signature(
     card57, tmp_path, capsys, go_build, kind
@@ -8983,6 +8991,7 @@ def test_go_apiserver_we_refuse_gets_no_signature(
             refused_by_us(front, proxy, card57, expected)
 
 
+@pytest.mark.go
 def test_sni_is_what_go_sends():
     parse = yk.UpstreamAddress.parse
     assert parse("https://10.0.0.1:6443", None).sni is None
@@ -8997,6 +9006,7 @@ def test_sni_is_what_go_sends():
     )
 
 
+@pytest.mark.go
 def test_tls_server_name_that_can_never_match_is_refused_at_start(
     card57, clusters, tmp_path, capsys
 ):
@@ -9027,6 +9037,7 @@ def test_tls_server_name_that_can_never_match_is_refused_at_start(
     assert cluster.api.handshakes == 0
 
 
+@pytest.mark.go
 def test_tickets_are_never_kept():
     left, right = socket.socketpair()
     with left, right:
@@ -9075,6 +9086,7 @@ def hangup_relay(upstream_port: int):
         thread.join(10)
 
 
+@pytest.mark.go
 def test_hangup_after_our_signature_is_not_blamed_on_the_certificate(
     card57, clusters, tmp_path, capsys
 ):
@@ -9177,6 +9189,7 @@ def proxied_rig(rig, cluster, tmp_path, capsys):
         rig.remove(state.inserted, index=state.index)
 
 
+@pytest.mark.fault
 def test_card_removed_during_a_burst_and_reinserted_elsewhere(
     proxied_rig, rig, cluster
 ):
@@ -9203,6 +9216,7 @@ def test_card_removed_during_a_burst_and_reinserted_elsewhere(
     assert state.piv.sign_count - 1 == cluster.api.handshakes == 15
 
 
+@pytest.mark.fault
 def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
     state = proxied_rig
     cluster.api.add_pod("box", namespace="team-a")
@@ -9241,6 +9255,7 @@ def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
     assert state.client.get("/version")[0] == 200
 
 
+@pytest.mark.fault
 def test_pcscd_restart_is_recovered(proxied_rig, rig, cluster):
     state = proxied_rig
     assert state.client.get("/version")[0] == 200
@@ -9253,6 +9268,7 @@ def test_pcscd_restart_is_recovered(proxied_rig, rig, cluster):
     assert statuses == [200, 200, 200]
 
 
+@pytest.mark.fault
 def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
     from smartcard import scard
 
@@ -9284,6 +9300,7 @@ def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
     assert results[0][0] == 200
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("kind", ["p256", "rsa2048"])
 def test_fifty_concurrent_requests(cards, clusters, proxies, tmp_path, capsys, kind):
     piv = VirtualPiv(serial=91000009)
@@ -9312,6 +9329,7 @@ def test_fifty_concurrent_requests(cards, clusters, proxies, tmp_path, capsys, k
     assert piv.sign_count - signed == cluster.api.handshakes == 50
 
 
+@pytest.mark.fault
 def test_upstream_down_costs_no_signature(proxied_rig, cluster):
     state = proxied_rig
     signed = state.piv.sign_count
@@ -9333,6 +9351,7 @@ def silent_server() -> tuple[socket.socket, int]:
     return listener, listener.getsockname()[1]
 
 
+@pytest.mark.fault
 def test_upstream_handshake_timeout(card57, proxies, tmp_path, capsys):
     listener, port = silent_server()
     ident = make_identity()
@@ -9399,6 +9418,7 @@ def tempfile_bytes(data: bytes) -> str:
     return handle.name
 
 
+@pytest.mark.fault
 def test_client_leaving_mid_response_leaks_nothing(proxied_rig, cluster):
     state = proxied_rig
     pid = state.proxy.process.pid
@@ -9421,6 +9441,7 @@ def test_client_leaving_mid_response_leaks_nothing(proxied_rig, cluster):
     assert state.client.get("/version")[0] == 200
 
 
+@pytest.mark.fault
 def test_upstream_closing_mid_response(card57, proxies, tmp_path, capsys):
     server_pki = make_server_pki()
     ident = make_identity()
@@ -9461,6 +9482,7 @@ def test_upstream_closing_mid_response(card57, proxies, tmp_path, capsys):
         listener.close()
 
 
+@pytest.mark.fault
 def test_wrong_pin_file_costs_exactly_one_try(
     cards, proxies, cluster, tmp_path, capsys
 ):
@@ -9502,6 +9524,7 @@ def test_wrong_pin_file_costs_exactly_one_try(
     assert piv.pin_tries_left == 3
 
 
+@pytest.mark.fault
 def test_touch_slow_and_never(cards, proxies, cluster, tmp_path, capsys):
     touches = {"delay": 0.0, "given": True}
 
@@ -9538,6 +9561,7 @@ def test_touch_slow_and_never(cards, proxies, cluster, tmp_path, capsys):
     assert client.get("/version")[0] == 200
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize(
     "raw, status, message",
     [
@@ -9705,6 +9729,7 @@ def test_sigterm_lets_an_open_request_finish(proxied, cluster):
     assert proxied.process.wait(20) == 0
 
 
+@pytest.mark.fault
 def test_card_reset_by_another_program_is_recovered(proxied_rig, rig):
     from smartcard import scard
 
