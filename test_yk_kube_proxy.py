@@ -4586,21 +4586,19 @@ def rig(tmp_path_factory):
 
 
 @pytest.fixture
-def card57(rig):
+def card57(cards):
     """A YubiKey 5.7 (AES-192 management key) in the first YubiKey reader."""
-    piv = VirtualPiv(version=(5, 7, 1), serial=31000001, mgmt_algorithm=0x0A)
-    inserted = rig.insert(piv)
-    yield piv
-    rig.remove(inserted)
+    return cards(
+        VirtualPiv(version=(5, 7, 1), serial=31000001, mgmt_algorithm=0x0A)
+    ).piv
 
 
 @pytest.fixture
-def card54(rig):
+def card54(cards):
     """An older YubiKey 5.4 (3DES management key) in the first YubiKey reader."""
-    piv = VirtualPiv(version=(5, 4, 3), serial=21000002, mgmt_algorithm=0x03)
-    inserted = rig.insert(piv)
-    yield piv
-    rig.remove(inserted)
+    return cards(
+        VirtualPiv(version=(5, 4, 3), serial=21000002, mgmt_algorithm=0x03)
+    ).piv
 
 
 class InsertedCard:
