@@ -4611,16 +4611,20 @@ class InsertedCard:
 
     @property
     def inserted(self) -> bool:
-        return self.vpcd is not None
+        return self.vpcd is not None and self.vpcd.inserted
 
     def insert(self, index: int | None = None) -> None:
         """Put the card in (into reader ``index`` when given) and wait for pcscd."""
+        self.remove()
         self.index = self.index if index is None else index
         self.vpcd = self.rig.insert(self.piv, self.index, self.generic)
 
-    def remove(self) -> None:
-        """Pull the card out and wait until pcscd sees the reader empty."""
-        if self.vpcd is not None:
+    def remove(self, wait: bool = True) -> None:
+        """Pull the card out and wait until pcscd sees the reader empty; with
+        ``wait=False`` nothing waits (the next insert or the teardown does)."""
+        if self.vpcd is not None and not wait:
+            self.vpcd.remove()
+        elif self.vpcd is not None:
             self.rig.remove(self.vpcd, self.index, self.generic)
             self.vpcd = None
 
