@@ -9178,29 +9178,24 @@ def wait_for_counts(pid: int, baseline: tuple[int, int], timeout: float = 15) ->
 
 
 @pytest.fixture
-def proxied_rig(rig, cluster, tmp_path, capsys):
+def proxied_rig(cards, proxies, cluster, tmp_path, capsys):
     """A card, the proxy and a local client; the card is the test's to pull."""
     piv = VirtualPiv(serial=81000008)
-    state = types.SimpleNamespace(piv=piv, inserted=rig.insert(piv), index=0)
-    state.proxy = setup_and_proxy(cluster, tmp_path / "yk")
+    state = types.SimpleNamespace(piv=piv, card=cards(piv))
+    state.proxy = proxies.setup(cluster, tmp_path / "yk")
     state.client = LocalClient(state.proxy)
     capsys.readouterr()
-    yield state
-    state.proxy.stop()
-    if state.inserted.inserted:
-        rig.remove(state.inserted, index=state.index)
+    return state
 
 
 @pytest.mark.fault
-def test_card_removed_during_a_burst_and_reinserted_elsewhere(
-    proxied_rig, rig, cluster
-):
+def test_card_removed_during_a_burst_and_reinserted_elsewhere(proxied_rig, cluster):
     state = proxied_rig
     before = [state.client.get("/version")[0] for _ in range(5)]
-    rig.remove(state.inserted)
+    state.card.remove()
     absent = [state.client.get("/version") for _ in range(5)]
     # Plugged back in, the key shows up in the other reader: found again by serial.
-    state.inserted, state.index = rig.insert(state.piv, index=1), 1
+    state.card.insert(index=1)
     after = [state.client.get("/version")[0] for _ in range(10)]
     failed_absent = sum(status != 200 for status, _ in absent)
     failed_after = sum(status != 200 for status in after)
@@ -9219,7 +9214,7 @@ def test_card_removed_during_a_burst_and_reinserted_elsewhere(
 
 
 @pytest.mark.fault
-def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
+def test_card_removed_mid_download_and_mid_exec(proxied_rig, cluster):
     state = proxied_rig
     cluster.api.add_pod("box", namespace="team-a")
     conn = state.client.connection()
@@ -9244,7 +9239,7 @@ def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
     exec_proc.stdin.write(b"before\n")
     exec_proc.stdin.flush()
     assert exec_proc.stdout.readline() == b"before\n"
-    rig.remove(state.inserted)  # the handshakes are done: the streams go on
+    state.card.remove()  # the handshakes are done: the streams go on
     rest = response.read()
     conn.close()
     exec_proc.stdin.write(b"after\n")
@@ -9253,7 +9248,7 @@ def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
     assert (exec_proc.wait(30), out) == (0, b"after\n")
     assert first + rest == expected_bytes(50_000_000)
     assert state.client.get("/version")[0] == 503
-    state.inserted = rig.insert(state.piv)
+    state.card.insert()
     assert state.client.get("/version")[0] == 200
 
 
@@ -9261,10 +9256,10 @@ def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
 def test_pcscd_restart_is_recovered(proxied_rig, rig, cluster):
     state = proxied_rig
     assert state.client.get("/version")[0] == 200
-    state.inserted.remove()
+    state.card.remove(wait=False)
     rig.stop()
     rig.start()
-    state.inserted = rig.insert(state.piv)
+    state.card.insert()
     statuses = [state.client.get("/version")[0] for _ in range(3)]
     FAULT_FIGURES.append(f"pcscd restarted: {statuses.count(200)}/3 requests ok after")
     assert statuses == [200, 200, 200]
