@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import datetime
 import enum
+import errno
 import getpass
 import gzip
 import hashlib
@@ -42,6 +43,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import shutil
 import socket
 import subprocess
@@ -88,6 +90,24 @@ INSECURE_WARNING = (
 )
 SHELL_ENV = "YUBIKEY_KUBE_PROXY_SHELL"  # set inside a shell, to refuse nesting
 SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight requests may finish after SIGTERM
+# The local hop's limits (README, "Security model").
+MAX_CONNECTIONS = 256  # local connections at once; further ones are closed at once
+LOCAL_HANDSHAKE_TIMEOUT = 10.0  # seconds for a local client's TLS handshake
+IDLE_TIMEOUT = 60.0  # seconds a local connection may wait before its next request
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its last header
+BODY_TIMEOUT = 60.0  # seconds of silence allowed while a request body arrives
+MAX_HEAD_BYTES = 65536  # request line and header fields, and again for trailers
+MAX_HEADER_FIELDS = 100
+MAX_CHUNKED_BODY = 8 * 1024 * 1024  # chunked request bodies are read whole first
+MAX_CHUNK_LINE = 1024  # a chunk-size line with its extensions
+LINGER_SECONDS = 2.0  # after an error answer, read what the client still sends,
+LINGER_BYTES = 1024 * 1024  # so that the answer arrives instead of a reset
+REUSE_IDLE_SECONDS = 30.0  # pooled connections: below common server idle timeouts
+CERTIFICATE_REFRESH_SECONDS = 60.0  # the slot's certificate is read again this often
+MONITOR_WAKE_MS = 500  # the presence monitor follows a card to another reader
+MONITOR_RETRY_SECONDS = 0.5  # after pcscd went away
+LOOK_AGAIN_SECONDS = 1.0  # a pulled card shows as absent after pcscd's next poll
+CLIENT_WATCH_MS = 250  # a stream's client watcher notices the stream's own end
 PLAIN_HTTP_WARNING = (
     "the local hop is plain HTTP: any local user or program on this machine can "
     "send requests to the proxy and act as the card's identity; run setup again "
@@ -190,6 +210,12 @@ SCARD_E_NO_READERS_AVAILABLE = 0x8010002E
 SCARD_W_REMOVED_CARD = 0x80100069
 SCARD_W_RESET_CARD = 0x80100068
 SCARD_E_INVALID_HANDLE = 0x80100003
+SCARD_E_TIMEOUT = 0x8010000A
+SCARD_E_CANCELLED = 0x80100002
+SCARD_E_UNKNOWN_READER = 0x80100009
+SCARD_E_READER_UNAVAILABLE = 0x80100017
+SCARD_STATE_UNAWARE = 0x00
+SCARD_STATE_CHANGED = 0x02
 SCARD_STATE_PRESENT = 0x20
 SCARD_CARD_GONE = {SCARD_E_NO_SMARTCARD, SCARD_W_REMOVED_CARD, 0x80100017, 0x80100009}
 PCSC_SERVICE_ADVICE = {  # SCARD_E_NO_SERVICE, by platform
@@ -236,6 +262,15 @@ class CardError(ProxyError):
 
 class NoCardError(CardError):
     """No matching YubiKey is inserted."""
+
+
+class PcscFailure(CardError):
+    """A PC/SC call failed with a code that does not say what happened; the card
+    layer looks again (reader, presence, serial) before reporting it."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CardBusyError(CardError):
@@ -722,10 +757,12 @@ def pcsc_error(hresult: int, reader: str = "") -> CardError:
     """Turn a PC/SC return code into an error that says what to do."""
     code = hresult & 0xFFFFFFFF
     where = f" in reader {reader!r}" if reader else ""
-    if code in (SCARD_W_RESET_CARD, SCARD_E_INVALID_HANDLE, SCARD_E_SERVICE_STOPPED):
+    if code == SCARD_W_RESET_CARD:
         return TransientCardError(
-            f"the card{where} was reset or pcscd restarted (0x{code:08X}): try again"
+            f"the card{where} was reset by another program (0x{code:08X}): try again"
         )
+    if code in (SCARD_E_INVALID_HANDLE, SCARD_E_SERVICE_STOPPED):
+        return TransientCardError(f"pcscd restarted (0x{code:08X}): try again")
     if code == SCARD_E_NO_SERVICE:  # macOS says so spuriously mid-session: retried
         platform = host_platform()
         error = TransientCardError if platform == "darwin" else CardError
@@ -738,9 +775,10 @@ def pcsc_error(hresult: int, reader: str = "") -> CardError:
             f"{BUSY_SUSPECTS}: close it and try again"
         )
     message = _scard().SCardGetErrorMessage(hresult)
-    return CardError(
+    return PcscFailure(
         f"PC/SC error 0x{code:08X}{where}: {message.strip()}; reinsert the YubiKey, "
-        "and if it persists restart pcscd"
+        "and if it persists restart pcscd",
+        code,
     )
 
 
@@ -764,11 +802,29 @@ class PcscContext:
         return list(names)
 
     def card_present(self, reader: str) -> bool:
-        states = [(reader, self._scard.SCARD_STATE_UNAWARE)]
-        hresult, new_states = self._scard.SCardGetStatusChange(self.handle, 0, states)
-        if hresult != 0:
-            return False
-        return bool(new_states[0][1] & SCARD_STATE_PRESENT)
+        state = self.wait_change(reader, SCARD_STATE_UNAWARE, 0)
+        return bool(state is not None and state & SCARD_STATE_PRESENT)
+
+    def wait_change(self, reader: str, known: int, timeout_ms: int) -> int | None:
+        """The reader's state (dwEventState: flags, and pcsc-lite's event counter in
+        the high word) once it differs from ``known``, or ``known`` after the
+        timeout or SCardCancel; None when the reader is gone."""
+        hresult, states = self._scard.SCardGetStatusChange(
+            self.handle, timeout_ms, [(reader, known)]
+        )
+        code = hresult & 0xFFFFFFFF
+        if code in (SCARD_E_TIMEOUT, SCARD_E_CANCELLED):
+            return known
+        if code in (SCARD_E_UNKNOWN_READER, SCARD_E_READER_UNAVAILABLE):
+            return None
+        if code != 0:
+            raise pcsc_error(hresult, reader)
+        return states[0][1] & ~SCARD_STATE_CHANGED
+
+    def cancel(self) -> None:
+        """Wake a wait_change() in another thread."""
+        if self.handle is not None:
+            self._scard.SCardCancel(self.handle)
 
     def connect(self, reader: str) -> PcscTransport:
         sc = self._scard
@@ -804,9 +860,10 @@ class PcscTransport:
         if hresult != 0:
             raise pcsc_error(hresult, self.reader)
         if len(response) < 2:
-            raise CardError(
+            raise PcscFailure(
                 f"the card in reader {self.reader!r} sent a truncated answer: "
-                "reinsert the YubiKey and try again"
+                "reinsert the YubiKey and try again",
+                0,
             )
         return bytes(response[:-2]), (response[-2] << 8) | response[-1]
 
@@ -1208,7 +1265,42 @@ class Card:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[PivSession]:
-        """A PIV session on this card (SELECTed, identity checked)."""
+        """A PIV session on this card (SELECTed, identity checked). A failure that
+        does not say what happened is named after a second look at the reader; an
+        answer the PIV layer cannot parse is the card's error."""
+        with self._lock:
+            try:
+                with self._session() as piv:
+                    yield piv
+            except PcscFailure as exc:
+                self._drop_context()  # the next operation starts afresh
+                raise self._look_again(exc) from None
+            except (ValueError, KeyError, IndexError) as exc:
+                raise CardError(
+                    f"the YubiKey in reader {self.reader!r} sent an answer that is not "
+                    f"valid PIV ({exc}): reinsert it and try again"
+                ) from None
+
+    def _look_again(self, failure: PcscFailure) -> CardError:
+        """After a failed transmit or transaction: the card was pulled (pcscd may
+        still call it present for a moment, until its next poll), or, when it is
+        still there, the raw failure."""
+        context = PcscContext()
+        try:
+            state = context.wait_change(self.reader, SCARD_STATE_UNAWARE, 0)
+            if state is not None and state & SCARD_STATE_PRESENT:
+                ms = int(LOOK_AGAIN_SECONDS * 1000)
+                state = context.wait_change(self.reader, state, ms)
+        finally:
+            context.close()
+        if state is None or not state & SCARD_STATE_PRESENT:
+            return NoCardError(
+                f"YubiKey not present in reader {self.reader!r} - insert it"
+            )
+        return failure
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[PivSession]:
         with self._lock:
             transport = self._connect()
             try:
@@ -1310,6 +1402,89 @@ class Card:
         """Release everything held in PC/SC (the next operation starts afresh)."""
         with self._lock:
             self._drop_context()
+
+
+class PresenceMonitor:
+    """Knows whether the card is still in its reader, from PC/SC reader events.
+
+    A background thread waits in SCardGetStatusChange on the card's reader. The
+    ``stamp`` is the reader and pcsc-lite's event counter while a card is in it,
+    None while it is empty (or pcscd is gone): a connection the card signed under
+    one stamp may be used again while the stamp is unchanged, since the card was
+    never pulled in between (no APDU needed). When the stamp changes (the card
+    left, or a card, maybe another one, arrived) the listeners are called."""
+
+    def __init__(self, card: Card) -> None:
+        self.card = card
+        self.stamp: tuple[str, int] | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._context: PcscContext | None = None
+        self._thread = threading.Thread(
+            target=self._run, name="presence-monitor", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(5)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        context = self._context
+        if context is not None:
+            with contextlib.suppress(Exception):
+                context.cancel()
+        self._thread.join(5)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def still(self, stamp: tuple[str, int] | None) -> bool:
+        """True when the card behind ``stamp`` never left its reader since."""
+        return stamp is not None and stamp == self.stamp
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._context = PcscContext()
+                self._watch(self._context)
+            except CardError as exc:
+                log.info("presence monitor: %s", exc)
+            finally:
+                if self._context is not None:
+                    with contextlib.suppress(Exception):
+                        self._context.close()
+                self._context = None
+            if self._stopping.wait(0):
+                return
+            self._seen(None)  # pcscd went away: the card may have, too
+            self._stopping.wait(MONITOR_RETRY_SECONDS)
+
+    def _watch(self, context: PcscContext) -> None:
+        reader, state = "", SCARD_STATE_UNAWARE
+        while not self._stopping.is_set():
+            if reader != self.card.reader:  # the card layer found it elsewhere
+                reader, state = self.card.reader, SCARD_STATE_UNAWARE
+            new = context.wait_change(reader, state, MONITOR_WAKE_MS)
+            if new is None:  # the reader went away with the card (USB)
+                self._seen(None)
+                self._stopping.wait(MONITOR_RETRY_SECONDS)
+                reader = ""
+                continue
+            state = new
+            present = state & SCARD_STATE_PRESENT
+            self._seen((reader, state >> 16) if present else None)
+
+    def _seen(self, stamp: tuple[str, int] | None) -> None:
+        with self._lock:
+            old, self.stamp = self.stamp, stamp
+        self._ready.set()
+        if old is not None and stamp != old:
+            log.info("the YubiKey left reader %r (or was put back)", old[0])
+            for listener in self._listeners:
+                listener()
 
 
 def reader_matches(name: str, wanted: str | None) -> bool:
@@ -2640,6 +2815,30 @@ def open_record(
     return plain
 
 
+class HeadReader(io.BufferedReader):
+    """A buffered reader that keeps the lines of a response head as they were
+    read, for the relay's checks: http.client's parser splits lines at a bare CR
+    and joins folded ones. An unsolicited 100 Continue head is not kept."""
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__(raw, CHUNK)
+        self.start_head()
+
+    def start_head(self) -> None:
+        self.head: list[bytes] = []
+        self.in_head = True
+
+    def readline(self, size: int | None = -1) -> bytes:
+        line = super().readline(size)
+        if self.in_head:
+            self.head.append(line)
+            if line in (b"\r\n", b"\n", b""):
+                self.in_head = self.head[0][9:13] == b"100 "
+                if self.in_head:
+                    self.head = []
+        return line
+
+
 class TLSSocket:
     """The little of a socket that http.client and the tunnel use, over tlslite:
     writes in 64 KB pieces under a lock (tlslite's big writes are quadratic, and
@@ -2650,6 +2849,16 @@ class TLSSocket:
         self.raw = raw
         self.sock = sock
         self.lock = threading.Lock()
+        self.stamp: tuple[str, int] | None = None  # the card's presence when it signed
+        self.idle_since = 0.0
+        self.cut = False  # ended because the card left
+
+    def quiet(self) -> bool:
+        """Nothing arrived while idle: the server has not closed it or sent
+        anything (an idle HTTP/1.1 connection must stay silent)."""
+        if self.sock.pending or self.conn._readBuffer:
+            return False
+        return not select.select([self.raw], [], [], 0)[0]
 
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)
@@ -2661,10 +2870,11 @@ class TLSSocket:
         self, mode: str = "rb", buffering: int | None = None
     ) -> io.BufferedReader:
         self.stream = TLSStream(self.conn, self.sock)
-        return io.BufferedReader(self.stream, CHUNK)
+        return HeadReader(self.stream)
 
-    def shutdown(self) -> None:
+    def shutdown(self, cut: bool = False) -> None:
         """Wake up any reader and stop the connection, without waiting."""
+        self.cut = self.cut or cut
         with contextlib.suppress(OSError):
             self.raw.shutdown(socket.SHUT_RDWR)
 
@@ -2735,8 +2945,9 @@ def sni_for(name: str) -> str | None:
 
 
 class Upstream:
-    """Opens a fresh mutual-TLS connection to the API server per request; the
-    card signs each handshake after the server's certificate has passed."""
+    """Opens mutual-TLS connections to the API server; the card signs each
+    handshake after the server's certificate has passed. The slot's certificate
+    is read from the card again only when it may have changed."""
 
     def __init__(
         self,
@@ -2753,7 +2964,15 @@ class Upstream:
         self.timeout = timeout
         self.settings = tls_settings()
         self.origin = "of unknown origin"  # from the slot's metadata, for the logs
+        self.refresh_seconds = CERTIFICATE_REFRESH_SECONDS
         self.use_certificate(certificate)
+        self.read_at = time.monotonic()  # the caller has just read it from the card
+        self.stale = False
+
+    def refresh_certificate(self) -> None:
+        """Read the slot's certificate before the next handshake (the card was put
+        back, the server refused the certificate, or SIGHUP)."""
+        self.stale = True
 
     @property
     def host_header(self) -> str:
@@ -2761,11 +2980,14 @@ class Upstream:
         return self.address.where.rsplit(":", 1)[0] if default else self.address.where
 
     def identity(self) -> tuple[Any, Any]:
-        """The slot's certificate chain and key object as they are now: 'renew' (or
-        'setup --force') may replace the certificate under a running proxy. Reading
-        it is also the presence check that lets a pulled card fail fast."""
+        """The slot's certificate chain and key object: 'renew' (or 'setup --force')
+        may replace the certificate under a running proxy, so it is read again when
+        stale or after ``refresh_seconds``."""
+        if not self.stale and time.monotonic() - self.read_at < self.refresh_seconds:
+            return self.cert_chain, self.key
         slot = self.signer.slot
         der = self.signer.card.run(lambda piv: piv.get_certificate(slot))
+        self.read_at, self.stale = time.monotonic(), False
         if der is None:
             raise CardError(
                 f"slot {slot.name} of the YubiKey holds no certificate any more: "
@@ -2793,10 +3015,9 @@ class Upstream:
         self.not_after = not_after(cert)
         self.certificate_der = cert.public_bytes(serialization.Encoding.DER)
 
-    def connect(self, refresh: bool = True) -> TLSSocket:
-        """A fresh connection; with ``refresh`` the slot's certificate is read first
-        (once per local connection: one kubectl run), else the last one is used."""
-        cert_chain, key = self.identity() if refresh else (self.cert_chain, self.key)
+    def connect(self) -> TLSSocket:
+        """A fresh connection, its handshake signed by the card."""
+        cert_chain, key = self.identity()
         raw = self._tcp_connect()
         pushback = PushbackSocket(raw)
         conn = make_tls_connection(pushback, self.verifier, self.address.where)
@@ -2859,6 +3080,7 @@ class Upstream:
         alert = getattr(exc, "description", None)
         remote = isinstance(exc, TLSRemoteAlert)
         if remote and signed and alert in CERTIFICATE_ALERTS:
+            self.refresh_certificate()
             return client_certificate_rejected(where, self.subject)
         forged = isinstance(exc, TLSDecryptionFailed) or (
             isinstance(exc, TLSLocalAlert) and alert == Alert.decrypt_error
@@ -2897,6 +3119,108 @@ class Upstream:
         return exc
 
 
+class LinkPool:
+    """The upstream connections the card opened, and the guarantee that none of
+    them outlives the card's presence.
+
+    With ``reuse`` (--reuse-while-present) a connection whose response ended
+    cleanly is kept for up to ``idle_seconds`` and lent to one request at a
+    time, each time after the presence monitor confirms that the card that
+    signed it never left its reader since. When the card leaves, the idle ones
+    close, and (unless ``keep_streams``) so do those still carrying a response
+    or a tunnel."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        monitor: PresenceMonitor,
+        reuse: bool = False,
+        idle_seconds: float = REUSE_IDLE_SECONDS,
+        keep_streams: bool = False,
+    ) -> None:
+        self.upstream = upstream
+        self.monitor = monitor
+        self.reuse = reuse
+        self.idle_seconds = idle_seconds
+        self.keep_streams = keep_streams
+        self._idle: list[TLSSocket] = []
+        self._busy: set[TLSSocket] = set()
+        self._lock = threading.Condition()
+        monitor.on_change(self.card_left)
+        if reuse:
+            threading.Thread(target=self._expire, name="pool", daemon=True).start()
+
+    def take(self, reuse: bool) -> tuple[TLSSocket, bool]:
+        """An idle connection (and True), else a fresh one the card signs."""
+        if reuse and self.reuse:
+            sock = self._take_idle()
+            if sock is not None:
+                return sock, True
+        stamp = self.monitor.stamp  # before the card signs: a pull after it shows
+        sock = self.upstream.connect()
+        sock.stamp = stamp
+        with self._lock:
+            self._busy.add(sock)
+        if stamp is not None and not self.monitor.still(stamp):
+            sock.shutdown(cut=not self.keep_streams)  # pulled during the handshake
+        return sock, False
+
+    def _take_idle(self) -> TLSSocket | None:
+        with self._lock:
+            while self._idle:
+                sock = self._idle.pop()  # the most recent first
+                if self.monitor.still(sock.stamp) and sock.quiet():
+                    self._busy.add(sock)
+                    return sock
+                sock.release()
+        return None
+
+    def give_back(self, sock: TLSSocket, reusable: bool) -> None:
+        with self._lock:
+            self._busy.discard(sock)
+            if (
+                reusable
+                and self.reuse
+                and not sock.cut
+                and self.monitor.still(sock.stamp)
+            ):
+                sock.idle_since = time.monotonic()
+                self._idle.append(sock)
+                self._lock.notify_all()
+                return
+        sock.release()
+
+    def card_left(self) -> None:
+        """The presence monitor saw the card leave (or another card arrive)."""
+        self.upstream.refresh_certificate()
+        with self._lock:
+            idle, self._idle = self._idle, []
+            busy = [] if self.keep_streams else list(self._busy)
+        for sock in idle:
+            sock.release()
+        for sock in busy:
+            sock.shutdown(cut=True)
+        if idle or busy:
+            log.warning(
+                "the YubiKey left its reader: closed %d idle and %d open upstream "
+                "connections",
+                len(idle),
+                len(busy),
+            )
+
+    def _expire(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                for sock in [
+                    s for s in self._idle if now - s.idle_since >= self.idle_seconds
+                ]:
+                    self._idle.remove(sock)
+                    sock.release()
+                due = [s.idle_since + self.idle_seconds - now for s in self._idle]
+                self._lock.wait(max(0.0, min(due)) if due else None)
+
+
 # TLS alerts by which a server refuses a client certificate (RFC 8446 6.2).
 CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48, 49, 51, 116}
 # ... and by which it says that nothing we offered suits it.
@@ -2918,6 +3242,104 @@ def client_certificate_rejected(where: str, subject: str) -> UpstreamError:
 # =============================================================================
 # The HTTP relay: ThreadingHTTPServer, one fresh upstream connection per request
 # =============================================================================
+
+
+class RequestError(ProxyError):
+    """The local client's request is not well-formed HTTP/1.1 (RFC 9112), or its
+    client stopped sending it: refused, never forwarded as it is."""
+
+    def __init__(self, message: str, http_status: int = 400) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+# The grammar of RFC 9112 (2.2, 3, 5, 7.1) that the local hop must follow.
+TCHAR = rb"!#$%&'*+.^_`|~0-9A-Za-z-"
+REQUEST_LINE = re.compile(rb"([%s]+) ([^ ]+) HTTP/([0-9])\.([0-9])\r\n" % TCHAR)
+ORIGIN_FORM = re.compile(rb"/(?:[-A-Za-z0-9._~!$&'()*+,;=:@/?\[\]]|%[0-9A-Fa-f]{2})*")
+TARGET_OUTSIDER = re.compile(rb"[^-A-Za-z0-9._~!$&'()*+,;=:@/?\[\]%]")
+FIELD_LINE = re.compile(
+    rb"([%s]+):[ \t]*((?:[\x21-\x7e\x80-\xff][\t \x21-\x7e\x80-\xff]*)?)\r\n" % TCHAR
+)
+CONTENT_LENGTH = re.compile(rb"[0-9]{1,12}")
+CHUNK_EXT_VALUE = (
+    rb'(?:[%s]+|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*")'
+    % TCHAR
+)
+CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*%s)?)*)\r\n"
+    % (TCHAR, CHUNK_EXT_VALUE)
+)
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] [0-9]{3}(?: [\t \x21-\x7e\x80-\xff]*)?\r\n")
+CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def line_fault(line: bytes, what: str) -> str:
+    """Why ``line``, which should be a field line (RFC 9112 5), is not one."""
+    if line[:1] in (b" ", b"\t"):
+        return f"a folded {what} (obs-fold)"
+    if not line.endswith(b"\r\n"):
+        return f"a {what} that does not end with CR LF"
+    control = CONTROLS.search(line[:-2])
+    if control:
+        return f"a {what} with the control character 0x{control[0][0]:02x}"
+    return f"a {what} that is not 'Name: value'"
+
+
+def framing_fault(fields: list[tuple[bytes, bytes]]) -> str | None:
+    """Why the Content-Length and Transfer-Encoding fields do not frame a message
+    in exactly one way (RFC 9112 6), or None."""
+    lengths = [value for name, value in fields if name == b"content-length"]
+    codings = [value for name, value in fields if name == b"transfer-encoding"]
+    if lengths and codings:
+        return "both Transfer-Encoding and Content-Length are set"
+    if len(lengths) > 1 or len(codings) > 1:
+        return "Content-Length or Transfer-Encoding is given more than once"
+    if lengths and not CONTENT_LENGTH.fullmatch(lengths[0]):
+        return f"invalid Content-Length {lengths[0].decode('latin-1')!r}"
+    if codings and codings[0].lower() != b"chunked":
+        return f"unsupported Transfer-Encoding {codings[0].decode('latin-1')!r}"
+    return None
+
+
+def request_line_fault(line: bytes) -> str | None:
+    match = REQUEST_LINE.fullmatch(line)
+    if not match:
+        return "the request line is not 'METHOD /path HTTP/1.1'"
+    if match.group(3, 4) not in ((b"1", b"0"), (b"1", b"1")):
+        return "only HTTP/1.0 and HTTP/1.1 are served"
+    target = match[2]
+    if not target.startswith(b"/"):
+        return "the request target must be a path"
+    if ORIGIN_FORM.fullmatch(target):
+        return None
+    bad = TARGET_OUTSIDER.search(target)
+    if bad:
+        return f"byte 0x{bad[0][0]:02x} is not allowed in the request target"
+    return "the request target has a '%' that is not followed by two hex digits"
+
+
+def response_fault(head: list[bytes]) -> str | None:
+    """Why an upstream response head (status line, header lines, empty line) is
+    not one to relay, or None."""
+    if not head or not STATUS_LINE.fullmatch(head[0]):
+        return "a malformed status line"
+    if head[-1] != b"\r\n":
+        return "a header section that does not end with CR LF"
+    fields = []
+    for line in head[1:-1]:
+        match = FIELD_LINE.fullmatch(line)
+        if not match:
+            return line_fault(line, "header line")
+        fields.append((match[1].lower(), match[2].rstrip(b" \t")))
+    fault = framing_fault(fields)
+    return fault and f"a response where {fault}"
+
+
+TRUNCATED_CHUNKED = (
+    "refused: the chunked request body ended before its last chunk: the client "
+    "stopped sending it; try again"
+)
 
 # Hop-by-hop headers (RFC 9110 7.6.1), plus Host (set to the upstream's) and Expect
 # (the local server has answered 100-continue already).
@@ -2954,6 +3376,8 @@ def status_body(code: int, reason: str, message: str) -> bytes:
 STATUS_REASONS = {
     400: "BadRequest",
     403: "Forbidden",
+    413: "RequestEntityTooLarge",
+    414: "RequestURITooLong",
     431: "RequestHeaderFieldsTooLarge",
     500: "InternalError",
     502: "BadGateway",
@@ -2968,19 +3392,23 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # a burst waits briefly; past MAX_CONNECTIONS, closed
 
     def __init__(
         self,
         address: tuple[str, int],
         upstream: Upstream,
         tls_context: Any = None,
-        reuse_while_present: bool = False,
+        pool: LinkPool | None = None,
     ) -> None:
         self.upstream = upstream
         self.tls_context = tls_context
-        self.reuse_while_present = reuse_while_present
+        self.pool = pool
         self.inflight = 0
         self.idle = threading.Condition()
+        self.connections = 0  # local connections open, at most MAX_CONNECTIONS
+        self.at_limit = False  # warned about MAX_CONNECTIONS (once per episode)
+        self.accept_pause = 0.0  # grows while accept() runs out of descriptors
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, RelayHandler)
         port = self.server_address[1]
@@ -3007,7 +3435,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             return self.idle.wait_for(lambda: self.inflight == 0, timeout)
 
     def get_request(self) -> tuple[Any, Any]:
-        sock, addr = self.socket.accept()
+        try:
+            sock, addr = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.out_of_descriptors(exc)
+            raise
+        self.accept_pause = 0.0
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms stalls
         if self.tls_context is not None:
             sock = self.tls_context.wrap_socket(
@@ -3015,25 +3449,243 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             )
         return sock, addr
 
+    def out_of_descriptors(self, exc: OSError) -> None:
+        """accept() failed for want of descriptors: the listener stays readable, so
+        wait (5 ms, doubling up to 1 s) instead of spinning."""
+        if not self.accept_pause:
+            log.warning(
+                "cannot accept local connections (%s): waiting for some to close; "
+                "raise the limit of open files (ulimit -n, LimitNOFILE=) if this "
+                "is not a flood",
+                exc.strerror,
+            )
+        self.accept_pause = min(1.0, max(0.005, self.accept_pause * 2))
+        time.sleep(self.accept_pause)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """At most MAX_CONNECTIONS local connections; one more is closed at once."""
+        with self.idle:
+            if self.connections < MAX_CONNECTIONS:
+                self.connections += 1
+                self.at_limit = False
+                return True
+            if not self.at_limit:
+                log.warning(
+                    "%d local connections are open, the most this proxy serves: "
+                    "closing new ones until some end (is another program flooding "
+                    "port %d?)",
+                    MAX_CONNECTIONS,
+                    self.server_address[1],
+                )
+            self.at_limit = True
+            return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (out of memory or threads)
+            self.connection_ended()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_ended()
+
+    def connection_ended(self) -> None:
+        with self.idle:
+            self.connections -= 1
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection from %s failed", client_address, exc_info=True)
 
 
-class RelayHandler(http.server.BaseHTTPRequestHandler):
-    """Relays one kubectl request at a time; each gets its own upstream connection."""
+class StrictRequestHandler(http.server.BaseHTTPRequestHandler):
+    """http.server's handler, reading strictly (RFC 9112): a request's head is
+    checked line by line before http.server parses it, a chunked body can be
+    read whole and checked, and every refusal is a Status answer, logged, after
+    which the connection lingers (see finish())."""
 
     protocol_version = "HTTP/1.1"
+    lingering = False  # an error answer went out: drain the client before closing
+
+    def handle_one_request(self) -> None:
+        """Wait for the next request, check its head, then let http.server parse
+        the head that passed; a refusal closes the connection."""
+        try:
+            head = self.read_head()
+        except RequestError as exc:
+            return self.refuse(exc)
+        except OSError:  # idle or slow for too long, or gone: close, no answer
+            head = b""
+        if not head:
+            self.close_connection = True
+            return
+        self.socket_file, self.rfile = self.rfile, io.BytesIO(head)
+        try:
+            super().handle_one_request()
+        finally:
+            self.rfile = self.socket_file
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the checked head from memory
+        self.rfile = self.socket_file  # the body, if any, comes from the client
+        return parsed
+
+    def read_head(self) -> bytes:
+        """The request line and header fields, checked (RFC 9112 3, 5); b"" when
+        the client closed instead. The first byte may take IDLE_TIMEOUT, the head
+        HEADER_TIMEOUT; then the body may pause for up to BODY_TIMEOUT."""
+        self.command = self.path = self.requestline = self.request_version = ""
+        self.connection.settimeout(IDLE_TIMEOUT)
+        if not self.rfile.peek(1):
+            return b""
+        deadline = time.monotonic() + HEADER_TIMEOUT
+        line = self.read_line(MAX_HEAD_BYTES + 1, deadline)
+        self.note_request_line(line)
+        if len(line) > MAX_HEAD_BYTES:
+            limit = f"the request line is longer than {MAX_HEAD_BYTES} bytes"
+            raise RequestError(f"refused: {limit}", 414)
+        fault = request_line_fault(line)
+        if fault:
+            raise RequestError(f"refused: {fault}")
+        head, fields = [line], []
+        while (line := self.read_line(MAX_HEAD_BYTES + 1, deadline)) != b"\r\n":
+            head.append(line)
+            if sum(map(len, head)) > MAX_HEAD_BYTES:
+                limit = f"the request's head is longer than {MAX_HEAD_BYTES} bytes"
+                raise RequestError(f"refused: {limit}", 431)
+            match = FIELD_LINE.fullmatch(line)
+            if not match:
+                raise RequestError(f"refused: {line_fault(line, 'header line')}")
+            if len(fields) == MAX_HEADER_FIELDS:
+                limit = f"the request has more than {MAX_HEADER_FIELDS} header fields"
+                raise RequestError(f"refused: {limit}", 431)
+            fields.append((match[1].lower(), match[2].rstrip(b" \t")))
+        self.check_fields(fields)
+        self.connection.settimeout(BODY_TIMEOUT)
+        return b"".join(head) + line
+
+    def read_line(self, limit: int, deadline: float) -> bytes:
+        """Up to and including LF, at most ``limit`` bytes, by ``deadline``: each
+        read of the socket gets only the time that is left."""
+        line = bytearray()
+        while len(line) < limit and not line.endswith(b"\n"):
+            self.connection.settimeout(max(deadline - time.monotonic(), 0.001))
+            ahead = self.rfile.peek(1)[: limit - len(line)]
+            if not ahead:
+                raise ConnectionResetError("the client closed in a request's head")
+            line += self.rfile.read(ahead.find(b"\n") + 1 or len(ahead))
+        return bytes(line)
+
+    def note_request_line(self, line: bytes) -> None:
+        """Method, path and version as sent, for the log line of a refusal."""
+        words = line.decode("latin-1").rstrip("\r\n").split(" ")
+        self.command, self.path = words[0][:20], " ".join(words[1:2])[:200]
+        self.request_version = "HTTP/1.0" if words[-1] == "HTTP/1.0" else "HTTP/1.1"
+
+    def check_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
+        names = [name for name, _ in fields]
+        if names.count(b"host") != 1:
+            fault: str | None = "the request must have exactly one Host header"
+        elif self.request_version == "HTTP/1.0" and b"transfer-encoding" in names:
+            fault = "Transfer-Encoding is not allowed in an HTTP/1.0 request"
+        else:
+            fault = framing_fault(fields)
+        if fault:
+            raise RequestError(f"refused: {fault}")
+
+    def read_chunked_body(self) -> bytes:
+        """A chunked request body (RFC 9112 7.1), checked and whole, so that a
+        malformed one is refused before any upstream connection; the trailer
+        fields are checked and dropped."""
+        body = bytearray()
+        long_line = f"refused: a chunk-size line is longer than {MAX_CHUNK_LINE} bytes"
+        while True:
+            line = self.body_line(MAX_CHUNK_LINE, RequestError(long_line))
+            match = CHUNK_LINE.fullmatch(line)
+            if not match:
+                shown = line.rstrip(b"\r\n")[:40].decode("latin-1")
+                raise RequestError(f"refused: malformed chunk-size line {shown!r}")
+            size = int(match[1], 16)
+            if size == 0:
+                break
+            if len(body) + size > MAX_CHUNKED_BODY:
+                limit = f"a chunked request body may have at most {MAX_CHUNKED_BODY}"
+                raise RequestError(f"refused: {limit} bytes", 413)
+            data = self.rfile.read(size)
+            if len(data) < size:
+                raise RequestError(TRUNCATED_CHUNKED)
+            if self.rfile.read(2) != b"\r\n":
+                raise RequestError("refused: a chunk's data is not followed by CR LF")
+            body += data
+        long_trailers = f"refused: the trailers are longer than {MAX_HEAD_BYTES} bytes"
+        size = 0
+        for _ in range(MAX_HEADER_FIELDS + 1):
+            line = self.body_line(
+                MAX_HEAD_BYTES - size, RequestError(long_trailers, 431)
+            )
+            size += len(line)
+            if line == b"\r\n":
+                return bytes(body)
+            if not FIELD_LINE.fullmatch(line):
+                raise RequestError(f"refused: {line_fault(line, 'trailer line')}")
+        limit = f"the request has more than {MAX_HEADER_FIELDS} trailer fields"
+        raise RequestError(f"refused: {limit}", 431)
+
+    def body_line(self, limit: int, too_long: RequestError) -> bytes:
+        line = self.rfile.readline(limit + 1)
+        if len(line) > limit:
+            raise too_long
+        if not line.endswith(b"\n"):
+            raise RequestError(TRUNCATED_CHUNKED)
+        return line
+
+    def send_error(
+        self, code: int, message: str | None = None, explain: str | None = None
+    ) -> None:
+        """What http.server itself refuses (an unknown method) gets a Status too."""
+        text = message or http.HTTPStatus(code).phrase
+        reason = f"refused: {text.lower()}" + (f" ({explain})" if explain else "")
+        self.refuse(RequestError(reason, code))
+
+    def refuse(self, exc: ProxyError) -> None:
+        log.warning("%s %s: %s", self.command or "-", self.path or "-", exc)
+        self.send_status(exc.http_status, str(exc))
+
+    def send_status(self, code: int, message: str) -> None:
+        """A Status answer from the proxy itself; the connection closes after it, as
+        the request's body may not have been read (lingering, see finish())."""
+        self.close_connection = self.lingering = True
+        body = status_body(code, STATUS_REASONS.get(code, "InternalError"), message)
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def finish(self) -> None:
+        super().finish()
+        if self.lingering:
+            linger(self.connection)
+
+
+class RelayHandler(StrictRequestHandler):
+    """Relays one kubectl request at a time; each gets its own upstream connection.
+    A chunked body is read whole and checked before the upstream is contacted."""
+
     server_version = PROG
     server: ProxyServer
-    kept: http.client.HTTPConnection | None = None  # --reuse-while-present only
-    identity_read = False  # the slot's certificate was read for this local connection
+    upstream_sock: TLSSocket | None = None  # the one carrying the current request
+    reused = False  # ... and it was kept from an earlier request: no card time
 
     def setup(self) -> None:
         super().setup()
         if self.server.tls_context is not None:
-            self.connection.settimeout(HANDSHAKE_TIMEOUT)
+            self.connection.settimeout(LOCAL_HANDSHAKE_TIMEOUT)
             self.connection.do_handshake()  # failures end here: handle_error logs them
-            self.connection.settimeout(None)
 
     def do_relay(self) -> None:
         self.server.track(+1)
@@ -3044,51 +3696,61 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def relay(self) -> None:
         started = time.perf_counter()
+        try:
+            body = self.checked_body()
+        except ProxyError as exc:
+            return self.refuse(exc)
+        reuse = not is_upgrade(self.headers)  # an upgrade gets its own connection
+        while True:
+            try:
+                link, reused = self.upstream_link(reuse)
+            except ProxyError as exc:
+                return self.refuse(exc)
+            keep, sock = False, link.sock  # http.client forgets it when it fails
+            try:
+                replayable = reused and self.replayable(body)
+                keep = self.exchange(link, body, started, replayable)
+                return
+            except StaleConnection:
+                log.info(
+                    "%s %s: retried, the kept connection was stale",
+                    self.command,
+                    self.path,
+                )
+                reuse = False  # once more, on a fresh connection
+            finally:
+                self.upstream_sock = None
+                self.server.pool.give_back(sock, keep)
+
+    def checked_body(self) -> bytes | None:
+        """Refuses what refusal() names; a chunked body is read whole (None for
+        others, which are streamed)."""
         refusal = self.refusal()
         if refusal:
-            log.warning("%s %s: %s", self.command, self.path, refusal[1])
-            return self.send_status(*refusal)
+            raise RequestError(refusal[1], refusal[0])
+        if "Transfer-Encoding" not in self.headers:
+            return None
         try:
-            link = self.upstream_link()
-        except ProxyError as exc:
-            log.warning("%s %s: %s", self.command, self.path, exc)
-            return self.send_status(exc.http_status, str(exc))
-        keep = False
-        try:
-            keep = self.exchange(link, started) and self.server.reuse_while_present
-        finally:
-            if keep:
-                self.kept = link
-            else:
-                link.sock.release()
+            return self.read_chunked_body()
+        except OSError:
+            raise RequestError(TRUNCATED_CHUNKED) from None
 
-    def upstream_link(self) -> http.client.HTTPConnection:
-        """A fresh upstream connection (the card signs its handshake) or, with
-        --reuse-while-present, this local connection's previous one, once the card
-        has answered a presence check (same serial, PIV applet selected)."""
-        kept, self.kept = self.kept, None
-        if kept is not None:
-            try:
-                self.server.upstream.signer.card.run(lambda piv: None)
-                return kept
-            except ProxyError:
-                kept.sock.release()
-                raise
+    def upstream_link(self, reuse: bool) -> tuple[http.client.HTTPConnection, bool]:
+        """An upstream connection from the pool, and whether it was used before."""
+        sock, reused = self.server.pool.take(reuse)
+        self.reused = reused
         link = http.client.HTTPConnection(self.server.upstream.address.host)
-        link.sock = self.server.upstream.connect(refresh=not self.identity_read)
-        self.identity_read = True
-        return link
+        link.sock = self.upstream_sock = sock
+        return link, reused
 
-    def finish(self) -> None:
-        super().finish()
-        if self.kept is not None:
-            self.kept.sock.release()
-            self.kept = None
+    def replayable(self, body: bytes | None) -> bool:
+        """The request can be sent again as it was: no body, or one held whole."""
+        return body is not None or self.headers.get("Content-Length", "0") == "0"
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_relay
 
     def refusal(self) -> tuple[int, str] | None:
-        """Requests from browsers, other hosts' names or with broken framing."""
+        """Requests from browsers or naming other hosts."""
         if self.headers.get("Host", "").lower() not in self.server.allowed_hosts:
             return 403, (
                 f"refused: Host {self.headers.get('Host', '')!r} does not name this "
@@ -3104,28 +3766,32 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 f"refused: Origin {', '.join(origins)!r} is not this proxy's own "
                 "(requests from web browsers are not relayed)"
             )
-        if not self.path.startswith("/"):
-            return 400, "refused: the request target must be a path"
-        coding = self.headers.get("Transfer-Encoding")
-        if coding is not None and "Content-Length" in self.headers:
-            return 400, "refused: both Transfer-Encoding and Content-Length are set"
-        if coding is not None and coding.strip().lower() != "chunked":
-            return 400, f"refused: unsupported Transfer-Encoding {coding!r}"
-        length = self.headers.get("Content-Length")
-        if length is not None and not length.isdigit():
-            return 400, f"refused: invalid Content-Length {length!r}"
         return None
 
-    def exchange(self, link: http.client.HTTPConnection, started: float) -> bool:
+    def exchange(
+        self,
+        link: http.client.HTTPConnection,
+        body: bytes | None,
+        started: float,
+        replayable: bool,
+    ) -> bool:
         """Relay one request and its response; True when the upstream connection
-        could carry another request."""
+        could carry another request. StaleConnection when a ``replayable`` request
+        failed before any byte of an answer arrived."""
+        from tlslite.errors import TLSAbruptCloseError
+
         try:
-            self.forward_request(link)
-            response = link.getresponse()
+            self.forward_request(link, body)
+            self.connection.settimeout(None)  # answers and tunnels may be quiet
+            first = link.getresponse()
+            response = self.final_response(first)
         except ProxyError as exc:
-            self.send_status(exc.http_status, str(exc))
+            self.refuse(exc)
             return False
         except Exception as exc:  # noqa: BLE001 - the upstream failed mid-request
+            # RemoteDisconnected, a reset: not one byte of a status line arrived
+            if replayable and isinstance(exc, (ConnectionError, TLSAbruptCloseError)):
+                raise StaleConnection() from None
             self.upstream_failed(exc)
             return False
         if response.status == 101:
@@ -3140,10 +3806,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             response.status,
             sent,
             (time.perf_counter() - started) * 1000,
-            signer.last_seconds * 1000,
+            0.0 if self.reused else signer.last_seconds * 1000,
         )
         return (
-            response.status != 101 and not response.will_close and response.isclosed()
+            response is first
+            and response.status != 101
+            and not response.will_close
+            and response.isclosed()
         )
 
     def upstream_failed(self, exc: Exception) -> None:
@@ -3152,6 +3821,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         upstream = self.server.upstream
         where = upstream.address.where
         if isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS:
+            upstream.refresh_certificate()
             error: ProxyError = client_certificate_rejected(where, upstream.subject)
         else:
             error = UpstreamError(
@@ -3161,7 +3831,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         log.warning("%s %s: %s", self.command, self.path, error)
         self.send_status(error.http_status, str(error))
 
-    def forward_request(self, http_conn: http.client.HTTPConnection) -> None:
+    def forward_request(
+        self, http_conn: http.client.HTTPConnection, body: bytes | None
+    ) -> None:
+        """The request upstream; a chunked body (read whole) goes with its length."""
         upstream = self.server.upstream
         http_conn.putrequest(
             self.command,
@@ -3175,36 +3848,64 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if is_upgrade(self.headers):
             http_conn.putheader("Connection", "Upgrade")
             http_conn.putheader("Upgrade", self.headers["Upgrade"])
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            http_conn.putheader("Transfer-Encoding", "chunked")
-            http_conn.endheaders()
-            self.copy_chunked_body(http_conn)
+        length = len(body) if body is not None else self.headers.get("Content-Length")
+        if length is not None:
+            http_conn.putheader("Content-Length", str(int(length)))
+        http_conn.endheaders()
+        if body is not None:
+            http_conn.send(body)
         else:
-            length = int(self.headers.get("Content-Length") or 0)
-            if "Content-Length" in self.headers:
-                http_conn.putheader("Content-Length", str(length))
-            http_conn.endheaders()
-            copy_exact(self.rfile, http_conn.send, length)
+            self.copy_request_body(http_conn.send, int(length or 0))
 
-    def copy_chunked_body(self, http_conn: http.client.HTTPConnection) -> None:
+    def copy_request_body(self, write: Any, length: int) -> None:
+        """Stream a Content-Length body; a client that stops short is at fault."""
+        while length > 0:
+            try:
+                data = self.rfile.read1(min(CHUNK, length))
+            except OSError:
+                data = b""
+            if not data:
+                raise RequestError(
+                    "the request body is shorter than its Content-Length: the client "
+                    "stopped sending it, so the request was not completed; try again"
+                )
+            write(data)
+            length -= len(data)
+
+    def final_response(
+        self, response: http.client.HTTPResponse
+    ) -> http.client.HTTPResponse:
+        """The upstream's final answer, its head checked. Interim 1xx answers before
+        it (RFC 9110 15.2) go to HTTP/1.1 clients; HTTP/1.0 ones never get them."""
         while True:
-            line = self.rfile.readline(1024)
-            size = int(line.split(b";")[0].strip() or b"x", 16)
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers are dropped
-                http_conn.send(b"0\r\n\r\n")
-                return
-            http_conn.send(b"%x\r\n" % size)
-            copy_exact(self.rfile, http_conn.send, size)
-            http_conn.send(b"\r\n")
-            self.rfile.readline(1024)
+            fault = response_fault(response.fp.head)
+            if fault:
+                where = self.server.upstream.address.where
+                raise UpstreamError(
+                    f"the API server at {where} sent {fault}: the answer is not relayed"
+                )
+            if not 100 <= response.status < 200 or response.status == 101:
+                return response
+            if self.request_version != "HTTP/1.0":
+                self.send_response_only(response.status, response.reason)
+                for name, value in end_to_end_headers(response.headers):
+                    self.send_header(name, value)
+                self.end_headers()
+            fp, response.fp = response.fp, None  # else closing it would close fp
+            fp.start_head()
+            same_reader = types.SimpleNamespace(makefile=lambda _, fp=fp: fp)
+            response = http.client.HTTPResponse(same_reader, method=self.command)
+            response.begin()
 
     def forward_response(self, response: http.client.HTTPResponse) -> int:
-        """Status, headers and body (streamed); returns the body's size."""
+        """Status, headers and body (streamed); returns the body's size. The body
+        keeps its length if it has one; otherwise it is chunked, or for HTTP/1.0
+        clients ended by closing the connection."""
         self.send_response_only(response.status, response.reason)
         for name, value in end_to_end_headers(response.headers):
             self.send_header(name, value)
+        if self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "close")
         no_body = (
             self.command == "HEAD"
             or response.status in (204, 304)
@@ -3222,18 +3923,34 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             copy_exact(response, self.wfile.write, size)
             return size
-        self.send_header("Transfer-Encoding", "chunked")
+        chunked = self.request_version != "HTTP/1.0"
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        return self.stream_chunked(response)
+        return self.stream(response, chunked)
 
-    def stream_chunked(self, response: http.client.HTTPResponse) -> int:
-        """Relay as chunks as they arrive (watch, logs -f), flushing each one."""
+    def stream(self, response: http.client.HTTPResponse, chunked: bool) -> int:
+        """Relay the body as it arrives (watch, logs -f), as chunks or as it is,
+        flushing each piece. The stream ends when the client hangs up; cut because
+        the card left, it ends without its last chunk, so kubectl reports it
+        broken, not complete."""
         sent = 0
-        while data := response.read1(CHUNK):
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-            sent += len(data)
-        self.wfile.write(b"0\r\n\r\n")
+        upstream = self.upstream_sock
+        try:
+            with ended_with_client(self.connection, upstream):
+                while data := response.read1(CHUNK):
+                    piece = b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    sent += len(data)
+        except (OSError, http.client.HTTPException):
+            self.close_connection = True  # broken or cut: no last chunk
+            return sent
+        if upstream is not None and upstream.cut:
+            self.close_connection = True
+            return sent
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
         return sent
 
     def tunnel(self, response: http.client.HTTPResponse, upstream: TLSSocket) -> int:
@@ -3265,30 +3982,38 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         sender.join()
         return sent
 
-    def send_error(
-        self, code: int, message: str | None = None, explain: str | None = None
-    ) -> None:
-        """Malformed requests (bad request line, oversized headers) get a Status too."""
-        self.close_connection = True
-        text = message or http.HTTPStatus(code).phrase
-        self.send_status(
-            code, f"refused: {text.lower()}" + (f" ({explain})" if explain else "")
-        )
-
-    def send_status(self, code: int, message: str) -> None:
-        """A Status answer from the proxy itself; the connection closes after it, as
-        the request's body may not have been read."""
-        self.close_connection = True
-        body = status_body(code, STATUS_REASONS.get(code, "InternalError"), message)
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("%s - %s", self.address_string(), format % args)
+
+
+class StaleConnection(Exception):
+    """A kept upstream connection failed before any answer: send the request again."""
+
+
+@contextlib.contextmanager
+def ended_with_client(
+    client: socket.socket, upstream: TLSSocket | None
+) -> Iterator[None]:
+    """While a stream is relayed, a thread waits for the client to hang up
+    (POLLRDHUP, nothing read) and then shuts the upstream connection down at once,
+    not at the next write, which for a quiet watch may be minutes away."""
+    done = threading.Event()
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(client.fileno(), select.POLLRDHUP)
+        while not done.is_set():
+            if poller.poll(CLIENT_WATCH_MS):
+                if not done.is_set() and upstream is not None:
+                    upstream.shutdown()
+                return
+
+    if upstream is not None:
+        threading.Thread(target=watch, name="client-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def is_upgrade(headers: Any) -> bool:
@@ -3303,6 +4028,22 @@ def end_to_end_headers(headers: Any) -> Iterator[tuple[str, str]]:
         lower = name.lower()
         if lower not in HOP_BY_HOP and lower not in named and lower != "content-length":
             yield name, value
+
+
+def linger(sock: socket.socket) -> None:
+    """Half-close, then read and drop what the client still sends (for at most
+    LINGER_SECONDS and LINGER_BYTES): closing with unread data would reset the
+    connection and could destroy the answer just sent (RFC 9112 9.6)."""
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    with contextlib.suppress(OSError, ValueError):
+        sock.shutdown(socket.SHUT_WR)
+        while drained < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            data = sock.recv(CHUNK)
+            if not data:
+                return
+            drained += len(data)
 
 
 def copy_exact(source: Any, write: Any, length: int) -> None:
@@ -3369,6 +4110,8 @@ class ProxySettings:
     listen: tuple[str, int]
     local_tls: LocalTls | None
     reuse_while_present: bool = False
+    reuse_idle: float = REUSE_IDLE_SECONDS
+    keep_streams_on_removal: bool = False
 
 
 def parse_listen(text: str, unsafe: bool, what: str = "--listen") -> tuple[str, int]:
@@ -3467,6 +4210,8 @@ def proxy_settings(args: argparse.Namespace) -> ProxySettings:
         listen,
         None if plain else local_tls_from(ext, where),
         reuse,
+        args.reuse_idle,
+        args.keep_streams_on_removal,
     )
 
 
@@ -3573,6 +4318,7 @@ def build_upstream(
         settings.address, verifier, cert, signer, args.handshake_timeout
     )
     upstream.origin = meta.origin if meta else "of unknown origin"
+    upstream.refresh_seconds = args.certificate_refresh
     return upstream
 
 
@@ -3608,13 +4354,20 @@ def format_address(address: tuple[Any, ...]) -> str:
 
 
 def start_server(settings: ProxySettings, upstream: Upstream) -> ProxyServer:
+    """The listener, with the card's presence monitor and the connection pool."""
     context = settings.local_tls.context() if settings.local_tls else None
     if context is None:
         log.warning("%s", PLAIN_HTTP_WARNING)
+    monitor = PresenceMonitor(upstream.signer.card)
+    pool = LinkPool(
+        upstream,
+        monitor,
+        settings.reuse_while_present,
+        settings.reuse_idle,
+        settings.keep_streams_on_removal,
+    )
     try:
-        return ProxyServer(
-            settings.listen, upstream, context, settings.reuse_while_present
-        )
+        server = ProxyServer(settings.listen, upstream, context, pool)
     except (OSError, ValueError, UnicodeError, OverflowError) as exc:
         where = format_address(settings.listen)
         reason = getattr(exc, "strerror", None) or str(exc)
@@ -3622,6 +4375,8 @@ def start_server(settings: ProxySettings, upstream: Upstream) -> ProxyServer:
             f"cannot listen on {where} ({reason}): is another proxy "
             "running? choose another address with --listen"
         ) from None
+    monitor.start()
+    return server
 
 
 def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None:
@@ -3636,6 +4391,7 @@ def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None
     def reload(signum: int, frame: Any) -> None:
         log.warning("reloading: releasing the card and reading the PIN again")
         pins.reload()
+        server.upstream.refresh_certificate()
         threading.Thread(target=card.close, daemon=True).start()
 
     handlers = {signal.SIGTERM: stop, signal.SIGINT: stop}
@@ -3654,6 +4410,9 @@ def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None
             log.warning(
                 "stopping with requests still open (after %g s)", SHUTDOWN_GRACE_SECONDS
             )
+        pool = getattr(server, "pool", None)  # a stand-in server may have none
+        if pool is not None:
+            pool.monitor.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -3726,6 +4485,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
                 signal.signal(signal.SIGINT, previous)
         server.shutdown()
         server.server_close()
+        server.pool.monitor.stop()
     finally:
         card.close()
         if terminal is not None:
@@ -5001,9 +5761,31 @@ def proxy_options() -> argparse.ArgumentParser:
     options.add_argument(
         "--reuse-while-present",
         action="store_true",
-        help="reuse an upstream connection for the next request on the same "
-        "local connection (one kubectl run) after checking the card is "
-        "still there: fewer signatures (default: from setup, else off)",
+        help="keep upstream connections for the next requests, also of later "
+        "kubectl runs, while the card that signed them stays in its reader: "
+        "fewer signatures (default: from setup, else a fresh one per request)",
+    )
+    options.add_argument(
+        "--reuse-idle",
+        type=seconds_arg,
+        default=REUSE_IDLE_SECONDS,
+        metavar="SECONDS",
+        help="with --reuse-while-present, close connections idle this long "
+        f"(default: {REUSE_IDLE_SECONDS:g})",
+    )
+    options.add_argument(
+        "--keep-streams-on-removal",
+        action="store_true",
+        help="let open watches, logs -f and exec/attach/port-forward sessions run "
+        "on after the card is pulled (default: they end at once)",
+    )
+    options.add_argument(
+        "--certificate-refresh",
+        type=seconds_arg,
+        default=CERTIFICATE_REFRESH_SECONDS,
+        metavar="SECONDS",
+        help="read the slot's certificate again at most this often, to pick up "
+        f"'renew' (default: {CERTIFICATE_REFRESH_SECONDS:g})",
     )
     options.add_argument(
         "--handshake-timeout",
@@ -5374,13 +6156,24 @@ class StderrHandler(logging.StreamHandler):
         pass
 
 
+class EscapingFormatter(logging.Formatter):
+    """Writes control characters of a message (a request path with terminal
+    escapes, say) as \\xNN escapes, never raw."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        return super().formatMessage(record).translate(LOG_ESCAPES)
+
+
+LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
 def configure_logging(verbosity: int) -> None:
     level = (
         (logging.WARNING, logging.INFO)[verbosity] if verbosity < 2 else logging.DEBUG
     )
     if not any(isinstance(h, StderrHandler) for h in log.handlers):
         handler = StderrHandler()
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        handler.setFormatter(EscapingFormatter(f"{PROG}: %(levelname)s: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(level)
