@@ -9960,30 +9960,28 @@ HTTP_FUZZ_FAMILIES = [
 
 
 def test_http_fuzz_malformed_requests_never_reach_the_card_or_the_api_server(
-    card57, cluster, tmp_path, capsys
+    card57, proxies, cluster, tmp_path, capsys
 ):
     """Seeded: the same requests every run. Each gets its exact answer, the API
     server sees no connection and the card signs nothing."""
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", proxy_extra=("-v",))  # -vv
-    try:
-        host = f"127.0.0.1:{proxy.port}"
-        rng = random.Random(HTTP_FUZZ_SEED)
-        signed, statuses = card57.sign_count, {}
-        for i in range(HTTP_FUZZ_CASES):
-            family = HTTP_FUZZ_FAMILIES[i % len(HTTP_FUZZ_FAMILIES)]
-            raw, status, message = family(rng, host)
-            answer = local_request(proxy, raw)
-            assert answer_of(answer) == (status, message), (family.__name__, raw[:200])
-            assert cluster.api.handshakes == 0 and cluster.api.requests == []
-            assert card57.sign_count == signed, (family.__name__, raw[:200])
-            statuses[status] = statuses.get(status, 0) + 1
-        forwarded, connected = len(cluster.api.requests), cluster.api.handshakes
-        signatures = card57.sign_count - signed
-        done = kubectl(proxy, "get", "--raw", "/version")  # and then it still works
-        assert done.returncode == 0, done.stderr
-        log = proxy.stderr()
-    finally:
-        proxy.stop()
+    proxy = proxies.setup(cluster, tmp_path / "yk", proxy_extra=("-v",))  # -vv
+    host = f"127.0.0.1:{proxy.port}"
+    rng = random.Random(HTTP_FUZZ_SEED)
+    signed, statuses = card57.sign_count, {}
+    for i in range(HTTP_FUZZ_CASES):
+        family = HTTP_FUZZ_FAMILIES[i % len(HTTP_FUZZ_FAMILIES)]
+        raw, status, message = family(rng, host)
+        answer = local_request(proxy, raw)
+        assert answer_of(answer) == (status, message), (family.__name__, raw[:200])
+        assert cluster.api.handshakes == 0 and cluster.api.requests == []
+        assert card57.sign_count == signed, (family.__name__, raw[:200])
+        statuses[status] = statuses.get(status, 0) + 1
+    forwarded, connected = len(cluster.api.requests), cluster.api.handshakes
+    signatures = card57.sign_count - signed
+    done = kubectl(proxy, "get", "--raw", "/version")  # and then it still works
+    assert done.returncode == 0, done.stderr
+    log = proxy.stderr()
+    proxy.stop()
     tracebacks = log.count("Traceback (most recent call last)")
     refusals = [line for line in log.splitlines() if ": refused: " in line]
     FAULT_FIGURES.append(
@@ -10136,8 +10134,10 @@ def test_chunked_body_with_extensions_and_trailers_is_checked_and_forwarded_whol
     assert "x-checksum" not in request["headers"]
 
 
-def test_truncated_request_bodies_are_the_clients_fault(card57, cluster, tmp_path):
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--plain-http")
+def test_truncated_request_bodies_are_the_clients_fault(
+    card57, proxies, cluster, tmp_path
+):
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--plain-http")
     host = f"127.0.0.1:{proxy.port}"
 
     def half_sent(raw: bytes) -> tuple[int, str]:
@@ -10146,45 +10146,39 @@ def test_truncated_request_bodies_are_the_clients_fault(card57, cluster, tmp_pat
             sock.shutdown(socket.SHUT_WR)  # the client stops sending
             return answer_of(b"".join(iter(lambda: sock.recv(65536), b"")))
 
-    try:
-        signed = card57.sign_count
-        # A chunked body is read whole first: nothing goes upstream.
-        assert half_sent(chunked(host, b"a\r\nhello")) == (
-            400,
-            "refused: the chunked request body ended before its last chunk: the "
-            "client stopped sending it; try again",
-        )
-        assert cluster.api.handshakes == 0 and card57.sign_count == signed
-        # A Content-Length body is streamed: the API server saw the start of it.
-        assert half_sent(post(host, "Content-Length: 100\r\n", b'{"kind":')) == (
-            400,
-            "the request body is shorter than its Content-Length: the client stopped "
-            "sending it, so the request was not completed; try again",
-        )
-        wait_until(lambda: cluster.api.requests, 10, "the API server to see the head")
-        assert [r["method"] for r in cluster.api.requests] == ["POST"]
-        assert "502" not in proxy.stderr()
-    finally:
-        proxy.stop()
+    signed = card57.sign_count
+    # A chunked body is read whole first: nothing goes upstream.
+    assert half_sent(chunked(host, b"a\r\nhello")) == (
+        400,
+        "refused: the chunked request body ended before its last chunk: the "
+        "client stopped sending it; try again",
+    )
+    assert cluster.api.handshakes == 0 and card57.sign_count == signed
+    # A Content-Length body is streamed: the API server saw the start of it.
+    assert half_sent(post(host, "Content-Length: 100\r\n", b'{"kind":')) == (
+        400,
+        "the request body is shorter than its Content-Length: the client stopped "
+        "sending it, so the request was not completed; try again",
+    )
+    wait_until(lambda: cluster.api.requests, 10, "the API server to see the head")
+    assert [r["method"] for r in cluster.api.requests] == ["POST"]
+    assert "502" not in proxy.stderr()
 
 
 def test_error_answers_linger_while_the_client_is_still_sending(
-    card57, cluster, tmp_path
+    card57, proxies, cluster, tmp_path
 ):
     """After a refusal the proxy half-closes and reads on, so the answer is not
     destroyed by a reset while the client is still sending (its body, say)."""
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--plain-http")
-    try:
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-            sock.sendall(post(f"127.0.0.1:{proxy.port}", "Content-Length: -5\r\n"))
-            answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to its FIN
-            assert answer_of(answer) == (400, "refused: invalid Content-Length '-5'")
-            for _ in range(8):  # half of LINGER_BYTES, after the answer
-                sock.sendall(b"x" * 65536)  # a closed socket would answer RST
-            sock.shutdown(socket.SHUT_WR)
-            assert sock.recv(1) == b""
-    finally:
-        proxy.stop()
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--plain-http")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(post(f"127.0.0.1:{proxy.port}", "Content-Length: -5\r\n"))
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to its FIN
+        assert answer_of(answer) == (400, "refused: invalid Content-Length '-5'")
+        for _ in range(8):  # half of LINGER_BYTES, after the answer
+            sock.sendall(b"x" * 65536)  # a closed socket would answer RST
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
 
 
 # -- the relay: what the API server sends back -------------------------------------
@@ -10529,60 +10523,60 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_flood_of_idle_connections_leaves_kubectl_working(card57, cluster, tmp_path):
+def test_flood_of_idle_connections_leaves_kubectl_working(
+    card57, proxies, cluster, tmp_path
+):
     import resource
 
-    proxy = setup_and_proxy(cluster, tmp_path / "yk")
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    pid = proxy.process.pid
+    started = time.monotonic()
+    assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+    alone = time.monotonic() - started
+    baseline = process_counts(pid)
+    cpu, started = cpu_seconds(pid), time.monotonic()
+    flood = flooder(proxy.port, 200, until=200)
+    times = []
+    for _ in range(3):
+        begun = time.monotonic()
+        done = kubectl(proxy, "get", "--raw", "/version")
+        times.append(time.monotonic() - begun)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
+    peak = process_counts(pid)
+    # No handshake within LOCAL_HANDSHAKE_TIMEOUT: the proxy closes them all.
+    assert flood.stdout.readline() == "closed 200\n"
+    flood_cpu = cpu_seconds(pid) - cpu
+    flood_wall = time.monotonic() - started
+    flood.stdin.close()
+    flood.wait(30)
+    wait_for_counts(pid, baseline)
+    # Out of descriptors: accept() fails with EMFILE, and must not spin.
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (baseline[1] + 10, hard))
     try:
-        pid = proxy.process.pid
-        started = time.monotonic()
-        assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
-        alone = time.monotonic() - started
-        baseline = process_counts(pid)
+        flood = flooder(proxy.port, 40, until=5)
+        wait_until(
+            lambda: (
+                "cannot accept local connections (Too many open files)"
+                in proxy.stderr()
+            ),
+            30,
+            "accept() to run out of descriptors",
+        )
         cpu, started = cpu_seconds(pid), time.monotonic()
-        flood = flooder(proxy.port, 200, until=200)
-        times = []
-        for _ in range(3):
-            begun = time.monotonic()
-            done = kubectl(proxy, "get", "--raw", "/version")
-            times.append(time.monotonic() - begun)
-            assert done.returncode == 0, done.stderr
-            assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
-        peak = process_counts(pid)
-        # No handshake within LOCAL_HANDSHAKE_TIMEOUT: the proxy closes them all.
-        assert flood.stdout.readline() == "closed 200\n"
-        flood_cpu = cpu_seconds(pid) - cpu
-        flood_wall = time.monotonic() - started
+        assert flood.stdout.readline() == "closed 5\n"  # by the handshake timeout
+        starved_cpu = cpu_seconds(pid) - cpu
+        starved_wall = time.monotonic() - started
         flood.stdin.close()
         flood.wait(30)
-        wait_for_counts(pid, baseline)
-        # Out of descriptors: accept() fails with EMFILE, and must not spin.
-        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (baseline[1] + 10, hard))
-        try:
-            flood = flooder(proxy.port, 40, until=5)
-            wait_until(
-                lambda: (
-                    "cannot accept local connections (Too many open files)"
-                    in proxy.stderr()
-                ),
-                30,
-                "accept() to run out of descriptors",
-            )
-            cpu, started = cpu_seconds(pid), time.monotonic()
-            assert flood.stdout.readline() == "closed 5\n"  # by the handshake timeout
-            starved_cpu = cpu_seconds(pid) - cpu
-            starved_wall = time.monotonic() - started
-            flood.stdin.close()
-            flood.wait(30)
-        finally:
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
-        done = kubectl(proxy, "get", "--raw", "/version")
-        assert done.returncode == 0, done.stderr
-        wait_for_counts(pid, baseline)
-        after = process_counts(pid)
     finally:
-        proxy.stop()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    wait_for_counts(pid, baseline)
+    after = process_counts(pid)
+    proxy.stop()
     FAULT_FIGURES.append(
         f"flood: another process held 200 idle connections; kubectl answered 3/3 "
         f"in {max(times):.2f} s at most ({alone:.2f} s alone); proxy CPU "
@@ -12067,11 +12061,13 @@ def bench_k9s_like(cluster, piv, proxy, workdir: Path) -> list[str]:
 # =============================================================================
 
 
-def card_proxy(rig, cluster, workdir: Path, *proxy_extra: str, serial=12000000, **piv):
+def card_proxy(
+    cards, proxies, cluster, workdir: Path, *proxy_extra: str, serial=12000000, **piv
+):
     """A fresh card in the first reader, setup, and a proxy with ``proxy_extra``."""
     card = VirtualPiv(serial=serial, **piv)
-    inserted = rig.insert(card)
-    proxy = setup_and_proxy(cluster, workdir, proxy_extra=proxy_extra)
+    inserted = cards(card)
+    proxy = proxies.setup(cluster, workdir, proxy_extra=proxy_extra)
     return card, inserted, proxy
 
 
@@ -12115,65 +12111,63 @@ def stop_all(streams: dict) -> None:
 
 
 def test_pool_reuses_across_kubectl_runs_with_exact_signatures(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
     card, inserted, proxy = card_proxy(
-        rig, cluster, tmp_path / "yk", "--reuse-while-present"
+        cards, proxies, cluster, tmp_path / "yk", "--reuse-while-present"
     )
-    try:
-        signed, reads = card.sign_count, certificate_reads(card)
-        for _ in range(3):  # three kubectl processes, each its own local connections
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 0, done.stderr
-        # One handshake, one signature for all of them; the certificate was read
-        # at start only.
-        assert (card.sign_count - signed, cluster.api.handshakes) == (1, 1)
-        assert certificate_reads(card) == reads
-        # Two requests at once: the one kept connection, and a new one.
-        client = LocalClient(proxy)
-        slow = threading.Thread(target=client.get, args=("/slow?seconds=1",))
-        slow.start()
-        wait_until(
-            lambda: any(r["path"].startswith("/slow") for r in cluster.api.requests),
-            20,
-            "the slow request to arrive",
-        )
-        assert client.get("/version")[0] == 200
-        slow.join()
-        assert (card.sign_count - signed, cluster.api.handshakes) == (2, 2)
-        # kubectl get pods may open several connections at once (discovery); run
-        # again, it finds them all kept: no signature.
-        cache = ["--cache-dir", str(tmp_path / "cache")]
-        assert kubectl(proxy, *cache, "get", "pods").returncode == 0
-        counts = (card.sign_count, cluster.api.handshakes)
-        done = kubectl(proxy, *cache, "get", "pods", "-o", "name")
-        assert (done.returncode, done.stdout) == (0, ""), done.stderr
-        assert (card.sign_count, cluster.api.handshakes) == counts
-        # An upgrade gets a connection of its own, which is never kept.
-        cluster.api.add_pod("box", namespace="team-a")
-        for expected in (1, 2):
-            done = kubectl(proxy, "exec", "-i", "box", "--", "cat", input="hi\n")
-            assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
-            assert card.sign_count - counts[0] == expected
-        assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
-        assert card.sign_count - counts[0] == 2
-        FAULT_FIGURES.append(
-            f"pool: {len(cluster.api.requests)} requests of 9 kubectl runs and a "
-            f"client, {card.sign_count - signed} signatures"
-        )
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    signed, reads = card.sign_count, certificate_reads(card)
+    for _ in range(3):  # three kubectl processes, each its own local connections
+        done = kubectl(proxy, "get", "--raw", "/version")
+        assert done.returncode == 0, done.stderr
+    # One handshake, one signature for all of them; the certificate was read
+    # at start only.
+    assert (card.sign_count - signed, cluster.api.handshakes) == (1, 1)
+    assert certificate_reads(card) == reads
+    # Two requests at once: the one kept connection, and a new one.
+    client = LocalClient(proxy)
+    slow = threading.Thread(target=client.get, args=("/slow?seconds=1",))
+    slow.start()
+    wait_until(
+        lambda: any(r["path"].startswith("/slow") for r in cluster.api.requests),
+        20,
+        "the slow request to arrive",
+    )
+    assert client.get("/version")[0] == 200
+    slow.join()
+    assert (card.sign_count - signed, cluster.api.handshakes) == (2, 2)
+    # kubectl get pods may open several connections at once (discovery); run
+    # again, it finds them all kept: no signature.
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert kubectl(proxy, *cache, "get", "pods").returncode == 0
+    counts = (card.sign_count, cluster.api.handshakes)
+    done = kubectl(proxy, *cache, "get", "pods", "-o", "name")
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
+    assert (card.sign_count, cluster.api.handshakes) == counts
+    # An upgrade gets a connection of its own, which is never kept.
+    cluster.api.add_pod("box", namespace="team-a")
+    for expected in (1, 2):
+        done = kubectl(proxy, "exec", "-i", "box", "--", "cat", input="hi\n")
+        assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
+        assert card.sign_count - counts[0] == expected
+    assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+    assert card.sign_count - counts[0] == 2
+    FAULT_FIGURES.append(
+        f"pool: {len(cluster.api.requests)} requests of 9 kubectl runs and a "
+        f"client, {card.sign_count - signed} signatures"
+    )
 
 
 @pytest.mark.parametrize("mode", ["fresh", "pool"])
-def test_card_pulled_ends_watch_logs_and_exec(rig, cluster, tmp_path, capsys, mode):
+def test_card_pulled_ends_watch_logs_and_exec(
+    cards, proxies, cluster, tmp_path, capsys, mode
+):
     extra = ("--reuse-while-present",) if mode == "pool" else ()
-    card, inserted, proxy = card_proxy(rig, cluster, tmp_path / "yk", *extra)
+    card, inserted, proxy = card_proxy(cards, proxies, cluster, tmp_path / "yk", *extra)
     streams = open_streams(proxy, cluster)
     try:
         pulled = time.monotonic()
-        inserted.remove()  # the card is pulled; nothing waits for pcscd to notice
+        inserted.remove(wait=False)  # the card is pulled; nothing waits for pcscd
         hangups = cluster.api.wait_hangups(3)
         codes = {name: process.wait(30) for name, process in streams.items()}
         ended = max(t for _, t in hangups) - pulled
@@ -12204,16 +12198,17 @@ def test_card_pulled_ends_watch_logs_and_exec(rig, cluster, tmp_path, capsys, mo
         assert "the YubiKey left its reader: closed " in proxy.stderr()
     finally:
         stop_all(streams)
-        proxy.stop()
 
 
-def test_keep_streams_on_removal_lets_them_run(rig, cluster, tmp_path, capsys):
+def test_keep_streams_on_removal_lets_them_run(
+    cards, proxies, cluster, tmp_path, capsys
+):
     card, inserted, proxy = card_proxy(
-        rig, cluster, tmp_path / "yk", "--keep-streams-on-removal"
+        cards, proxies, cluster, tmp_path / "yk", "--keep-streams-on-removal"
     )
     streams = open_streams(proxy, cluster)
     try:
-        rig.remove(inserted)
+        inserted.remove()
         cluster.api.append_log("box", "after", namespace="team-a")
         assert streams["logs"].stdout.readline() == b"after\n"
         streams["exec"].stdin.write(b"still here\n")
@@ -12224,14 +12219,13 @@ def test_keep_streams_on_removal_lets_them_run(rig, cluster, tmp_path, capsys):
         assert LocalClient(proxy).get("/version")[0] == 503
     finally:
         stop_all(streams)
-        proxy.stop()
 
 
 @pytest.mark.parametrize("stream", ["watch", "logs", "exec"])
 def test_client_killed_mid_stream_closes_the_upstream(
-    rig, cluster, tmp_path, capsys, stream
+    cards, proxies, cluster, tmp_path, capsys, stream
 ):
-    card, inserted, proxy = card_proxy(rig, cluster, tmp_path / "yk")
+    card, inserted, proxy = card_proxy(cards, proxies, cluster, tmp_path / "yk")
     streams = open_streams(proxy, cluster)
     try:
         killed = time.monotonic()
@@ -12246,111 +12240,110 @@ def test_client_killed_mid_stream_closes_the_upstream(
         assert all(p.poll() is None for n, p in streams.items() if n != stream)
     finally:
         stop_all(streams)
-        proxy.stop()
-        rig.remove(inserted)
 
 
 def test_card_pulled_and_the_next_request_at_once_says_not_present(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
-    card, inserted, proxy = card_proxy(rig, cluster, tmp_path / "yk")
+    card, inserted, proxy = card_proxy(cards, proxies, cluster, tmp_path / "yk")
     client = LocalClient(proxy)
     messages = []
-    try:
-        for _ in range(3):
-            assert client.get("/version")[0] == 200
-            inserted.remove()  # and at once, no waiting for pcscd
-            status, body = client.get("/version")
-            messages.append((status, json.loads(body)["message"]))
-            inserted = rig.insert(card)
-        assert (
-            messages
-            == [
-                (
-                    503,
-                    f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it",
-                )
-            ]
-            * 3
-        )
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
-
-
-def test_card_swapped_for_another_in_the_same_reader(rig, cluster, tmp_path, capsys):
-    card, inserted, proxy = card_proxy(
-        rig, cluster, tmp_path / "yk", "--reuse-while-present", serial=12000001
-    )
-    client = LocalClient(proxy)
-    try:
-        assert [client.get("/version")[0] for _ in range(2)] == [200, 200]
-        rig.remove(inserted)
-        other = VirtualPiv(serial=12000002)
-        inserted = rig.insert(other)
-        relayed, handshakes = len(cluster.api.requests), cluster.api.handshakes
+    for _ in range(3):
+        assert client.get("/version")[0] == 200
+        inserted.remove()  # and at once, no waiting for pcscd
         status, body = client.get("/version")
-        assert (status, json.loads(body)["message"]) == (
-            503,
-            f"the YubiKey in reader '{YUBIKEY_READER} 00 00' is serial 12000002, not "
-            "serial 12000001 that holds the key: insert that one",
-        )
-        assert (len(cluster.api.requests), cluster.api.handshakes) == (
-            relayed,
-            handshakes,
-        )
-        assert (card.sign_count - 1, other.sign_count) == (1, 0)
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+        messages.append((status, json.loads(body)["message"]))
+        inserted = cards(card)
+    assert (
+        messages
+        == [
+            (
+                503,
+                f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it",
+            )
+        ]
+        * 3
+    )
 
 
-def test_stale_pooled_connection_is_replaced_not_a_502(rig, cluster, tmp_path, capsys):
+def test_card_swapped_for_another_in_the_same_reader(
+    cards, proxies, cluster, tmp_path, capsys
+):
     card, inserted, proxy = card_proxy(
-        rig, cluster, tmp_path / "yk", "--reuse-while-present"
+        cards,
+        proxies,
+        cluster,
+        tmp_path / "yk",
+        "--reuse-while-present",
+        serial=12000001,
     )
     client = LocalClient(proxy)
-    try:
-        assert client.get("/version")[0] == 200
-        # The server timed the idle connection out (its FIN has arrived).
-        cluster.api.close_connections()
-        wait_until(lambda: not cluster.api._conns, 10, "the server to close")
-        assert client.get("/version")[0] == 200
-        assert (card.sign_count - 1, cluster.api.handshakes) == (2, 2)
-        # The server closes it as the request arrives: sent once more, fresh.
-        cluster.api.drop_next = 1
-        assert client.get("/version")[0] == 200
-        assert (card.sign_count - 1, cluster.api.handshakes) == (3, 3)
-        assert [r["path"] for r in cluster.api.requests[-2:]] == ["/version"] * 2
-        # A body is not sent twice: a 502 that says so.
-        cluster.api.drop_next = 1
-        conn = client.connection()
-        conn.request("POST", "/api/v1/namespaces/team-a/pods", body=b"{}")
-        response = conn.getresponse()
-        assert response.status == 502
-        assert json.loads(response.read())["message"].startswith(
-            f"the API server at 127.0.0.1:{cluster.api.port} failed during the request"
-        )
-        conn.close()
-        assert (card.sign_count - 1, cluster.api.handshakes) == (3, 3)
-        assert "GET /version: retried, the kept connection was stale" in proxy.stderr()
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
-
-
-def test_idle_pooled_connections_close_after_reuse_idle(rig, cluster, tmp_path, capsys):
-    card, inserted, proxy = card_proxy(
-        rig, cluster, tmp_path / "yk", "--reuse-while-present", "--reuse-idle", "0.5"
+    assert [client.get("/version")[0] for _ in range(2)] == [200, 200]
+    inserted.remove()
+    other = VirtualPiv(serial=12000002)
+    inserted = cards(other)
+    relayed, handshakes = len(cluster.api.requests), cluster.api.handshakes
+    status, body = client.get("/version")
+    assert (status, json.loads(body)["message"]) == (
+        503,
+        f"the YubiKey in reader '{YUBIKEY_READER} 00 00' is serial 12000002, not "
+        "serial 12000001 that holds the key: insert that one",
     )
-    try:
-        assert LocalClient(proxy).get("/version")[0] == 200
-        wait_until(lambda: not cluster.api._conns, 20, "the idle connection to close")
-        assert LocalClient(proxy).get("/version")[0] == 200
-        assert (card.sign_count - 1, cluster.api.handshakes) == (2, 2)
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    assert (len(cluster.api.requests), cluster.api.handshakes) == (
+        relayed,
+        handshakes,
+    )
+    assert (card.sign_count - 1, other.sign_count) == (1, 0)
+
+
+def test_stale_pooled_connection_is_replaced_not_a_502(
+    cards, proxies, cluster, tmp_path, capsys
+):
+    card, inserted, proxy = card_proxy(
+        cards, proxies, cluster, tmp_path / "yk", "--reuse-while-present"
+    )
+    client = LocalClient(proxy)
+    assert client.get("/version")[0] == 200
+    # The server timed the idle connection out (its FIN has arrived).
+    cluster.api.close_connections()
+    wait_until(lambda: not cluster.api._conns, 10, "the server to close")
+    assert client.get("/version")[0] == 200
+    assert (card.sign_count - 1, cluster.api.handshakes) == (2, 2)
+    # The server closes it as the request arrives: sent once more, fresh.
+    cluster.api.drop_next = 1
+    assert client.get("/version")[0] == 200
+    assert (card.sign_count - 1, cluster.api.handshakes) == (3, 3)
+    assert [r["path"] for r in cluster.api.requests[-2:]] == ["/version"] * 2
+    # A body is not sent twice: a 502 that says so.
+    cluster.api.drop_next = 1
+    conn = client.connection()
+    conn.request("POST", "/api/v1/namespaces/team-a/pods", body=b"{}")
+    response = conn.getresponse()
+    assert response.status == 502
+    assert json.loads(response.read())["message"].startswith(
+        f"the API server at 127.0.0.1:{cluster.api.port} failed during the request"
+    )
+    conn.close()
+    assert (card.sign_count - 1, cluster.api.handshakes) == (3, 3)
+    assert "GET /version: retried, the kept connection was stale" in proxy.stderr()
+
+
+def test_idle_pooled_connections_close_after_reuse_idle(
+    cards, proxies, cluster, tmp_path, capsys
+):
+    card, inserted, proxy = card_proxy(
+        cards,
+        proxies,
+        cluster,
+        tmp_path / "yk",
+        "--reuse-while-present",
+        "--reuse-idle",
+        "0.5",
+    )
+    assert LocalClient(proxy).get("/version")[0] == 200
+    wait_until(lambda: not cluster.api._conns, 20, "the idle connection to close")
+    assert LocalClient(proxy).get("/version")[0] == 200
+    assert (card.sign_count - 1, cluster.api.handshakes) == (2, 2)
 
 
 def replace_certificate(cluster: Cluster, card: VirtualPiv, days: int) -> bytes:
@@ -12370,68 +12363,58 @@ def replace_certificate(cluster: Cluster, card: VirtualPiv, days: int) -> bytes:
 
 
 def test_certificate_read_once_then_on_sighup_or_after_the_refresh_interval(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
-    card, inserted, proxy = card_proxy(rig, cluster, tmp_path / "yk")
+    card, inserted, proxy = card_proxy(cards, proxies, cluster, tmp_path / "yk")
     client = LocalClient(proxy)
-    try:
-        reads = certificate_reads(card)
-        assert [client.get("/version")[0] for _ in range(5)] == [200] * 5
-        assert certificate_reads(card) == reads  # read at start, not per request
-        second = replace_certificate(cluster, card, 100)
-        proxy.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reloading" in proxy.stderr(), 20, "the reload")
-        assert client.get("/version")[0] == 200
-        assert cluster.api.requests[-1]["client_certificate"] == second
-        assert certificate_reads(card) == reads + 1
-    finally:
-        proxy.stop()
+    reads = certificate_reads(card)
+    assert [client.get("/version")[0] for _ in range(5)] == [200] * 5
+    assert certificate_reads(card) == reads  # read at start, not per request
+    second = replace_certificate(cluster, card, 100)
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloading" in proxy.stderr(), 20, "the reload")
+    assert client.get("/version")[0] == 200
+    assert cluster.api.requests[-1]["client_certificate"] == second
+    assert certificate_reads(card) == reads + 1
+    proxy.stop()
     # Renewed under a running proxy: used within --certificate-refresh.
-    proxy = ProxyProcess(tmp_path / "yk", "--certificate-refresh", "1")
+    proxy = proxies(tmp_path / "yk", "--certificate-refresh", "1")
     client = LocalClient(proxy)
-    try:
-        assert client.get("/version")[0] == 200
-        third = replace_certificate(cluster, card, 200)
-        wait_until(
-            lambda: (
-                client.get("/version")[0] == 200
-                and cluster.api.requests[-1]["client_certificate"] == third
-            ),
-            20,
-            "the renewed certificate in use",
-        )
-        assert "now using the certificate in slot 9a" in proxy.stderr()
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    assert client.get("/version")[0] == 200
+    third = replace_certificate(cluster, card, 200)
+    wait_until(
+        lambda: (
+            client.get("/version")[0] == 200
+            and cluster.api.requests[-1]["client_certificate"] == third
+        ),
+        20,
+        "the renewed certificate in use",
+    )
+    assert "now using the certificate in slot 9a" in proxy.stderr()
 
 
 def test_touch_always_in_pool_mode_one_touch_per_new_connection(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
     touches = []
     card = VirtualPiv(serial=12000003, touch=lambda slot: touches.append(slot) or True)
-    inserted = rig.insert(card)
-    proxy = setup_and_proxy(
+    inserted = cards(card)
+    proxy = proxies.setup(
         cluster,
         tmp_path / "yk",
         "--touch-policy",
         "always",
         proxy_extra=("--reuse-while-present",),
     )
-    try:
-        before = len(touches)  # setup's proof
-        for _ in range(3):
-            assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
-        assert (len(touches) - before, cluster.api.handshakes) == (1, 1)
-        rig.remove(inserted)  # a pull ends the pool: the next one is touched again
-        inserted = rig.insert(card)
+    before = len(touches)  # setup's proof
+    for _ in range(3):
         assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
-        assert (len(touches) - before, cluster.api.handshakes) == (2, 2)
-        assert card.sign_count - 1 == 2
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    assert (len(touches) - before, cluster.api.handshakes) == (1, 1)
+    inserted.remove()  # a pull ends the pool: the next one is touched again
+    inserted = cards(card)
+    assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+    assert (len(touches) - before, cluster.api.handshakes) == (2, 2)
+    assert card.sign_count - 1 == 2
 
 
 def test_pcsc_codes_are_named_by_what_happened():
@@ -12463,18 +12446,15 @@ class GarbledVersionPiv(VirtualPiv):
         return super().process(apdu)
 
 
-def test_malformed_card_answer_is_a_card_error(rig, capsys):
-    inserted = rig.insert(GarbledVersionPiv(serial=12000004))
-    try:
-        code, stdout, stderr = run_cli("status", capsys=capsys)
-        assert (code, stdout) == (1, "")
-        assert stderr == (
-            f"{yk.PROG}: error: the YubiKey in reader '{YUBIKEY_READER} 00 00' sent an "
-            "answer that is not valid PIV (index out of range): reinsert it and try "
-            "again\n"
-        )
-    finally:
-        rig.remove(inserted)
+def test_malformed_card_answer_is_a_card_error(cards, capsys):
+    cards(GarbledVersionPiv(serial=12000004))
+    code, stdout, stderr = run_cli("status", capsys=capsys)
+    assert (code, stdout) == (1, "")
+    assert stderr == (
+        f"{yk.PROG}: error: the YubiKey in reader '{YUBIKEY_READER} 00 00' sent an "
+        "answer that is not valid PIV (index out of range): reinsert it and try "
+        "again\n"
+    )
 
 
 # =============================================================================
