@@ -11412,7 +11412,7 @@ def test_template_unit_verifies_and_runs_the_instance_named_proxy(tmp_path):
 
 
 def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
-    card57, csr_cluster, tmp_path, capsys, monkeypatch
+    card57, proxies, clusters, csr_cluster, tmp_path, capsys, monkeypatch
 ):
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -11442,19 +11442,17 @@ def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
     )
     assert not (home / ".kube" / "config.bak").exists()  # there was no file before
     first = slot_certificate(card57)
-    proxy = ProxyProcess(folder, "--listen", f"127.0.0.1:{port}")
-    try:
-        assert whoami(str(config)) == "alice"
-        # renew finds the proxy.yml that the merged context names.
-        code, stdout, stderr = run_cli(
-            "renew", "--approve", "--expiration", "3h", capsys=capsys
-        )
-        assert (code, stderr) == (0, ""), stdout
-        assert len(csr_cluster.api.csrs) == 2
-        assert slot_certificate(card57).serial_number != first.serial_number
-        assert whoami(str(config)) == "alice"  # the running proxy uses the new one
-    finally:
-        proxy.stop()
+    proxy = proxies(folder, "--listen", f"127.0.0.1:{port}")
+    assert whoami(str(config)) == "alice"
+    # renew finds the proxy.yml that the merged context names.
+    code, stdout, stderr = run_cli(
+        "renew", "--approve", "--expiration", "3h", capsys=capsys
+    )
+    assert (code, stderr) == (0, ""), stdout
+    assert len(csr_cluster.api.csrs) == 2
+    assert slot_certificate(card57).serial_number != first.serial_number
+    assert whoami(str(config)) == "alice"  # the running proxy uses the new one
+    proxy.stop()
     code, _, stderr = run_cli("unmerge", "dev-alice", capsys=capsys)
     assert (code, stderr) == (0, "")
     assert read_yaml(config) == {
@@ -12910,7 +12908,7 @@ def test_enroll_refuses_system_masters(card57, csr_cluster, tmp_path, capsys):
 
 
 def test_renew_through_the_running_proxy_and_as_a_no_op(
-    card57, csr_cluster, tmp_path, capsys
+    card57, proxies, csr_cluster, tmp_path, capsys
 ):
     workdir = tmp_path / "yk"
     assert (
@@ -12925,64 +12923,61 @@ def test_renew_through_the_running_proxy_and_as_a_no_op(
     grant_as_admin(csr_cluster, "alice", "csr-approver", APPROVER_RULES)
     first = slot_certificate(card57)
     capsys.readouterr()
-    proxy = ProxyProcess(workdir, "--certificate-refresh", "1")
-    try:
-        code, stdout, _ = run_cli(
-            "renew",
-            "--kubeconfig",
-            str(proxy.client_config),
-            "--proxy-config",
-            str(workdir / "proxy.yml"),
-            "--if-expiring-within",
-            "30m",
-            capsys=capsys,
-        )
-        assert code == 0
-        assert re.fullmatch(
-            r"The certificate in slot 9a is valid until \S+ \S+ UTC "
-            r"\((59|60) minutes left\): nothing to do.\n",
-            stdout,
-        ), stdout
-        assert len(csr_cluster.api.csrs) == 1  # nothing requested
-        code, stdout, stderr = run_cli(
-            "renew",
-            "--kubeconfig",
-            str(proxy.client_config),
-            "--proxy-config",
-            str(workdir / "proxy.yml"),
-            "--if-expiring-within",
-            "2h",
-            "--approve",
-            "--expiration",
-            "3h",
-            capsys=capsys,
-        )
-        assert (code, stderr) == (0, "")
-        assert stdout.startswith(
-            "Renewed the certificate in slot 9a (CN=alice,O=dev): valid until "
-        )
-        second = slot_certificate(card57)
-        assert second.serial_number != first.serial_number
-        assert yk.same_public_key(second.public_key(), first.public_key())
-        assert second.not_valid_after_utc > first.not_valid_after_utc
-        # The renewal itself went through the proxy, with the old certificate.
-        creates = [r for r in csr_cluster.api.requests if r["method"] == "POST"]
-        assert creates[-1]["client_certificate"] == first.public_bytes(
-            serialization.Encoding.DER
-        )
-        # No restart: within --certificate-refresh, requests present the new one.
-        wait_until(
-            lambda: (
-                kubectl(proxy, "get", "--raw", "/version").returncode == 0
-                and csr_cluster.api.requests[-1]["client_certificate"]
-                == second.public_bytes(serialization.Encoding.DER)
-            ),
-            30,
-            "the renewed certificate in use",
-        )
-        assert "now using the certificate in slot 9a: CN=alice,O=dev" in proxy.stderr()
-    finally:
-        proxy.stop()
+    proxy = proxies(workdir, "--certificate-refresh", "1")
+    code, stdout, _ = run_cli(
+        "renew",
+        "--kubeconfig",
+        str(proxy.client_config),
+        "--proxy-config",
+        str(workdir / "proxy.yml"),
+        "--if-expiring-within",
+        "30m",
+        capsys=capsys,
+    )
+    assert code == 0
+    assert re.fullmatch(
+        r"The certificate in slot 9a is valid until \S+ \S+ UTC "
+        r"\((59|60) minutes left\): nothing to do.\n",
+        stdout,
+    ), stdout
+    assert len(csr_cluster.api.csrs) == 1  # nothing requested
+    code, stdout, stderr = run_cli(
+        "renew",
+        "--kubeconfig",
+        str(proxy.client_config),
+        "--proxy-config",
+        str(workdir / "proxy.yml"),
+        "--if-expiring-within",
+        "2h",
+        "--approve",
+        "--expiration",
+        "3h",
+        capsys=capsys,
+    )
+    assert (code, stderr) == (0, "")
+    assert stdout.startswith(
+        "Renewed the certificate in slot 9a (CN=alice,O=dev): valid until "
+    )
+    second = slot_certificate(card57)
+    assert second.serial_number != first.serial_number
+    assert yk.same_public_key(second.public_key(), first.public_key())
+    assert second.not_valid_after_utc > first.not_valid_after_utc
+    # The renewal itself went through the proxy, with the old certificate.
+    creates = [r for r in csr_cluster.api.requests if r["method"] == "POST"]
+    assert creates[-1]["client_certificate"] == first.public_bytes(
+        serialization.Encoding.DER
+    )
+    # No restart: within --certificate-refresh, requests present the new one.
+    wait_until(
+        lambda: (
+            kubectl(proxy, "get", "--raw", "/version").returncode == 0
+            and csr_cluster.api.requests[-1]["client_certificate"]
+            == second.public_bytes(serialization.Encoding.DER)
+        ),
+        30,
+        "the renewed certificate in use",
+    )
+    assert "now using the certificate in slot 9a: CN=alice,O=dev" in proxy.stderr()
 
 
 def test_parse_duration():
@@ -13240,7 +13235,7 @@ def enrolled_alice(csr_cluster, tmp_path: Path, *extra: str) -> Path:
 
 
 def test_enroll_a_non_admin_then_renew_through_its_own_proxy_approved_outside(
-    card57, csr_cluster, tmp_path, capsys
+    card57, proxies, csr_cluster, tmp_path, capsys
 ):
     api = csr_cluster.api
     workdir = enrolled_alice(csr_cluster, tmp_path)
@@ -13253,7 +13248,7 @@ def test_enroll_a_non_admin_then_renew_through_its_own_proxy_approved_outside(
     ]
     first = slot_certificate(card57)
     capsys.readouterr()
-    proxy = ProxyProcess(workdir)
+    proxy = proxies(workdir)
     codes: list = []
     worker = threading.Thread(
         target=lambda: codes.append(yk.main(renew_through(proxy, "--timeout", "60")))
@@ -13282,7 +13277,6 @@ def test_enroll_a_non_admin_then_renew_through_its_own_proxy_approved_outside(
         assert done.returncode == 0, done.stderr
     finally:
         worker.join(90)
-        proxy.stop()
     # alice did only what the renewal role allows, and never tried to approve.
     alices = [entry for entry in api.authorization_log if entry[0] == "alice"]
     assert "create" in {verb for _, verb, *_ in alices}
@@ -13335,75 +13329,68 @@ def test_renew_with_an_admin_kubeconfig(card57, csr_cluster, tmp_path, capsys):
 
 
 def test_renew_refused_when_the_renewal_binding_is_missing(
-    card57, csr_cluster, tmp_path, capsys, monkeypatch
+    card57, proxies, csr_cluster, tmp_path, capsys, monkeypatch
 ):
     api = csr_cluster.api
     workdir = enrolled_alice(csr_cluster, tmp_path, "--no-allow-renew")
     capsys.readouterr()
-    proxy = ProxyProcess(workdir)
-    try:
-        code, out, err = run_cli(*renew_through(proxy), capsys=capsys)
-        assert (code, out, err) == (1, "", CREATE_REFUSED)
-        assert len(api.csrs) == 1  # only the enrolment's
-        # The command in the message is what an admin runs; then renewal works.
-        grant = CREATE_REFUSED.split("grants it with: ")[1].strip()
-        for command in grant.split(" && "):
-            done = admin_kubectl(csr_cluster, *command.split()[1:])
-            assert done.returncode == 0, done.stderr
-        assert api.cluster_roles["yubikey-renew-alice"]["rules"] == RENEWAL_RULES
-        # Renewal now waits, saying so, until the approval and the certificate.
-        monkeypatch.setattr(yk, "CSR_PROGRESS_SECONDS", 0.2)
-        codes: list = []
-        worker = threading.Thread(
-            target=lambda: codes.append(
-                yk.main(renew_through(proxy, "--timeout", "60"))
-            )
-        )
-        worker.start()
-        pending = csr_wait(api, lambda o: o["spec"]["username"] == "alice", 60)
-        name = pending["metadata"]["name"]
-        wait_until(
-            lambda: any(
-                "watch=true" in r.path and r.client_subject == "CN=alice,O=dev"
-                for r in list(api.requests)
-            ),
-            30,
-            "renew to watch its request",
-        )
-        seen: list = []
-        wait_until(
-            lambda: (
-                seen.append(capsys.readouterr().err) or "still waiting" in "".join(seen)
-            ),
-            30,
-            "a progress line",
-        )
-        csr_approve(api, name)
-        worker.join(90)
-        assert codes == [0]
-        err = "".join(seen) + capsys.readouterr().err
-        assert re.fullmatch(
-            f"Waiting up to 60 s for an administrator to run: kubectl certificate "
-            f"approve {name}\n(still waiting for {name} \\(\\d+ s left\\)\\.\\.\\.\\n)+"
-            f"{name} is approved; waiting for the cluster to issue its "
-            "certificate\\.\\.\\.\\n(still waiting for .*\\n)*",
-            err,
-        ), err
-    finally:
-        proxy.stop()
+    proxy = proxies(workdir)
+    code, out, err = run_cli(*renew_through(proxy), capsys=capsys)
+    assert (code, out, err) == (1, "", CREATE_REFUSED)
+    assert len(api.csrs) == 1  # only the enrolment's
+    # The command in the message is what an admin runs; then renewal works.
+    grant = CREATE_REFUSED.split("grants it with: ")[1].strip()
+    for command in grant.split(" && "):
+        done = admin_kubectl(csr_cluster, *command.split()[1:])
+        assert done.returncode == 0, done.stderr
+    assert api.cluster_roles["yubikey-renew-alice"]["rules"] == RENEWAL_RULES
+    # Renewal now waits, saying so, until the approval and the certificate.
+    monkeypatch.setattr(yk, "CSR_PROGRESS_SECONDS", 0.2)
+    codes: list = []
+    worker = threading.Thread(
+        target=lambda: codes.append(yk.main(renew_through(proxy, "--timeout", "60")))
+    )
+    worker.start()
+    pending = csr_wait(api, lambda o: o["spec"]["username"] == "alice", 60)
+    name = pending["metadata"]["name"]
+    wait_until(
+        lambda: any(
+            "watch=true" in r.path and r.client_subject == "CN=alice,O=dev"
+            for r in list(api.requests)
+        ),
+        30,
+        "renew to watch its request",
+    )
+    seen: list = []
+    wait_until(
+        lambda: (
+            seen.append(capsys.readouterr().err) or "still waiting" in "".join(seen)
+        ),
+        30,
+        "a progress line",
+    )
+    csr_approve(api, name)
+    worker.join(90)
+    assert codes == [0]
+    err = "".join(seen) + capsys.readouterr().err
+    assert re.fullmatch(
+        f"Waiting up to 60 s for an administrator to run: kubectl certificate "
+        f"approve {name}\n(still waiting for {name} \\(\\d+ s left\\)\\.\\.\\.\\n)+"
+        f"{name} is approved; waiting for the cluster to issue its "
+        "certificate\\.\\.\\.\\n(still waiting for .*\\n)*",
+        err,
+    ), err
 
 
 def test_approve_without_the_rights_is_never_attempted(
-    card57, csr_cluster, tmp_path, capsys
+    card57, proxies, csr_cluster, tmp_path, capsys
 ):
     api = csr_cluster.api
     workdir = enrolled_alice(csr_cluster, tmp_path)
     capsys.readouterr()
-    proxy = ProxyProcess(workdir)
-    try:
-        code, out, err = run_cli(*renew_through(proxy, "--approve"), capsys=capsys)
-    finally:
-        proxy.stop()
+    proxy = proxies(workdir)
+    code, out, err = run_cli(*renew_through(proxy, "--approve"), capsys=capsys)
+    proxy.stop()
     assert (code, out, err) == (1, "", APPROVE_REFUSED)
     # The access reviews said no first; nothing was requested or approved.
     reviews = [
@@ -13423,14 +13410,14 @@ def test_approve_without_the_rights_is_never_attempted(
 
 
 def test_enroll_refused_rbac_names_the_permission_and_restores_the_slot(
-    card57, csr_cluster, tmp_path, capsys
+    card57, proxies, csr_cluster, tmp_path, capsys
 ):
     """alice (allowed to renew, not to bind roles) enrols bob in slot 9c through her
     proxy: the binding is refused after the certificate was issued; the slot is
     left as it was."""
     workdir = enrolled_alice(csr_cluster, tmp_path)
     capsys.readouterr()
-    proxy = ProxyProcess(workdir)
+    proxy = proxies(workdir)
     codes: list = []
     args = [
         "enroll",
@@ -13457,7 +13444,6 @@ def test_enroll_refused_rbac_names_the_permission_and_restores_the_slot(
         worker.join(90)
     finally:
         worker.join(90)
-        proxy.stop()
     assert codes == [1]
     err = capsys.readouterr().err
     assert err.endswith(
