@@ -11412,7 +11412,7 @@ def test_template_unit_verifies_and_runs_the_instance_named_proxy(tmp_path):
 
 
 def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
-    card57, proxies, clusters, csr_cluster, tmp_path, capsys, monkeypatch
+    card57, proxies, csr_cluster, tmp_path, capsys, monkeypatch
 ):
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
