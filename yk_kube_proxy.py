@@ -51,18 +51,19 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol, cast
 
 __version__ = "0.1.0"
 __all__ = [
-    "main",
-    "PivSession",
     "Card",
-    "open_card",
+    "PivSession",
+    "ProxyError",
     "ProxyServer",
     "Upstream",
-    "ProxyError",
+    "main",
+    "open_card",
 ]
 
 log = logging.getLogger("yk_kube_proxy")
@@ -392,7 +393,7 @@ class TouchPolicy(enum.IntEnum):
     CACHED = 3
 
 
-ALGORITHM_NAMES = {
+ALGORITHM_NAMES: dict[int, str] = {
     KeyAlgorithm.RSA1024: "RSA-1024",
     KeyAlgorithm.RSA2048: "RSA-2048",
     KeyAlgorithm.RSA3072: "RSA-3072",
@@ -1353,7 +1354,8 @@ class Card:
             moved = self._find_moved_card()
             if moved is None:
                 raise
-            log.info("YubiKey serial %s is now in reader %r", self.info.serial, moved)
+            serial = self.info.serial if self.info else None
+            log.info("YubiKey serial %s is now in reader %r", serial, moved)
             self.reader = moved
             return self._context.connect(moved)
 
@@ -1597,6 +1599,7 @@ class PinSource:
         return pin
 
     def _read_file(self) -> str:
+        assert self.path is not None
         path = Path(os.path.expanduser(self.path))
         pin = read_secret_file(path, "the PIN file", "write just the PIN into it")
         if not pin:
@@ -1632,6 +1635,7 @@ def ensure_pin(piv: PivSession, policy: PinPolicy, pins: PinSource) -> None:
         piv.verify_pin(pin)
     except PinError as exc:
         pins.reject(exc)  # never sent to the card again
+        assert pins.rejected is not None
         raise pins.rejected from None  # the first answer says so too
 
 
@@ -2484,7 +2488,7 @@ def go_name_matches(leaf: Any, name: str) -> bool:
             want, have = pattern.split("."), host.removesuffix(".").split(".")
             if len(want) == len(have) and all(
                 w == h or (i == 0 and w == "*")
-                for i, (w, h) in enumerate(zip(want, have))
+                for i, (w, h) in enumerate(zip(want, have, strict=True))
             ):
                 return True
         elif pattern not in ("", ".") and pattern == host:
@@ -2526,6 +2530,7 @@ class ServerVerifier:
         """Raise ServerCertificateError unless the chain passes; return the leaf."""
         from cryptography import x509
 
+        problem: str | None
         try:
             certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
         except ValueError as exc:
@@ -2637,7 +2642,7 @@ def system_roots() -> list[Any]:
 
 
 def make_tls_connection(
-    sock: socket.socket, verifier: ServerVerifier, where: str
+    sock: socket.socket | PushbackSocket, verifier: ServerVerifier, where: str
 ) -> Any:
     """A tlslite client connection that verifies the server's chain the moment
     it arrives, before the card is asked for a signature."""
@@ -2677,10 +2682,10 @@ def make_tls_connection(
                 yield from self._getMsg(ContentType.handshake)
                 raise
 
-        def _clientGetKeyFromChain(
+        def _clientGetKeyFromChain(  # noqa: N802
             self,
             certificate: Any,
-            settings: Any,  # noqa: N802
+            settings: Any,
             tack_ext: Any = None,
         ) -> Iterator[Any]:
             try:
@@ -3030,7 +3035,7 @@ class Upstream:
                 serverName=self.address.sni,
                 alpn=[bytearray(b"http/1.1")],
             )
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - closed, then re-raised as ours
             raw.close()
             signed = self.signer.signatures != signatures
             raise self._handshake_error(conn, exc, signed) from None
@@ -3398,8 +3403,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self,
         address: tuple[str, int],
         upstream: Upstream,
-        tls_context: Any = None,
-        pool: LinkPool | None = None,
+        tls_context: Any,
+        pool: LinkPool,
     ) -> None:
         self.upstream = upstream
         self.tls_context = tls_context
@@ -3509,6 +3514,7 @@ class StrictRequestHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     lingering = False  # an error answer went out: drain the client before closing
+    rfile: Any  # the socket's buffered reader, or a BytesIO of the checked head
 
     def handle_one_request(self) -> None:
         """Wait for the next request, check its head, then let http.server parse
@@ -3550,7 +3556,7 @@ class StrictRequestHandler(http.server.BaseHTTPRequestHandler):
         fault = request_line_fault(line)
         if fault:
             raise RequestError(f"refused: {fault}")
-        head, fields = [line], []
+        head, fields = [line], list[tuple[bytes, bytes]]()
         while (line := self.read_line(MAX_HEAD_BYTES + 1, deadline)) != b"\r\n":
             head.append(line)
             if sum(map(len, head)) > MAX_HEAD_BYTES:
@@ -3706,7 +3712,7 @@ class RelayHandler(StrictRequestHandler):
                 link, reused = self.upstream_link(reuse)
             except ProxyError as exc:
                 return self.refuse(exc)
-            keep, sock = False, link.sock  # http.client forgets it when it fails
+            keep, sock = False, cast(TLSSocket, link.sock)  # forgotten when it fails
             try:
                 replayable = reused and self.replayable(body)
                 keep = self.exchange(link, body, started, replayable)
@@ -3747,7 +3753,7 @@ class RelayHandler(StrictRequestHandler):
         """The request can be sent again as it was: no body, or one held whole."""
         return body is not None or self.headers.get("Content-Length", "0") == "0"
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_relay
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_relay  # noqa: N815
 
     def refusal(self) -> tuple[int, str] | None:
         """Requests from browsers or naming other hosts."""
@@ -3795,7 +3801,7 @@ class RelayHandler(StrictRequestHandler):
             self.upstream_failed(exc)
             return False
         if response.status == 101:
-            sent = self.tunnel(response, link.sock)
+            sent = self.tunnel(response, cast(TLSSocket, link.sock))
         else:
             sent = self.forward_response(response)
         signer = self.server.upstream.signer
@@ -3878,7 +3884,8 @@ class RelayHandler(StrictRequestHandler):
         """The upstream's final answer, its head checked. Interim 1xx answers before
         it (RFC 9110 15.2) go to HTTP/1.1 clients; HTTP/1.0 ones never get them."""
         while True:
-            fault = response_fault(response.fp.head)
+            head_reader: HeadReader = response.fp  # type: ignore[assignment]
+            fault = response_fault(head_reader.head)
             if fault:
                 where = self.server.upstream.address.where
                 raise UpstreamError(
@@ -3891,9 +3898,11 @@ class RelayHandler(StrictRequestHandler):
                 for name, value in end_to_end_headers(response.headers):
                     self.send_header(name, value)
                 self.end_headers()
-            fp, response.fp = response.fp, None  # else closing it would close fp
-            fp.start_head()
-            same_reader = types.SimpleNamespace(makefile=lambda _, fp=fp: fp)
+            response.fp = None  # type: ignore[assignment]  # else closing it closes fp
+            head_reader.start_head()
+            same_reader: Any = types.SimpleNamespace(
+                makefile=lambda _, fp=head_reader: fp
+            )
             response = http.client.HTTPResponse(same_reader, method=self.command)
             response.begin()
 
@@ -4614,6 +4623,7 @@ def cmd_unmerge(args: argparse.Namespace) -> int:
     """Remove what merge added: the three entries named NAME that carry our mark,
     and the current-context it set (the previous one comes back)."""
     path = merge_target(args.kubeconfig or "")
+    assert path is not None  # a str was given
     if not path.exists():
         raise ConfigError(
             f"{path} does not exist: pass the merged file with --kubeconfig"
