@@ -422,7 +422,8 @@ MANAGEMENT_KEY_SIZES = {
     KeyAlgorithm.AES192: 24,
     KeyAlgorithm.AES256: 32,
 }
-ORIGINS = {1: "generated on card", 2: "imported"}
+ORIGIN_GENERATED = 1
+ORIGINS = {ORIGIN_GENERATED: "generated on card", 2: "imported"}
 RSA_SIZES = {
     KeyAlgorithm.RSA1024: 128,
     KeyAlgorithm.RSA2048: 256,
@@ -1264,6 +1265,14 @@ class Card:
         self._lock = threading.RLock()
         self._context: PcscContext | None = None
 
+    def describe(self, otherwise: str = "YubiKey") -> str:
+        """The card as messages name it (serial, firmware, reader), once known."""
+        return self.info.describe() if self.info else otherwise
+
+    def slot_label(self, slot: Slot) -> str:
+        """The card and slot, as a PIN prompt names them."""
+        return f"{self.describe()}, slot {slot.name}"
+
     @contextlib.contextmanager
     def session(self) -> Iterator[PivSession]:
         """A PIV session on this card (SELECTed, identity checked). A failure that
@@ -1811,10 +1820,11 @@ def kubeconfig_paths(given: str | None) -> list[Path]:
     return paths or [Path(os.path.expanduser("~/.kube/config"))]
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def _load_yaml(
+    path: Path, fix: str = "pass the right file with --kubeconfig"
+) -> dict[str, Any]:
     import yaml
 
-    fix = "pass the right file with --kubeconfig"
     text = read_user_text(path, "kubeconfig", fix)
     try:
         # libyaml where PyYAML has it: the pure-Python scanner is quadratic in
@@ -2120,7 +2130,7 @@ class CardSigner:
             timer.cancel()
 
     def remind(self) -> None:
-        card = self.card.info.describe() if self.card.info else self.card.reader
+        card = self.card.describe(self.card.reader)
         message = f"touch your YubiKey ({card}) to approve a kubectl request"
         if self.terminal is None:
             log.warning("%s", message)
@@ -2257,12 +2267,10 @@ class UpstreamError(ProxyError):
     """The API server could not be reached or refused us."""
 
     http_status = 502
-    reason = "BadGateway"
 
 
 class UpstreamTimeout(UpstreamError):
     http_status = 504
-    reason = "Timeout"
 
 
 class ServerCertificateError(UpstreamError):
@@ -2979,6 +2987,16 @@ class Upstream:
         back, the server refused the certificate, or SIGHUP)."""
         self.stale = True
 
+    def certificate_rejected(self) -> UpstreamError:
+        """The server refused the certificate: read it again, and say what to do."""
+        self.refresh_certificate()
+        return UpstreamError(
+            f"the API server at {self.address.where} refused the YubiKey's client "
+            f"certificate ({self.subject}): it may have expired or belong to another "
+            f"cluster; check it with '{PROG} status' and "
+            f"{certificate_advice(self.origin)}"
+        )
+
     @property
     def host_header(self) -> str:
         default = self.address.port == 443
@@ -3084,9 +3102,8 @@ class Upstream:
             return exc
         alert = getattr(exc, "description", None)
         remote = isinstance(exc, TLSRemoteAlert)
-        if remote and signed and alert in CERTIFICATE_ALERTS:
-            self.refresh_certificate()
-            return client_certificate_rejected(where, self.subject)
+        if signed and rejects_certificate(exc):
+            return self.certificate_rejected()
         forged = isinstance(exc, TLSDecryptionFailed) or (
             isinstance(exc, TLSLocalAlert) and alert == Alert.decrypt_error
         )
@@ -3236,12 +3253,19 @@ OFFER_ALERTS = {
 }  # handshake_failure, protocol_version, insufficient_security
 
 
-def client_certificate_rejected(where: str, subject: str) -> UpstreamError:
-    return UpstreamError(
-        f"the API server at {where} refused the YubiKey's client certificate ({subject}): "
-        f"it may have expired or belong to another cluster; check it with '{PROG} status' "
-        f"and run '{PROG} setup' with a current certificate"
-    )
+def rejects_certificate(exc: BaseException) -> bool:
+    """Whether the server refused our client certificate with an alert saying so."""
+    from tlslite.errors import TLSRemoteAlert
+
+    return isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS
+
+
+def certificate_advice(origin: str) -> str:
+    """What to do about an expired or refused certificate: a key generated on the
+    card (enroll) gets a new one with renew; an imported one, through setup."""
+    if origin == ORIGINS[ORIGIN_GENERATED]:
+        return f"run '{PROG} renew'"
+    return f"run '{PROG} setup' with a current certificate"
 
 
 # =============================================================================
@@ -3822,13 +3846,10 @@ class RelayHandler(StrictRequestHandler):
         )
 
     def upstream_failed(self, exc: Exception) -> None:
-        from tlslite.errors import TLSRemoteAlert
-
         upstream = self.server.upstream
         where = upstream.address.where
-        if isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS:
-            upstream.refresh_certificate()
-            error: ProxyError = client_certificate_rejected(where, upstream.subject)
+        if rejects_certificate(exc):
+            error = upstream.certificate_rejected()
         else:
             error = UpstreamError(
                 f"the API server at {where} failed during the request "
@@ -4258,15 +4279,15 @@ def non_signing(slot: Slot, meta: SlotMetadata) -> str:
     )
 
 
-def warn_expiry(cert: Any, slot: Slot) -> None:
+def warn_expiry(cert: Any, slot: Slot, origin: str) -> None:
     left = days_left(cert)
     if left < 0:
         log.warning(
             "the client certificate in slot %s expired on %s: the API server will "
-            "refuse it; run '%s setup' with a current one",
+            "refuse it; %s",
             slot.name,
             not_after(cert).date(),
-            PROG,
+            certificate_advice(origin),
         )
     elif left < EXPIRY_WARNING_DAYS:
         log.warning(
@@ -4291,10 +4312,7 @@ def card_signer(
         else (PinPolicy.ONCE if args.pin_file else PinPolicy.NEVER)
     )  # no metadata: trust the user
     touch_policy = meta.touch_policy if meta else TouchPolicy.NEVER
-    label = (
-        f"{card.info.describe() if card.info else 'YubiKey'}, slot {settings.slot.name}"
-    )
-    pins = PinSource(args.pin_file, label)
+    pins = PinSource(args.pin_file, card.slot_label(settings.slot))
     signer = CardSigner(
         card,
         settings.slot,
@@ -4318,7 +4336,7 @@ def build_upstream(
 ) -> Upstream:
     check_notify(args.notify)
     cert, meta = slot_identity(card, settings.slot)
-    warn_expiry(cert, settings.slot)
+    warn_expiry(cert, settings.slot, meta.origin if meta else "of unknown origin")
     signer = card_signer(card, settings, args, cert, meta)
     verifier = ServerVerifier(
         settings.roots, settings.address.server_name, settings.insecure
@@ -4348,7 +4366,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         f"https://{settings.address.where}{settings.address.prefix} (slot "
         f"{settings.slot.name}, key {upstream.origin}, certificate {upstream.subject} "
         f"until {upstream.not_after:%Y-%m-%d}, "
-        f"{card.info.describe() if card.info else 'YubiKey'})",
+        f"{card.describe()})",
         file=sys.stderr,
         flush=True,
     )
@@ -4430,13 +4448,14 @@ def shell_client_config(args: argparse.Namespace, port: int, directory: Path) ->
     """A copy of setup's client.yml pointing at the port the shell's proxy got."""
     import yaml
 
-    source = Path(
-        os.path.expanduser(
-            args.client_config
-            or Path(os.path.expanduser(args.kubeconfig or ".")).parent / "client.yml"
-        )
+    source = (
+        Path(os.path.expanduser(args.client_config))
+        if args.client_config
+        else kubeconfig_paths(args.kubeconfig)[0].parent / "client.yml"
     )
-    doc = _load_yaml(source)
+    doc = _load_yaml(
+        source, "pass the client.yml that setup wrote with --client-config"
+    )
     try:
         cluster = doc["clusters"][0]["cluster"]
         scheme = cluster["server"].split("://", 1)[0]
@@ -4743,8 +4762,7 @@ def management_key(args: argparse.Namespace, card: Card) -> bytes:
             "terminal to ask on: pass --management-key-file PATH or set "
             f"{MANAGEMENT_KEY_ENV}"
         )
-    label = card.info.describe() if card.info else "the YubiKey"
-    text = getpass.getpass(f"Management key (hex) of {label}: ")
+    text = getpass.getpass(f"Management key (hex) of {card.describe('the YubiKey')}: ")
     return parse_management_key(text.strip(), "the management key entered")
 
 
@@ -4769,8 +4787,7 @@ def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) 
     slot = args.slot
     pin_policy = PinPolicy[args.pin_policy.upper()]
     touch_policy = TouchPolicy[args.touch_policy.upper()]
-    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {slot.name}"
-    pins = PinSource(args.pin_file, label)
+    pins = PinSource(args.pin_file, card.slot_label(slot))
     if args.pin_file and pin_policy != PinPolicy.NEVER:
         pins.get()  # a bad PIN file fails before the card is changed
     with card.session() as piv:
@@ -5088,7 +5105,7 @@ def print_next_steps(
     print(
         f"Imported the {algorithm} key and certificate "
         f"({cert.subject.rfc4514_string()}, valid until {not_after(cert):%Y-%m-%d}) "
-        f"into slot {args.slot.name} of {card.info.describe() if card.info else 'the card'}."
+        f"into slot {args.slot.name} of {card.describe('the card')}."
     )
     print(
         "Proved the import: the card signed a challenge that verifies against the "
@@ -5170,11 +5187,13 @@ def certificate_report(
         "days_left": left,
     }
     if left < 0:
+        advice = f"renew it and run '{PROG} setup --force'"
+        if meta and meta.origin == ORIGINS[ORIGIN_GENERATED]:
+            advice = certificate_advice(meta.origin)  # born on the card: renew
         problems.append(
             (
                 "error",
-                f"the certificate expired on {not_after(cert):%Y-%m-%d}: "
-                f"renew it and run '{PROG} setup --force'",
+                f"the certificate expired on {not_after(cert):%Y-%m-%d}: {advice}",
             )
         )
     elif left < EXPIRY_WARNING_DAYS:
