@@ -1049,6 +1049,13 @@ class VirtualPiv:
             .serial_number(self.serial)
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(  # Yubico's policy extension: PIN policy, touch policy
+                x509.UnrecognizedExtension(
+                    x509.ObjectIdentifier("1.3.6.1.4.1.41482.3.8"),
+                    bytes([entry.pin_policy, entry.touch_policy]),
+                ),
+                critical=False,
+            )
             .sign(self._attestation_key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.DER)
@@ -7215,8 +7222,10 @@ def test_fast_aead_is_the_record_layer_in_use(card57, cluster, tmp_path, capsys)
         ]
     )
     assert code == 0
-    args = yk.build_parser().parse_args(
-        ["proxy", "--kubeconfig", str(tmp_path / "proxy.yml")]
+    args = yk.ProxyOptions.from_args(
+        yk.build_parser().parse_args(
+            ["proxy", "--kubeconfig", str(tmp_path / "proxy.yml")]
+        )
     )
     settings = yk.proxy_settings(args)
     card = yk.open_card()
@@ -11212,6 +11221,9 @@ def test_pin_advice_and_file_modes_fit_the_platform(
     class StubPiv:
         wrong = False
 
+        def attested_policies(self, slot):
+            return None  # a card that cannot attest
+
         def verify_pin(self, pin):
             assert pin == "654321"
             if self.wrong:
@@ -12553,8 +12565,10 @@ def test_fast_record_reader_matches_tlslite(card57, tmp_path, capsys, versions, 
             )
             == 0
         )
-        args = yk.build_parser().parse_args(
-            ["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")]
+        args = yk.ProxyOptions.from_args(
+            yk.build_parser().parse_args(
+                ["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")]
+            )
         )
         card = yk.open_card()
         try:
@@ -12626,3 +12640,72 @@ def test_ruff_and_mypy_are_clean(tmp_path):
         "ruff format": "2 files already formatted\n",
         "mypy": "Success: no issues found in 1 source file\n",
     }
+
+
+@pytest.fixture
+def card52(rig):
+    """A YubiKey 5.2: no GET METADATA, but ATTEST for keys generated on it."""
+    piv = VirtualPiv(version=(5, 2, 7), serial=21000052, mgmt_algorithm=0x03)
+    inserted = rig.insert(piv)
+    yield piv
+    rig.remove(inserted)
+
+
+def test_pin_policy_from_metadata_else_attestation_else_the_option(card52):
+    generated, imported = ec.generate_private_key(ec.SECP256R1()), new_key("p256")
+    card52.install_key(0x9A, generated, ALG_ECCP256, PIN_POLICY_ALWAYS, 0x02)
+    card52.install_key(0x9C, imported, ALG_ECCP256, origin=ORIGIN_IMPORTED)
+    meta = yk.SlotMetadata(
+        ALG_ECCP256, yk.PinPolicy.ONCE, yk.TouchPolicy.CACHED, "imported", b""
+    )
+    card = yk.open_card()
+    try:
+        policies = [
+            yk.key_policies(card, yk.SLOTS["9a"], None, None),
+            yk.key_policies(card, yk.SLOTS["9c"], None, None),
+            yk.key_policies(card, yk.SLOTS["9c"], None, "pin-file"),
+            yk.key_policies(card, yk.SLOTS["9c"], meta, None),
+        ]
+    finally:
+        card.close()
+    assert policies == [
+        (yk.PinPolicy.ALWAYS, yk.TouchPolicy.ALWAYS),  # attested
+        (yk.PinPolicy.NEVER, yk.TouchPolicy.NEVER),  # imported: the option
+        (yk.PinPolicy.ONCE, yk.TouchPolicy.NEVER),
+        (yk.PinPolicy.ONCE, yk.TouchPolicy.CACHED),  # metadata first
+    ]
+    assert card52.sign_count == 0
+
+
+def test_shell_finds_client_yml_beside_kubeconfig_env(tmp_path, monkeypatch):
+    home, elsewhere = tmp_path / "yk", tmp_path / "cwd"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("KUBECONFIG", str(home / "proxy.yml"))
+    args = types.SimpleNamespace(kubeconfig=None, client_config=None)
+    with pytest.raises(yk.ConfigError) as missing:
+        yk.shell_client_config(args, 40000, tmp_path)
+    assert str(missing.value) == (
+        f"cannot read kubeconfig {home / 'client.yml'}: No such file or directory; "
+        "pass the client.yml that setup wrote with --client-config"
+    )
+    (home / "client.yml").write_text(
+        "clusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:8080\n"
+    )
+    written = yk.shell_client_config(args, 40000, tmp_path)
+    assert written.read_text() == (
+        "clusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:40000\n"
+    )
+
+
+def test_advice_for_an_expired_or_refused_certificate_follows_the_key_origin():
+    assert [
+        yk.certificate_advice("generated on card"),
+        yk.certificate_advice("imported"),
+        yk.certificate_advice("of unknown origin"),
+    ] == [
+        "run 'yubikey-kube-proxy renew'",
+        "run 'yubikey-kube-proxy setup' with a current certificate",
+        "run 'yubikey-kube-proxy setup' with a current certificate",
+    ]

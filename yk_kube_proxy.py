@@ -51,6 +51,7 @@ import sys
 import threading
 import time
 import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -149,6 +150,8 @@ INS_IMPORT_KEY = 0xFE  # Yubico
 INS_GET_VERSION = 0xFD  # Yubico
 INS_GET_SERIAL = 0xF8  # Yubico, firmware 5+
 INS_GET_METADATA = 0xF7  # Yubico, firmware 5.3+
+INS_ATTEST = 0xF9  # Yubico, firmware 4.3+: keys generated on the card only
+OID_ATTESTED_POLICY = "1.3.6.1.4.1.41482.3.8"  # two bytes: PIN policy, touch policy
 INS_GENERATE_ASYMMETRIC = 0x47
 CLA_CHAIN = 0x10
 
@@ -1004,6 +1007,29 @@ class PivSession:
             public_key=meta.get(TAG_META_PUBLIC_KEY, b""),
         )
 
+    def attested_policies(self, slot: Slot) -> tuple[PinPolicy, TouchPolicy] | None:
+        """The key's policies from its attestation certificate; None for a key the
+        card cannot attest (imported, or a card without ATTEST)."""
+        from cryptography import x509
+
+        try:
+            der = self.send(INS_ATTEST, slot.key, 0, what="ATTEST")
+        except ApduError:
+            return None
+        try:
+            cert = x509.load_der_x509_certificate(bytes(der))
+            oid = x509.ObjectIdentifier(OID_ATTESTED_POLICY)
+            ext = cert.extensions.get_extension_for_oid(oid).value
+            policy = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
+            return PinPolicy(policy[0]), TouchPolicy(policy[1])
+        except x509.ExtensionNotFound:
+            return None
+        except (ValueError, IndexError):
+            raise CardError(
+                f"the attestation of slot {slot.name} is not a certificate with the "
+                "key's policies: reinsert the YubiKey and try again"
+            ) from None
+
     # -- PIN ---------------------------------------------------------------------
 
     def pin_tries_left(self) -> int | None:
@@ -1250,6 +1276,16 @@ def sign_message(
 # =============================================================================
 
 
+def describe_card(card: Card, otherwise: str = "YubiKey") -> str:
+    """The card as messages name it (serial, firmware, reader), once known."""
+    return card.info.describe() if card.info else otherwise
+
+
+def slot_label(card: Card, slot: Slot) -> str:
+    """The card and slot, as a PIN prompt names them."""
+    return f"{describe_card(card)}, slot {slot.name}"
+
+
 class Card:
     """One YubiKey, found by reader name and kept track of by serial number.
 
@@ -1264,14 +1300,6 @@ class Card:
         self.info: CardInfo | None = None
         self._lock = threading.RLock()
         self._context: PcscContext | None = None
-
-    def describe(self, otherwise: str = "YubiKey") -> str:
-        """The card as messages name it (serial, firmware, reader), once known."""
-        return self.info.describe() if self.info else otherwise
-
-    def slot_label(self, slot: Slot) -> str:
-        """The card and slot, as a PIN prompt names them."""
-        return f"{self.describe()}, slot {slot.name}"
 
     @contextlib.contextmanager
     def session(self) -> Iterator[PivSession]:
@@ -2130,7 +2158,7 @@ class CardSigner:
             timer.cancel()
 
     def remind(self) -> None:
-        card = self.card.describe(self.card.reader)
+        card = describe_card(self.card, self.card.reader)
         message = f"touch your YubiKey ({card}) to approve a kubectl request"
         if self.terminal is None:
             log.warning("%s", message)
@@ -4128,6 +4156,87 @@ class LocalTls:
         return context
 
 
+OptionsType = typing.TypeVar("OptionsType", bound="Options")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """A command's parsed arguments as a type: made once, at the command's entry,
+    so that nothing below the commands sees argparse."""
+
+    @classmethod
+    def from_args(cls: type[OptionsType], args: argparse.Namespace) -> OptionsType:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyOptions(Options):
+    kubeconfig: str | None
+    context: str | None
+    reader: str | None
+    serial: int | None
+    slot: Slot | None
+    pin_file: str | None
+    notify: bool
+    listen: str | None
+    unsafe_listen: bool
+    plain_http: bool
+    reuse_while_present: bool
+    reuse_idle: float
+    keep_streams_on_removal: bool
+    certificate_refresh: float
+    handshake_timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ShellOptions(ProxyOptions):
+    client_config: str | None
+    command: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions(Options):
+    """Where setup and enroll write proxy.yml and client.yml, and what goes in."""
+
+    slot: Slot
+    force: bool
+    name: str | None
+    output_dir: str | None
+    port: int | None
+    merge: str | None
+    use_context: bool
+    plain_http: bool
+    reuse_while_present: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SetupOptions(OutputOptions):
+    kubeconfig: str | None
+    context: str | None
+    reader: str | None
+    serial: int | None
+    pin_file: str | None
+    pin_policy: str
+    touch_policy: str
+    management_key: bytes | None
+    management_key_file: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusOptions(Options):
+    kubeconfig: str | None
+    reader: str | None
+    serial: int | None
+    slot: Slot | None
+    json: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class UnmergeOptions(Options):
+    kubeconfig: str | None
+    name: str
+
+
 @dataclasses.dataclass(frozen=True)
 class ProxySettings:
     """Everything the proxy needs, from proxy.yml and the command line."""
@@ -4209,7 +4318,7 @@ def upstream_settings(cluster: Named) -> tuple[UpstreamAddress, list[Any]]:
     return address, roots
 
 
-def proxy_settings(args: argparse.Namespace) -> ProxySettings:
+def proxy_settings(args: ProxyOptions) -> ProxySettings:
     ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
     address, roots = upstream_settings(ctx.cluster)
     ext = ctx.extension
@@ -4301,18 +4410,13 @@ def warn_expiry(cert: Any, slot: Slot, origin: str) -> None:
 def card_signer(
     card: Card,
     settings: ProxySettings,
-    args: argparse.Namespace,
+    args: ProxyOptions,
     cert: Any,
     meta: SlotMetadata | None,
 ) -> CardSigner:
     """The slot's signer; its PIN is verified now so that a wrong one shows at once."""
-    pin_policy = (
-        meta.pin_policy
-        if meta
-        else (PinPolicy.ONCE if args.pin_file else PinPolicy.NEVER)
-    )  # no metadata: trust the user
-    touch_policy = meta.touch_policy if meta else TouchPolicy.NEVER
-    pins = PinSource(args.pin_file, card.slot_label(settings.slot))
+    pin_policy, touch_policy = key_policies(card, settings.slot, meta, args.pin_file)
+    pins = PinSource(args.pin_file, slot_label(card, settings.slot))
     signer = CardSigner(
         card,
         settings.slot,
@@ -4331,9 +4435,21 @@ def card_signer(
     return signer
 
 
-def build_upstream(
-    settings: ProxySettings, card: Card, args: argparse.Namespace
-) -> Upstream:
+def key_policies(
+    card: Card, slot: Slot, meta: SlotMetadata | None, pin_file: str | None
+) -> tuple[PinPolicy, TouchPolicy]:
+    """The slot key's PIN and touch policies as the card reports them: its metadata
+    (firmware 5.3+), else its attestation (a key generated on the card), else the
+    user's word (a PIN file given: the PIN is needed)."""
+    if meta:
+        return meta.pin_policy, meta.touch_policy
+    attested = card.run(lambda piv: piv.attested_policies(slot))
+    if attested:
+        return attested
+    return (PinPolicy.ONCE if pin_file else PinPolicy.NEVER), TouchPolicy.NEVER
+
+
+def build_upstream(settings: ProxySettings, card: Card, args: ProxyOptions) -> Upstream:
     check_notify(args.notify)
     cert, meta = slot_identity(card, settings.slot)
     warn_expiry(cert, settings.slot, meta.origin if meta else "of unknown origin")
@@ -4349,7 +4465,8 @@ def build_upstream(
     return upstream
 
 
-def cmd_proxy(args: argparse.Namespace) -> int:
+def cmd_proxy(namespace: argparse.Namespace) -> int:
+    args = ProxyOptions.from_args(namespace)
     settings = proxy_settings(args)
     if settings.insecure:
         log.warning("%s", INSECURE_WARNING)
@@ -4366,7 +4483,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         f"https://{settings.address.where}{settings.address.prefix} (slot "
         f"{settings.slot.name}, key {upstream.origin}, certificate {upstream.subject} "
         f"until {upstream.not_after:%Y-%m-%d}, "
-        f"{card.describe()})",
+        f"{describe_card(card)})",
         file=sys.stderr,
         flush=True,
     )
@@ -4444,7 +4561,7 @@ def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None
             signal.signal(sig, handler)
 
 
-def shell_client_config(args: argparse.Namespace, port: int, directory: Path) -> Path:
+def shell_client_config(args: ShellOptions, port: int, directory: Path) -> Path:
     """A copy of setup's client.yml pointing at the port the shell's proxy got."""
     import yaml
 
@@ -4470,11 +4587,12 @@ def shell_client_config(args: argparse.Namespace, port: int, directory: Path) ->
     return path
 
 
-def cmd_shell(args: argparse.Namespace) -> int:
+def cmd_shell(namespace: argparse.Namespace) -> int:
     """A subshell (or a command) whose kubectl goes through a proxy of its own."""
     import signal
     import tempfile
 
+    args = ShellOptions.from_args(namespace)
     if os.environ.get(SHELL_ENV):
         raise ConfigError(
             f"this is already a {PROG} shell (KUBECONFIG="
@@ -4638,9 +4756,10 @@ def print_merged(outputs: Outputs, use_context: bool) -> None:
     )
 
 
-def cmd_unmerge(args: argparse.Namespace) -> int:
+def cmd_unmerge(namespace: argparse.Namespace) -> int:
     """Remove what merge added: the three entries named NAME that carry our mark,
     and the current-context it set (the previous one comes back)."""
+    args = UnmergeOptions.from_args(namespace)
     path = merge_target(args.kubeconfig or "")
     assert path is not None  # a str was given
     if not path.exists():
@@ -4737,21 +4856,21 @@ def prove_slot(
         )
 
 
-def management_key(args: argparse.Namespace, card: Card) -> bytes:
+def management_key(card: Card, given: bytes | None, key_file: str | None) -> bytes:
     """--management-key-file, --management-key (others can see it), the
     environment, the factory key while the card still has it, else a prompt."""
-    if args.management_key_file:
-        path = Path(os.path.expanduser(args.management_key_file))
+    if key_file:
+        path = Path(os.path.expanduser(key_file))
         what = "the management-key file"
         text = read_secret_file(path, what, "write just the key in hex into it")
         return parse_management_key(text, f"{what} {path}")
-    if args.management_key is not None:
+    if given is not None:
         log.warning(
             "--management-key puts the key on the command line, where other users "
             "can see it (ps): use --management-key-file PATH or %s",
             MANAGEMENT_KEY_ENV,
         )
-        return args.management_key
+        return given
     if os.environ.get(MANAGEMENT_KEY_ENV):
         return parse_management_key(os.environ[MANAGEMENT_KEY_ENV], MANAGEMENT_KEY_ENV)
     if card.run(lambda piv: piv.management_key_is_default()) is not False:
@@ -4762,7 +4881,9 @@ def management_key(args: argparse.Namespace, card: Card) -> bytes:
             "terminal to ask on: pass --management-key-file PATH or set "
             f"{MANAGEMENT_KEY_ENV}"
         )
-    text = getpass.getpass(f"Management key (hex) of {card.describe('the YubiKey')}: ")
+    text = getpass.getpass(
+        f"Management key (hex) of {describe_card(card, 'the YubiKey')}: "
+    )
     return parse_management_key(text.strip(), "the management key entered")
 
 
@@ -4780,14 +4901,16 @@ def parse_management_key(text: str, where: str) -> bytes:
     return key
 
 
-def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) -> None:
+def install_identity(
+    card: Card, args: SetupOptions, admin_key: bytes, cert: Any, key: Any
+) -> None:
     """Import key and certificate into the slot, then prove the import."""
     from cryptography.hazmat.primitives import serialization
 
     slot = args.slot
     pin_policy = PinPolicy[args.pin_policy.upper()]
     touch_policy = TouchPolicy[args.touch_policy.upper()]
-    pins = PinSource(args.pin_file, card.slot_label(slot))
+    pins = PinSource(args.pin_file, slot_label(card, slot))
     if args.pin_file and pin_policy != PinPolicy.NEVER:
         pins.get()  # a bad PIN file fails before the card is changed
     with card.session() as piv:
@@ -4797,7 +4920,7 @@ def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) 
                 f"slot {slot.name} of the YubiKey already holds {occupant}: "
                 "pass --force to overwrite it, or choose another --slot"
             )
-        piv.authenticate(args.management_key)
+        piv.authenticate(admin_key)
         piv.import_key(slot, key, pin_policy, touch_policy)
         piv.put_certificate(slot, cert.public_bytes(serialization.Encoding.DER))
         prove_slot(piv, slot, cert, pin_policy, touch_policy, pins)
@@ -4980,9 +5103,7 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-def plan_outputs(
-    args: argparse.Namespace, ctx: KubeContext, sources: list[Path]
-) -> Outputs:
+def plan_outputs(args: OutputOptions, ctx: KubeContext, sources: list[Path]) -> Outputs:
     """The name, the files and the merge target, checked before the card is touched."""
     name = check_name(args.name or ctx.name, "--name" if args.name else "the context")
     out = Path(
@@ -5012,7 +5133,7 @@ def free_port_beside(out: Path) -> int:
 
 
 def output_paths(
-    args: argparse.Namespace, out: Path, sources: list[Path]
+    args: OutputOptions, out: Path, sources: list[Path]
 ) -> tuple[Path, Path]:
     """proxy.yml and client.yml in the output folder."""
     try:
@@ -5042,7 +5163,8 @@ def output_paths(
     return paths
 
 
-def cmd_setup(args: argparse.Namespace) -> int:
+def cmd_setup(namespace: argparse.Namespace) -> int:
+    args = SetupOptions.from_args(namespace)
     ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
     cert, key = load_client_identity(ctx)
     if days_left(cert) < 0:
@@ -5053,8 +5175,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
     outputs = plan_outputs(args, ctx, ctx.sources)
     card = open_card(args.reader, args.serial)
     try:
-        args.management_key = management_key(args, card)
-        install_identity(card, args, cert, key)
+        admin_key = management_key(card, args.management_key, args.management_key_file)
+        install_identity(card, args, admin_key, cert, key)
     finally:
         card.close()
     del key
@@ -5064,7 +5186,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def write_proxy_files(
-    ctx: KubeContext, card: Card, args: argparse.Namespace, outputs: Outputs
+    ctx: KubeContext, card: Card, args: OutputOptions, outputs: Outputs
 ) -> None:
     """proxy.yml (cluster, proxy settings, local TLS) and client.yml, mode 0600;
     client.yml's entries also merged into a kubeconfig when asked."""
@@ -5099,13 +5221,13 @@ def write_proxy_files(
 
 
 def print_next_steps(
-    ctx: KubeContext, card: Card, args: argparse.Namespace, cert: Any, outputs: Outputs
+    ctx: KubeContext, card: Card, args: OutputOptions, cert: Any, outputs: Outputs
 ) -> None:
     algorithm = ALGORITHM_NAMES[key_algorithm(cert.public_key())]
     print(
         f"Imported the {algorithm} key and certificate "
         f"({cert.subject.rfc4514_string()}, valid until {not_after(cert):%Y-%m-%d}) "
-        f"into slot {args.slot.name} of {card.describe('the card')}."
+        f"into slot {args.slot.name} of {describe_card(card, 'the card')}."
     )
     print(
         "Proved the import: the card signed a challenge that verifies against the "
@@ -5273,7 +5395,8 @@ def proxy_config_status(path: str | None) -> tuple[dict[str, Any], list[str]]:
     return ctx.extension, warnings
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(namespace: argparse.Namespace) -> int:
+    args = StatusOptions.from_args(namespace)
     settings, warnings = proxy_config_status(args.kubeconfig)
     slot = args.slot or parse_slot(settings.get("slot") or "9a")
     serial = args.serial if args.serial is not None else settings.get("serial")
