@@ -5711,7 +5711,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     kube = Kubectl(args.kubeconfig, args.context)
     card = open_card(args.reader, args.serial)
     try:
-        args.management_key = management_key(args, card)
+        args.management_key = management_key(
+            card, args.management_key, args.management_key_file
+        )
         public_key, request = generate_and_request(card, args, subject)
         name = csr_name(args.user, card)
         cert = request_certificate(kube, name, request, args)
@@ -5765,7 +5767,9 @@ def cmd_renew(args: argparse.Namespace) -> int:
     serial = args.serial if args.serial is not None else settings.get("serial")
     card = open_card(args.reader, serial)
     try:
-        args.management_key = management_key(args, card)
+        args.management_key = management_key(
+            card, args.management_key, args.management_key_file
+        )
         return renew_on_card(card, slot, args)
     finally:
         card.close()
