@@ -4901,6 +4901,16 @@ def parse_management_key(text: str, where: str) -> bytes:
     return key
 
 
+def refuse_occupied(piv: PivSession, slot: Slot, force: bool, verb: str) -> None:
+    """Setup and enroll change an occupied slot only with --force."""
+    occupant = slot_occupant(piv, slot)
+    if occupant and not force:
+        raise ConfigError(
+            f"slot {slot.name} of the YubiKey already holds {occupant}: pass "
+            f"--force to {verb} it, or choose another --slot"
+        )
+
+
 def install_identity(
     card: Card, args: SetupOptions, admin_key: bytes, cert: Any, key: Any
 ) -> None:
@@ -4914,12 +4924,7 @@ def install_identity(
     if args.pin_file and pin_policy != PinPolicy.NEVER:
         pins.get()  # a bad PIN file fails before the card is changed
     with card.session() as piv:
-        occupant = slot_occupant(piv, slot)
-        if occupant and not args.force:
-            raise ConfigError(
-                f"slot {slot.name} of the YubiKey already holds {occupant}: "
-                "pass --force to overwrite it, or choose another --slot"
-            )
+        refuse_occupied(piv, slot, args.force, "overwrite")
         piv.authenticate(admin_key)
         piv.import_key(slot, key, pin_policy, touch_policy)
         piv.put_certificate(slot, cert.public_bytes(serialization.Encoding.DER))
