@@ -103,6 +103,7 @@ INS_SELECT = 0xA4
 INS_GET_RESPONSE = 0xC0
 INS_GET_DATA = 0xCB
 INS_PUT_DATA = 0xDB
+INS_MOVE_KEY = 0xF6  # Yubico, fw >= 5.7: P2 source, P1 destination or 0xFF (delete)
 INS_GET_METADATA = 0xF7
 INS_ATTEST = 0xF9
 INS_GET_SERIAL = 0xF8
@@ -145,6 +146,8 @@ ALG_MIN_VERSION = {
 MIN_VERSION_METADATA = (5, 3, 0)
 MIN_VERSION_AES_MGMT = (5, 4, 0)
 MIN_VERSION_SERIAL_INS = (5, 0, 0)
+MIN_VERSION_MOVE_KEY = (5, 7, 0)
+MOVE_KEY_DELETE = 0xFF
 
 # --- key references / slots ------------------------------------------------------
 REF_PIN = 0x80
@@ -432,6 +435,8 @@ class VirtualPiv:
     with a PIN, ``power_up_delay`` once before the first APDU after a power-off
     (see REAL_CARD_TIMINGS).  ``select_resets_auth`` (default True): SELECT of the
     PIV AID clears PIN and management-key authentication, like a real YubiKey.
+    ``bad_signatures`` (default False): a faulty card whose signatures do not
+    verify (the last byte flipped).
     """
 
     def __init__(
@@ -466,6 +471,7 @@ class VirtualPiv:
         self._cold = True
         self.touch = touch
         self.select_resets_auth = select_resets_auth
+        self.bad_signatures = False
         self._pin = Reference(_pad_pin(pin), _pad_pin(DEFAULT_PIN))
         self._puk = Reference(_pad_pin(puk), _pad_pin(DEFAULT_PUK))
         self._slots: dict[int, KeySlot] = {}
@@ -851,6 +857,8 @@ class VirtualPiv:
             time.sleep(delay)
         if is_signature:
             self.sign_count += 1
+            if self.bad_signatures:
+                result = result[:-1] + bytes([result[-1] ^ 0x01])
         return tlv(TAG_DYN_AUTH, tlv(TAG_RESPONSE, result))
 
     @staticmethod
@@ -967,6 +975,24 @@ class VirtualPiv:
             return x25519.X25519PrivateKey.generate()
         return ed25519.Ed25519PrivateKey.generate()
 
+    def _cmd_move_key(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Yubico MOVE KEY (fw >= 5.7): the key of slot P2 into the empty slot P1,
+        or DELETE KEY with P1 = FF. Not the attestation key; certificates stay
+        where they are. Needs mgmt auth."""
+        self._require_version(MIN_VERSION_MOVE_KEY)
+        self._require_mgmt()
+        movable = KEY_SLOTS - {SLOT_ATTESTATION}
+        if p2 not in movable or (p1 != MOVE_KEY_DELETE and p1 not in movable):
+            raise CardStatus(SW_INCORRECT_P1P2)
+        if p2 not in self._slots:
+            raise CardStatus(SW_REFERENCE_NOT_FOUND)
+        if p1 != MOVE_KEY_DELETE and p1 in self._slots:
+            raise CardStatus(SW_CONDITIONS_NOT_SATISFIED)
+        entry = self._slots.pop(p2)
+        if p1 != MOVE_KEY_DELETE:
+            self._slots[p1] = entry
+        return b""
+
     # --- metadata ------------------------------------------------------------------------------
     def _cmd_get_metadata(self, p1: int, p2: int, data: bytes) -> bytes:
         """Yubico GET METADATA (fw >= 5.3) for PIN, PUK, 9B or a key slot."""
@@ -1075,6 +1101,7 @@ class VirtualPiv:
         INS_SET_MGMT_KEY: _cmd_set_mgmt_key,
         INS_IMPORT_KEY: _cmd_import_key,
         INS_GENERATE: _cmd_generate,
+        INS_MOVE_KEY: _cmd_move_key,
         INS_GET_DATA: _cmd_get_data,
         INS_PUT_DATA: _cmd_put_data,
     }
@@ -2116,6 +2143,8 @@ def _route(h: _Handler, fake: FakeApiServer, path: str) -> None:
         return _self_subject_review(h, fake)
     if parts[:2] == ["apis", "rbac.authorization.k8s.io"] and fake_has_csr_api(fake):
         return _route_rbac(h, fake, parts)
+    if parts[:2] == ["apis", "authorization.k8s.io"] and fake_has_csr_api(fake):
+        return route_authorization(h, fake, parts)
     h.send_status(404, "NotFound", NOT_FOUND_MSG)
 
 
@@ -2127,8 +2156,9 @@ def fake_has_csr_api(fake) -> bool:
 
 
 def _route_rbac(h: _Handler, fake, parts: list) -> None:
-    """Just enough RBAC for `kubectl create clusterrolebinding`: discovery and
-    create, remembered in fake.cluster_role_bindings."""
+    """Just enough of rbac.authorization.k8s.io/v1 for `kubectl create` and `get`
+    of ClusterRoles and ClusterRoleBindings (fake.cluster_roles, a dict, and
+    fake.cluster_role_bindings, a list), authorized like the CSR API."""
     if parts[2:] == ["v1"]:
         return h.send_json(
             200,
@@ -2138,21 +2168,61 @@ def _route_rbac(h: _Handler, fake, parts: list) -> None:
                 "groupVersion": RBAC_GV["groupVersion"],
                 "resources": [
                     {
-                        "name": "clusterrolebindings",
-                        "singularName": "clusterrolebinding",
+                        "name": plural,
+                        "singularName": kind.lower(),
                         "namespaced": False,
-                        "kind": "ClusterRoleBinding",
+                        "kind": kind,
                         "verbs": ["create", "delete", "get", "list"],
                     }
+                    for plural, kind in RBAC_RESOURCES.items()
                 ],
             },
         )
-    if parts[2:] == ["v1", "clusterrolebindings"] and h.command == "POST":
-        body = json.loads(h.body or b"{}")  # the handler has read it
-        body.setdefault("metadata", {})["uid"] = str(uuid.uuid4())
-        fake.cluster_role_bindings = getattr(fake, "cluster_role_bindings", []) + [body]
-        return h.send_json(201, body)
-    h.send_status(404, "NotFound", NOT_FOUND_MSG)
+    plural, name = (parts[3:] + ["", ""])[:2]
+    if parts[2:3] != ["v1"] or plural not in RBAC_RESOURCES or len(parts) > 5:
+        return h.send_status(404, "NotFound", NOT_FOUND_MSG)
+    verb = "create" if h.command == "POST" and not name else "get"
+    if (h.command, bool(name)) not in (("POST", False), ("GET", True)):
+        return _method_not_allowed(h)
+    if not authorize(h, fake, verb, RBAC_GROUP, plural, name):
+        return
+    with fake.state.cond:
+        stored = {
+            o["metadata"]["name"]: o
+            for o in (
+                fake.cluster_role_bindings
+                if plural == "clusterrolebindings"
+                else fake.cluster_roles.values()
+            )
+        }
+        if name:
+            if name not in stored:
+                return h.send_status(
+                    404,
+                    "NotFound",
+                    f'{plural}.{RBAC_GROUP} "{name}" not found',
+                    {"name": name, "group": RBAC_GROUP, "kind": plural},
+                )
+            return h.send_json(200, stored[name])
+        body = (
+            rbac_from_protobuf(h.body)
+            if h.body.startswith(K8S_PROTOBUF_MAGIC)
+            else json.loads(h.body or b"{}")  # the handler has read it
+        )
+        name = body.get("metadata", {}).get("name", "")
+        if name in stored:
+            return h.send_status(
+                409,
+                "AlreadyExists",
+                f'{plural}.{RBAC_GROUP} "{name}" already exists',
+                {"name": name, "group": RBAC_GROUP, "kind": plural},
+            )
+        body["metadata"]["uid"] = str(uuid.uuid4())
+        if plural == "clusterrolebindings":
+            fake.cluster_role_bindings.append(body)
+        else:
+            fake.cluster_roles[name] = body
+    h.send_json(201, body)
 
 
 def _route_core(h: _Handler, fake: FakeApiServer, rest: list) -> None:
@@ -2252,6 +2322,11 @@ def _apis(h: _Handler, fake) -> None:
                         "name": "rbac.authorization.k8s.io",
                         "versions": [RBAC_GV],
                         "preferredVersion": RBAC_GV,
+                    },
+                    {
+                        "name": AUTHZ_GROUP,
+                        "versions": [AUTHZ_GV],
+                        "preferredVersion": AUTHZ_GV,
                     },
                 ]
                 if fake_has_csr_api(fake)
@@ -3415,6 +3490,10 @@ def csr_install(fake, client_ca_cert, client_ca_key) -> None:
     fake.csr_sign_delay = 0.0
     fake.csr_issue_override = None
     fake.csr_usage_check = "signer"  # or "create" (422 at create)
+    fake.cluster_roles = {}  # name -> ClusterRole
+    fake.cluster_role_bindings = []  # ClusterRoleBindings, in creation order
+    fake.access_reviews = []  # (user, resourceAttributes, allowed)
+    fake.authorization_log = []  # (user, verb, group, resource, name)
 
 
 def csr_get(fake, name: str) -> dict | None:
@@ -3477,6 +3556,208 @@ def _add_decision(fake, name, ctype, reason, message) -> dict:
         result = copy.deepcopy(obj)
     _csr_kick_signer(fake, name)
     return result
+
+
+# --------------------------------------------------------------------------
+# RBAC for the CSR API, as kube-apiserver enforces it: the RBAC authorizer
+# (system:masters keeps all), the approval admission check of the signer's
+# `approve` verb, and SelfSubjectAccessReview answered from the same bindings
+# --------------------------------------------------------------------------
+AUTHZ_GROUP = "authorization.k8s.io"
+AUTHZ_GV = {"groupVersion": f"{AUTHZ_GROUP}/v1", "version": "v1"}
+RBAC_GROUP = "rbac.authorization.k8s.io"
+RBAC_RESOURCES = {
+    "clusterroles": "ClusterRole",
+    "clusterrolebindings": "ClusterRoleBinding",
+}
+# The built-in roles --bind-clusterrole names in the tests, reduced to what they
+# grant on the cluster-scoped resources authorized here (view/edit/admin: none).
+BUILTIN_CLUSTER_ROLES = {
+    "cluster-admin": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}],
+    "view": [],
+    "edit": [],
+    "admin": [],
+}
+
+
+def _rule_allows(rule: dict, verb: str, group: str, resource: str, name: str) -> bool:
+    def has(key: str, value: str) -> bool:
+        return bool({"*", value} & set(rule.get(key) or []))
+
+    names = rule.get("resourceNames") or []
+    return (
+        has("verbs", verb)
+        and has("apiGroups", group)
+        and has("resources", resource)
+        and (not names or name in names)
+    )
+
+
+def _subject_matches(subject: dict, user: str, groups: list) -> bool:
+    if subject.get("kind") == "User":
+        return subject.get("name") == user
+    return subject.get("kind") == "Group" and subject.get("name") in groups
+
+
+def rbac_allowed_by(fake, user, groups, verb, group, resource, name="") -> str:
+    """Why kube-apiserver would allow it ('' when it would not); ``resource``
+    carries the subresource as resource/sub."""
+    if SYSTEM_MASTERS in groups:
+        return "the system:masters group"
+    if (verb, group, resource) == ("create", AUTHZ_GROUP, "selfsubjectaccessreviews"):
+        return 'ClusterRoleBinding "system:basic-user"'  # every authenticated user
+    for binding in fake.cluster_role_bindings:
+        if not any(_subject_matches(s, user, groups) for s in binding["subjects"]):
+            continue
+        role = binding["roleRef"]["name"]
+        rules = (fake.cluster_roles.get(role) or {}).get("rules")
+        if rules is None:
+            rules = BUILTIN_CLUSTER_ROLES.get(role, [])
+        if any(_rule_allows(r, verb, group, resource, name) for r in rules):
+            return (
+                f'ClusterRoleBinding "{binding["metadata"]["name"]}" of ClusterRole '
+                f'"{role}"'
+            )
+    return ""
+
+
+def authorize(h, fake, verb: str, group: str, resource: str, name: str = "") -> bool:
+    """The RBAC authorizer: True, or a 403 like kube-apiserver's has been sent."""
+    user, groups = _peer_identity(h)
+    fake.authorization_log.append((user, verb, group, resource, name))
+    if rbac_allowed_by(fake, user, groups, verb, group, resource, name):
+        return True
+    base = resource.split("/")[0]
+    qualified = f"{base}.{group}" if group else base
+    h.send_status(
+        403,
+        "Forbidden",
+        f"{qualified}{f' {json.dumps(name)}' if name else ''} is forbidden: User "
+        f'"{user}" cannot {verb} resource "{resource}" in API group "{group}" at the '
+        "cluster scope",
+        {**({"name": name} if name else {}), "group": group, "kind": base},
+    )
+    return False
+
+
+def csr_request_verb(h, name: str) -> tuple[str, str]:
+    """(verb, name) of a CSR API request as kube-apiserver's RequestInfo sees it:
+    a list or watch whose fieldSelector is metadata.name=X concerns X."""
+    if name:
+        verbs = {"GET": "get", "HEAD": "get", "PUT": "update", "PATCH": "patch"}
+        return verbs.get(h.command, h.command.lower()), name
+    if h.command == "POST":
+        return "create", ""
+    selector = h.query.get("fieldSelector", "")
+    named = selector.removeprefix("metadata.name=") if "," not in selector else ""
+    return ("watch" if _is_watch(h) else "list"), (named if named != selector else "")
+
+
+def signer_approval_allowed(h, fake, obj: dict) -> bool:
+    """The CSR approval admission plugin: any update of /approval needs the
+    `approve` verb on the signer (its name, or its domain/*)."""
+    signer = obj["spec"]["signerName"]
+    user, groups = _peer_identity(h)
+    for name in (signer, signer.split("/")[0] + "/*"):
+        if rbac_allowed_by(fake, user, groups, "approve", CSR_GROUP, "signers", name):
+            return True
+    h.send_status(
+        403,
+        "Forbidden",
+        f'{CSR_QUALIFIED} "{obj["metadata"]["name"]}" is forbidden: user not '
+        f'permitted to approve requests with signerName "{signer}"',
+        {"name": obj["metadata"]["name"], "group": CSR_GROUP, "kind": CSR_RESOURCE},
+    )
+    return False
+
+
+def rbac_from_protobuf(data: bytes) -> dict:
+    """A protobuf ClusterRole or ClusterRoleBinding (`kubectl create clusterrole`
+    and `clusterrolebinding` send them so) -> its JSON form."""
+    envelope = _pb_fields(data[len(K8S_PROTOBUF_MAGIC) :])
+    type_meta = _pb_fields(envelope.get(1, [b""])[-1])
+    obj = _pb_fields(envelope.get(2, [b""])[-1])
+    kind = _pb_str(type_meta, 2) or ""
+    body = {
+        "apiVersion": _pb_str(type_meta, 1) or f"{RBAC_GROUP}/v1",
+        "kind": kind,
+        "metadata": {"name": _pb_str(_pb_fields(obj.get(1, [b""])[-1]), 1) or ""},
+    }
+
+    def strings(fields: dict, keys: tuple) -> dict:
+        return {
+            key: [v.decode() for v in fields[num]]
+            for num, key in enumerate(keys, 1)
+            if fields.get(num)
+        }
+
+    if kind == "ClusterRole":
+        keys = ("verbs", "apiGroups", "resources", "resourceNames", "nonResourceURLs")
+        body["rules"] = [strings(_pb_fields(r), keys) for r in obj.get(2, [])]
+        return body
+    subjects = [_pb_fields(x) for x in obj.get(2, [])]
+    body["subjects"] = [
+        {k: _pb_str(f, n) for n, k in enumerate(("kind", "apiGroup", "name"), 1)}
+        for f in subjects
+    ]
+    ref = _pb_fields(obj.get(3, [b""])[-1])
+    body["roleRef"] = {
+        k: _pb_str(ref, n) for n, k in enumerate(("apiGroup", "kind", "name"), 1)
+    }
+    return body
+
+
+def route_authorization(h, fake, parts: list) -> None:
+    """authorization.k8s.io/v1: discovery and SelfSubjectAccessReview."""
+    if parts[2:] == ["v1"]:
+        return h.send_json(
+            200,
+            {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": AUTHZ_GV["groupVersion"],
+                "resources": [
+                    {
+                        "name": "selfsubjectaccessreviews",
+                        "singularName": "selfsubjectaccessreview",
+                        "namespaced": False,
+                        "kind": "SelfSubjectAccessReview",
+                        "verbs": ["create"],
+                    }
+                ],
+            },
+        )
+    if parts[2:] != ["v1", "selfsubjectaccessreviews"] or h.command != "POST":
+        return h.send_status(404, "NotFound", NOT_FOUND_MSG)
+    body = json.loads(h.body or b"{}")
+    attrs = (body.get("spec") or {}).get("resourceAttributes") or {}
+    resource = attrs.get("resource", "")
+    if attrs.get("subresource"):
+        resource += "/" + attrs["subresource"]
+    user, groups = _peer_identity(h)
+    why = rbac_allowed_by(
+        fake,
+        user,
+        groups,
+        attrs.get("verb", ""),
+        attrs.get("group", ""),
+        resource,
+        attrs.get("name", ""),
+    )
+    fake.access_reviews.append((user, attrs, bool(why)))
+    status = {"allowed": bool(why)}
+    if why:
+        status["reason"] = f'RBAC: allowed by {why} to User "{user}"'
+    h.send_json(
+        201,
+        {
+            "kind": "SelfSubjectAccessReview",
+            "apiVersion": AUTHZ_GV["groupVersion"],
+            "metadata": {"creationTimestamp": None},
+            "spec": body.get("spec") or {},
+            "status": status,
+        },
+    )
 
 
 # --------------------------------------------------------------------------
@@ -3691,13 +3972,17 @@ def route_certificates(h, fake, parts: list) -> None:
         return h.send_status(
             404, "NotFound", "the server could not find the requested resource"
         )
+    name, sub = (rest[1] if len(rest) > 1 else ""), (rest[2] if len(rest) > 2 else "")
+    verb, named = csr_request_verb(h, name)
+    resource = CSR_RESOURCE + (f"/{sub}" if sub else "")
+    if not authorize(h, fake, verb, CSR_GROUP, resource, named):
+        return
     if len(rest) == 1:
         if h.command == "POST":
             return _csr_create(h, fake)
         if read:
             return _csr_watch(h, fake) if _is_watch(h) else _csr_list(h, fake)
         return _method_not_allowed(h)
-    name, sub = rest[1], (rest[2] if len(rest) > 2 else "")
     if sub not in ("", "approval", "status"):
         return h.send_status(
             404, "NotFound", "the server could not find the requested resource"
@@ -3715,6 +4000,8 @@ def route_certificates(h, fake, parts: list) -> None:
     if h.command == "DELETE" and not sub:
         return _csr_delete(h, fake, name)
     if h.command in ("PUT", "PATCH"):
+        if sub == "approval" and not signer_approval_allowed(h, fake, obj):
+            return
         return _csr_update(h, fake, name, sub, obj)
     _method_not_allowed(h)
 
@@ -10897,9 +11184,11 @@ def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
     code, stdout, stderr = run_cli(
         "enroll", "--kubeconfig", str(csr_cluster.kubeconfig), "--user", "alice",
         "--group", "dev", "--approve", "--name", "dev-alice", "--port", str(port),
-        "--merge", "--use-context", capsys=capsys,
+        "--merge", "--use-context", "--allow-renew", capsys=capsys,
     )  # fmt: skip
     assert (code, stderr) == (0, "")
+    # On a real cluster alice may approve only when an admin made her an approver.
+    grant_as_admin(csr_cluster, "alice", "csr-approver", APPROVER_RULES)
     folder = home / ".kube" / "yubikey" / "dev-alice"
     assert stdout.endswith(
         f"Wrote {folder / 'proxy.yml'} and {folder / 'client.yml'}; next: "
@@ -12415,9 +12704,15 @@ def test_renew_through_the_running_proxy_and_as_a_no_op(
 ):
     workdir = tmp_path / "yk"
     assert (
-        yk.main(enroll_args(csr_cluster, workdir, "--approve", "--expiration", "1h"))
+        yk.main(
+            enroll_args(
+                csr_cluster, workdir, "--approve", "--expiration", "1h", "--allow-renew"
+            )
+        )
         == 0
     )
+    # On a real cluster alice may approve only when an admin made her an approver.
+    grant_as_admin(csr_cluster, "alice", "csr-approver", APPROVER_RULES)
     first = slot_certificate(card57)
     capsys.readouterr()
     proxy = ProxyProcess(workdir, "--certificate-refresh", "1")
@@ -12603,7 +12898,7 @@ def test_enroll_binds_a_cluster_role(card57, csr_cluster, tmp_path, capsys):
         capsys=capsys,
     )
     assert (code, stderr) == (0, "")
-    (binding,) = csr_cluster.api.cluster_role_bindings
+    binding, renewal = csr_cluster.api.cluster_role_bindings
     assert binding["metadata"]["name"] == "yubikey-alice"
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -12613,6 +12908,624 @@ def test_enroll_binds_a_cluster_role(card57, csr_cluster, tmp_path, capsys):
     assert binding["subjects"] == [
         {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}
     ]
+    # With a binding, renewal is allowed by default (see the RBAC section).
+    assert renewal["metadata"]["name"] == "yubikey-renew-alice"
+    assert list(csr_cluster.api.cluster_roles) == ["yubikey-renew-alice"]
+
+
+# =============================================================================
+# enroll and renew against a real cluster's RBAC; a failed enroll puts the slot
+# back (MOVE/DELETE KEY on firmware 5.7); a card whose signatures do not verify
+# =============================================================================
+
+RENEWAL_RULES = [
+    {
+        "apiGroups": ["certificates.k8s.io"],
+        "resources": ["certificatesigningrequests"],
+        "verbs": ["create", "get", "watch"],
+    }
+]
+APPROVER_RULES = [
+    {
+        "apiGroups": ["certificates.k8s.io"],
+        "resources": ["certificatesigningrequests/approval"],
+        "verbs": ["update"],
+    },
+    {
+        "apiGroups": ["certificates.k8s.io"],
+        "resources": ["signers"],
+        "resourceNames": ["kubernetes.io/kube-apiserver-client"],
+        "verbs": ["approve"],
+    },
+]
+APPROVE_REFUSED = (
+    "yubikey-kube-proxy: error: this kubeconfig's user may not approve certificate "
+    "requests (it lacks update on certificatesigningrequests/approval and approve "
+    "on signers/kubernetes.io/kube-apiserver-client in API group "
+    "certificates.k8s.io): leave out --approve and let an administrator run "
+    "kubectl certificate approve, since whoever may approve can mint a certificate "
+    "for any user\n"
+)
+CREATE_REFUSED = (
+    "yubikey-kube-proxy: error: the cluster refused: user alice may not create "
+    "certificatesigningrequests (API group certificates.k8s.io); an administrator "
+    "grants it with: kubectl create clusterrole yubikey-renew-alice "
+    "--verb=create,get,watch --resource=certificatesigningrequests.certificates.k8s.io"
+    " && kubectl create clusterrolebinding yubikey-renew-alice "
+    "--clusterrole=yubikey-renew-alice --user=alice\n"
+)
+
+
+def admin_kubectl(
+    cluster: Cluster,
+    *args: str,
+    input: str | None = None,  # noqa: A002 - subprocess.run's name
+) -> subprocess.CompletedProcess:
+    """The test plays the cluster's admin (system:masters) with the real kubectl."""
+    return subprocess.run(
+        ["kubectl", "--kubeconfig", str(cluster.kubeconfig), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def grant_as_admin(cluster: Cluster, user: str, role: str, rules: list) -> None:
+    """A ClusterRole with RULES and a binding of it for USER, made by the admin."""
+    subject = {"apiGroup": RBAC_GROUP, "kind": "User", "name": user}
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": f"{RBAC_GROUP}/v1",
+                "kind": "ClusterRole",
+                "metadata": {"name": role},
+                "rules": rules,
+            },
+            {
+                "apiVersion": f"{RBAC_GROUP}/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": f"{role}-{user}"},
+                "roleRef": {
+                    "apiGroup": RBAC_GROUP,
+                    "kind": "ClusterRole",
+                    "name": role,
+                },
+                "subjects": [subject],
+            },
+        ],
+    }
+    done = admin_kubectl(
+        cluster, "create", "--validate=false", "-f", "-", input=json.dumps(manifest)
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def renew_through(proxy: ProxyProcess, *extra: str) -> list[str]:
+    return [
+        "renew",
+        "--kubeconfig",
+        str(proxy.client_config),
+        "--proxy-config",
+        str(proxy.workdir / "proxy.yml"),
+        *extra,
+    ]
+
+
+def alice_requests(api) -> list:
+    return [
+        (r.method, r.path) for r in api.requests if r.client_subject == "CN=alice,O=dev"
+    ]
+
+
+def approval_attempts(api) -> list:
+    return [r for r in api.requests if r.path.split("?")[0].endswith("/approval")]
+
+
+def enrolled_alice(csr_cluster, tmp_path: Path, *extra: str) -> Path:
+    """The admin enrols alice (group dev, ClusterRole view): not an admin."""
+    workdir = tmp_path / "yk"
+    args = enroll_args(
+        csr_cluster, workdir, "--approve", "--bind-clusterrole", "view", *extra
+    )
+    assert yk.main(args) == 0
+    return workdir
+
+
+def test_enroll_a_non_admin_then_renew_through_its_own_proxy_approved_outside(
+    card57, csr_cluster, tmp_path, capsys
+):
+    api = csr_cluster.api
+    workdir = enrolled_alice(csr_cluster, tmp_path)
+    assert api.cluster_roles["yubikey-renew-alice"]["rules"] == RENEWAL_RULES
+    assert [
+        (b["metadata"]["name"], b["roleRef"]["name"]) for b in api.cluster_role_bindings
+    ] == [
+        ("yubikey-alice", "view"),
+        ("yubikey-renew-alice", "yubikey-renew-alice"),
+    ]
+    first = slot_certificate(card57)
+    capsys.readouterr()
+    proxy = ProxyProcess(workdir)
+    codes: list = []
+    worker = threading.Thread(
+        target=lambda: codes.append(yk.main(renew_through(proxy, "--timeout", "60")))
+    )
+    try:
+        worker.start()
+        pending = csr_wait(api, lambda o: o["spec"]["username"] == "alice", 60)
+        name = pending["metadata"]["name"]
+        assert pending["spec"]["groups"] == ["dev", "system:authenticated"]
+        done = admin_kubectl(csr_cluster, "certificate", "approve", name)
+        assert done.returncode == 0, done.stderr
+        worker.join(90)
+        out, err = capsys.readouterr()
+        assert codes == [0], (err, proxy.stderr(), alice_requests(api))
+        assert err.startswith(
+            "Waiting up to 60 s for an administrator to run: kubectl certificate "
+            f"approve {name}\n"
+        )
+        assert out.startswith(
+            "Renewed the certificate in slot 9a (CN=alice,O=dev): valid until "
+        )
+        second = slot_certificate(card57)
+        assert second.serial_number != first.serial_number
+        assert yk.same_public_key(second.public_key(), first.public_key())
+        done = kubectl(proxy, "get", "--raw", "/version")
+        assert done.returncode == 0, done.stderr
+    finally:
+        worker.join(90)
+        proxy.stop()
+    # alice did only what the renewal role allows, and never tried to approve.
+    alices = [entry for entry in api.authorization_log if entry[0] == "alice"]
+    assert "create" in {verb for _, verb, *_ in alices}
+    assert {verb for _, verb, *_ in alices} <= {"create", "get", "watch"}
+    assert {r.client_subject for r in approval_attempts(api)} == {
+        "CN=system:admin,O=system:masters"
+    }
+
+
+def test_renew_with_an_admin_kubeconfig(card57, csr_cluster, tmp_path, capsys):
+    workdir = enrolled_alice(csr_cluster, tmp_path, "--no-allow-renew")
+    assert csr_cluster.api.cluster_roles == {}
+    first = slot_certificate(card57)
+    capsys.readouterr()
+    admin = str(csr_cluster.kubeconfig)
+    code, out, err = run_cli(
+        "renew",
+        "--kubeconfig",
+        admin,
+        "--proxy-config",
+        str(workdir / "proxy.yml"),
+        "--approve",
+        capsys=capsys,
+    )
+    assert (code, err) == (0, "")
+    assert out.startswith("Renewed the certificate in slot 9a (CN=alice,O=dev): ")
+    second = slot_certificate(card57)
+    assert second.serial_number != first.serial_number
+    assert second.subject == first.subject
+    assert yk.same_public_key(second.public_key(), card57.slot_key(0x9A).public_key())
+    # Requested and approved by the admin; the card signed the request itself.
+    request = csr_get(csr_cluster.api, max(csr_cluster.api.csrs))
+    assert request["spec"]["username"] == "system:admin"
+    pkcs10 = x509.load_pem_x509_csr(base64.b64decode(request["spec"]["request"]))
+    assert pkcs10.is_signature_valid and pkcs10.subject == first.subject
+    # Without a proxy.yml: the slot and the card by name.
+    code, out, err = run_cli(
+        "renew",
+        "--kubeconfig",
+        admin,
+        "--slot",
+        "9a",
+        "--serial",
+        "31000001",
+        "--approve",
+        capsys=capsys,
+    )
+    assert (code, err) == (0, "")
+    assert slot_certificate(card57).serial_number != second.serial_number
+
+
+def test_renew_refused_when_the_renewal_binding_is_missing(
+    card57, csr_cluster, tmp_path, capsys, monkeypatch
+):
+    api = csr_cluster.api
+    workdir = enrolled_alice(csr_cluster, tmp_path, "--no-allow-renew")
+    capsys.readouterr()
+    proxy = ProxyProcess(workdir)
+    try:
+        code, out, err = run_cli(*renew_through(proxy), capsys=capsys)
+        assert (code, out, err) == (1, "", CREATE_REFUSED)
+        assert len(api.csrs) == 1  # only the enrolment's
+        # The command in the message is what an admin runs; then renewal works.
+        grant = CREATE_REFUSED.split("grants it with: ")[1].strip()
+        for command in grant.split(" && "):
+            done = admin_kubectl(csr_cluster, *command.split()[1:])
+            assert done.returncode == 0, done.stderr
+        assert api.cluster_roles["yubikey-renew-alice"]["rules"] == RENEWAL_RULES
+        # Renewal now waits, saying so, until the approval and the certificate.
+        monkeypatch.setattr(yk, "CSR_PROGRESS_SECONDS", 0.2)
+        codes: list = []
+        worker = threading.Thread(
+            target=lambda: codes.append(
+                yk.main(renew_through(proxy, "--timeout", "60"))
+            )
+        )
+        worker.start()
+        pending = csr_wait(api, lambda o: o["spec"]["username"] == "alice", 60)
+        name = pending["metadata"]["name"]
+        wait_until(
+            lambda: any(
+                "watch=true" in r.path and r.client_subject == "CN=alice,O=dev"
+                for r in list(api.requests)
+            ),
+            30,
+            "renew to watch its request",
+        )
+        seen: list = []
+        wait_until(
+            lambda: (
+                seen.append(capsys.readouterr().err) or "still waiting" in "".join(seen)
+            ),
+            30,
+            "a progress line",
+        )
+        csr_approve(api, name)
+        worker.join(90)
+        assert codes == [0]
+        err = "".join(seen) + capsys.readouterr().err
+        assert re.fullmatch(
+            f"Waiting up to 60 s for an administrator to run: kubectl certificate "
+            f"approve {name}\n(still waiting for {name} \\(\\d+ s left\\)\\.\\.\\.\\n)+"
+            f"{name} is approved; waiting for the cluster to issue its "
+            "certificate\\.\\.\\.\\n(still waiting for .*\\n)*",
+            err,
+        ), err
+    finally:
+        proxy.stop()
+
+
+def test_approve_without_the_rights_is_never_attempted(
+    card57, csr_cluster, tmp_path, capsys
+):
+    api = csr_cluster.api
+    workdir = enrolled_alice(csr_cluster, tmp_path)
+    capsys.readouterr()
+    proxy = ProxyProcess(workdir)
+    try:
+        code, out, err = run_cli(*renew_through(proxy, "--approve"), capsys=capsys)
+    finally:
+        proxy.stop()
+    assert (code, out, err) == (1, "", APPROVE_REFUSED)
+    # The access reviews said no first; nothing was requested or approved.
+    reviews = [
+        (u, a.get("resource"), a.get("name"), ok) for u, a, ok in api.access_reviews
+    ]
+    signer = "kubernetes.io/kube-apiserver-client"
+    assert reviews[3:] == [
+        ("alice", "certificatesigningrequests", None, False),
+        ("alice", "signers", signer, False),
+        ("alice", "signers", "kubernetes.io/*", False),
+    ]
+    assert {(u, ok) for u, *_, ok in reviews[:3]} == {("system:admin", True)}
+    assert len(api.csrs) == 1
+    assert [r.client_subject for r in approval_attempts(api)] == [
+        "CN=system:admin,O=system:masters"  # the enrolment's, by the admin
+    ]
+
+
+def test_enroll_refused_rbac_names_the_permission_and_restores_the_slot(
+    card57, csr_cluster, tmp_path, capsys
+):
+    """alice (allowed to renew, not to bind roles) enrols bob in slot 9c through her
+    proxy: the binding is refused after the certificate was issued; the slot is
+    left as it was."""
+    workdir = enrolled_alice(csr_cluster, tmp_path)
+    capsys.readouterr()
+    proxy = ProxyProcess(workdir)
+    codes: list = []
+    args = [
+        "enroll",
+        "--kubeconfig",
+        str(proxy.client_config),
+        "--output-dir",
+        str(tmp_path / "bob"),
+        "--user",
+        "bob",
+        "--slot",
+        "9c",
+        "--bind-clusterrole",
+        "view",
+        "--timeout",
+        "60",
+    ]
+    worker = threading.Thread(target=lambda: codes.append(yk.main(args)))
+    try:
+        worker.start()
+        pending = csr_wait(
+            csr_cluster.api, lambda o: o["spec"]["username"] == "alice", 60
+        )
+        csr_approve(csr_cluster.api, pending["metadata"]["name"])
+        worker.join(90)
+    finally:
+        worker.join(90)
+        proxy.stop()
+    assert codes == [1]
+    err = capsys.readouterr().err
+    assert err.endswith(
+        "yubikey-kube-proxy: error: the cluster refused: user alice may not create "
+        "clusterrolebindings (API group rbac.authorization.k8s.io); an administrator "
+        "grants it with: kubectl create clusterrole yubikey-create-clusterrolebindings-"
+        "alice --verb=create --resource=clusterrolebindings.rbac.authorization.k8s.io "
+        "&& kubectl create clusterrolebinding yubikey-create-clusterrolebindings-alice "
+        "--clusterrole=yubikey-create-clusterrolebindings-alice --user=alice\n"
+    )
+    assert card57.slot_info(0x9C) is None and card57.certificate_object(0x9C) is None
+    assert not (tmp_path / "bob" / "proxy.yml").exists()
+    # The commands in the message are ones the admin can run as they stand.
+    for command in err.split("grants it with: ")[1].strip().split(" && "):
+        done = admin_kubectl(csr_cluster, *command.split()[1:])
+        assert done.returncode == 0, done.stderr
+    assert csr_cluster.api.cluster_roles["yubikey-create-clusterrolebindings-alice"][
+        "rules"
+    ] == [
+        {
+            "verbs": ["create"],
+            "apiGroups": ["rbac.authorization.k8s.io"],
+            "resources": ["clusterrolebindings"],
+        }
+    ]
+
+
+def occupied_slot(piv, tmp_path: Path) -> tuple:
+    """Slot 9a holding an imported key and its certificate (by setup)."""
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    assert yk.main(setup_args(source, tmp_path / "imported", "--force")) == 0
+    return piv.slot_info(0x9A), piv.certificate_object(0x9A)
+
+
+def retired_keys(piv) -> list:
+    return [slot for slot in RETIRED_SLOTS if piv.slot_info(slot) is not None]
+
+
+def test_failed_enroll_on_firmware_57_leaves_the_slot_as_it_was(
+    card57, csr_cluster, tmp_path, capsys
+):
+    # An empty slot: the generated key is deleted again.
+    code, _, err = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "a", "--timeout", "1"), capsys=capsys
+    )
+    assert code == 1 and err.endswith("and run the command again\n"), err
+    assert card57.slot_info(0x9A) is None and retired_keys(card57) == []
+    # An occupied slot with --force: the new key waits in a retired slot and is
+    # deleted; the old key and certificate never moved.
+    before = occupied_slot(card57, tmp_path)
+    capsys.readouterr()
+    worker_codes: list = []
+    worker = threading.Thread(
+        target=lambda: worker_codes.append(
+            yk.main(
+                enroll_args(csr_cluster, tmp_path / "b", "--force", "--timeout", "60")
+            )
+        )
+    )
+    earlier = set(csr_cluster.api.csrs)
+    worker.start()
+    pending = csr_wait(
+        csr_cluster.api, lambda o: o["metadata"]["name"] not in earlier, 30
+    )
+    assert retired_keys(card57) == [0x95]  # where the new key waits
+    assert card57.slot_info(0x9A) is before[0]
+    csr_deny(csr_cluster.api, pending["metadata"]["name"], "no")
+    worker.join(60)
+    assert worker_codes == [1]
+    assert capsys.readouterr().err.endswith(
+        f"certificate request {pending['metadata']['name']}: no\n"
+    )
+    assert (card57.slot_info(0x9A), card57.certificate_object(0x9A)) == before
+    assert retired_keys(card57) == []
+    # Success with --force: the new key replaces the old one in 9a.
+    code, _, err = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "c", "--force", "--approve"), capsys=capsys
+    )
+    assert (code, err) == (0, "")
+    assert card57.slot_info(0x9A).origin == ORIGIN_GENERATED
+    assert yk.same_public_key(
+        slot_certificate(card57).public_key(), card57.slot_key(0x9A).public_key()
+    )
+    assert retired_keys(card57) == []
+
+
+def test_failed_enroll_on_firmware_54_says_what_is_left(
+    card54, csr_cluster, tmp_path, capsys
+):
+    code, _, err = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "a", "--timeout", "1"), capsys=capsys
+    )
+    assert code == 1
+    assert err.endswith(
+        "and run the command again; slot 9a of the YubiKey now holds the EC P-256 key "
+        "generated for this request and no certificate, as this YubiKey cannot "
+        "delete keys (firmware 5.7 can): run enroll again with --force, or choose "
+        "another --slot\n"
+    ), err
+    assert card54.slot_info(0x9A).origin == ORIGIN_GENERATED
+    assert card54.certificate_object(0x9A) is None
+    imported, certificate = occupied_slot(card54, tmp_path)
+    capsys.readouterr()
+    code, _, err = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "b", "--force", "--timeout", "1"),
+        capsys=capsys,
+    )
+    assert code == 1
+    assert err.endswith(
+        "; slot 9a of the YubiKey now holds the EC P-256 key generated for this "
+        "request and the certificate for CN=system:admin,O=system:masters it held "
+        "before, which does not belong to that key, as this YubiKey cannot delete "
+        "keys (firmware 5.7 can): run enroll again with --force, or choose another "
+        "--slot\n"
+    ), err
+    assert card54.slot_info(0x9A) is not imported
+    assert card54.certificate_object(0x9A) == certificate
+
+
+def test_a_card_whose_signatures_do_not_verify_is_blamed(
+    card57, csr_cluster, tmp_path, capsys
+):
+    workdir = enrolled_alice(csr_cluster, tmp_path)
+    enrolled = card57.certificate_object(0x9A)
+    card57.bad_signatures = True
+    code, _, err = run_cli(
+        "renew",
+        "--kubeconfig",
+        str(csr_cluster.kubeconfig),
+        "--proxy-config",
+        str(workdir / "proxy.yml"),
+        "--approve",
+        capsys=capsys,
+    )
+    assert (code, err) == (
+        1,
+        "yubikey-kube-proxy: error: the YubiKey's signature on the certificate "
+        "request does not verify with the public key of slot 9a: the card answered "
+        "wrongly; run the command again, and use another YubiKey if it happens again\n",
+    )
+    assert card57.certificate_object(0x9A) == enrolled
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, err = run_cli(
+        *setup_args(source, tmp_path / "s", "--slot", "9d"), capsys=capsys
+    )
+    assert (code, err) == (
+        1,
+        "yubikey-kube-proxy: error: the YubiKey's signature with the key just "
+        "imported into slot 9d does not verify: the card did not store or use the "
+        "key correctly; run setup again with --force, and use another YubiKey if it "
+        "happens again\n",
+    )
+    code, _, err = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "e", "--slot", "9c", "--approve"),
+        capsys=capsys,
+    )
+    assert (code, err) == (
+        1,
+        "yubikey-kube-proxy: error: the YubiKey's signature on the certificate "
+        "request does not verify with the public key of slot 9c: the card answered "
+        "wrongly; run the command again, and use another YubiKey if it happens again\n",
+    )
+    assert card57.slot_info(0x9C) is None and len(csr_cluster.api.csrs) == 1
+
+
+def test_virtual_card_move_and_delete_key():
+    """Yubico's MOVE KEY / DELETE KEY (INS F6) as firmware 5.7 answers it."""
+
+    def sw(piv, apdu: str) -> str:
+        return piv.process(bytes.fromhex(apdu))[-2:].hex()
+
+    old = VirtualPiv(version=(5, 4, 3), mgmt_algorithm=ALG_3DES)
+    assert sw(old, "00F6FF9A") == "6d00"  # not before 5.7
+    piv = VirtualPiv()
+    piv._slots[0x9A] = KeySlot(new_key("p256"), ALG_ECCP256, 1, 1, ORIGIN_GENERATED)
+    key = piv.slot_info(0x9A)
+    assert sw(piv, "00F6829A") == "6982"  # management key first
+    piv.mgmt_authenticated = True
+    assert sw(piv, "00F6F99A") == "6a86"  # never into the attestation slot
+    assert sw(piv, "00F69A9C") == "6a88"  # nothing to move
+    piv._slots[0x9C] = key
+    assert sw(piv, "00F69C9A") == "6985"  # the destination must be empty
+    del piv._slots[0x9C]
+    assert sw(piv, "00F6829A") == "9000"
+    assert piv.slot_info(0x82) is key and piv.slot_info(0x9A) is None
+    assert sw(piv, "00F6FF82") == "9000"
+    assert piv.slot_info(0x82) is None
+
+
+def test_enroll_again_keeps_its_own_roles_and_refuses_other_ones(
+    card57, csr_cluster, tmp_path, capsys
+):
+    enrolled_alice(csr_cluster, tmp_path)
+    before = slot_certificate(card57)
+    # The same roles exist already: accepted as they are.
+    code, _, err = run_cli(
+        *enroll_args(
+            csr_cluster,
+            tmp_path / "again",
+            "--approve",
+            "--force",
+            "--bind-clusterrole",
+            "view",
+        ),
+        capsys=capsys,
+    )
+    assert (code, err) == (0, "")
+    assert len(csr_cluster.api.cluster_role_bindings) == 2
+    second = slot_certificate(card57)
+    assert second.serial_number != before.serial_number
+    # A binding of that name to another role: refused, and the slot is as it was.
+    code, _, err = run_cli(
+        *enroll_args(
+            csr_cluster,
+            tmp_path / "edit",
+            "--approve",
+            "--force",
+            "--bind-clusterrole",
+            "edit",
+        ),
+        capsys=capsys,
+    )
+    assert (code, err) == (
+        1,
+        "yubikey-kube-proxy: error: a ClusterRoleBinding named yubikey-alice already "
+        "exists with other content: compare it (kubectl get clusterrolebinding "
+        "yubikey-alice -o yaml), delete it if it is stale, and run enroll again\n",
+    )
+    assert slot_certificate(card57) == second
+    assert yk.same_public_key(second.public_key(), card57.slot_key(0x9A).public_key())
+    assert retired_keys(card57) == []
+
+
+def test_enroll_with_a_wrong_management_key_changes_nothing(
+    card57, csr_cluster, tmp_path, capsys, monkeypatch
+):
+    before = occupied_slot(card57, tmp_path)
+    capsys.readouterr()
+    monkeypatch.setenv("YKP_MANAGEMENT_KEY", "00" * 24)
+    code, _, err = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "e", "--force"), capsys=capsys
+    )
+    assert (code, err) == (
+        1,
+        "yubikey-kube-proxy: error: the YubiKey rejected the management key: pass "
+        "the card's key with --management-key-file PATH or YKP_MANAGEMENT_KEY (the "
+        "factory key is the default)\n",
+    )
+    assert (card57.slot_info(0x9A), card57.certificate_object(0x9A)) == before
+    assert retired_keys(card57) == [] and csr_cluster.api.csrs == {}
+
+
+def test_failed_enroll_on_firmware_57_without_a_free_retired_slot_says_what_is_left(
+    card57, csr_cluster, tmp_path, capsys
+):
+    occupied_slot(card57, tmp_path)
+    for slot in RETIRED_SLOTS:  # another program's keys, one in every retired slot
+        card57._slots[slot] = KeySlot(new_key("p256"), ALG_ECCP256, 1, 1, 1)
+    capsys.readouterr()
+    code, _, err = run_cli(
+        *enroll_args(csr_cluster, tmp_path / "e", "--force", "--timeout", "1"),
+        capsys=capsys,
+    )
+    assert code == 1
+    assert err.endswith(
+        "; slot 9a of the YubiKey now holds the EC P-256 key generated for this "
+        "request and the certificate for CN=system:admin,O=system:masters it held "
+        "before, which does not belong to that key, as no retired slot was free to "
+        "keep the old key in: run enroll again with --force, or choose another "
+        "--slot\n"
+    ), err
+    assert card57.slot_info(0x9A).origin == ORIGIN_GENERATED
+    assert len(retired_keys(card57)) == 20
 
 
 # =============================================================================

@@ -54,7 +54,10 @@ import types
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+if TYPE_CHECKING:  # imported lazily where used
+    from cryptography import x509
 
 __version__ = "0.1.0"
 __all__ = [
@@ -153,6 +156,8 @@ INS_GET_METADATA = 0xF7  # Yubico, firmware 5.3+
 INS_ATTEST = 0xF9  # Yubico, firmware 4.3+: keys generated on the card only
 OID_ATTESTED_POLICY = "1.3.6.1.4.1.41482.3.8"  # two bytes: PIN policy, touch policy
 INS_GENERATE_ASYMMETRIC = 0x47
+INS_MOVE_KEY = 0xF6  # Yubico, firmware 5.7+; P1 0xFF deletes the key
+MOVE_KEY_VERSION = (5, 7, 0)
 CLA_CHAIN = 0x10
 
 TAG_DYN_AUTH = 0x7C
@@ -1190,6 +1195,22 @@ class PivSession:
             what=f"generating a key in slot {slot.name}",
         )
         return public_key_from_metadata(algorithm, parse_tlvs(reply)[TAG_PUBLIC_KEY])
+
+    def move_key(self, source: Slot, target: Slot | None) -> None:
+        """Yubico MOVE KEY (firmware 5.7+): the key of ``source`` into the empty
+        ``target``, or DELETE KEY when ``target`` is None. Requires
+        management-key authentication."""
+        self.send(
+            INS_MOVE_KEY,
+            target.key if target else 0xFF,
+            source.key,
+            le=False,
+            what=(
+                f"moving the key of slot {source.name} to slot {target.name}"
+                if target
+                else f"deleting the key in slot {source.name}"
+            ),
+        )
 
     def put_certificate(self, slot: Slot, der: bytes) -> None:
         """Store a certificate (uncompressed). Requires management-key authentication."""
@@ -4166,7 +4187,8 @@ class Options:
 
     @classmethod
     def from_args(cls: type[OptionsType], args: argparse.Namespace) -> OptionsType:
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        fields = [f.name for f in dataclasses.fields(cls) if f.init and not f.kw_only]
+        return cls(**{name: getattr(args, name) for name in fields})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4220,6 +4242,41 @@ class SetupOptions(OutputOptions):
     touch_policy: str
     management_key: bytes | None
     management_key_file: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOptions(Options):
+    """How enroll and renew ask the cluster's CSR API for a certificate."""
+
+    kubeconfig: str | None
+    context: str | None
+    reader: str | None
+    serial: int | None
+    pin_file: str | None
+    management_key: bytes | None
+    management_key_file: str | None
+    expiration: int | None
+    approve: bool
+    timeout: float
+    admin_key: bytes = dataclasses.field(default=b"", kw_only=True)  # resolved
+
+
+@dataclasses.dataclass(frozen=True)
+class EnrollOptions(OutputOptions, RequestOptions):
+    user: str
+    group: list[str]
+    algorithm: str
+    bind_clusterrole: str | None
+    allow_renew: bool | None
+    pin_policy: str
+    touch_policy: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RenewOptions(RequestOptions):
+    proxy_config: str | None
+    slot: Slot | None
+    if_expiring_within: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4850,9 +4907,10 @@ def prove_slot(
     challenge = secrets.token_bytes(32)
     signature = sign_message(piv, slot, algorithm, challenge)
     if not verify_signature(cert.public_key(), algorithm, challenge, signature):
-        raise KeyMismatchError(
-            f"the key in slot {slot.name} does not match the certificate stored with it: "
-            "run setup again with --force"
+        raise CardError(
+            f"the YubiKey's signature with the key just imported into slot {slot.name} "
+            "does not verify: the card did not store or use the key correctly; run "
+            "setup again with --force, and use another YubiKey if it happens again"
         )
 
 
@@ -5437,7 +5495,32 @@ def cmd_status(namespace: argparse.Namespace) -> int:
 # =============================================================================
 
 CSR_SIGNER = "kubernetes.io/kube-apiserver-client"
+CSR_GROUP = "certificates.k8s.io"
+CSR_RESOURCE = "certificatesigningrequests"
 CSR_POLL_SECONDS = 1.0
+CSR_PROGRESS_SECONDS = 10.0
+RBAC_GROUP = "rbac.authorization.k8s.io"
+RENEW_VERBS = ("create", "get", "watch")
+APPROVAL_REVIEWS = [
+    {
+        "verb": "update",
+        "group": CSR_GROUP,
+        "resource": CSR_RESOURCE,
+        "subresource": "approval",
+    },
+    {"verb": "approve", "group": CSR_GROUP, "resource": "signers", "name": CSR_SIGNER},
+    {
+        "verb": "approve",
+        "group": CSR_GROUP,
+        "resource": "signers",
+        "name": CSR_SIGNER.split("/")[0] + "/*",
+    },
+]
+FORBIDDEN_PATTERN = (
+    r'User "(?P<user>[^"]*)" cannot (?P<verb>\S+) resource "(?P<resource>[^"/]+)'
+    r'(?:/(?P<sub>[^"]+))?" in API group "(?P<group>[^"]*)"'
+)
+SIGNER_FORBIDDEN = "user not permitted to approve requests with signerName"
 ENROLL_ALGORITHMS = {
     "p256": KeyAlgorithm.ECCP256,
     "p384": KeyAlgorithm.ECCP384,
@@ -5468,6 +5551,28 @@ def parse_duration(text: str) -> int:
     return sum(int(n) * units[u] for n, u in parts)
 
 
+class KubectlError(UpstreamError):
+    """kubectl failed; ``output`` is the last line it printed on stderr."""
+
+    def __init__(self, message: str, output: str) -> None:
+        super().__init__(message)
+        self.output = output
+
+
+def kubectl_missing() -> ConfigError:
+    return ConfigError(
+        "kubectl is not installed: enroll and renew use it to reach the cluster"
+    )
+
+
+def kubectl_error(args: tuple[str, ...], stderr: str) -> KubectlError:
+    reason = (stderr.strip().splitlines() or ["no message"])[-1]
+    message = forbidden_message(reason)
+    return KubectlError(
+        message or f"kubectl {' '.join(args[:2])} failed: {reason}", reason
+    )
+
+
 class Kubectl:
     """The cluster's API through kubectl, so every kind of kubeconfig credential
     works (client certificates, tokens, exec plugins, this proxy's client.yml)."""
@@ -5489,30 +5594,254 @@ class Kubectl:
                 timeout=120,
             )
         except FileNotFoundError:
-            raise ConfigError(
-                "kubectl is not installed: enroll and renew use it to reach the cluster"
-            ) from None
+            raise kubectl_missing() from None
         except subprocess.TimeoutExpired:
             raise UpstreamTimeout(f"kubectl {args[0]} took longer than 120 s") from None
         if done.returncode != 0:
-            reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise UpstreamError(f"kubectl {' '.join(args[:2])} failed: {reason}")
+            raise kubectl_error(args, done.stderr)
         return done.stdout
 
     def get_json(self, *args: str) -> dict[str, Any]:
-        return json.loads(self.run(*args, "-o", "json"))
+        docs, rest = split_json(self.run(*args, "-o", "json"))
+        if len(docs) != 1 or not isinstance(docs[0], dict) or rest.strip():
+            raise not_json(args)
+        return docs[0]
+
+    def watch(
+        self, kind: str, name: str, deadline: float
+    ) -> Iterator[dict[str, Any] | None]:
+        """The object as `kubectl get --watch` prints it, at first and after each
+        change; None after CSR_PROGRESS_SECONDS without news. Ends at the
+        deadline or when the watch does."""
+        import codecs
+        import select
+
+        args = ("get", kind, name, "--watch", "-o", "json")
+        try:
+            process = subprocess.Popen(
+                [*self.base, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except FileNotFoundError:
+            raise kubectl_missing() from None
+        decode, buffer = codecs.getincrementaldecoder("utf-8")("replace").decode, ""
+        ended = False
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                wait = min(left, CSR_PROGRESS_SECONDS)
+                assert process.stdout is not None  # stdout=PIPE
+                if not select.select([process.stdout], [], [], wait)[0]:
+                    if wait == CSR_PROGRESS_SECONDS:
+                        yield None
+                    continue
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        process.wait(10)
+                    ended = process.returncode is not None
+                    break
+                docs, buffer = split_json(buffer + decode(chunk))
+                if buffer.lstrip()[:1] not in ("", "{") or not all(
+                    isinstance(d, dict) for d in docs
+                ):
+                    raise not_json(args)
+                yield from docs
+        finally:
+            if process.poll() is None:
+                process.kill()
+            stderr = process.communicate()[1]
+        if ended and process.returncode:
+            raise kubectl_error(args, stderr.decode(errors="replace"))
 
 
-def cluster_role_binding(user: str, role: str) -> dict[str, Any]:
+def not_json(args: tuple[str, ...]) -> UpstreamError:
+    return UpstreamError(
+        f"kubectl {' '.join(args[:2])} printed something that is not a Kubernetes "
+        "object in JSON: check that kubectl reaches a Kubernetes API server"
+    )
+
+
+def split_json(text: str) -> tuple[list[Any], str]:
+    """The complete JSON documents at the start of ``text``, and the rest."""
+    decoder, docs, pos = json.JSONDecoder(), list[Any](), 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        try:
+            doc, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            return docs, text[pos:]
+        docs.append(doc)
+
+
+# -- RBAC: what renewal needs, what a Forbidden answer lacks -------------------
+
+
+def forbidden_message(reason: str) -> str | None:
+    """For kubectl's report of an RBAC Forbidden answer: one line naming the
+    permission refused and the command that grants it; None for anything else."""
+    import re
+
+    if SIGNER_FORBIDDEN in reason:
+        return approval_refused([f"approve on signers/{CSR_SIGNER}"])
+    found = re.search(FORBIDDEN_PATTERN, reason)
+    if not found:
+        return None
+    user, verb, resource, sub, group = found.group(
+        "user", "verb", "resource", "sub", "group"
+    )
+    if (group, resource, sub) == (CSR_GROUP, CSR_RESOURCE, "approval"):
+        return approval_refused([f"update on {CSR_RESOURCE}/approval"])
+    return (
+        f"the cluster refused: user {user} may not {verb} "
+        f"{resource}{'/' + sub if sub else ''} (API group {group or 'core'}); an "
+        f"administrator grants it with: {grant_command(user, verb, resource, sub, group)}"
+    )
+
+
+def grant_command(
+    user: str, verb: str, resource: str, sub: str | None, group: str
+) -> str:
+    """The kubectl commands that let USER do VERB on the resource: for what
+    renewal needs, the very role enroll --allow-renew creates."""
+    import shlex
+
+    if (group, resource, sub) == (CSR_GROUP, CSR_RESOURCE, None) and (
+        verb in RENEW_VERBS
+    ):
+        role, verbs = renewal_role_name(user), ",".join(RENEW_VERBS)
+    else:
+        role, verbs = f"yubikey-{verb}-{resource}-{safe_name(user)}", verb
+    target = ".".join(filter(None, (resource, group))) + (f"/{sub}" if sub else "")
+    return (
+        f"kubectl create clusterrole {role} --verb={verbs} --resource={target} && "
+        f"kubectl create clusterrolebinding {role} --clusterrole={role} "
+        f"--user={shlex.quote(user)}"
+    )
+
+
+def approval_refused(missing: list[str]) -> str:
+    return (
+        "this kubeconfig's user may not approve certificate requests (it lacks "
+        f"{' and '.join(missing)} in API group {CSR_GROUP}): leave out --approve "
+        "and let an administrator run kubectl certificate approve, since whoever "
+        "may approve can mint a certificate for any user"
+    )
+
+
+def access_reviews(kube: Kubectl, attributes: list[dict[str, str]]) -> list[bool]:
+    """Ask the cluster, in one SelfSubjectAccessReview each, whether this
+    kubeconfig's user may do these things."""
+    items = [
+        {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": a},
+        }
+        for a in attributes
+    ]
+    out = kube.run(
+        "create",
+        "--validate=false",
+        "-o",
+        "json",
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+    )
+    docs, rest = split_json(out)
+    answers: list[Any] = []
+    for doc in docs:
+        is_list = isinstance(doc, dict) and doc.get("kind") == "List"
+        answers += (doc.get("items") or []) if is_list else [doc]
+    allowed = [review_allowed(a) for a in answers]
+    if (
+        rest.strip()
+        or len(allowed) != len(items)
+        or not all(isinstance(a, bool) for a in allowed)
+    ):
+        raise UpstreamError(
+            "the cluster's answer to the access reviews (SelfSubjectAccessReview) is "
+            "not understood: check that kubectl reaches a Kubernetes API server"
+        )
+    return cast(list[bool], allowed)  # each checked above
+
+
+def review_allowed(answer: Any) -> bool | None:
+    """status.allowed of a SelfSubjectAccessReview answer (None if it has none)."""
+    status = answer.get("status") if isinstance(answer, dict) else None
+    return status.get("allowed") if isinstance(status, dict) else None
+
+
+def check_approval_rights(kube: Kubectl) -> None:
+    """--approve only with the rights to approve, asked of the cluster first with
+    access reviews (never found out by trying), before the card signs a request."""
+    update, signer, signer_domain = access_reviews(kube, APPROVAL_REVIEWS)
+    missing = [] if update else [f"update on {CSR_RESOURCE}/approval"]
+    if not (signer or signer_domain):
+        missing.append(f"approve on signers/{CSR_SIGNER}")
+    if missing:
+        raise ConfigError(approval_refused(missing))
+
+
+def cluster_role_binding(user: str, role: str, name: str = "") -> dict[str, Any]:
     """A ClusterRoleBinding of ROLE for USER (what --bind-clusterrole creates)."""
-    rbac = "rbac.authorization.k8s.io"
     return {
-        "apiVersion": f"{rbac}/v1",
+        "apiVersion": f"{RBAC_GROUP}/v1",
         "kind": "ClusterRoleBinding",
-        "metadata": {"name": f"yubikey-{safe_name(user)}"},
-        "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": role},
-        "subjects": [{"apiGroup": rbac, "kind": "User", "name": user}],
+        "metadata": {"name": name or f"yubikey-{safe_name(user)}"},
+        "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": RBAC_GROUP, "kind": "User", "name": user}],
     }
+
+
+def renewal_role_name(user: str) -> str:
+    return f"yubikey-renew-{safe_name(user)}"
+
+
+def renewal_rbac(user: str) -> list[dict[str, Any]]:
+    """A ClusterRole that lets USER create and follow certificate requests and
+    nothing more (approving stays with an administrator), and its binding."""
+    name = renewal_role_name(user)
+    rule = {"apiGroups": [CSR_GROUP], "resources": [CSR_RESOURCE]}
+    role = {
+        "apiVersion": f"{RBAC_GROUP}/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": [{**rule, "verbs": list(RENEW_VERBS)}],
+    }
+    return [role, cluster_role_binding(user, name, name)]
+
+
+def enroll_rbac(args: EnrollOptions) -> list[dict[str, Any]]:
+    objects = []
+    if args.bind_clusterrole:
+        objects.append(cluster_role_binding(args.user, args.bind_clusterrole))
+    allow_renew = args.allow_renew
+    if allow_renew is None:
+        allow_renew = bool(args.bind_clusterrole)
+    return objects + (renewal_rbac(args.user) if allow_renew else [])
+
+
+def create_objects(kube: Kubectl, objects: list[dict[str, Any]]) -> None:
+    """Create each object, or accept one of its name that already says the same."""
+    for obj in objects:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        try:
+            kube.run("create", "--validate=false", "-f", "-", stdin=json.dumps(obj))
+        except KubectlError as exc:
+            if "(AlreadyExists)" not in exc.output:
+                raise
+            found = kube.get_json("get", kind.lower(), name)
+            if any(
+                found.get(k) != v
+                for k, v in obj.items()
+                if k in ("rules", "roleRef", "subjects")
+            ):
+                raise ConfigError(
+                    f"a {kind} named {name} already exists with other content: "
+                    f"compare it (kubectl get {kind.lower()} {name} -o yaml), delete "
+                    "it if it is stale, and run enroll again"
+                ) from None
 
 
 def csr_object(name: str, request_pem: bytes, expiration: int | None) -> dict[str, Any]:
@@ -5532,7 +5861,7 @@ def csr_object(name: str, request_pem: bytes, expiration: int | None) -> dict[st
 
 
 def request_certificate(
-    kube: Kubectl, name: str, request_pem: bytes, args: argparse.Namespace
+    kube: Kubectl, name: str, request_pem: bytes, args: RequestOptions
 ) -> Any:
     """Create the CSR, approve it if asked, and wait for the certificate."""
     body = json.dumps(csr_object(name, request_pem, args.expiration))
@@ -5550,37 +5879,71 @@ def request_certificate(
 
 
 def wait_for_certificate(kube: Kubectl, name: str, timeout: float) -> Any:
+    """Follow the request (a watch, not polling: through the proxy a few card
+    signatures, not one a second) until its certificate is issued, it is denied
+    or failed, or time is up."""
     deadline = time.monotonic() + timeout
-    next_note = time.monotonic() + 10
-    while True:
-        csr = kube.get_json("get", "certificatesigningrequest", name)
-        status = csr.get("status") or {}
-        for condition in status.get("conditions") or []:
-            if condition.get("type") in ("Denied", "Failed"):
-                why = (
-                    condition.get("message")
-                    or condition.get("reason")
-                    or "no reason given"
+    approved = False
+    while time.monotonic() < deadline:
+        for csr in kube.watch("certificatesigningrequest", name, deadline):
+            if csr is None and approved:
+                break  # issuing takes moments: a fresh watch reads it again
+            if csr is None:
+                left = max(0.0, deadline - time.monotonic())
+                print(
+                    f"still waiting for {name} ({left:.0f} s left)...",
+                    file=sys.stderr,
+                    flush=True,
                 )
-                raise UpstreamError(
-                    f"the cluster {condition['type'].lower()} certificate request "
-                    f"{name}: {why}"
+                continue
+            cert, now_approved = csr_outcome(csr, name)
+            if cert is not None:
+                return cert
+            if now_approved and not approved:
+                print(
+                    f"{name} is approved; waiting for the cluster to issue its "
+                    "certificate...",
+                    file=sys.stderr,
+                    flush=True,
                 )
-        if status.get("certificate"):
-            import base64
+            approved = approved or now_approved
+        if time.monotonic() < deadline:
+            time.sleep(CSR_POLL_SECONDS)  # the watch ended: watch again
+    raise UpstreamTimeout(
+        f"no certificate for request {name} after {timeout:g} s: approve it "
+        f"(kubectl certificate approve {name}) and run the command again"
+    )
 
-            return load_certificate(
-                base64.b64decode(status["certificate"]), f"the certificate of {name}"
+
+def csr_outcome(csr: dict[str, Any], name: str) -> tuple[Any, bool]:
+    """(the issued certificate or None, whether the request is approved); a
+    denied or failed request raises."""
+    import base64
+
+    status = csr.get("status") or {}
+    if not isinstance(status, dict) or not isinstance(
+        status.get("conditions") or [], list
+    ):
+        raise UpstreamError(f"the cluster's answer about {name} is not understood")
+    approved = False
+    for condition in status.get("conditions") or []:
+        if condition.get("type") in ("Denied", "Failed"):
+            why = (
+                condition.get("message") or condition.get("reason") or "no reason given"
             )
-        if time.monotonic() > deadline:
-            raise UpstreamTimeout(
-                f"no certificate for request {name} after {timeout:g} s: approve it "
-                f"(kubectl certificate approve {name}) and run the command again"
+            raise UpstreamError(
+                f"the cluster {condition['type'].lower()} certificate request "
+                f"{name}: {why}"
             )
-        if time.monotonic() > next_note:
-            print(f"still waiting for {name}...", file=sys.stderr, flush=True)
-            next_note += 10
-        time.sleep(CSR_POLL_SECONDS)
+        approved = approved or condition.get("type") == "Approved"
+    if not status.get("certificate"):
+        return None, approved
+    return (
+        load_certificate(
+            base64.b64decode(status["certificate"]), f"the certificate of {name}"
+        ),
+        approved,
+    )
 
 
 def check_issued(cert: Any, public_key: Any, requested: int | None) -> None:
@@ -5617,14 +5980,15 @@ def card_csr(
     signature = sign_message(piv, slot, algorithm, info, hash_name)
     request = x509.load_der_x509_csr(csr_der(info, algorithm, signature))
     if not request.is_signature_valid:
-        raise KeyMismatchError(
-            f"the card's signature on the certificate request does not verify: the key "
-            f"in slot {slot.name} is not the one expected; run the command again"
+        raise CardError(
+            "the YubiKey's signature on the certificate request does not verify with "
+            f"the public key of slot {slot.name}: the card answered wrongly; run the "
+            "command again, and use another YubiKey if it happens again"
         )
     return request.public_bytes(serialization.Encoding.PEM)
 
 
-def enroll_subject(args: argparse.Namespace) -> Any:
+def enroll_subject(args: EnrollOptions) -> Any:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
@@ -5639,35 +6003,162 @@ def enroll_subject(args: argparse.Namespace) -> Any:
     return x509.Name(attributes)
 
 
-def generate_and_request(
-    card: Card, args: argparse.Namespace, subject: Any
-) -> tuple[Any, bytes]:
-    """Generate the key on the card and have the card sign the request for it."""
-    algorithm = ENROLL_ALGORITHMS[args.algorithm]
-    pin_policy = PinPolicy[args.pin_policy.upper()]
-    touch_policy = TouchPolicy[args.touch_policy.upper()]
-    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {args.slot.name}"
+@dataclasses.dataclass(frozen=True)
+class EnrollSlot:
+    """Where enroll makes the key. On firmware 5.7 a key already in the target
+    stays there while the new one is made in an empty retired slot and moved in
+    once its certificate is issued; so a failure deletes only the new key."""
+
+    target: Slot
+    work: Slot
+    can_delete: bool
+    target_had_key: bool
+
+    @property
+    def restorable(self) -> bool:
+        return self.can_delete and (self.work != self.target or not self.target_had_key)
+
+
+def enroll_slot(piv: PivSession, args: EnrollOptions) -> EnrollSlot:
+    refuse_occupied(piv, args.slot, args.force, "replace")
+    can_delete = piv.version >= MOVE_KEY_VERSION
+    had_key = can_delete and piv.slot_metadata(args.slot) is not None
+    work = args.slot
+    if had_key:
+        retired = [s for s in SLOTS.values() if 0x82 <= s.key <= 0x95]
+        free = (s for s in reversed(retired) if slot_occupant(piv, s) is None)
+        work = next(free, args.slot)
+    return EnrollSlot(args.slot, work, can_delete, had_key)
+
+
+def generate_enroll_key(card: Card, args: EnrollOptions, where: EnrollSlot) -> Any:
     with card.session() as piv:
-        occupant = slot_occupant(piv, args.slot)
-        if occupant and not args.force:
-            raise ConfigError(
-                f"slot {args.slot.name} of the YubiKey already holds {occupant}: pass "
-                "--force to replace it, or choose another --slot"
-            )
-        piv.authenticate(args.management_key)
-        public_key = piv.generate_key(args.slot, algorithm, pin_policy, touch_policy)
-        ensure_pin(piv, pin_policy, PinSource(args.pin_file, label))
+        piv.authenticate(args.admin_key)
+        return piv.generate_key(
+            where.work,
+            ENROLL_ALGORITHMS[args.algorithm],
+            PinPolicy[args.pin_policy.upper()],
+            TouchPolicy[args.touch_policy.upper()],
+        )
+
+
+def sign_enroll_request(
+    card: Card, args: EnrollOptions, slot: Slot, public_key: Any, subject: Any
+) -> bytes:
+    """Have the card sign the request for the key it just generated."""
+    touch_policy = TouchPolicy[args.touch_policy.upper()]
+    label = slot_label(card, slot)
+    with card.session() as piv:
+        ensure_pin(
+            piv, PinPolicy[args.pin_policy.upper()], PinSource(args.pin_file, label)
+        )
         if touch_policy in (TouchPolicy.ALWAYS, TouchPolicy.CACHED):
             print("Touch your YubiKey now to sign the request...", file=sys.stderr)
-        return public_key, card_csr(piv, args.slot, algorithm, public_key, subject)
+        algorithm = ENROLL_ALGORITHMS[args.algorithm]
+        return card_csr(piv, slot, algorithm, public_key, subject)
 
 
-def store_certificate(card: Card, args: argparse.Namespace, cert: Any) -> None:
+def undo_enroll(card: Card, args: EnrollOptions, where: EnrollSlot) -> str:
+    """Put the slot back as enroll found it; else say what is left in it ('' when
+    it is as it was)."""
+    try:
+        with card.session() as piv:
+            if where.restorable:
+                if piv.slot_metadata(where.work) is not None:
+                    piv.authenticate(args.admin_key)
+                    piv.move_key(where.work, None)
+                return ""
+            der = piv.get_certificate(where.target)
+    except ProxyError as exc:
+        return (
+            f"slot {where.work.name} may still hold the key generated for this "
+            f"request ({exc}): check it with {PROG} status --slot {where.work.name}"
+        )
+    certificate = "no certificate"
+    if der:
+        try:
+            subject = load_certificate(der, "the slot certificate").subject
+            holder = f"for {subject.rfc4514_string()}"
+        except ConfigError:
+            holder = "(unreadable)"
+        certificate = (
+            f"the certificate {holder} it held before, which does not belong to "
+            "that key"
+        )
+    why = (
+        "no retired slot was free to keep the old key in"
+        if where.can_delete
+        else "this YubiKey cannot delete keys (firmware 5.7 can)"
+    )
+    name = ALGORITHM_NAMES[ENROLL_ALGORITHMS[args.algorithm]]
+    return (
+        f"slot {where.target.name} of the YubiKey now holds the {name} key generated "
+        f"for this request and {certificate}, as {why}: run enroll again with "
+        "--force, or choose another --slot"
+    )
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Append what is left in the slot to the error the user sees."""
+    if note and isinstance(exc, ProxyError):
+        exc.args = (f"{exc}; {note}",)
+    elif note:
+        print(f"{PROG}: {note}", file=sys.stderr)
+
+
+def install_enrolled(
+    card: Card, args: EnrollOptions, where: EnrollSlot, cert: Any
+) -> None:
+    """Move the new key in place (firmware 5.7: over the old one) and store its
+    certificate."""
     from cryptography.hazmat.primitives import serialization
 
     with card.session() as piv:
-        piv.authenticate(args.management_key)
-        piv.put_certificate(args.slot, cert.public_bytes(serialization.Encoding.DER))
+        piv.authenticate(args.admin_key)
+        if where.work != where.target:
+            piv.move_key(where.target, None)
+            piv.move_key(where.work, where.target)
+        piv.put_certificate(where.target, cert.public_bytes(serialization.Encoding.DER))
+
+
+def store_certificate(
+    card: Card, slot: Slot, admin_key: bytes, cert: x509.Certificate
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    with card.session() as piv:
+        piv.authenticate(admin_key)
+        piv.put_certificate(slot, cert.public_bytes(serialization.Encoding.DER))
+
+
+def enroll_on_card(
+    card: Card, kube: Kubectl, args: EnrollOptions, subject: Any
+) -> tuple[str, Any]:
+    """Generate the key, have its certificate issued and the user's roles made,
+    then install it; a failure on the way leaves the slot as it was where the
+    card allows, and otherwise says what is left."""
+    with card.session() as piv:
+        where = enroll_slot(piv, args)
+    public_key = generate_enroll_key(card, args, where)
+    try:
+        request = sign_enroll_request(card, args, where.work, public_key, subject)
+        name = csr_name(args.user, card)
+        cert = request_certificate(kube, name, request, args)
+        check_issued(cert, public_key, args.expiration)
+        create_objects(kube, enroll_rbac(args))
+    except BaseException as exc:
+        add_note(exc, undo_enroll(card, args, where))
+        raise
+    try:
+        install_enrolled(card, args, where, cert)
+    except ProxyError as exc:
+        add_note(
+            exc,
+            f"check what slot {args.slot.name} holds with {PROG} status --slot "
+            f"{args.slot.name}",
+        )
+        raise
+    return name, cert
 
 
 def safe_name(user: str) -> str:
@@ -5684,7 +6175,7 @@ def csr_name(user: str, card: Card) -> str:
     )
 
 
-def cluster_context(args: argparse.Namespace) -> KubeContext:
+def cluster_context(args: EnrollOptions) -> KubeContext:
     """The cluster to write into proxy.yml: from the kubeconfig, or, when that is a
     proxy's client.yml, from the proxy.yml beside it."""
     paths = kubeconfig_paths(args.kubeconfig)
@@ -5709,31 +6200,30 @@ def recorded_proxy_config(ctx: KubeContext, kubeconfig: Path) -> Path:
     return kubeconfig.resolve().parent / "proxy.yml"
 
 
-def cmd_enroll(args: argparse.Namespace) -> int:
+def cmd_enroll(namespace: argparse.Namespace) -> int:
+    args = EnrollOptions.from_args(namespace)
     subject = enroll_subject(args)
     ctx = cluster_context(args)
     outputs = plan_outputs(args, ctx, [])
     kube = Kubectl(args.kubeconfig, args.context)
+    if args.approve:
+        check_approval_rights(kube)
     card = open_card(args.reader, args.serial)
     try:
-        args.management_key = management_key(
-            card, args.management_key, args.management_key_file
+        args = dataclasses.replace(  # the key itself, from wherever it comes
+            args,
+            admin_key=management_key(
+                card, args.management_key, args.management_key_file
+            ),
         )
-        public_key, request = generate_and_request(card, args, subject)
-        name = csr_name(args.user, card)
-        cert = request_certificate(kube, name, request, args)
-        check_issued(cert, public_key, args.expiration)
-        store_certificate(card, args, cert)
+        name, cert = enroll_on_card(card, kube, args, subject)
     finally:
         card.close()
-    if args.bind_clusterrole:
-        binding = cluster_role_binding(args.user, args.bind_clusterrole)
-        kube.run("create", "--validate=false", "-f", "-", stdin=json.dumps(binding))
     write_proxy_files(ctx, card, args, outputs)
     print(
         f"Enrolled {subject.rfc4514_string()}: "
         f"{with_article(ALGORITHM_NAMES[ENROLL_ALGORITHMS[args.algorithm]])} "
-        f"key generated on {card.info.describe() if card.info else 'the card'}, slot "
+        f"key generated on {describe_card(card, 'the card')}, slot "
         f"{args.slot.name}; certificate from request {name}, valid until "
         f"{not_after(cert):%Y-%m-%d %H:%M} UTC. The key has never been anywhere else."
     )
@@ -5745,7 +6235,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
-def proxy_settings_beside(args: argparse.Namespace) -> dict[str, Any]:
+def proxy_settings_beside(args: RenewOptions) -> dict[str, Any]:
     """The extension entry of --proxy-config, else of the proxy.yml beside --kubeconfig."""
     paths = kubeconfig_paths(args.kubeconfig)
     path = Path(os.path.expanduser(args.proxy_config)) if args.proxy_config else None
@@ -5765,17 +6255,22 @@ def proxy_settings_beside(args: argparse.Namespace) -> dict[str, Any]:
     return Kubeconfig([path]).resolve(None).extension
 
 
-def cmd_renew(args: argparse.Namespace) -> int:
+def cmd_renew(namespace: argparse.Namespace) -> int:
     """A new certificate for the same on-card key, through the running proxy."""
+    args = RenewOptions.from_args(namespace)
     settings = proxy_settings_beside(args)
     slot = args.slot or parse_slot(str(settings.get("slot", "9a")))
     serial = args.serial if args.serial is not None else settings.get("serial")
+    kube = Kubectl(args.kubeconfig, args.context)
     card = open_card(args.reader, serial)
     try:
-        args.management_key = management_key(
-            card, args.management_key, args.management_key_file
+        args = dataclasses.replace(  # the key itself, from wherever it comes
+            args,
+            admin_key=management_key(
+                card, args.management_key, args.management_key_file
+            ),
         )
-        return renew_on_card(card, slot, args)
+        return renew_on_card(card, kube, slot, args)
     finally:
         card.close()
 
@@ -5787,7 +6282,7 @@ def common_name(cert: Any) -> str:
     return str(names[0].value) if names else "user"
 
 
-def renew_on_card(card: Card, slot: Slot, args: argparse.Namespace) -> int:
+def renew_on_card(card: Card, kube: Kubectl, slot: Slot, args: RenewOptions) -> int:
     cert, meta = slot_identity(card, slot)
     left = (
         not_after(cert) - datetime.datetime.now(datetime.timezone.utc)
@@ -5798,10 +6293,12 @@ def renew_on_card(card: Card, slot: Slot, args: argparse.Namespace) -> int:
             f"{not_after(cert):%Y-%m-%d %H:%M} UTC ({remaining(left)} left): nothing to do."
         )
         return 0
+    if args.approve:
+        check_approval_rights(kube)
     algorithm = key_algorithm(cert.public_key())
-    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {slot.name}"
+    label = slot_label(card, slot)
     pins = PinSource(args.pin_file, label)
-    pin_policy = meta.pin_policy if meta else PinPolicy.NEVER
+    pin_policy, _ = key_policies(card, slot, meta, args.pin_file)
 
     def sign_request(piv: PivSession) -> bytes:
         ensure_pin(piv, pin_policy, pins)
@@ -5809,12 +6306,9 @@ def renew_on_card(card: Card, slot: Slot, args: argparse.Namespace) -> int:
 
     request = card.run(sign_request)
     name = csr_name(common_name(cert), card)
-    new = request_certificate(
-        Kubectl(args.kubeconfig, args.context), name, request, args
-    )
+    new = request_certificate(kube, name, request, args)
     check_issued(new, cert.public_key(), args.expiration)
-    args.slot = slot
-    store_certificate(card, args, new)
+    store_certificate(card, slot, args.admin_key, new)
     print(
         f"Renewed the certificate in slot {slot.name} ({cert.subject.rfc4514_string()}): "
         f"valid until {not_after(new):%Y-%m-%d %H:%M} UTC, same key. A running proxy "
@@ -5980,7 +6474,8 @@ def add_certificate_request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--approve",
         action="store_true",
-        help="approve the request ourselves (needs the right to approve CSRs)",
+        help="approve the request ourselves: only with the rights to approve, "
+        "which are checked first (SelfSubjectAccessReview)",
     )
     parser.add_argument(
         "--timeout",
@@ -6194,6 +6689,14 @@ def add_enroll_command(commands: Any, common: argparse.ArgumentParser) -> None:
         metavar="ROLE",
         help="also create a ClusterRoleBinding of ROLE for the user",
     )
+    enroll.add_argument(
+        "--allow-renew",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also let the user renew: a ClusterRole and binding that allow "
+        "create, get and watch on CertificateSigningRequests and nothing more "
+        "(default: on with --bind-clusterrole)",
+    )
     enroll.set_defaults(func=cmd_enroll)
 
 
@@ -6210,7 +6713,8 @@ def add_renew_command(commands: Any, common: argparse.ArgumentParser) -> None:
         "--kubeconfig",
         metavar="PATH",
         help="usually the proxy's client.yml, so the request travels through the "
-        "running proxy (default: $KUBECONFIG, else ~/.kube/config)",
+        "running proxy; or an admin kubeconfig with --approve and --proxy-config "
+        "(default: $KUBECONFIG, else ~/.kube/config)",
     )
     renew.add_argument("--context", metavar="NAME", help="context (default: current)")
     renew.add_argument(
