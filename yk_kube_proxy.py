@@ -58,6 +58,10 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:  # imported lazily where used
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import (
+        CertificatePublicKeyTypes,
+        PrivateKeyTypes,
+    )
 
 __version__ = "0.1.0"
 __all__ = [
@@ -643,7 +647,9 @@ def can_sign(algorithm: KeyAlgorithm | int) -> bool:
     return algorithm in RSA_SIZES or algorithm in IMPORTABLE
 
 
-def public_key_from_metadata(algorithm: KeyAlgorithm | int, data: bytes) -> Any:
+def public_key_from_metadata(
+    algorithm: KeyAlgorithm | int, data: bytes
+) -> CertificatePublicKeyTypes | None:
     """Rebuild a cryptography public key from GET METADATA's public-key TLVs;
     None for a key type we do not know."""
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
@@ -2020,7 +2026,7 @@ def write_private_file(path: Path, text: str) -> None:
 # =============================================================================
 
 
-def load_certificate(data: bytes, what: str) -> Any:
+def load_certificate(data: bytes, what: str) -> x509.Certificate:
     """The first certificate of PEM (possibly a chain) or DER bytes."""
     from cryptography import x509
 
@@ -2035,7 +2041,7 @@ def load_certificate(data: bytes, what: str) -> Any:
         ) from None
 
 
-def load_private_key(data: bytes, what: str) -> Any:
+def load_private_key(data: bytes, what: str) -> PrivateKeyTypes:
     from cryptography.hazmat.primitives import serialization
 
     try:
@@ -2111,11 +2117,11 @@ def verify_signature(
     return True
 
 
-def not_after(cert: Any) -> datetime.datetime:
+def not_after(cert: x509.Certificate) -> datetime.datetime:
     return cert.not_valid_after_utc
 
 
-def days_left(cert: Any, now: datetime.datetime | None = None) -> int:
+def days_left(cert: x509.Certificate, now: datetime.datetime | None = None) -> int:
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return (not_after(cert) - now).days
 
@@ -4445,7 +4451,7 @@ def non_signing(slot: Slot, meta: SlotMetadata) -> str:
     )
 
 
-def warn_expiry(cert: Any, slot: Slot, origin: str) -> None:
+def warn_expiry(cert: x509.Certificate, slot: Slot, origin: str) -> None:
     left = days_left(cert)
     if left < 0:
         log.warning(
@@ -4468,7 +4474,7 @@ def card_signer(
     card: Card,
     settings: ProxySettings,
     args: ProxyOptions,
-    cert: Any,
+    cert: x509.Certificate,
     meta: SlotMetadata | None,
 ) -> CardSigner:
     """The slot's signer; its PIN is verified now so that a wrong one shows at once."""
@@ -4885,7 +4891,7 @@ def slot_occupant(piv: PivSession, slot: Slot) -> str | None:
 def prove_slot(
     piv: PivSession,
     slot: Slot,
-    cert: Any,
+    cert: x509.Certificate,
     pin_policy: PinPolicy,
     touch_policy: TouchPolicy,
     pins: PinSource,
@@ -4970,7 +4976,7 @@ def refuse_occupied(piv: PivSession, slot: Slot, force: bool, verb: str) -> None
 
 
 def install_identity(
-    card: Card, args: SetupOptions, admin_key: bytes, cert: Any, key: Any
+    card: Card, args: SetupOptions, admin_key: bytes, cert: x509.Certificate, key: Any
 ) -> None:
     """Import key and certificate into the slot, then prove the import."""
     from cryptography.hazmat.primitives import serialization
@@ -5284,7 +5290,11 @@ def write_proxy_files(
 
 
 def print_next_steps(
-    ctx: KubeContext, card: Card, args: OutputOptions, cert: Any, outputs: Outputs
+    ctx: KubeContext,
+    card: Card,
+    args: OutputOptions,
+    cert: x509.Certificate,
+    outputs: Outputs,
 ) -> None:
     algorithm = ALGORITHM_NAMES[key_algorithm(cert.public_key())]
     print(
@@ -5878,7 +5888,7 @@ def request_certificate(
     return wait_for_certificate(kube, name, args.timeout)
 
 
-def wait_for_certificate(kube: Kubectl, name: str, timeout: float) -> Any:
+def wait_for_certificate(kube: Kubectl, name: str, timeout: float) -> x509.Certificate:
     """Follow the request (a watch, not polling: through the proxy a few card
     signatures, not one a second) until its certificate is issued, it is denied
     or failed, or time is up."""
@@ -5946,7 +5956,9 @@ def csr_outcome(csr: dict[str, Any], name: str) -> tuple[Any, bool]:
     )
 
 
-def check_issued(cert: Any, public_key: Any, requested: int | None) -> None:
+def check_issued(
+    cert: x509.Certificate, public_key: Any, requested: int | None
+) -> None:
     """The certificate must carry the card's key; report a shortened lifetime."""
     if not same_public_key(cert.public_key(), public_key):
         raise KeyMismatchError(
@@ -5988,7 +6000,7 @@ def card_csr(
     return request.public_bytes(serialization.Encoding.PEM)
 
 
-def enroll_subject(args: EnrollOptions) -> Any:
+def enroll_subject(args: EnrollOptions) -> x509.Name:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
@@ -6107,7 +6119,7 @@ def add_note(exc: BaseException, note: str) -> None:
 
 
 def install_enrolled(
-    card: Card, args: EnrollOptions, where: EnrollSlot, cert: Any
+    card: Card, args: EnrollOptions, where: EnrollSlot, cert: x509.Certificate
 ) -> None:
     """Move the new key in place (firmware 5.7: over the old one) and store its
     certificate."""
@@ -6275,7 +6287,7 @@ def cmd_renew(namespace: argparse.Namespace) -> int:
         card.close()
 
 
-def common_name(cert: Any) -> str:
+def common_name(cert: x509.Certificate) -> str:
     from cryptography.x509.oid import NameOID
 
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
