@@ -2051,6 +2051,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             traceback.print_exc()
             self.close_connection = True
             self.send_status(500, "InternalError", f"fake apiserver error: {exc!r}")
+        finally:
+            fake._stream_ended(self)
 
     def _read_body(self) -> bytes:
         """Read a Content-Length or chunked request body."""
@@ -2090,6 +2092,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def start_chunked(self, ctype: str) -> None:
         """Start a chunked streaming response (watched for the client's hang-up)."""
+        self.server.fake._stream_started(self)
         self.server.fake.watch_hangup(self)
         self.send_response(200)
         self.send_header("Content-Type", ctype)
@@ -2105,6 +2108,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def end_chunked(self) -> None:
         """Write the terminating chunk."""
         self.wfile.write(b"0\r\n\r\n")
+        self.server.fake._stream_ended(self)
 
     def wants_table(self) -> bool:
         """True when the Accept header asks for a meta.k8s.io Table."""
@@ -3186,6 +3190,8 @@ class FakeApiServer:
         self._conns: set = set()
         self._threads: list[threading.Thread] = []
         self._stop_event = threading.Event()
+        self._streams = 0  # chunked responses not yet ended
+        self._streams_ended = threading.Condition(self._lock)
         self._server: _TCPServer | None = None
         self._serve_thread: threading.Thread | None = None
 
@@ -3216,7 +3222,8 @@ class FakeApiServer:
         self.state.stop()
         self._server.shutdown()
         self._server.server_close()
-        time.sleep(0.05)  # let streams write their terminating chunk
+        with self._streams_ended:  # woken by stop, streams write their last chunk
+            self._streams_ended.wait_for(lambda: self._streams == 0, JOIN_TIMEOUT)
         with self._lock:
             conns, threads = list(self._conns), list(self._threads)
         for sock in conns:
@@ -3247,6 +3254,19 @@ class FakeApiServer:
         with self._lock:
             self._handshakes += 1
             self._conns.add(sock)
+
+    def _stream_started(self, h: _Handler) -> None:
+        with self._lock:
+            h.streaming = True
+            self._streams += 1
+
+    def _stream_ended(self, h: _Handler) -> None:
+        """Count a stream as ended (once: after its last chunk or its error)."""
+        with self._lock:
+            if getattr(h, "streaming", False):
+                h.streaming = False
+                self._streams -= 1
+                self._streams_ended.notify_all()
 
     def _conn_closed(self, sock) -> None:
         """Forget a connection."""
@@ -4942,21 +4962,62 @@ def rig(tmp_path_factory):
 
 
 @pytest.fixture
-def card57(rig):
+def card57(cards):
     """A YubiKey 5.7 (AES-192 management key) in the first YubiKey reader."""
-    piv = VirtualPiv(version=(5, 7, 1), serial=31000001, mgmt_algorithm=0x0A)
-    inserted = rig.insert(piv)
-    yield piv
-    rig.remove(inserted)
+    return cards(
+        VirtualPiv(version=(5, 7, 1), serial=31000001, mgmt_algorithm=0x0A)
+    ).piv
 
 
 @pytest.fixture
-def card54(rig):
+def card54(cards):
     """An older YubiKey 5.4 (3DES management key) in the first YubiKey reader."""
-    piv = VirtualPiv(version=(5, 4, 3), serial=21000002, mgmt_algorithm=0x03)
-    inserted = rig.insert(piv)
-    yield piv
-    rig.remove(inserted)
+    return cards(
+        VirtualPiv(version=(5, 4, 3), serial=21000002, mgmt_algorithm=0x03)
+    ).piv
+
+
+class InsertedCard:
+    """A virtual card in one of the rig's readers, to pull out and put back (in
+    the same or another reader) as a user would."""
+
+    def __init__(self, rig: PcscRig, piv: VirtualPiv, index: int, generic: bool):
+        self.rig, self.piv, self.index, self.generic = rig, piv, index, generic
+        self.vpcd: VpcdCard | None = None
+
+    @property
+    def inserted(self) -> bool:
+        return self.vpcd is not None and self.vpcd.inserted
+
+    def insert(self, index: int | None = None) -> None:
+        """Put the card in (into reader ``index`` when given) and wait for pcscd."""
+        self.remove()
+        self.index = self.index if index is None else index
+        self.vpcd = self.rig.insert(self.piv, self.index, self.generic)
+
+    def remove(self, wait: bool = True) -> None:
+        """Pull the card out and wait until pcscd sees the reader empty; with
+        ``wait=False`` nothing waits (the next insert or the teardown does)."""
+        if self.vpcd is not None and not wait:
+            self.vpcd.remove()
+        elif self.vpcd is not None:
+            self.rig.remove(self.vpcd, self.index, self.generic)
+            self.vpcd = None
+
+
+@pytest.fixture
+def cards(rig):
+    """Factory: ``cards(piv, index=0, generic=False)`` inserts a virtual card and
+    returns its InsertedCard; every card still in is removed at teardown."""
+    with contextlib.ExitStack() as teardown:
+
+        def insert(piv: VirtualPiv, index: int = 0, generic: bool = False):
+            card = InsertedCard(rig, piv, index, generic)
+            card.insert()
+            teardown.callback(card.remove)
+            return card
+
+        yield insert
 
 
 # =============================================================================
@@ -5202,6 +5263,258 @@ def test_pcscd_not_running_says_how_to_start_it(tmp_path):
         "yubikey-kube-proxy: error: cannot reach the PC/SC daemon (pcscd): start it with "
         "'sudo systemctl start pcscd.socket' (or install the pcscd package)\n"
     )
+
+
+# =============================================================================
+# PivSession in-process: the PIV session against the virtual card, no pcscd
+# =============================================================================
+
+
+class DirectTransport:
+    """The Transport seam wired straight to the card's APDU handler (no pcscd, no
+    vpcd): the bytes PivSession sends are exactly the bytes the card sees."""
+
+    def __init__(self, card) -> None:
+        self.card = card
+
+    def transmit(self, apdu: bytes) -> tuple[bytes, int]:
+        reply = self.card.process(apdu)
+        return reply[:-2], int.from_bytes(reply[-2:], "big")
+
+    @contextlib.contextmanager
+    def transaction(self):
+        yield
+
+    def close(self) -> None:
+        self.card.power_off()
+
+
+DIRECT_READER = "Direct 00 00"
+SLOT_9A = yk.SLOTS["9a"]
+
+
+def direct_session(**card) -> tuple[yk.PivSession, VirtualPiv]:
+    """A SELECTed PivSession on a fresh virtual card, and the card."""
+    piv = VirtualPiv(**card)
+    session = yk.PivSession(DirectTransport(piv), DIRECT_READER)
+    session.select()
+    return session, piv
+
+
+def test_session_select_reads_the_version_and_refuses_a_card_without_piv():
+    session, piv = direct_session(version=(5, 4, 3))
+    assert session.version == (5, 4, 3)
+    assert piv.apdu_log == [
+        bytes.fromhex("00a4040005a00000030800"),
+        bytes.fromhex("00fd000000"),
+    ]
+    not_piv = types.SimpleNamespace(process=lambda apdu: b"\x6a\x82")
+    with pytest.raises(yk.CardError) as refused:
+        yk.PivSession(DirectTransport(not_piv), DIRECT_READER).select()
+    assert type(refused.value) is yk.CardError
+    assert str(refused.value) == (
+        "the card in reader 'Direct 00 00' has no PIV application (SW 6A82): "
+        "is it a YubiKey 4 or 5?"
+    )
+
+
+@pytest.mark.parametrize("version", [(5, 7, 1), (5, 2, 7)], ids=["metadata", "probe"])
+def test_session_pin_tries_verify_and_block(version):
+    session, piv = direct_session(version=version)
+    assert session.pin_tries_left() == 3 and piv.verify_attempts == 0
+    if version < (5, 3, 0):  # the empty VERIFY probe, which costs no try
+        assert piv.apdu_log[-1] == bytes.fromhex("00200080")
+    assert not session.pin_verified()
+    with pytest.raises(yk.ConfigError, match="a PIV PIN has 6 to 8 characters"):
+        session.verify_pin("12345")
+    assert piv.verify_attempts == 0
+    with pytest.raises(yk.PinError) as wrong:
+        session.verify_pin("654321")
+    assert str(wrong.value) == (
+        "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; "
+        "check the PIN (or the PIN file) and try again"
+    )
+    assert wrong.value.attempts_remaining == 2 and piv.verify_attempts == 1
+    assert session.pin_tries_left() == 2 and piv.verify_attempts == 1
+    session.verify_pin("123456")
+    assert session.pin_verified() and piv.pin_tries_left == 3
+    # Once verified, the probe answers 9000, which tells no count.
+    assert session.pin_tries_left() == (3 if version >= (5, 3, 0) else None)
+    blocked = (
+        "the PIN is blocked: unblock it with the PUK ('ykman piv access unblock-pin' "
+        "or 'yubico-piv-tool -a unblock-pin')"
+    )
+    for left in (2, 1, 0):
+        with pytest.raises(yk.PinError) as wrong:
+            session.verify_pin("654321")
+        assert wrong.value.attempts_remaining == left
+    assert str(wrong.value) == blocked  # 63C0: the last try went
+    with pytest.raises(yk.PinError) as wrong:
+        session.verify_pin("123456")  # 6983: even the right PIN
+    assert str(wrong.value) == blocked and wrong.value.attempts_remaining == 0
+    assert session.pin_tries_left() == 0 and piv.verify_attempts == 6
+    assert not session.pin_verified()
+
+
+MGMT_CASES = {
+    "3des-5.2": ((5, 2, 7), ALG_3DES, DEFAULT_MGMT_KEY),
+    "3des-5.4": ((5, 4, 3), ALG_3DES, bytes(range(24))),
+    "aes128": ((5, 7, 1), ALG_AES128, bytes(range(16))),
+    "aes192": ((5, 7, 1), ALG_AES192, DEFAULT_MGMT_KEY),
+    "aes256": ((5, 7, 1), ALG_AES256, bytes(range(32))),
+}
+
+
+@pytest.mark.parametrize("version, algorithm, key", MGMT_CASES.values(), ids=MGMT_CASES)
+def test_session_management_key_3des_and_aes(version, algorithm, key):
+    session, piv = direct_session(
+        version=version, mgmt_algorithm=algorithm, mgmt_key=key
+    )
+    assert session.management_algorithm() == algorithm
+    default = None if version < (5, 3, 0) else key == DEFAULT_MGMT_KEY
+    assert session.management_key_is_default() is default
+    wrong = bytes(b ^ 0x55 for b in key)
+    with pytest.raises(yk.ManagementKeyError) as refused:
+        session.authenticate(wrong)
+    assert str(refused.value) == (
+        "the YubiKey rejected the management key: pass the card's key with "
+        "--management-key-file PATH or YKP_MANAGEMENT_KEY (the factory key is the "
+        "default)"
+    )
+    assert not piv.mgmt_authenticated
+    with pytest.raises(yk.ManagementKeyError) as refused:
+        session.authenticate(key[:-8])
+    name = yk.ALGORITHM_NAMES[yk.KeyAlgorithm(algorithm)]
+    assert str(refused.value) == (
+        f"this YubiKey's management key is {name} ({len(key)} bytes) but the key "
+        f"given has {len(key) - 8} bytes: pass the right one with "
+        "--management-key-file PATH"
+    )
+    session.authenticate(key)
+    assert piv.mgmt_authenticated
+    step1 = bytes([0x00, 0x87, algorithm, 0x9B, 0x04]) + bytes.fromhex("7c02800000")
+    assert piv.apdu_log[-2] == step1
+
+
+class LyingPiv(VirtualPiv):
+    """A card that answers our management-key challenge wrongly."""
+
+    def _authenticate_mgmt(self, algorithm, fields):
+        reply = super()._authenticate_mgmt(algorithm, fields)
+        if fields.get(TAG_CHALLENGE):
+            reply = reply[:-1] + bytes([reply[-1] ^ 1])
+        return reply
+
+
+def test_session_card_answering_the_challenge_wrongly_is_not_trusted():
+    piv = LyingPiv()
+    session = yk.PivSession(DirectTransport(piv), DIRECT_READER)
+    session.select()
+    with pytest.raises(yk.ManagementKeyError) as refused:
+        session.authenticate(DEFAULT_MGMT_KEY)
+    assert str(refused.value) == (
+        "the card's answer to our management-key challenge is wrong: "
+        "this is not the YubiKey it claims to be, or it is faulty"
+    )
+
+
+def verify_signature(public_key, signature: bytes, message: bytes) -> None:
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    if isinstance(public_key, rsa.RSAPublicKey):
+        public_key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        public_key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+    else:
+        public_key.verify(signature, message)
+
+
+@pytest.mark.parametrize("kind", ["p256", "p384", "rsa2048", "ed25519"])
+def test_session_import_then_sign_with_chaining(kind):
+    session, piv = direct_session(version=(5, 7, 1))
+    key = new_key(kind)
+    session.authenticate(DEFAULT_MGMT_KEY)
+    start = len(piv.apdu_log)
+    session.import_key(SLOT_9A, key, yk.PinPolicy.NEVER, yk.TouchPolicy.NEVER)
+    algorithm = yk.key_algorithm(key)
+    data = yk.import_key_data(key) + bytes.fromhex("aa0101ab0101")
+    chunks = [data[i : i + 255] for i in range(0, len(data), 255)]
+    sent = [bytes([0x10, 0xFE, algorithm, 0x9A, 255]) + c for c in chunks[:-1]]
+    last = bytes([0x00, 0xFE, algorithm, 0x9A, len(chunks[-1])]) + chunks[-1]
+    assert piv.apdu_log[start:] == sent + [last]
+    assert bool(sent) == (kind == "rsa2048")  # CLA 10 on all but the last 255
+    meta = session.slot_metadata(SLOT_9A)
+    assert (meta.algorithm, meta.pin_policy, meta.touch_policy, meta.origin) == (
+        algorithm,
+        yk.PinPolicy.NEVER,
+        yk.TouchPolicy.NEVER,
+        "imported",
+    )
+    message = b"the card signs this"
+    signature = yk.sign_message(session, SLOT_9A, algorithm, message)
+    verify_signature(key.public_key(), signature, message)
+    assert piv.sign_count == 1
+
+
+def test_session_get_response_collects_a_long_certificate():
+    session, piv = direct_session()
+    ident = make_identity("rsa4096")
+    der = ident.cert.public_bytes(serialization.Encoding.DER)
+    assert session.get_certificate(SLOT_9A) is None  # 6A82: none yet
+    session.authenticate(DEFAULT_MGMT_KEY)
+    session.put_certificate(SLOT_9A, der)
+    start = len(piv.apdu_log)
+    assert session.get_certificate(SLOT_9A) == der
+    answer = len(yk.tlv(0x53, yk.tlv(0x70, der) + bytes.fromhex("710100fe00")))
+    more = -(-answer // 256) - 1
+    assert more >= 2
+    assert piv.apdu_log[start + 1 :] == [bytes.fromhex("00c0000000")] * more
+
+
+def test_session_status_words_become_typed_errors():
+    session, piv = direct_session(version=(5, 4, 3), serial=21000002)
+    assert session.get_serial() == 21000002
+    assert session.slot_metadata(SLOT_9A) is None  # 6A88 is "empty", not an error
+    with pytest.raises(yk.ApduError) as refused:
+        session.sign_raw(SLOT_9A, yk.KeyAlgorithm.ECCP256, b"\x01" * 32)
+    assert refused.value.sw == 0x6A88 and str(refused.value) == (
+        "the YubiKey refused a signature with slot 9a (reader 'Direct 00 00'): "
+        "referenced data not found (SW 6A88)"
+    )
+    key = new_key("p256")
+    with pytest.raises(yk.ApduError) as refused:
+        session.import_key(SLOT_9A, key, yk.PinPolicy.ONCE, yk.TouchPolicy.NEVER)
+    assert refused.value.sw == 0x6982 and str(refused.value) == (
+        "the YubiKey refused the key import into slot 9a (reader 'Direct 00 00'): "
+        "security status not satisfied (SW 6982)"
+    )
+    assert piv.slot_key(0x9A) is None
+    with pytest.raises(yk.ConfigError) as refused:
+        session.import_key(
+            SLOT_9A, new_key("ed25519"), yk.PinPolicy.ONCE, yk.TouchPolicy.NEVER
+        )
+    assert str(refused.value) == (
+        "Ed25519 keys need YubiKey firmware 5.7.0 or later; this card has 5.4.3"
+    )
+    assert piv.slot_key(0x9A) is None
+    session.authenticate(DEFAULT_MGMT_KEY)
+    session.import_key(SLOT_9A, key, yk.PinPolicy.ONCE, yk.TouchPolicy.NEVER)
+    with pytest.raises(yk.CardError) as refused:
+        yk.sign_message(session, SLOT_9A, yk.KeyAlgorithm.ECCP256, b"message")
+    assert type(refused.value) is yk.CardError and str(refused.value) == (
+        "the YubiKey refused to sign with slot 9a: the PIN was not verified or the "
+        "key was not touched in time"
+    )
+    assert piv.sign_count == 0
+    with pytest.raises(yk.ApduError) as refused:
+        session.send(0x99, 0, 0)
+    assert refused.value.sw == 0x6D00 and str(refused.value) == (
+        "the YubiKey refused command 99 (reader 'Direct 00 00'): instruction not "
+        "supported (SW 6D00)"
+    )
+    assert refused.value.http_status == 503
+    old, _ = direct_session(version=(4, 3, 7))
+    assert old.get_serial() is None and old.management_key_is_default() is None
 
 
 # =============================================================================
@@ -5481,12 +5794,12 @@ PROXY_YML_CASES = {
 }
 
 
-def test_local_hop_fails_closed(rig, cluster, tmp_path, capsys):
+def test_local_hop_fails_closed(cards, proxies, cluster, tmp_path, capsys):
     piv = VirtualPiv(serial=41000014)
-    inserted = rig.insert(piv)
+    card = cards(piv)
     workdir = tmp_path / "yk"
     assert run_cli(*setup_args(cluster.kubeconfig, workdir), capsys=capsys)[0] == 0
-    rig.remove(inserted)  # a refusal that failed would stop at "no YubiKey found"
+    card.remove()  # a refusal that failed would stop at "no YubiKey found"
     written = (workdir / "proxy.yml").read_text()
     signed = piv.sign_count
     for mutate, message in PROXY_YML_CASES.values():
@@ -5498,33 +5811,27 @@ def test_local_hop_fails_closed(rig, cluster, tmp_path, capsys):
         assert (code, stderr) == (1, f"{ERROR}{message.format(path=path)}\n")
     assert piv.sign_count == signed and cluster.api.handshakes == 0
     # Only an explicit request gives plain HTTP, and it is announced loudly.
-    inserted = rig.insert(piv)
-    try:
-        proxy = ProxyProcess(workdir, "--plain-http")
-        try:
-            assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
-            assert "listening on http://127.0.0.1:" in proxy.stderr()
-            plain = workdir / "plain-client.yml"
-            doc = yaml.safe_load((workdir / "client.yml").read_text())
-            doc["clusters"][0]["cluster"] = {"server": f"http://127.0.0.1:{proxy.port}"}
-            doc["users"][0]["user"] = {}
-            plain.write_text(yaml.safe_dump(doc))
-            done = subprocess.run(
-                ["kubectl", "--kubeconfig", str(plain), "get", "--raw", "/version"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert done.returncode == 0, done.stderr
-            assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
-        finally:
-            proxy.stop()
-    finally:
-        rig.remove(inserted)
+    card.insert()
+    proxy = proxies(workdir, "--plain-http")
+    assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
+    assert "listening on http://127.0.0.1:" in proxy.stderr()
+    plain = workdir / "plain-client.yml"
+    doc = yaml.safe_load((workdir / "client.yml").read_text())
+    doc["clusters"][0]["cluster"] = {"server": f"http://127.0.0.1:{proxy.port}"}
+    doc["users"][0]["user"] = {}
+    plain.write_text(yaml.safe_dump(doc))
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(plain), "get", "--raw", "/version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
 
 
 def test_plain_http_from_setup_is_recorded_and_warned_about(
-    card57, cluster, tmp_path, capsys
+    card57, proxies, cluster, tmp_path, capsys
 ):
     workdir = tmp_path / "yk"
     code, _, stderr = run_cli(
@@ -5536,13 +5843,10 @@ def test_plain_http_from_setup_is_recorded_and_warned_about(
     )
     extension = extension_of(read_yaml(workdir / "proxy.yml"))
     assert (extension["plain-http"], "local-tls" in extension) == (True, False)
-    proxy = ProxyProcess(workdir)
-    try:
-        assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
-        done = kubectl(proxy, "get", "--raw", "/version")
-        assert done.returncode == 0, done.stderr
-    finally:
-        proxy.stop()
+    proxy = proxies(workdir)
+    assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
     code, stdout, _ = run_cli(
         "status", "--kubeconfig", str(workdir / "proxy.yml"), capsys=capsys
     )
@@ -5568,71 +5872,68 @@ def management_key_attempts(piv: VirtualPiv) -> int:
 
 
 def test_management_key_from_a_file_the_environment_or_a_prompt(
-    rig, tmp_path, capsys, monkeypatch
+    cards, tmp_path, capsys, monkeypatch
 ):
     key = bytes(range(32))
     piv = VirtualPiv(serial=42000015, mgmt_algorithm=ALG_AES256, mgmt_key=key)
-    inserted = rig.insert(piv)
-    try:
-        source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-        out = tmp_path / "out"
+    cards(piv)
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    out = tmp_path / "out"
 
-        def setup(*extra: str) -> tuple[int, str, str]:
-            return run_cli(*setup_args(source, out, "--force", *extra), capsys=capsys)
+    def setup(*extra: str) -> tuple[int, str, str]:
+        return run_cli(*setup_args(source, out, "--force", *extra), capsys=capsys)
 
-        monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no terminal
-        assert setup() == (
-            1,
-            "",
-            f"{ERROR}the YubiKey's management key is not the factory key and there is "
-            "no terminal to ask on: pass --management-key-file PATH or set "
-            "YKP_MANAGEMENT_KEY\n",
-        )
-        assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
-        for content in (key.hex() + " \n", "\t" + key.hex(), key.hex() + "\n\n"):
-            path = secret_file(tmp_path, "mk", content)
-            assert setup("--management-key-file", str(path))[2] == (
-                f"{ERROR}the management-key file {path} has whitespace around the "
-                "secret, extra lines or control characters: write just the key in hex "
-                "into it, with at most one newline at the end\n"
-            )
-        path = secret_file(tmp_path, "mk", "zz" * 32 + "\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no terminal
+    assert setup() == (
+        1,
+        "",
+        f"{ERROR}the YubiKey's management key is not the factory key and there is "
+        "no terminal to ask on: pass --management-key-file PATH or set "
+        "YKP_MANAGEMENT_KEY\n",
+    )
+    assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
+    for content in (key.hex() + " \n", "\t" + key.hex(), key.hex() + "\n\n"):
+        path = secret_file(tmp_path, "mk", content)
         assert setup("--management-key-file", str(path))[2] == (
-            f"{ERROR}the management-key file {path} is not a management key: write 32, "
-            "48 or 64 hex digits (16, 24 or 32 bytes)\n"
+            f"{ERROR}the management-key file {path} has whitespace around the "
+            "secret, extra lines or control characters: write just the key in hex "
+            "into it, with at most one newline at the end\n"
         )
-        assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
-        path = secret_file(tmp_path, "mk", key.hex() + "\n")
-        code, _, stderr = setup("--management-key-file", str(path))
-        assert (code, stderr) == (0, "")
-        assert piv.slot_key(0x9A) is not None
-        monkeypatch.setenv("YKP_MANAGEMENT_KEY", key.hex())
-        assert setup()[::2] == (0, "")
-        monkeypatch.delenv("YKP_MANAGEMENT_KEY")
-        prompts = []
-        monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
-        monkeypatch.setattr(
-            yk.getpass, "getpass", lambda prompt: prompts.append(prompt) or key.hex()
-        )
-        assert setup()[::2] == (0, "")
-        assert prompts == [
-            "Management key (hex) of YubiKey serial 42000015 (firmware 5.7.1) in "
-            f"reader '{YUBIKEY_READER} 00 00': "
-        ]
-        code, _, stderr = setup("--management-key", key.hex())
-        assert (code, stderr) == (
-            0,
-            "yubikey-kube-proxy: WARNING: --management-key puts the key on the "
-            "command line, where other users can see it (ps): use "
-            "--management-key-file PATH or YKP_MANAGEMENT_KEY\n",
-        )
-        assert key.hex() not in stderr
-        with pytest.raises(SystemExit) as usage:
-            setup("--management-key", key.hex(), "--management-key-file", str(path))
-        assert usage.value.code == 2
-        assert "not allowed with argument" in capsys.readouterr().err
-    finally:
-        rig.remove(inserted)
+    path = secret_file(tmp_path, "mk", "zz" * 32 + "\n")
+    assert setup("--management-key-file", str(path))[2] == (
+        f"{ERROR}the management-key file {path} is not a management key: write 32, "
+        "48 or 64 hex digits (16, 24 or 32 bytes)\n"
+    )
+    assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
+    path = secret_file(tmp_path, "mk", key.hex() + "\n")
+    code, _, stderr = setup("--management-key-file", str(path))
+    assert (code, stderr) == (0, "")
+    assert piv.slot_key(0x9A) is not None
+    monkeypatch.setenv("YKP_MANAGEMENT_KEY", key.hex())
+    assert setup()[::2] == (0, "")
+    monkeypatch.delenv("YKP_MANAGEMENT_KEY")
+    prompts = []
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
+    monkeypatch.setattr(
+        yk.getpass, "getpass", lambda prompt: prompts.append(prompt) or key.hex()
+    )
+    assert setup()[::2] == (0, "")
+    assert prompts == [
+        "Management key (hex) of YubiKey serial 42000015 (firmware 5.7.1) in "
+        f"reader '{YUBIKEY_READER} 00 00': "
+    ]
+    code, _, stderr = setup("--management-key", key.hex())
+    assert (code, stderr) == (
+        0,
+        "yubikey-kube-proxy: WARNING: --management-key puts the key on the "
+        "command line, where other users can see it (ps): use "
+        "--management-key-file PATH or YKP_MANAGEMENT_KEY\n",
+    )
+    assert key.hex() not in stderr
+    with pytest.raises(SystemExit) as usage:
+        setup("--management-key", key.hex(), "--management-key-file", str(path))
+    assert usage.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_factory_key_is_used_without_asking_while_the_card_has_it(
@@ -5687,12 +5988,12 @@ def test_pin_file_with_one_newline_or_none(card57, tmp_path, capsys, content):
 
 
 def test_first_wrong_pin_answer_says_it_is_not_sent_again(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
     piv = VirtualPiv(serial=43000016)
-    inserted = rig.insert(piv)
+    cards(piv)
     pins = secret_file(tmp_path, "pin", "123456\n")
-    proxy = setup_and_proxy(
+    proxy = proxies.setup(
         cluster,
         tmp_path / "yk",
         "--pin-policy",
@@ -5701,26 +6002,22 @@ def test_first_wrong_pin_answer_says_it_is_not_sent_again(
         str(pins),
         proxy_extra=("--pin-file", str(pins)),
     )
-    try:
-        client = LocalClient(proxy)
-        assert client.get("/version")[0] == 200
-        pins.write_text("999999\n")
-        proxy.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
-        signed, tries = piv.sign_count, piv.pin_tries_left
-        first, second = client.get("/version"), client.get("/version")
-        expected = (
-            "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check "
-            "the PIN (or the PIN file) and try again (the proxy will not send it again: "
-            "fix the PIN or the PIN file, then reload the proxy with kill -HUP or "
-            "'systemctl --user reload yubikey-kube-proxy', or restart it)"
-        )
-        assert (first[0], json.loads(first[1])["message"]) == (503, expected)
-        assert (second[0], json.loads(second[1])["message"]) == (503, expected)
-        assert (tries - piv.pin_tries_left, piv.sign_count - signed) == (1, 0)
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    client = LocalClient(proxy)
+    assert client.get("/version")[0] == 200
+    pins.write_text("999999\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
+    signed, tries = piv.sign_count, piv.pin_tries_left
+    first, second = client.get("/version"), client.get("/version")
+    expected = (
+        "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check "
+        "the PIN (or the PIN file) and try again (the proxy will not send it again: "
+        "fix the PIN or the PIN file, then reload the proxy with kill -HUP or "
+        "'systemctl --user reload yubikey-kube-proxy', or restart it)"
+    )
+    assert (first[0], json.loads(first[1])["message"]) == (503, expected)
+    assert (second[0], json.loads(second[1])["message"]) == (503, expected)
+    assert (tries - piv.pin_tries_left, piv.sign_count - signed) == (1, 0)
 
 
 # -- files that are not what they should be ------------------------------------------
@@ -5953,56 +6250,51 @@ def test_command_line_values_are_one_line_or_a_usage_error(rig, tmp_path, capsys
 # -- key types we do not know, in a slot ----------------------------------------------
 
 
-def test_unknown_key_types_in_a_slot_are_named(rig, tmp_path, capsys):
+def test_unknown_key_types_in_a_slot_are_named(cards, tmp_path, capsys):
     piv = VirtualPiv(serial=44000017)
-    inserted = rig.insert(piv)
-    try:
-        source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-        assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
-        # another tool replaces the key, leaving the certificate: X25519 (0xE1)
-        piv.install_key(0x9A, x25519.X25519PrivateKey.generate(), ALG_X25519)
-        piv.install_key(0x9C, x25519.X25519PrivateKey.generate(), 0x42)
-        code, stdout, stderr = run_cli(
-            "status", "--slot", "9a", "--json", capsys=capsys
-        )
-        slot = json.loads(stdout)["cards"][0]["slots"][0]
-        assert (code, stderr, slot["key"]["algorithm"]) == (1, "", "X25519")
-        assert slot["certificate"]["matches_key"] is False
-        assert [p["message"] for p in slot["problems"]] == [
-            "slot 9a holds an X25519 key, which cannot sign TLS handshakes: replace it "
-            "('yubikey-kube-proxy setup --force') or choose another --slot",
-            "the certificate does not belong to the key in the slot: run "
-            "'yubikey-kube-proxy setup --force'",
-        ]
-        code, stdout, stderr = run_cli("status", "--slot", "9c", capsys=capsys)
-        assert (code, stderr) == (1, "")
-        assert (
-            "  slot 9c: 0x42 key, generated on card, PIN policy never, touch policy "
-            "never\n    error: slot 9c holds a key of unknown type 0x42, which cannot "
-            "sign TLS handshakes: replace it ('yubikey-kube-proxy setup --force') or "
-            "choose another --slot\n    error: slot 9c holds a key but no certificate: "
-            "run 'yubikey-kube-proxy setup --force'\n"
-        ) in stdout
-        code, _, stderr = run_cli(
-            "proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), capsys=capsys
-        )
-        assert (code, stderr) == (
-            1,
-            f"{ERROR}slot 9a holds an X25519 key, which cannot sign TLS handshakes: "
-            "replace it ('yubikey-kube-proxy setup --force') or choose another --slot\n",
-        )
-        code, _, stderr = run_cli(
-            *setup_args(source, tmp_path / "again", "--slot", "9c"), capsys=capsys
-        )
-        assert (code, stderr) == (
-            1,
-            f"{ERROR}slot 9c of the YubiKey already holds a key of unknown type 0x42 "
-            "(generated on card): pass --force to overwrite it, or choose another "
-            "--slot\n",
-        )
-        assert piv.sign_count == 1  # setup's proof only
-    finally:
-        rig.remove(inserted)
+    cards(piv)
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
+    # another tool replaces the key, leaving the certificate: X25519 (0xE1)
+    piv.install_key(0x9A, x25519.X25519PrivateKey.generate(), ALG_X25519)
+    piv.install_key(0x9C, x25519.X25519PrivateKey.generate(), 0x42)
+    code, stdout, stderr = run_cli("status", "--slot", "9a", "--json", capsys=capsys)
+    slot = json.loads(stdout)["cards"][0]["slots"][0]
+    assert (code, stderr, slot["key"]["algorithm"]) == (1, "", "X25519")
+    assert slot["certificate"]["matches_key"] is False
+    assert [p["message"] for p in slot["problems"]] == [
+        "slot 9a holds an X25519 key, which cannot sign TLS handshakes: replace it "
+        "('yubikey-kube-proxy setup --force') or choose another --slot",
+        "the certificate does not belong to the key in the slot: run "
+        "'yubikey-kube-proxy setup --force'",
+    ]
+    code, stdout, stderr = run_cli("status", "--slot", "9c", capsys=capsys)
+    assert (code, stderr) == (1, "")
+    assert (
+        "  slot 9c: 0x42 key, generated on card, PIN policy never, touch policy "
+        "never\n    error: slot 9c holds a key of unknown type 0x42, which cannot "
+        "sign TLS handshakes: replace it ('yubikey-kube-proxy setup --force') or "
+        "choose another --slot\n    error: slot 9c holds a key but no certificate: "
+        "run 'yubikey-kube-proxy setup --force'\n"
+    ) in stdout
+    code, _, stderr = run_cli(
+        "proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}slot 9a holds an X25519 key, which cannot sign TLS handshakes: "
+        "replace it ('yubikey-kube-proxy setup --force') or choose another --slot\n",
+    )
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path / "again", "--slot", "9c"), capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}slot 9c of the YubiKey already holds a key of unknown type 0x42 "
+        "(generated on card): pass --force to overwrite it, or choose another "
+        "--slot\n",
+    )
+    assert piv.sign_count == 1  # setup's proof only
 
 
 # -- dependencies --------------------------------------------------------------------
@@ -6860,51 +7152,43 @@ def test_no_card_inserted(rig, capsys):
     )
 
 
-def test_several_cards_need_a_choice(rig, card57, tmp_path, capsys):
-    second = rig.insert(VirtualPiv(version=(5, 7, 1), serial=31000009), index=1)
-    try:
-        source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-        code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
-        assert code == 1
-        assert stderr == (
-            "yubikey-kube-proxy: error: several YubiKeys found: YubiKey serial 31000001 "
-            f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'; YubiKey serial 31000009 "
-            f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 01'; choose one with --serial "
-            "N or --reader NAME\n"
-        )
-        code, _, stderr = run_cli(
-            *setup_args(source, tmp_path, "--serial", "31000009"), capsys=capsys
-        )
-        assert (code, stderr) == (0, "")
-        assert second.piv.slot_key(0x9A) is not None and card57.slot_key(0x9A) is None
-        code, stdout, _ = run_cli("status", "--json", capsys=capsys)
-        assert [c["serial"] for c in json.loads(stdout)["cards"]] == [
-            31000001,
-            31000009,
-        ]
-        assert code == 1  # the first card's slot is empty
-        code, _, stderr = run_cli("status", "--serial", "42", capsys=capsys)
-        assert stderr == (
-            "yubikey-kube-proxy: error: no YubiKey with serial 42 found - "
-            "please insert your YubiKey\n"
-        )
-    finally:
-        rig.remove(second, index=1)
+def test_several_cards_need_a_choice(cards, card57, tmp_path, capsys):
+    second = cards(VirtualPiv(version=(5, 7, 1), serial=31000009), index=1)
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert code == 1
+    assert stderr == (
+        "yubikey-kube-proxy: error: several YubiKeys found: YubiKey serial 31000001 "
+        f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'; YubiKey serial 31000009 "
+        f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 01'; choose one with --serial "
+        "N or --reader NAME\n"
+    )
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--serial", "31000009"), capsys=capsys
+    )
+    assert (code, stderr) == (0, "")
+    assert second.piv.slot_key(0x9A) is not None and card57.slot_key(0x9A) is None
+    code, stdout, _ = run_cli("status", "--json", capsys=capsys)
+    assert [c["serial"] for c in json.loads(stdout)["cards"]] == [
+        31000001,
+        31000009,
+    ]
+    assert code == 1  # the first card's slot is empty
+    code, _, stderr = run_cli("status", "--serial", "42", capsys=capsys)
+    assert stderr == (
+        "yubikey-kube-proxy: error: no YubiKey with serial 42 found - "
+        "please insert your YubiKey\n"
+    )
 
 
-def test_other_readers_are_skipped_unless_chosen(rig, tmp_path, capsys):
-    inserted = rig.insert(VirtualPiv(serial=41000004), generic=True)
-    try:
-        code, _, stderr = run_cli("status", capsys=capsys)
-        assert stderr == (
-            "yubikey-kube-proxy: error: no YubiKey found - please insert your YubiKey\n"
-        )
-        code, stdout, _ = run_cli(
-            "status", "--reader", "generic", "--json", capsys=capsys
-        )
-        assert json.loads(stdout)["cards"][0]["serial"] == 41000004
-    finally:
-        rig.remove(inserted, generic=True)
+def test_other_readers_are_skipped_unless_chosen(cards, tmp_path, capsys):
+    cards(VirtualPiv(serial=41000004), generic=True)
+    code, _, stderr = run_cli("status", capsys=capsys)
+    assert stderr == (
+        "yubikey-kube-proxy: error: no YubiKey found - please insert your YubiKey\n"
+    )
+    code, stdout, _ = run_cli("status", "--reader", "generic", "--json", capsys=capsys)
+    assert json.loads(stdout)["cards"][0]["serial"] == 41000004
 
 
 def test_card_held_exclusively_names_the_suspects(rig, card57, capsys):
@@ -7033,7 +7317,7 @@ def test_our_signing_uses_a_key_imported_by_yubico_piv_tool(card54, tmp_path):
     ],
 )
 def test_aes_management_keys_big_rsa_and_retired_slots(
-    rig, tmp_path, capsys, monkeypatch, mgmt_algorithm, key_kind, slot, algorithm_name
+    cards, tmp_path, capsys, monkeypatch, mgmt_algorithm, key_kind, slot, algorithm_name
 ):
     mgmt_key = os.urandom(yk.MANAGEMENT_KEY_SIZES[yk.KeyAlgorithm(mgmt_algorithm)])
     piv = VirtualPiv(
@@ -7042,49 +7326,38 @@ def test_aes_management_keys_big_rsa_and_retired_slots(
         mgmt_algorithm=mgmt_algorithm,
         mgmt_key=mgmt_key,
     )
-    inserted = rig.insert(piv)
-    try:
-        ident = make_identity(key_kind)
-        source = write_kubeconfig(tmp_path / "k.yaml", ident)
-        monkeypatch.setenv("YKP_MANAGEMENT_KEY", mgmt_key.hex())
-        code, stdout, stderr = run_cli(
-            *setup_args(source, tmp_path, "--slot", slot), capsys=capsys
-        )
-        assert (code, stderr) == (0, "")
-        assert stdout.startswith(f"Imported the {algorithm_name} key and certificate")
-        assert (
-            piv.slot_key(int(slot, 16)).private_numbers() == ident.key.private_numbers()
-        )
-        code, stdout, _ = run_cli("status", "--slot", slot, "--json", capsys=capsys)
-        report = json.loads(stdout)["cards"][0]["slots"][0]
-        assert (code, report["slot"], report["key"]["algorithm"]) == (
-            0,
-            slot,
-            algorithm_name,
-        )
-        assert report["certificate"]["matches_key"] is True
-    finally:
-        rig.remove(inserted)
+    cards(piv)
+    ident = make_identity(key_kind)
+    source = write_kubeconfig(tmp_path / "k.yaml", ident)
+    monkeypatch.setenv("YKP_MANAGEMENT_KEY", mgmt_key.hex())
+    code, stdout, stderr = run_cli(
+        *setup_args(source, tmp_path, "--slot", slot), capsys=capsys
+    )
+    assert (code, stderr) == (0, "")
+    assert stdout.startswith(f"Imported the {algorithm_name} key and certificate")
+    assert piv.slot_key(int(slot, 16)).private_numbers() == ident.key.private_numbers()
+    code, stdout, _ = run_cli("status", "--slot", slot, "--json", capsys=capsys)
+    report = json.loads(stdout)["cards"][0]["slots"][0]
+    assert (code, report["slot"], report["key"]["algorithm"]) == (
+        0,
+        slot,
+        algorithm_name,
+    )
+    assert report["certificate"]["matches_key"] is True
 
 
-def test_touch_policy_asks_for_a_touch(rig, tmp_path, capsys):
+def test_touch_policy_asks_for_a_touch(cards, tmp_path, capsys):
     touches = []
     piv = VirtualPiv(serial=61000006, touch=lambda slot: touches.append(slot) or True)
-    inserted = rig.insert(piv)
-    try:
-        source = write_kubeconfig(tmp_path / "k.yaml", make_identity())
-        code, _, stderr = run_cli(
-            *setup_args(source, tmp_path, "--touch-policy", "cached"), capsys=capsys
-        )
-        assert (code, stderr) == (0, "Touch your YubiKey now to prove the import...\n")
-        assert touches == [0x9A]
-        code, stdout, _ = run_cli("status", "--json", capsys=capsys)
-        assert (
-            json.loads(stdout)["cards"][0]["slots"][0]["key"]["touch_policy"]
-            == "cached"
-        )
-    finally:
-        rig.remove(inserted)
+    cards(piv)
+    source = write_kubeconfig(tmp_path / "k.yaml", make_identity())
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--touch-policy", "cached"), capsys=capsys
+    )
+    assert (code, stderr) == (0, "Touch your YubiKey now to prove the import...\n")
+    assert touches == [0x9A]
+    code, stdout, _ = run_cli("status", "--json", capsys=capsys)
+    assert json.loads(stdout)["cards"][0]["slots"][0]["key"]["touch_policy"] == "cached"
 
 
 def test_encrypted_key_and_missing_cluster(tmp_path, capsys):
@@ -7236,14 +7509,21 @@ class ProxyProcess:
             stdin=subprocess.DEVNULL,
             env=env,
         )
-        wait_until(
-            lambda: "listening on" in self.stderr() or self.process.poll() is not None,
-            30,
-            "the proxy to listen",
-        )
-        line = next((x for x in self.stderr().splitlines() if "listening on" in x), "")
-        if not line:
-            raise AssertionError(f"proxy did not start: {self.stderr()}")
+        try:
+            wait_until(
+                lambda: (
+                    "listening on" in self.stderr() or self.process.poll() is not None
+                ),
+                30,
+                "the proxy to listen",
+            )
+            lines = self.stderr().splitlines()
+            line = next((x for x in lines if "listening on" in x), "")
+            if not line:
+                raise AssertionError(f"proxy did not start: {self.stderr()}")
+        except AssertionError:
+            self.stop()  # never left running by a start that failed
+            raise
         self.port = int(line.split("://127.0.0.1:")[1].split()[0])
         self.client_config = workdir / f"client-{self.port}.yml"
         doc = yaml.safe_load((workdir / "client.yml").read_text())
@@ -7321,6 +7601,54 @@ def proxied(card57, cluster, tmp_path, capsys):
     capsys.readouterr()
     yield proxy
     proxy.stop()
+
+
+class Proxies:
+    """The ``proxies`` factory: every proxy it starts is stopped at teardown."""
+
+    def __init__(self, teardown: contextlib.ExitStack) -> None:
+        self._teardown = teardown
+
+    def __call__(self, workdir: Path, *extra: str, env=None) -> ProxyProcess:
+        """``proxy --kubeconfig workdir/proxy.yml *extra`` (see ProxyProcess)."""
+        return self._owned(lambda: ProxyProcess(workdir, *extra, env=env))
+
+    def setup(
+        self, cluster: Cluster, workdir: Path, *setup_extra: str, proxy_extra=()
+    ) -> ProxyProcess:
+        """``setup`` into workdir, then the proxy (see setup_and_proxy)."""
+        return self._owned(
+            lambda: setup_and_proxy(
+                cluster, workdir, *setup_extra, proxy_extra=proxy_extra
+            )
+        )
+
+    def _owned(self, start: Callable[[], ProxyProcess]) -> ProxyProcess:
+        proxy = start()
+        self._teardown.callback(proxy.stop)
+        return proxy
+
+
+@pytest.fixture
+def proxies():
+    """Factory: ``proxies(workdir, *extra)`` or ``proxies.setup(cluster, workdir,
+    *setup_extra)`` starts a ProxyProcess that is stopped at teardown."""
+    with contextlib.ExitStack() as teardown:
+        yield Proxies(teardown)
+
+
+@pytest.fixture
+def clusters():
+    """Factory: ``clusters(folder, **start_cluster options)`` starts a test API
+    server and its kubeconfig in folder; each is stopped at teardown."""
+    with contextlib.ExitStack() as teardown:
+
+        def start(folder: Path, **options) -> Cluster:
+            started = start_cluster(folder, **options)
+            teardown.callback(started.api.stop)
+            return started
+
+        yield start
 
 
 def test_kubectl_get_version_one_handshake_and_signature_per_request(
@@ -7546,40 +7874,24 @@ def test_fast_aead_is_the_record_layer_in_use(card57, cluster, tmp_path, capsys)
         (("1.3",), "p384"),
     ],
 )
-def test_tls_versions_and_key_types(card57, tmp_path, capsys, versions, kind):
-    cluster = start_cluster(tmp_path, kind=kind, tls_versions=versions)
-    try:
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 0, done.stderr
-            record = cluster.api.requests[-1]
-            assert (
-                record["tls_version"]
-                == {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}[versions[0]]
-            )
-            assert record["alpn"] == "http/1.1"
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+def test_tls_versions_and_key_types(
+    card57, clusters, proxies, tmp_path, capsys, versions, kind
+):
+    cluster = clusters(tmp_path, kind=kind, tls_versions=versions)
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    record = cluster.api.requests[-1]
+    assert record["tls_version"] == {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}[versions[0]]
+    assert record["alpn"] == "http/1.1"
 
 
-def test_path_prefix_is_kept(card57, tmp_path, capsys):
-    cluster = start_cluster(tmp_path, path_prefix="/k8s/clusters/c1")
-    try:
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 0, done.stderr
-            assert (
-                cluster.api.requests[-1]["path"]
-                == "/k8s/clusters/c1/version?timeout=30s"
-            )
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+def test_path_prefix_is_kept(card57, clusters, proxies, tmp_path, capsys):
+    cluster = clusters(tmp_path, path_prefix="/k8s/clusters/c1")
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    assert cluster.api.requests[-1]["path"] == "/k8s/clusters/c1/version?timeout=30s"
 
 
 # -- the API server is verified before the card signs ------------------------------
@@ -7589,95 +7901,75 @@ def status_error(done: subprocess.CompletedProcess) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
-def test_mitm_server_gets_zero_signatures(card57, tmp_path, capsys):
+def test_mitm_server_gets_zero_signatures(card57, clusters, proxies, tmp_path, capsys):
     # The proxy's kubeconfig trusts one CA; the server presents a certificate of another.
-    cluster = start_cluster(tmp_path)
-    try:
-        impostor_ca, _, _ = make_server_pki()
-        doc = yaml.safe_load(cluster.kubeconfig.read_text())
-        doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(
-            pem(impostor_ca)
-        )
-        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        signed = card57.sign_count
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 1
-            assert status_error(done) == (
-                "Error from server (BadGateway): the API server at 127.0.0.1:"
-                f"{cluster.api.port} presented a certificate we do not trust for "
-                "'127.0.0.1' (it is not signed by the cluster's CA): check the server URL, "
-                "certificate-authority and tls-server-name in the kubeconfig"
-            )
-            assert card57.sign_count == signed
-            assert cluster.api.requests == []
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+    cluster = clusters(tmp_path)
+    impostor_ca, _, _ = make_server_pki()
+    doc = yaml.safe_load(cluster.kubeconfig.read_text())
+    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(pem(impostor_ca))
+    cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    signed = card57.sign_count
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 1
+    assert status_error(done) == (
+        "Error from server (BadGateway): the API server at 127.0.0.1:"
+        f"{cluster.api.port} presented a certificate we do not trust for "
+        "'127.0.0.1' (it is not signed by the cluster's CA): check the server URL, "
+        "certificate-authority and tls-server-name in the kubeconfig"
+    )
+    assert card57.sign_count == signed
+    assert cluster.api.requests == []
 
 
-def test_wrong_host_name_gets_zero_signatures(card57, tmp_path, capsys):
-    cluster = start_cluster(tmp_path, **{"tls-server-name": "kubernetes.default"})
-    try:
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        signed = card57.sign_count
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 1
-            assert (
-                "presented a certificate we do not trust for 'kubernetes.default' "
-                "(leaf certificate has no matching subjectAltName)"
-            ) in status_error(done)
-            assert card57.sign_count == signed
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+def test_wrong_host_name_gets_zero_signatures(
+    card57, clusters, proxies, tmp_path, capsys
+):
+    cluster = clusters(tmp_path, **{"tls-server-name": "kubernetes.default"})
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    signed = card57.sign_count
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 1
+    assert (
+        "presented a certificate we do not trust for 'kubernetes.default' "
+        "(leaf certificate has no matching subjectAltName)"
+    ) in status_error(done)
+    assert card57.sign_count == signed
 
 
-def test_expired_server_certificate_is_refused(card57, tmp_path, capsys):
-    cluster = start_cluster(tmp_path, server_pki=make_server_pki(days=-1))
-    try:
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        signed = card57.sign_count
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert "(it expired on " in status_error(done)
-            assert card57.sign_count == signed
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+def test_expired_server_certificate_is_refused(
+    card57, clusters, proxies, tmp_path, capsys
+):
+    cluster = clusters(tmp_path, server_pki=make_server_pki(days=-1))
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    signed = card57.sign_count
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert "(it expired on " in status_error(done)
+    assert card57.sign_count == signed
 
 
-def test_client_certificate_rejected_by_the_server(card57, tmp_path, capsys):
-    cluster = start_cluster(tmp_path)
-    try:
-        # A client certificate from a CA the API server does not know.
-        other = make_identity()
-        doc = yaml.safe_load(cluster.kubeconfig.read_text())
-        doc["users"][0]["user"] = {
-            "client-certificate-data": b64(pem(other.cert)),
-            "client-key-data": b64(pem(other.key)),
-        }
-        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 1
-            assert status_error(done) == (
-                f"Error from server (BadGateway): the API server at 127.0.0.1:{cluster.api.port}"
-                " refused the YubiKey's client certificate (CN=system:admin,O=system:masters):"
-                " it may have expired or belong to another cluster; check it with "
-                "'yubikey-kube-proxy status' and run 'yubikey-kube-proxy setup' with a "
-                "current certificate"
-            )
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
+def test_client_certificate_rejected_by_the_server(
+    card57, clusters, proxies, tmp_path, capsys
+):
+    cluster = clusters(tmp_path)
+    # A client certificate from a CA the API server does not know.
+    other = make_identity()
+    doc = yaml.safe_load(cluster.kubeconfig.read_text())
+    doc["users"][0]["user"] = {
+        "client-certificate-data": b64(pem(other.cert)),
+        "client-key-data": b64(pem(other.key)),
+    }
+    cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 1
+    assert status_error(done) == (
+        f"Error from server (BadGateway): the API server at 127.0.0.1:{cluster.api.port}"
+        " refused the YubiKey's client certificate (CN=system:admin,O=system:masters):"
+        " it may have expired or belong to another cluster; check it with "
+        "'yubikey-kube-proxy status' and run 'yubikey-kube-proxy setup' with a "
+        "current certificate"
+    )
 
 
 # -- the local side is not an open door ----------------------------------------------
@@ -7768,47 +8060,39 @@ def test_local_client_without_certificate_is_refused(proxied, cluster, card57):
     assert card57.sign_count == signed and cluster.api.requests == []
 
 
-def test_plain_http_mode_still_checks_host(card57, cluster, tmp_path, capsys):
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--plain-http")
-    try:
-        done = kubectl(proxy, "get", "--raw", "/version")
-        assert done.returncode == 0, done.stderr
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-            sock.sendall(
-                b"GET /version HTTP/1.1\r\nHost: attacker.example\r\n"
-                b"Connection: close\r\n\r\n"
-            )
-            answer = b"".join(iter(lambda: sock.recv(65536), b""))
-        assert response_status_and_body(answer)[0] == "HTTP/1.1 403 Forbidden"
-    finally:
-        proxy.stop()
+def test_plain_http_mode_still_checks_host(card57, proxies, cluster, tmp_path, capsys):
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--plain-http")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(
+            b"GET /version HTTP/1.1\r\nHost: attacker.example\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert response_status_and_body(answer)[0] == "HTTP/1.1 403 Forbidden"
 
 
 # -- the card goes away -------------------------------------------------------------
 
 
-def test_card_pulled_next_request_fails_fast(rig, cluster, tmp_path, capsys):
+def test_card_pulled_next_request_fails_fast(cards, proxies, cluster, tmp_path, capsys):
     piv = VirtualPiv(serial=71000007)
-    inserted = rig.insert(piv)
-    proxy = setup_and_proxy(cluster, tmp_path / "yk")
-    try:
-        assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
-        relayed = len(cluster.api.requests)
-        rig.remove(inserted)
-        started = time.monotonic()
-        done = kubectl(proxy, "get", "--raw", "/version")
-        elapsed = time.monotonic() - started
-        assert done.returncode == 1
-        assert status_error(done) == (
-            "Error from server (ServiceUnavailable): YubiKey not present in reader "
-            f"'{YUBIKEY_READER} 00 00' - insert it"
-        )
-        assert elapsed < 20, elapsed  # kubectl's retries included: no hang
-        assert len(cluster.api.requests) == relayed
-    finally:
-        proxy.stop()
-        if inserted.inserted:
-            rig.remove(inserted)
+    card = cards(piv)
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+    relayed = len(cluster.api.requests)
+    card.remove()
+    started = time.monotonic()
+    done = kubectl(proxy, "get", "--raw", "/version")
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1
+    assert status_error(done) == (
+        "Error from server (ServiceUnavailable): YubiKey not present in reader "
+        f"'{YUBIKEY_READER} 00 00' - insert it"
+    )
+    assert elapsed < 20, elapsed  # kubectl's retries included: no hang
+    assert len(cluster.api.requests) == relayed
 
 
 def test_proxy_start_errors(card57, cluster, tmp_path, capsys):
@@ -7849,9 +8133,9 @@ def test_proxy_start_errors(card57, cluster, tmp_path, capsys):
 # -- PIN in the proxy ---------------------------------------------------------------
 
 
-def test_proxy_with_pin_policy_once(card57, cluster, tmp_path, capsys):
+def test_proxy_with_pin_policy_once(card57, proxies, cluster, tmp_path, capsys):
     pins = pin_file(tmp_path, "123456")
-    proxy = setup_and_proxy(
+    proxy = proxies.setup(
         cluster,
         tmp_path / "yk",
         "--pin-policy",
@@ -7860,14 +8144,11 @@ def test_proxy_with_pin_policy_once(card57, cluster, tmp_path, capsys):
         str(pins),
         proxy_extra=("--pin-file", str(pins)),
     )
-    try:
-        for _ in range(2):
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 0, done.stderr
-        assert card57.pin_tries_left == 3
-        assert card57.sign_count - 1 == cluster.api.handshakes
-    finally:
-        proxy.stop()
+    for _ in range(2):
+        done = kubectl(proxy, "get", "--raw", "/version")
+        assert done.returncode == 0, done.stderr
+    assert card57.pin_tries_left == 3
+    assert card57.sign_count - 1 == cluster.api.handshakes
 
 
 def test_proxy_wrong_pin_fails_at_start_and_costs_one_try(
@@ -8714,6 +8995,7 @@ def our_verdict(case: CorpusCase) -> str:
     return ""
 
 
+@pytest.mark.go
 def test_go_differential_corpus(go_build):
     corpus = go_corpus()
     assert len(corpus) >= 80
@@ -8842,6 +9124,7 @@ def proxy_through(front: GoFront, workdir: Path):
         proxy.stop()
 
 
+@pytest.mark.go
 @pytest.mark.parametrize(
     "max_version, serving",
     [("1.2", "p256"), ("1.3", "p256"), ("1.2", "rsa2048"), ("1.3", "rsa2048")],
@@ -8889,6 +9172,7 @@ def test_go_apiserver_kubectl_requests(
                 }, ciphers
 
 
+@pytest.mark.go
 @pytest.mark.parametrize("max_version, serving", [("1.3", "p256"), ("1.2", "rsa2048")])
 def test_go_apiserver_streams_exec_and_writes(
     card57, tmp_path, capsys, go_build, max_version, serving
@@ -8920,6 +9204,7 @@ def test_go_apiserver_streams_exec_and_writes(
             )
 
 
+@pytest.mark.go
 @pytest.mark.parametrize("name", ["localhost.", "my_host.example"])
 def test_go_apiserver_tls_server_names_go_accepts(
     card57, tmp_path, capsys, go_build, name
@@ -8933,13 +9218,16 @@ def test_go_apiserver_tls_server_names_go_accepts(
             assert done.returncode == 0, done.stderr
 
 
-def test_go_apiserver_client_hello_offers_what_go_offers(card57, tmp_path, capsys):
+@pytest.mark.go
+def test_go_apiserver_client_hello_offers_what_go_offers(
+    card57, clusters, tmp_path, capsys
+):
     """The proxy's ClientHello, caught by a listener that answers nothing."""
     from tlslite.constants import CipherSuite
     from tlslite.messages import ClientHello
     from tlslite.utils.codec import Parser
 
-    cluster = start_cluster(tmp_path)
+    cluster = clusters(tmp_path)
     listener = socket.create_server(("127.0.0.1", 0))
     caught = []
 
@@ -8972,7 +9260,6 @@ def test_go_apiserver_client_hello_offers_what_go_offers(card57, tmp_path, capsy
         listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
         listener.close()
         thread.join(10)
-        cluster.api.stop()
     assert caught
     hello = ClientHello().parse(Parser(bytearray(caught[0][6:])))
     names = [CipherSuite.ietfNames.get(s, hex(s)) for s in hello.cipher_suites]
@@ -9020,6 +9307,7 @@ def refused_by_us(front: GoFront, proxy: ProxyProcess, card, expected: str) -> N
     assert front.cluster.api.requests == []
 
 
+@pytest.mark.go
 @pytest.mark.parametrize("kind", ["static RSA", "ECDHE TLS 1.2", "TLS 1.3"])
 def test_go_impostor_with_the_genuine_certificate_gets_no_signature(
     card57, tmp_path, capsys, go_build, kind
@@ -9045,6 +9333,7 @@ def test_go_impostor_with_the_genuine_certificate_gets_no_signature(
             refused_by_us(front, proxy, card57, expected)
 
 
+@pytest.mark.go
 def test_go_apiserver_with_tls_1_1_only_gets_no_signature(
     card57, tmp_path, capsys, go_build
 ):
@@ -9059,6 +9348,7 @@ def test_go_apiserver_with_tls_1_1_only_gets_no_signature(
             )
 
 
+@pytest.mark.go
 @pytest.mark.parametrize("kind", ["foreign CA", "wrong name", "expired"])
 def test_go_apiserver_we_refuse_gets_no_signature(
     card57, tmp_path, capsys, go_build, kind
@@ -9081,6 +9371,7 @@ def test_go_apiserver_we_refuse_gets_no_signature(
             refused_by_us(front, proxy, card57, expected)
 
 
+@pytest.mark.go
 def test_sni_is_what_go_sends():
     parse = yk.UpstreamAddress.parse
     assert parse("https://10.0.0.1:6443", None).sni is None
@@ -9095,39 +9386,38 @@ def test_sni_is_what_go_sends():
     )
 
 
+@pytest.mark.go
 def test_tls_server_name_that_can_never_match_is_refused_at_start(
-    card57, tmp_path, capsys
+    card57, clusters, tmp_path, capsys
 ):
-    cluster = start_cluster(tmp_path, **{"tls-server-name": "kübernetes.local"})
-    try:
-        assert (
-            yk.main(
-                [
-                    "setup",
-                    "--kubeconfig",
-                    str(cluster.kubeconfig),
-                    "--output-dir",
-                    str(tmp_path / "yk"),
-                ]
-            )
-            == 0
+    cluster = clusters(tmp_path, **{"tls-server-name": "kübernetes.local"})
+    assert (
+        yk.main(
+            [
+                "setup",
+                "--kubeconfig",
+                str(cluster.kubeconfig),
+                "--output-dir",
+                str(tmp_path / "yk"),
+            ]
         )
-        capsys.readouterr()
-        signed = card57.sign_count
-        code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")])
-        assert (code, capsys.readouterr().err) == (
-            1,
-            "yubikey-kube-proxy: error: the server name 'kübernetes.local' "
-            "(tls-server-name, or the host of the server URL) can never match a "
-            "certificate: write the host name or IP address that the API server's "
-            "certificate names\n",
-        )
-        assert card57.sign_count == signed
-        assert cluster.api.handshakes == 0
-    finally:
-        cluster.api.stop()
+        == 0
+    )
+    capsys.readouterr()
+    signed = card57.sign_count
+    code = yk.main(["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")])
+    assert (code, capsys.readouterr().err) == (
+        1,
+        "yubikey-kube-proxy: error: the server name 'kübernetes.local' "
+        "(tls-server-name, or the host of the server URL) can never match a "
+        "certificate: write the host name or IP address that the API server's "
+        "certificate names\n",
+    )
+    assert card57.sign_count == signed
+    assert cluster.api.handshakes == 0
 
 
+@pytest.mark.go
 def test_tickets_are_never_kept():
     left, right = socket.socketpair()
     with left, right:
@@ -9176,27 +9466,25 @@ def hangup_relay(upstream_port: int):
         thread.join(10)
 
 
+@pytest.mark.go
 def test_hangup_after_our_signature_is_not_blamed_on_the_certificate(
-    card57, tmp_path, capsys
+    card57, clusters, tmp_path, capsys
 ):
-    cluster = start_cluster(tmp_path, tls_versions=("1.2",))
-    try:
-        with hangup_relay(cluster.api.port) as port:
-            doc = yaml.safe_load(cluster.kubeconfig.read_text())
-            doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
-            cluster.kubeconfig.write_text(yaml.safe_dump(doc))
-            with proxy_through(GoFront(None, port, cluster), tmp_path / "yk") as proxy:
-                signed = card57.sign_count
-                done = kubectl(proxy, "get", "--raw", "/version")
-                assert done.returncode == 1
-                assert status_error(done) == (
-                    f"Error from server (BadGateway): the API server at 127.0.0.1:{port} "
-                    "closed the connection during the TLS handshake: is it a Kubernetes "
-                    "API server?"
-                )
-                assert card57.sign_count > signed  # the card did sign
-    finally:
-        cluster.api.stop()
+    cluster = clusters(tmp_path, tls_versions=("1.2",))
+    with hangup_relay(cluster.api.port) as port:
+        doc = yaml.safe_load(cluster.kubeconfig.read_text())
+        doc["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{port}"
+        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+        with proxy_through(GoFront(None, port, cluster), tmp_path / "yk") as proxy:
+            signed = card57.sign_count
+            done = kubectl(proxy, "get", "--raw", "/version")
+            assert done.returncode == 1
+            assert status_error(done) == (
+                f"Error from server (BadGateway): the API server at 127.0.0.1:{port} "
+                "closed the connection during the TLS handshake: is it a Kubernetes "
+                "API server?"
+            )
+            assert card57.sign_count > signed  # the card did sign
 
 
 # =============================================================================
@@ -9268,28 +9556,24 @@ def wait_for_counts(pid: int, baseline: tuple[int, int], timeout: float = 15) ->
 
 
 @pytest.fixture
-def proxied_rig(rig, cluster, tmp_path, capsys):
+def proxied_rig(cards, proxies, cluster, tmp_path, capsys):
     """A card, the proxy and a local client; the card is the test's to pull."""
     piv = VirtualPiv(serial=81000008)
-    state = types.SimpleNamespace(piv=piv, inserted=rig.insert(piv), index=0)
-    state.proxy = setup_and_proxy(cluster, tmp_path / "yk")
+    state = types.SimpleNamespace(piv=piv, card=cards(piv))
+    state.proxy = proxies.setup(cluster, tmp_path / "yk")
     state.client = LocalClient(state.proxy)
     capsys.readouterr()
-    yield state
-    state.proxy.stop()
-    if state.inserted.inserted:
-        rig.remove(state.inserted, index=state.index)
+    return state
 
 
-def test_card_removed_during_a_burst_and_reinserted_elsewhere(
-    proxied_rig, rig, cluster
-):
+@pytest.mark.fault
+def test_card_removed_during_a_burst_and_reinserted_elsewhere(proxied_rig, cluster):
     state = proxied_rig
     before = [state.client.get("/version")[0] for _ in range(5)]
-    rig.remove(state.inserted)
+    state.card.remove()
     absent = [state.client.get("/version") for _ in range(5)]
     # Plugged back in, the key shows up in the other reader: found again by serial.
-    state.inserted, state.index = rig.insert(state.piv, index=1), 1
+    state.card.insert(index=1)
     after = [state.client.get("/version")[0] for _ in range(10)]
     failed_absent = sum(status != 200 for status, _ in absent)
     failed_after = sum(status != 200 for status in after)
@@ -9307,10 +9591,11 @@ def test_card_removed_during_a_burst_and_reinserted_elsewhere(
     assert state.piv.sign_count - 1 == cluster.api.handshakes == 15
 
 
-def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
+@pytest.mark.fault
+def test_card_removed_mid_download_and_mid_exec(proxied_rig, proxies, cluster):
     state = proxied_rig
     state.proxy.stop()  # the opt-out: open streams outlive the card
-    state.proxy = ProxyProcess(state.proxy.workdir, "--keep-streams-on-removal")
+    state.proxy = proxies(state.proxy.workdir, "--keep-streams-on-removal")
     state.client = LocalClient(state.proxy)
     cluster.api.add_pod("box", namespace="team-a")
     conn = state.client.connection()
@@ -9335,7 +9620,7 @@ def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
     exec_proc.stdin.write(b"before\n")
     exec_proc.stdin.flush()
     assert exec_proc.stdout.readline() == b"before\n"
-    rig.remove(state.inserted)  # with --keep-streams-on-removal the streams go on
+    state.card.remove()  # with --keep-streams-on-removal the streams go on
     rest = response.read()
     conn.close()
     exec_proc.stdin.write(b"after\n")
@@ -9344,22 +9629,24 @@ def test_card_removed_mid_download_and_mid_exec(proxied_rig, rig, cluster):
     assert (exec_proc.wait(30), out) == (0, b"after\n")
     assert first + rest == expected_bytes(50_000_000)
     assert state.client.get("/version")[0] == 503
-    state.inserted = rig.insert(state.piv)
+    state.card.insert()
     assert state.client.get("/version")[0] == 200
 
 
+@pytest.mark.fault
 def test_pcscd_restart_is_recovered(proxied_rig, rig, cluster):
     state = proxied_rig
     assert state.client.get("/version")[0] == 200
-    state.inserted.remove()
+    state.card.remove(wait=False)
     rig.stop()
     rig.start()
-    state.inserted = rig.insert(state.piv)
+    state.card.insert()
     statuses = [state.client.get("/version")[0] for _ in range(3)]
     FAULT_FIGURES.append(f"pcscd restarted: {statuses.count(200)}/3 requests ok after")
     assert statuses == [200, 200, 200]
 
 
+@pytest.mark.fault
 def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
     from smartcard import scard
 
@@ -9373,10 +9660,13 @@ def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
     worker = threading.Thread(
         target=lambda: results.append(state.client.get("/version"))
     )
+    apdus = len(state.piv.apdu_log)
     started = time.monotonic()
     worker.start()
-    time.sleep(1.0)  # the other program holds the card for a while
+    # Not a wait for an event: the length of the other program's transaction.
+    time.sleep(1.0)
     assert results == []  # the request waits for the card
+    assert len(state.piv.apdu_log) == apdus  # and sends it nothing meanwhile
     scard.SCardEndTransaction(handle, scard.SCARD_LEAVE_CARD)
     worker.join(30)
     scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
@@ -9388,43 +9678,36 @@ def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
     assert results[0][0] == 200
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("kind", ["p256", "rsa2048"])
-def test_fifty_concurrent_requests(rig, tmp_path, capsys, kind):
+def test_fifty_concurrent_requests(cards, clusters, proxies, tmp_path, capsys, kind):
     piv = VirtualPiv(serial=91000009)
-    inserted = rig.insert(piv)
-    cluster = start_cluster(tmp_path, kind=kind)
-    try:
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        try:
-            client = LocalClient(proxy)
-            signed = piv.sign_count
-            results: list[int] = []
-            threads = [
-                threading.Thread(
-                    target=lambda: results.append(client.get("/version")[0])
-                )
-                for _ in range(50)
-            ]
-            started = time.monotonic()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(120)
-            elapsed = time.monotonic() - started
-            FAULT_FIGURES.append(
-                f"50 concurrent requests, {kind}: {results.count(200)} ok "
-                f"in {elapsed:.2f} s, {piv.sign_count - signed} signatures,"
-                f" {cluster.api.handshakes} handshakes"
-            )
-            assert results == [200] * 50
-            assert piv.sign_count - signed == cluster.api.handshakes == 50
-        finally:
-            proxy.stop()
-    finally:
-        cluster.api.stop()
-        rig.remove(inserted)
+    cards(piv)
+    cluster = clusters(tmp_path, kind=kind)
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    client = LocalClient(proxy)
+    signed = piv.sign_count
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(client.get("/version")[0]))
+        for _ in range(50)
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    elapsed = time.monotonic() - started
+    FAULT_FIGURES.append(
+        f"50 concurrent requests, {kind}: {results.count(200)} ok "
+        f"in {elapsed:.2f} s, {piv.sign_count - signed} signatures,"
+        f" {cluster.api.handshakes} handshakes"
+    )
+    assert results == [200] * 50
+    assert piv.sign_count - signed == cluster.api.handshakes == 50
 
 
+@pytest.mark.fault
 def test_upstream_down_costs_no_signature(proxied_rig, cluster):
     state = proxied_rig
     signed = state.piv.sign_count
@@ -9446,30 +9729,28 @@ def silent_server() -> tuple[socket.socket, int]:
     return listener, listener.getsockname()[1]
 
 
-def test_upstream_handshake_timeout(card57, tmp_path, capsys):
+@pytest.mark.fault
+def test_upstream_handshake_timeout(card57, proxies, tmp_path, capsys):
     listener, port = silent_server()
     ident = make_identity()
     kubeconfig = write_kubeconfig(
         tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}"
     )
     try:
-        proxy = setup_and_proxy(
+        proxy = proxies.setup(
             types.SimpleNamespace(kubeconfig=kubeconfig),
             tmp_path / "yk",
             proxy_extra=("--handshake-timeout", "1"),
         )
-        try:
-            started = time.monotonic()
-            status, body = LocalClient(proxy).get("/version")
-            elapsed = time.monotonic() - started
-            assert status == 504
-            assert json.loads(body)["message"] == (
-                f"the TLS handshake with the API server at 127.0.0.1:{port} took longer "
-                "than 1 s"
-            )
-            assert elapsed < 10
-        finally:
-            proxy.stop()
+        started = time.monotonic()
+        status, body = LocalClient(proxy).get("/version")
+        elapsed = time.monotonic() - started
+        assert status == 504
+        assert json.loads(body)["message"] == (
+            f"the TLS handshake with the API server at 127.0.0.1:{port} took longer "
+            "than 1 s"
+        )
+        assert elapsed < 10
     finally:
         listener.close()
 
@@ -9515,6 +9796,7 @@ def tempfile_bytes(data: bytes) -> str:
     return handle.name
 
 
+@pytest.mark.fault
 def test_client_leaving_mid_response_leaks_nothing(proxied_rig, cluster):
     state = proxied_rig
     pid = state.proxy.process.pid
@@ -9537,7 +9819,8 @@ def test_client_leaving_mid_response_leaks_nothing(proxied_rig, cluster):
     assert state.client.get("/version")[0] == 200
 
 
-def test_upstream_closing_mid_response(card57, tmp_path, capsys):
+@pytest.mark.fault
+def test_upstream_closing_mid_response(card57, proxies, tmp_path, capsys):
     server_pki = make_server_pki()
     ident = make_identity()
     listener, port = truncating_server(server_pki, ident.ca_cert)
@@ -9550,41 +9833,41 @@ def test_upstream_closing_mid_response(card57, tmp_path, capsys):
     )
     kubeconfig.write_text(yaml.safe_dump(doc))
     try:
-        proxy = setup_and_proxy(
+        proxy = proxies.setup(
             types.SimpleNamespace(kubeconfig=kubeconfig), tmp_path / "yk"
         )
-        try:
-            client = LocalClient(proxy)
-            pid = proxy.process.pid
-            conn = client.connection()
-            conn.request("GET", "/version")
-            response = conn.getresponse()
-            assert response.status == 200
-            with pytest.raises(http.client.IncompleteRead) as short:
-                response.read()
-            conn.close()
-            assert len(short.value.partial) == 400_000
-            baseline = process_counts(pid)
-            for _ in range(3):
-                with contextlib.suppress(http.client.IncompleteRead):
-                    client.get("/version")
-            wait_for_counts(pid, baseline)
-            FAULT_FIGURES.append(
-                f"upstream hung up mid-response: client got "
-                f"{len(short.value.partial)} of 1000000 bytes, proxy "
-                f"threads/descriptors back to {process_counts(pid)}"
-            )
-        finally:
-            proxy.stop()
+        client = LocalClient(proxy)
+        pid = proxy.process.pid
+        conn = client.connection()
+        conn.request("GET", "/version")
+        response = conn.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead) as short:
+            response.read()
+        conn.close()
+        assert len(short.value.partial) == 400_000
+        baseline = process_counts(pid)
+        for _ in range(3):
+            with contextlib.suppress(http.client.IncompleteRead):
+                client.get("/version")
+        wait_for_counts(pid, baseline)
+        FAULT_FIGURES.append(
+            f"upstream hung up mid-response: client got "
+            f"{len(short.value.partial)} of 1000000 bytes, proxy "
+            f"threads/descriptors back to {process_counts(pid)}"
+        )
     finally:
         listener.close()
 
 
-def test_wrong_pin_file_costs_exactly_one_try(rig, cluster, tmp_path, capsys):
+@pytest.mark.fault
+def test_wrong_pin_file_costs_exactly_one_try(
+    cards, proxies, cluster, tmp_path, capsys
+):
     piv = VirtualPiv(serial=10100010)
-    inserted = rig.insert(piv)
+    cards(piv)
     pins = pin_file(tmp_path, "123456")
-    proxy = setup_and_proxy(
+    proxy = proxies.setup(
         cluster,
         tmp_path / "yk",
         "--pin-policy",
@@ -9593,39 +9876,34 @@ def test_wrong_pin_file_costs_exactly_one_try(rig, cluster, tmp_path, capsys):
         str(pins),
         proxy_extra=("--pin-file", str(pins)),
     )
-    try:
-        client = LocalClient(proxy)
-        assert client.get("/version")[0] == 200
-        pins.write_text("999999\n")
-        proxy.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
-        tries = piv.pin_tries_left
-        answers = [client.get("/version") for _ in range(6)]
-        FAULT_FIGURES.append(
-            f"wrong PIN file, 6 requests: the card's tries went {tries} -> "
-            f"{piv.pin_tries_left}"
-        )
-        assert {status for status, _ in answers} == {503}
-        assert piv.pin_tries_left == tries - 1
-        assert json.loads(answers[-1][1])["message"] == (
-            "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check the PIN "
-            "(or the PIN file) and try again (the proxy will not send it again: fix the PIN "
-            "or the PIN file, then reload the proxy with kill -HUP or 'systemctl --user "
-            "reload yubikey-kube-proxy', or restart it)"
-        )
-        pins.write_text("123456\n")
-        proxy.process.send_signal(signal.SIGHUP)
-        wait_until(
-            lambda: proxy.stderr().count("reloading") == 2, 10, "the second reload"
-        )
-        assert client.get("/version")[0] == 200
-        assert piv.pin_tries_left == 3
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    client = LocalClient(proxy)
+    assert client.get("/version")[0] == 200
+    pins.write_text("999999\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
+    tries = piv.pin_tries_left
+    answers = [client.get("/version") for _ in range(6)]
+    FAULT_FIGURES.append(
+        f"wrong PIN file, 6 requests: the card's tries went {tries} -> "
+        f"{piv.pin_tries_left}"
+    )
+    assert {status for status, _ in answers} == {503}
+    assert piv.pin_tries_left == tries - 1
+    assert json.loads(answers[-1][1])["message"] == (
+        "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check the PIN "
+        "(or the PIN file) and try again (the proxy will not send it again: fix the PIN "
+        "or the PIN file, then reload the proxy with kill -HUP or 'systemctl --user "
+        "reload yubikey-kube-proxy', or restart it)"
+    )
+    pins.write_text("123456\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: proxy.stderr().count("reloading") == 2, 10, "the second reload")
+    assert client.get("/version")[0] == 200
+    assert piv.pin_tries_left == 3
 
 
-def test_touch_slow_and_never(rig, cluster, tmp_path, capsys):
+@pytest.mark.fault
+def test_touch_slow_and_never(cards, proxies, cluster, tmp_path, capsys):
     touches = {"delay": 0.0, "given": True}
 
     def touch(slot):
@@ -9633,38 +9911,35 @@ def test_touch_slow_and_never(rig, cluster, tmp_path, capsys):
         return touches["given"]
 
     piv = VirtualPiv(serial=10200011, touch=touch)
-    inserted = rig.insert(piv)
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--touch-policy", "always")
-    try:
-        client = LocalClient(proxy)
-        touches["delay"] = 1.5
-        assert client.get("/version")[0] == 200
-        assert "WARNING: touch your YubiKey (YubiKey serial 10200011" in proxy.stderr()
-        touches.update(delay=2.0, given=False)  # the card's wait runs out
-        results: list[tuple[int, bytes]] = []
-        threads = [
-            threading.Thread(target=lambda: results.append(client.get("/version")))
-            for _ in range(2)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert [status for status, _ in results] == [
-            503,
-            503,
-        ]  # both answered, one by one
-        assert json.loads(results[0][1])["message"] == (
-            "the YubiKey refused to sign with slot 9a: the PIN was not verified or the key "
-            "was not touched in time"
-        )
-        touches.update(delay=0.0, given=True)
-        assert client.get("/version")[0] == 200
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    cards(piv)
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--touch-policy", "always")
+    client = LocalClient(proxy)
+    touches["delay"] = 1.5
+    assert client.get("/version")[0] == 200
+    assert "WARNING: touch your YubiKey (YubiKey serial 10200011" in proxy.stderr()
+    touches.update(delay=2.0, given=False)  # the card's wait runs out
+    results: list[tuple[int, bytes]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(client.get("/version")))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [status for status, _ in results] == [
+        503,
+        503,
+    ]  # both answered, one by one
+    assert json.loads(results[0][1])["message"] == (
+        "the YubiKey refused to sign with slot 9a: the PIN was not verified or the key "
+        "was not touched in time"
+    )
+    touches.update(delay=0.0, given=True)
+    assert client.get("/version")[0] == 200
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize(
     "raw, status, message",
     [
@@ -9981,30 +10256,28 @@ HTTP_FUZZ_FAMILIES = [
 
 
 def test_http_fuzz_malformed_requests_never_reach_the_card_or_the_api_server(
-    card57, cluster, tmp_path, capsys
+    card57, proxies, cluster, tmp_path, capsys
 ):
     """Seeded: the same requests every run. Each gets its exact answer, the API
     server sees no connection and the card signs nothing."""
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", proxy_extra=("-v",))  # -vv
-    try:
-        host = f"127.0.0.1:{proxy.port}"
-        rng = random.Random(HTTP_FUZZ_SEED)
-        signed, statuses = card57.sign_count, {}
-        for i in range(HTTP_FUZZ_CASES):
-            family = HTTP_FUZZ_FAMILIES[i % len(HTTP_FUZZ_FAMILIES)]
-            raw, status, message = family(rng, host)
-            answer = local_request(proxy, raw)
-            assert answer_of(answer) == (status, message), (family.__name__, raw[:200])
-            assert cluster.api.handshakes == 0 and cluster.api.requests == []
-            assert card57.sign_count == signed, (family.__name__, raw[:200])
-            statuses[status] = statuses.get(status, 0) + 1
-        forwarded, connected = len(cluster.api.requests), cluster.api.handshakes
-        signatures = card57.sign_count - signed
-        done = kubectl(proxy, "get", "--raw", "/version")  # and then it still works
-        assert done.returncode == 0, done.stderr
-        log = proxy.stderr()
-    finally:
-        proxy.stop()
+    proxy = proxies.setup(cluster, tmp_path / "yk", proxy_extra=("-v",))  # -vv
+    host = f"127.0.0.1:{proxy.port}"
+    rng = random.Random(HTTP_FUZZ_SEED)
+    signed, statuses = card57.sign_count, {}
+    for i in range(HTTP_FUZZ_CASES):
+        family = HTTP_FUZZ_FAMILIES[i % len(HTTP_FUZZ_FAMILIES)]
+        raw, status, message = family(rng, host)
+        answer = local_request(proxy, raw)
+        assert answer_of(answer) == (status, message), (family.__name__, raw[:200])
+        assert cluster.api.handshakes == 0 and cluster.api.requests == []
+        assert card57.sign_count == signed, (family.__name__, raw[:200])
+        statuses[status] = statuses.get(status, 0) + 1
+    forwarded, connected = len(cluster.api.requests), cluster.api.handshakes
+    signatures = card57.sign_count - signed
+    done = kubectl(proxy, "get", "--raw", "/version")  # and then it still works
+    assert done.returncode == 0, done.stderr
+    log = proxy.stderr()
+    proxy.stop()
     tracebacks = log.count("Traceback (most recent call last)")
     refusals = [line for line in log.splitlines() if ": refused: " in line]
     FAULT_FIGURES.append(
@@ -10157,8 +10430,10 @@ def test_chunked_body_with_extensions_and_trailers_is_checked_and_forwarded_whol
     assert "x-checksum" not in request["headers"]
 
 
-def test_truncated_request_bodies_are_the_clients_fault(card57, cluster, tmp_path):
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--plain-http")
+def test_truncated_request_bodies_are_the_clients_fault(
+    card57, proxies, cluster, tmp_path
+):
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--plain-http")
     host = f"127.0.0.1:{proxy.port}"
 
     def half_sent(raw: bytes) -> tuple[int, str]:
@@ -10167,45 +10442,39 @@ def test_truncated_request_bodies_are_the_clients_fault(card57, cluster, tmp_pat
             sock.shutdown(socket.SHUT_WR)  # the client stops sending
             return answer_of(b"".join(iter(lambda: sock.recv(65536), b"")))
 
-    try:
-        signed = card57.sign_count
-        # A chunked body is read whole first: nothing goes upstream.
-        assert half_sent(chunked(host, b"a\r\nhello")) == (
-            400,
-            "refused: the chunked request body ended before its last chunk: the "
-            "client stopped sending it; try again",
-        )
-        assert cluster.api.handshakes == 0 and card57.sign_count == signed
-        # A Content-Length body is streamed: the API server saw the start of it.
-        assert half_sent(post(host, "Content-Length: 100\r\n", b'{"kind":')) == (
-            400,
-            "the request body is shorter than its Content-Length: the client stopped "
-            "sending it, so the request was not completed; try again",
-        )
-        wait_until(lambda: cluster.api.requests, 10, "the API server to see the head")
-        assert [r["method"] for r in cluster.api.requests] == ["POST"]
-        assert "502" not in proxy.stderr()
-    finally:
-        proxy.stop()
+    signed = card57.sign_count
+    # A chunked body is read whole first: nothing goes upstream.
+    assert half_sent(chunked(host, b"a\r\nhello")) == (
+        400,
+        "refused: the chunked request body ended before its last chunk: the "
+        "client stopped sending it; try again",
+    )
+    assert cluster.api.handshakes == 0 and card57.sign_count == signed
+    # A Content-Length body is streamed: the API server saw the start of it.
+    assert half_sent(post(host, "Content-Length: 100\r\n", b'{"kind":')) == (
+        400,
+        "the request body is shorter than its Content-Length: the client stopped "
+        "sending it, so the request was not completed; try again",
+    )
+    wait_until(lambda: cluster.api.requests, 10, "the API server to see the head")
+    assert [r["method"] for r in cluster.api.requests] == ["POST"]
+    assert "502" not in proxy.stderr()
 
 
 def test_error_answers_linger_while_the_client_is_still_sending(
-    card57, cluster, tmp_path
+    card57, proxies, cluster, tmp_path
 ):
     """After a refusal the proxy half-closes and reads on, so the answer is not
     destroyed by a reset while the client is still sending (its body, say)."""
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--plain-http")
-    try:
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
-            sock.sendall(post(f"127.0.0.1:{proxy.port}", "Content-Length: -5\r\n"))
-            answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to its FIN
-            assert answer_of(answer) == (400, "refused: invalid Content-Length '-5'")
-            for _ in range(8):  # half of LINGER_BYTES, after the answer
-                sock.sendall(b"x" * 65536)  # a closed socket would answer RST
-            sock.shutdown(socket.SHUT_WR)
-            assert sock.recv(1) == b""
-    finally:
-        proxy.stop()
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--plain-http")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(post(f"127.0.0.1:{proxy.port}", "Content-Length: -5\r\n"))
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))  # to its FIN
+        assert answer_of(answer) == (400, "refused: invalid Content-Length '-5'")
+        for _ in range(8):  # half of LINGER_BYTES, after the answer
+            sock.sendall(b"x" * 65536)  # a closed socket would answer RST
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
 
 
 # -- the relay: what the API server sends back -------------------------------------
@@ -10550,60 +10819,60 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_flood_of_idle_connections_leaves_kubectl_working(card57, cluster, tmp_path):
+def test_flood_of_idle_connections_leaves_kubectl_working(
+    card57, proxies, cluster, tmp_path
+):
     import resource
 
-    proxy = setup_and_proxy(cluster, tmp_path / "yk")
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    pid = proxy.process.pid
+    started = time.monotonic()
+    assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+    alone = time.monotonic() - started
+    baseline = process_counts(pid)
+    cpu, started = cpu_seconds(pid), time.monotonic()
+    flood = flooder(proxy.port, 200, until=200)
+    times = []
+    for _ in range(3):
+        begun = time.monotonic()
+        done = kubectl(proxy, "get", "--raw", "/version")
+        times.append(time.monotonic() - begun)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
+    peak = process_counts(pid)
+    # No handshake within LOCAL_HANDSHAKE_TIMEOUT: the proxy closes them all.
+    assert flood.stdout.readline() == "closed 200\n"
+    flood_cpu = cpu_seconds(pid) - cpu
+    flood_wall = time.monotonic() - started
+    flood.stdin.close()
+    flood.wait(30)
+    wait_for_counts(pid, baseline)
+    # Out of descriptors: accept() fails with EMFILE, and must not spin.
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (baseline[1] + 10, hard))
     try:
-        pid = proxy.process.pid
-        started = time.monotonic()
-        assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
-        alone = time.monotonic() - started
-        baseline = process_counts(pid)
+        flood = flooder(proxy.port, 40, until=5)
+        wait_until(
+            lambda: (
+                "cannot accept local connections (Too many open files)"
+                in proxy.stderr()
+            ),
+            30,
+            "accept() to run out of descriptors",
+        )
         cpu, started = cpu_seconds(pid), time.monotonic()
-        flood = flooder(proxy.port, 200, until=200)
-        times = []
-        for _ in range(3):
-            begun = time.monotonic()
-            done = kubectl(proxy, "get", "--raw", "/version")
-            times.append(time.monotonic() - begun)
-            assert done.returncode == 0, done.stderr
-            assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
-        peak = process_counts(pid)
-        # No handshake within LOCAL_HANDSHAKE_TIMEOUT: the proxy closes them all.
-        assert flood.stdout.readline() == "closed 200\n"
-        flood_cpu = cpu_seconds(pid) - cpu
-        flood_wall = time.monotonic() - started
+        assert flood.stdout.readline() == "closed 5\n"  # by the handshake timeout
+        starved_cpu = cpu_seconds(pid) - cpu
+        starved_wall = time.monotonic() - started
         flood.stdin.close()
         flood.wait(30)
-        wait_for_counts(pid, baseline)
-        # Out of descriptors: accept() fails with EMFILE, and must not spin.
-        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (baseline[1] + 10, hard))
-        try:
-            flood = flooder(proxy.port, 40, until=5)
-            wait_until(
-                lambda: (
-                    "cannot accept local connections (Too many open files)"
-                    in proxy.stderr()
-                ),
-                30,
-                "accept() to run out of descriptors",
-            )
-            cpu, started = cpu_seconds(pid), time.monotonic()
-            assert flood.stdout.readline() == "closed 5\n"  # by the handshake timeout
-            starved_cpu = cpu_seconds(pid) - cpu
-            starved_wall = time.monotonic() - started
-            flood.stdin.close()
-            flood.wait(30)
-        finally:
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
-        done = kubectl(proxy, "get", "--raw", "/version")
-        assert done.returncode == 0, done.stderr
-        wait_for_counts(pid, baseline)
-        after = process_counts(pid)
     finally:
-        proxy.stop()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    wait_for_counts(pid, baseline)
+    after = process_counts(pid)
+    proxy.stop()
     FAULT_FIGURES.append(
         f"flood: another process held 200 idle connections; kubectl answered 3/3 "
         f"in {max(times):.2f} s at most ({alone:.2f} s alone); proxy CPU "
@@ -10741,6 +11010,7 @@ def test_sigterm_lets_an_open_request_finish(proxied, cluster):
     assert proxied.process.wait(20) == 0
 
 
+@pytest.mark.fault
 def test_card_reset_by_another_program_is_recovered(proxied_rig, rig):
     from smartcard import scard
 
@@ -10767,65 +11037,54 @@ def test_card_reset_by_another_program_is_recovered(proxied_rig, rig):
 
 
 def test_insecure_skip_tls_verify_warns_at_start_and_in_status(
-    card57, tmp_path, capsys
+    card57, clusters, proxies, tmp_path, capsys
 ):
-    cluster = start_cluster(tmp_path, **{"insecure-skip-tls-verify": True})
-    try:
-        doc = yaml.safe_load(cluster.kubeconfig.read_text())
-        del doc["clusters"][0]["cluster"]["certificate-authority-data"]
-        cluster.kubeconfig.write_text(yaml.safe_dump(doc))
-        proxy = setup_and_proxy(cluster, tmp_path / "yk")
-        try:
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 0, done.stderr
-            assert f"WARNING: {yk.INSECURE_WARNING}\n" in proxy.stderr()
-        finally:
-            proxy.stop()
-        code, stdout, _ = run_cli(
-            "status", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml"), capsys=capsys
-        )
-        assert code == 0
-        assert stdout.endswith(f"warning: {yk.INSECURE_WARNING}\n")
-    finally:
-        cluster.api.stop()
+    cluster = clusters(tmp_path, **{"insecure-skip-tls-verify": True})
+    doc = yaml.safe_load(cluster.kubeconfig.read_text())
+    del doc["clusters"][0]["cluster"]["certificate-authority-data"]
+    cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    assert f"WARNING: {yk.INSECURE_WARNING}\n" in proxy.stderr()
+    code, stdout, _ = run_cli(
+        "status", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml"), capsys=capsys
+    )
+    assert code == 0
+    assert stdout.endswith(f"warning: {yk.INSECURE_WARNING}\n")
 
 
 def test_reuse_while_present_one_signature_per_local_connection(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
     piv = VirtualPiv(serial=10300012)
-    inserted = rig.insert(piv)
-    proxy = setup_and_proxy(cluster, tmp_path / "yk", "--reuse-while-present")
-    try:
-        client = LocalClient(proxy)
-        signed = piv.sign_count
-        conn = client.connection()  # one local connection, as one kubectl run keeps
-        for _ in range(4):
-            conn.request("GET", "/version")
-            response = conn.getresponse()
-            assert response.status == 200
-            response.read()
-        assert (piv.sign_count - signed, cluster.api.handshakes) == (1, 1)
-        done = kubectl(proxy, "get", "pods")
-        assert done.returncode == 0, done.stderr
-        per_kubectl = piv.sign_count - signed - 1
-        FAULT_FIGURES.append(
-            f"--reuse-while-present: 4 requests on one local connection, 1 "
-            f"signature; kubectl get pods: {per_kubectl} signatures"
-        )
-        # The card goes away: the next request on the kept connection fails at once.
-        rig.remove(inserted)
+    card = cards(piv)
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--reuse-while-present")
+    client = LocalClient(proxy)
+    signed = piv.sign_count
+    conn = client.connection()  # one local connection, as one kubectl run keeps
+    for _ in range(4):
         conn.request("GET", "/version")
         response = conn.getresponse()
-        assert response.status == 503
-        assert json.loads(response.read())["message"] == (
-            f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it"
-        )
-        conn.close()
-    finally:
-        proxy.stop()
-        if inserted.inserted:
-            rig.remove(inserted)
+        assert response.status == 200
+        response.read()
+    assert (piv.sign_count - signed, cluster.api.handshakes) == (1, 1)
+    done = kubectl(proxy, "get", "pods")
+    assert done.returncode == 0, done.stderr
+    per_kubectl = piv.sign_count - signed - 1
+    FAULT_FIGURES.append(
+        f"--reuse-while-present: 4 requests on one local connection, 1 "
+        f"signature; kubectl get pods: {per_kubectl} signatures"
+    )
+    # The card goes away: the next request on the kept connection fails at once.
+    card.remove()
+    conn.request("GET", "/version")
+    response = conn.getresponse()
+    assert response.status == 503
+    assert json.loads(response.read())["message"] == (
+        f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it"
+    )
+    conn.close()
 
 
 # =============================================================================
@@ -10873,7 +11132,7 @@ OTHER_KUBECONFIG = {
 
 
 def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
-    rig, tmp_path, capsys, monkeypatch
+    cards, clusters, proxies, tmp_path, capsys, monkeypatch
 ):
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -10884,157 +11143,145 @@ def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
     config.write_text(original)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    alpha = start_cluster(tmp_path / "a", subject="CN=alice,O=team-alpha")
-    beta = start_cluster(tmp_path / "b", subject="CN=bob,O=team-beta")
+    alpha = clusters(tmp_path / "a", subject="CN=alice,O=team-alpha")
+    beta = clusters(tmp_path / "b", subject="CN=bob,O=team-beta")
     piv_a, piv_b = VirtualPiv(serial=11100001), VirtualPiv(serial=11100002)
-    card_a, card_b = rig.insert(piv_a, 0), rig.insert(piv_b, 1)
-    proxies: list[ProxyProcess] = []
+    cards(piv_a, 0), cards(piv_b, 1)
+    started: list[ProxyProcess] = []
     port = free_port_pair()  # not 8080 and 8081: CI's machine may use them
-    try:
-        # Both source kubeconfigs call their context 'default': --name tells them apart.
-        code, stdout, stderr = run_cli(
-            "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "alpha",
-            "--serial", "11100001", "--port", str(port), "--merge", capsys=capsys,
-        )  # fmt: skip
-        assert (code, stderr) == (0, "")
-        assert (
-            f"Merged context, cluster and user 'alpha' into {config} (current-context "
-            f"unchanged; a file that was there is kept as {config}.bak); "
-            "'yubikey-kube-proxy unmerge alpha' removes them.\n"
-        ) in stdout
-        after_alpha = config.read_text()
-        code, stdout, stderr = run_cli(
-            "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
-            "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
-            "--merge", str(config), "--use-context", capsys=capsys,
-        )  # fmt: skip
-        assert (code, stderr) == (0, "")
-        assert "  2. kubectl --context beta get nodes\n" in stdout
-        folders = {n: home / ".kube" / "yubikey" / n for n in ("alpha", "beta")}
-        servers = {
-            n: read_yaml(f / "client.yml")["clusters"][0]["cluster"]["server"]
-            for n, f in folders.items()
-        }
-        assert servers == {
-            "alpha": f"https://127.0.0.1:{port}",
-            "beta": f"https://127.0.0.1:{port + 1}",
-        }
-        # The merged kubeconfig: the other entries and their order kept, 0600, backup.
-        merged = read_yaml(config)
-        assert entry_names(merged) == [["other", "alpha", "beta"]] * 3
-        assert merged["current-context"] == "beta"
-        for kind in ("clusters", "contexts", "users"):
-            assert merged[kind][0] == OTHER_KUBECONFIG[kind][0]
-        client_beta = read_yaml(folders["beta"] / "client.yml")
-        for kind in ("clusters", "users"):
-            assert merged[kind][2] == client_beta[kind][0]
-        context = copy.deepcopy(client_beta["contexts"][0])
-        context["context"]["extensions"][0]["extension"].update(
-            {"previous-current-context": "other"}
-        )
-        assert merged["contexts"][2] == context
-        assert context["context"]["extensions"][0]["extension"] == {
-            "proxy-config": str(folders["beta"] / "proxy.yml"),
-            "previous-current-context": "other",
-        }
-        assert stat.S_IMODE(config.stat().st_mode) == 0o600
-        assert (home / ".kube" / "config.bak").read_text() == after_alpha
-        assert stat.S_IMODE((home / ".kube" / "config.bak").stat().st_mode) == 0o600
-        # status with a proxy.yml reports that proxy's card and slot only.
-        code, stdout, _ = run_cli(
-            "status", "--kubeconfig", str(folders["beta"] / "proxy.yml"), "--json",
-            capsys=capsys,
-        )  # fmt: skip
-        report = json.loads(stdout)["cards"]
-        assert code == 0
-        assert [(r["serial"], [s["slot"] for s in r["slots"]]) for r in report] == [
-            (11100002, ["9c"])
+    # Both source kubeconfigs call their context 'default': --name tells them apart.
+    code, stdout, stderr = run_cli(
+        "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "alpha",
+        "--serial", "11100001", "--port", str(port), "--merge", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    assert (
+        f"Merged context, cluster and user 'alpha' into {config} (current-context "
+        f"unchanged; a file that was there is kept as {config}.bak); "
+        "'yubikey-kube-proxy unmerge alpha' removes them.\n"
+    ) in stdout
+    after_alpha = config.read_text()
+    code, stdout, stderr = run_cli(
+        "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
+        "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
+        "--merge", str(config), "--use-context", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    assert "  2. kubectl --context beta get nodes\n" in stdout
+    folders = {n: home / ".kube" / "yubikey" / n for n in ("alpha", "beta")}
+    servers = {
+        n: read_yaml(f / "client.yml")["clusters"][0]["cluster"]["server"]
+        for n, f in folders.items()
+    }
+    assert servers == {
+        "alpha": f"https://127.0.0.1:{port}",
+        "beta": f"https://127.0.0.1:{port + 1}",
+    }
+    # The merged kubeconfig: the other entries and their order kept, 0600, backup.
+    merged = read_yaml(config)
+    assert entry_names(merged) == [["other", "alpha", "beta"]] * 3
+    assert merged["current-context"] == "beta"
+    for kind in ("clusters", "contexts", "users"):
+        assert merged[kind][0] == OTHER_KUBECONFIG[kind][0]
+    client_beta = read_yaml(folders["beta"] / "client.yml")
+    for kind in ("clusters", "users"):
+        assert merged[kind][2] == client_beta[kind][0]
+    context = copy.deepcopy(client_beta["contexts"][0])
+    context["context"]["extensions"][0]["extension"].update(
+        {"previous-current-context": "other"}
+    )
+    assert merged["contexts"][2] == context
+    assert context["context"]["extensions"][0]["extension"] == {
+        "proxy-config": str(folders["beta"] / "proxy.yml"),
+        "previous-current-context": "other",
+    }
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert (home / ".kube" / "config.bak").read_text() == after_alpha
+    assert stat.S_IMODE((home / ".kube" / "config.bak").stat().st_mode) == 0o600
+    # status with a proxy.yml reports that proxy's card and slot only.
+    code, stdout, _ = run_cli(
+        "status", "--kubeconfig", str(folders["beta"] / "proxy.yml"), "--json",
+        capsys=capsys,
+    )  # fmt: skip
+    report = json.loads(stdout)["cards"]
+    assert code == 0
+    assert [(r["serial"], [s["slot"] for s in r["slots"]]) for r in report] == [
+        (11100002, ["9c"])
+    ]
+    assert report[0]["slots"][0]["certificate"]["subject"] == "CN=bob,O=team-beta"
+    signed = (piv_a.sign_count, piv_b.sign_count)
+    for name, listen in (("alpha", port), ("beta", port + 1)):
+        started.append(proxies(folders[name], "--listen", f"127.0.0.1:{listen}"))
+    sides = f"{folders['alpha'] / 'client.yml'}:{folders['beta'] / 'client.yml'}"
+    assert [
+        whoami(sides, "--context", "alpha"),  # 1. side files in KUBECONFIG
+        whoami(sides, "--context", "beta"),
+        whoami(sides),  # the first file's current-context
+        whoami(str(config), "--context", "alpha"),  # 2. merged, other entries
+        whoami(str(config)),  # 3. --use-context made beta current
+    ] == ["alice", "bob", "alice", "alice", "bob"]
+    reviews = {
+        name: [r.client_subject for r in api.requests if "selfsubjectreviews" in r.path]
+        for name, api in (("alpha", alpha.api), ("beta", beta.api))
+    }
+    assert reviews == {
+        "alpha": ["CN=alice,O=team-alpha"] * 3,
+        "beta": ["CN=bob,O=team-beta"] * 2,
+    }
+    assert (piv_a.sign_count - signed[0], piv_b.sign_count - signed[1]) == (
+        alpha.api.handshakes,
+        beta.api.handshakes,
+    )
+    for proxy in started:
+        proxy.stop()
+    # Merging again replaces the entries in place, keeps what --use-context
+    # replaced, and the same client.yml merged twice changes no byte.
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
+        "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
+        "--force", "--merge", "--use-context", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    again = read_yaml(config)
+    assert entry_names(again) == [["other", "alpha", "beta"]] * 3
+    assert (
+        again["contexts"][2]["context"]["extensions"][0]["extension"][
+            "previous-current-context"
         ]
-        assert report[0]["slots"][0]["certificate"]["subject"] == "CN=bob,O=team-beta"
-        signed = (piv_a.sign_count, piv_b.sign_count)
-        for name, listen in (("alpha", port), ("beta", port + 1)):
-            proxies.append(
-                ProxyProcess(folders[name], "--listen", f"127.0.0.1:{listen}")
-            )
-        sides = f"{folders['alpha'] / 'client.yml'}:{folders['beta'] / 'client.yml'}"
-        assert [
-            whoami(sides, "--context", "alpha"),  # 1. side files in KUBECONFIG
-            whoami(sides, "--context", "beta"),
-            whoami(sides),  # the first file's current-context
-            whoami(str(config), "--context", "alpha"),  # 2. merged, other entries
-            whoami(str(config)),  # 3. --use-context made beta current
-        ] == ["alice", "bob", "alice", "alice", "bob"]
-        reviews = {
-            name: [
-                r.client_subject for r in api.requests if "selfsubjectreviews" in r.path
-            ]
-            for name, api in (("alpha", alpha.api), ("beta", beta.api))
-        }
-        assert reviews == {
-            "alpha": ["CN=alice,O=team-alpha"] * 3,
-            "beta": ["CN=bob,O=team-beta"] * 2,
-        }
-        assert (piv_a.sign_count - signed[0], piv_b.sign_count - signed[1]) == (
-            alpha.api.handshakes,
-            beta.api.handshakes,
-        )
-        for proxy in proxies:
-            proxy.stop()
-        # Merging again replaces the entries in place, keeps what --use-context
-        # replaced, and the same client.yml merged twice changes no byte.
-        code, _, stderr = run_cli(
-            "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
-            "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
-            "--force", "--merge", "--use-context", capsys=capsys,
-        )  # fmt: skip
+        == "other"
+    )
+    before = config.read_bytes()
+    yk.merge_client(config, read_yaml(folders["beta"] / "client.yml"), True)
+    assert config.read_bytes() == before
+    # An entry of that name that we did not write is never replaced.
+    signed = piv_a.sign_count
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "other",
+        "--serial", "11100001", "--force", "--merge", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {config} already has a cluster named 'other' "
+        "that yubikey-kube-proxy did not write: choose another --name\n",
+    )
+    assert config.read_bytes() == before and piv_a.sign_count == signed
+    assert not (home / ".kube" / "yubikey" / "other").exists()
+    # unmerge removes exactly what merge added.
+    for name in ("alpha", "beta"):
+        code, stdout, stderr = run_cli("unmerge", name, capsys=capsys)
         assert (code, stderr) == (0, "")
-        again = read_yaml(config)
-        assert entry_names(again) == [["other", "alpha", "beta"]] * 3
-        assert (
-            again["contexts"][2]["context"]["extensions"][0]["extension"][
-                "previous-current-context"
-            ]
-            == "other"
+        assert stdout == (
+            f"Removed {name!r} (cluster, context, user) from {config} "
+            f"(the previous file is {config}.bak).\n"
         )
-        before = config.read_bytes()
-        yk.merge_client(config, read_yaml(folders["beta"] / "client.yml"), True)
-        assert config.read_bytes() == before
-        # An entry of that name that we did not write is never replaced.
-        signed = piv_a.sign_count
-        code, _, stderr = run_cli(
-            "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "other",
-            "--serial", "11100001", "--force", "--merge", capsys=capsys,
-        )  # fmt: skip
-        assert (code, stderr) == (
-            1,
-            f"yubikey-kube-proxy: error: {config} already has a cluster named 'other' "
-            "that yubikey-kube-proxy did not write: choose another --name\n",
-        )
-        assert config.read_bytes() == before and piv_a.sign_count == signed
-        assert not (home / ".kube" / "yubikey" / "other").exists()
-        # unmerge removes exactly what merge added.
-        for name in ("alpha", "beta"):
-            code, stdout, stderr = run_cli("unmerge", name, capsys=capsys)
-            assert (code, stderr) == (0, "")
-            assert stdout == (
-                f"Removed {name!r} (cluster, context, user) from {config} "
-                f"(the previous file is {config}.bak).\n"
-            )
-        assert config.read_text() == original
-        code, _, stderr = run_cli("unmerge", "beta", capsys=capsys)
-        assert (code, stderr) == (
-            1,
-            f"yubikey-kube-proxy: error: {config} has no context, cluster or user named "
-            "'beta' that yubikey-kube-proxy merged: check the name (kubectl config "
-            "get-contexts)\n",
-        )
-    finally:
-        for proxy in proxies:
-            proxy.stop()
-        alpha.api.stop()
-        beta.api.stop()
-        rig.remove(card_a, 0)
-        rig.remove(card_b, 1)
+    assert config.read_text() == original
+    code, _, stderr = run_cli("unmerge", "beta", capsys=capsys)
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {config} has no context, cluster or user named "
+        "'beta' that yubikey-kube-proxy merged: check the name (kubectl config "
+        "get-contexts)\n",
+    )
 
 
 @pytest.mark.parametrize(
@@ -11174,7 +11421,7 @@ def test_template_unit_verifies_and_runs_the_instance_named_proxy(tmp_path):
 
 
 def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
-    card57, csr_cluster, tmp_path, capsys, monkeypatch
+    card57, proxies, csr_cluster, tmp_path, capsys, monkeypatch
 ):
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -11204,19 +11451,17 @@ def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
     )
     assert not (home / ".kube" / "config.bak").exists()  # there was no file before
     first = slot_certificate(card57)
-    proxy = ProxyProcess(folder, "--listen", f"127.0.0.1:{port}")
-    try:
-        assert whoami(str(config)) == "alice"
-        # renew finds the proxy.yml that the merged context names.
-        code, stdout, stderr = run_cli(
-            "renew", "--approve", "--expiration", "3h", capsys=capsys
-        )
-        assert (code, stderr) == (0, ""), stdout
-        assert len(csr_cluster.api.csrs) == 2
-        assert slot_certificate(card57).serial_number != first.serial_number
-        assert whoami(str(config)) == "alice"  # the running proxy uses the new one
-    finally:
-        proxy.stop()
+    proxy = proxies(folder, "--listen", f"127.0.0.1:{port}")
+    assert whoami(str(config)) == "alice"
+    # renew finds the proxy.yml that the merged context names.
+    code, stdout, stderr = run_cli(
+        "renew", "--approve", "--expiration", "3h", capsys=capsys
+    )
+    assert (code, stderr) == (0, ""), stdout
+    assert len(csr_cluster.api.csrs) == 2
+    assert slot_certificate(card57).serial_number != first.serial_number
+    assert whoami(str(config)) == "alice"  # the running proxy uses the new one
+    proxy.stop()
     code, _, stderr = run_cli("unmerge", "dev-alice", capsys=capsys)
     assert (code, stderr) == (0, "")
     assert read_yaml(config) == {
@@ -11651,7 +11896,7 @@ def test_notifications_fit_the_platform(tmp_path, capsys, monkeypatch, platform)
 
 
 def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
-    rig, cluster, tmp_path, capsys
+    cards, cluster, tmp_path, capsys
 ):
     import shlex
 
@@ -11662,47 +11907,44 @@ def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
         return prompted.wait(60) if waiting["on"] else True
 
     piv = VirtualPiv(serial=11100003, touch=touch)
-    inserted = rig.insert(piv)
-    try:
-        out = tmp_path / "yk"
-        assert (
-            run_cli(
-                *setup_args(cluster.kubeconfig, out, "--touch-policy", "always"),
-                capsys=capsys,
-            )[0]
-            == 0
-        )
-        waiting["on"] = True
-        tools = fake_programs(tmp_path / "bin", "notify-send")
-        command = shlex.join(
-            [
-                sys.executable, str(HERE / "yk_kube_proxy.py"), "shell", "--notify",
-                "--kubeconfig", str(out / "proxy.yml"), "--", "kubectl", "get",
-                "--raw", "/version", "--request-timeout", "60s",
-            ]
-        )  # fmt: skip
-        err = tmp_path / "shell.err"
-        terminal = subprocess.Popen(  # a pseudo-terminal, as a person's
-            ["script", "-qefc", f"{command} 2>{shlex.quote(str(err))}", "/dev/null"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"},
-        )
-        shown = bytearray()
+    cards(piv)
+    out = tmp_path / "yk"
+    assert (
+        run_cli(
+            *setup_args(cluster.kubeconfig, out, "--touch-policy", "always"),
+            capsys=capsys,
+        )[0]
+        == 0
+    )
+    waiting["on"] = True
+    tools = fake_programs(tmp_path / "bin", "notify-send")
+    command = shlex.join(
+        [
+            sys.executable, str(HERE / "yk_kube_proxy.py"), "shell", "--notify",
+            "--kubeconfig", str(out / "proxy.yml"), "--", "kubectl", "get",
+            "--raw", "/version", "--request-timeout", "60s",
+        ]
+    )  # fmt: skip
+    err = tmp_path / "shell.err"
+    terminal = subprocess.Popen(  # a pseudo-terminal, as a person's
+        ["script", "-qefc", f"{command} 2>{shlex.quote(str(err))}", "/dev/null"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"},
+    )
+    shown = bytearray()
 
-        def read():
-            while chunk := os.read(terminal.stdout.fileno(), 65536):
-                shown.extend(chunk)
-                if b"to approve a kubectl request" in shown:
-                    prompted.set()
+    def read():
+        while chunk := os.read(terminal.stdout.fileno(), 65536):
+            shown.extend(chunk)
+            if b"to approve a kubectl request" in shown:
+                prompted.set()
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        assert terminal.wait(120) == 0, (bytes(shown), err.read_text())
-        reader.join(10)
-        terminal.stdin.close()
-    finally:
-        rig.remove(inserted)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert terminal.wait(120) == 0, (bytes(shown), err.read_text())
+    reader.join(10)
+    terminal.stdin.close()
     message = (
         "touch your YubiKey (YubiKey serial 11100003 (firmware 5.7.1) in reader "
         f"'{YUBIKEY_READER} 00 00') to approve a kubectl request"
@@ -11721,24 +11963,19 @@ def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
 
 
 def test_proxy_says_at_start_when_notify_cannot_notify(
-    card57, cluster, tmp_path, capsys
+    card57, proxies, cluster, tmp_path, capsys
 ):
     assert (
         run_cli(*setup_args(cluster.kubeconfig, tmp_path / "yk"), capsys=capsys)[0] == 0
     )
     empty = tmp_path / "empty"
     empty.mkdir()
-    proxy = ProxyProcess(
-        tmp_path / "yk", "--notify", env={**os.environ, "PATH": str(empty)}
+    proxy = proxies(tmp_path / "yk", "--notify", env={**os.environ, "PATH": str(empty)})
+    assert proxy.stderr().startswith(
+        "yubikey-kube-proxy: WARNING: --notify: notify-send was not found (Debian "
+        "and Ubuntu: install libnotify-bin), so touch prompts only go to this log: "
+        "fix that or drop --notify\n"
     )
-    try:
-        assert proxy.stderr().startswith(
-            "yubikey-kube-proxy: WARNING: --notify: notify-send was not found (Debian "
-            "and Ubuntu: install libnotify-bin), so touch prompts only go to this log: "
-            "fix that or drop --notify\n"
-        )
-    finally:
-        proxy.stop()
 
 
 def test_verbose_before_or_after_the_command(tmp_path, capsys):
@@ -12123,11 +12360,13 @@ def bench_k9s_like(cluster, piv, proxy, workdir: Path) -> list[str]:
 # =============================================================================
 
 
-def card_proxy(rig, cluster, workdir: Path, *proxy_extra: str, serial=12000000, **piv):
+def card_proxy(
+    cards, proxies, cluster, workdir: Path, *proxy_extra: str, serial=12000000, **piv
+):
     """A fresh card in the first reader, setup, and a proxy with ``proxy_extra``."""
     card = VirtualPiv(serial=serial, **piv)
-    inserted = rig.insert(card)
-    proxy = setup_and_proxy(cluster, workdir, proxy_extra=proxy_extra)
+    inserted = cards(card)
+    proxy = proxies.setup(cluster, workdir, proxy_extra=proxy_extra)
     return card, inserted, proxy
 
 
@@ -12171,65 +12410,63 @@ def stop_all(streams: dict) -> None:
 
 
 def test_pool_reuses_across_kubectl_runs_with_exact_signatures(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
     card, inserted, proxy = card_proxy(
-        rig, cluster, tmp_path / "yk", "--reuse-while-present"
+        cards, proxies, cluster, tmp_path / "yk", "--reuse-while-present"
     )
-    try:
-        signed, reads = card.sign_count, certificate_reads(card)
-        for _ in range(3):  # three kubectl processes, each its own local connections
-            done = kubectl(proxy, "get", "--raw", "/version")
-            assert done.returncode == 0, done.stderr
-        # One handshake, one signature for all of them; the certificate was read
-        # at start only.
-        assert (card.sign_count - signed, cluster.api.handshakes) == (1, 1)
-        assert certificate_reads(card) == reads
-        # Two requests at once: the one kept connection, and a new one.
-        client = LocalClient(proxy)
-        slow = threading.Thread(target=client.get, args=("/slow?seconds=1",))
-        slow.start()
-        wait_until(
-            lambda: any(r["path"].startswith("/slow") for r in cluster.api.requests),
-            20,
-            "the slow request to arrive",
-        )
-        assert client.get("/version")[0] == 200
-        slow.join()
-        assert (card.sign_count - signed, cluster.api.handshakes) == (2, 2)
-        # kubectl get pods may open several connections at once (discovery); run
-        # again, it finds them all kept: no signature.
-        cache = ["--cache-dir", str(tmp_path / "cache")]
-        assert kubectl(proxy, *cache, "get", "pods").returncode == 0
-        counts = (card.sign_count, cluster.api.handshakes)
-        done = kubectl(proxy, *cache, "get", "pods", "-o", "name")
-        assert (done.returncode, done.stdout) == (0, ""), done.stderr
-        assert (card.sign_count, cluster.api.handshakes) == counts
-        # An upgrade gets a connection of its own, which is never kept.
-        cluster.api.add_pod("box", namespace="team-a")
-        for expected in (1, 2):
-            done = kubectl(proxy, "exec", "-i", "box", "--", "cat", input="hi\n")
-            assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
-            assert card.sign_count - counts[0] == expected
-        assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
-        assert card.sign_count - counts[0] == 2
-        FAULT_FIGURES.append(
-            f"pool: {len(cluster.api.requests)} requests of 9 kubectl runs and a "
-            f"client, {card.sign_count - signed} signatures"
-        )
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    signed, reads = card.sign_count, certificate_reads(card)
+    for _ in range(3):  # three kubectl processes, each its own local connections
+        done = kubectl(proxy, "get", "--raw", "/version")
+        assert done.returncode == 0, done.stderr
+    # One handshake, one signature for all of them; the certificate was read
+    # at start only.
+    assert (card.sign_count - signed, cluster.api.handshakes) == (1, 1)
+    assert certificate_reads(card) == reads
+    # Two requests at once: the one kept connection, and a new one.
+    client = LocalClient(proxy)
+    slow = threading.Thread(target=client.get, args=("/slow?seconds=1",))
+    slow.start()
+    wait_until(
+        lambda: any(r["path"].startswith("/slow") for r in cluster.api.requests),
+        20,
+        "the slow request to arrive",
+    )
+    assert client.get("/version")[0] == 200
+    slow.join()
+    assert (card.sign_count - signed, cluster.api.handshakes) == (2, 2)
+    # kubectl get pods may open several connections at once (discovery); run
+    # again, it finds them all kept: no signature.
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert kubectl(proxy, *cache, "get", "pods").returncode == 0
+    counts = (card.sign_count, cluster.api.handshakes)
+    done = kubectl(proxy, *cache, "get", "pods", "-o", "name")
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
+    assert (card.sign_count, cluster.api.handshakes) == counts
+    # An upgrade gets a connection of its own, which is never kept.
+    cluster.api.add_pod("box", namespace="team-a")
+    for expected in (1, 2):
+        done = kubectl(proxy, "exec", "-i", "box", "--", "cat", input="hi\n")
+        assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
+        assert card.sign_count - counts[0] == expected
+    assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+    assert card.sign_count - counts[0] == 2
+    FAULT_FIGURES.append(
+        f"pool: {len(cluster.api.requests)} requests of 9 kubectl runs and a "
+        f"client, {card.sign_count - signed} signatures"
+    )
 
 
 @pytest.mark.parametrize("mode", ["fresh", "pool"])
-def test_card_pulled_ends_watch_logs_and_exec(rig, cluster, tmp_path, capsys, mode):
+def test_card_pulled_ends_watch_logs_and_exec(
+    cards, proxies, cluster, tmp_path, capsys, mode
+):
     extra = ("--reuse-while-present",) if mode == "pool" else ()
-    card, inserted, proxy = card_proxy(rig, cluster, tmp_path / "yk", *extra)
+    card, inserted, proxy = card_proxy(cards, proxies, cluster, tmp_path / "yk", *extra)
     streams = open_streams(proxy, cluster)
     try:
         pulled = time.monotonic()
-        inserted.remove()  # the card is pulled; nothing waits for pcscd to notice
+        inserted.remove(wait=False)  # the card is pulled; nothing waits for pcscd
         hangups = cluster.api.wait_hangups(3)
         codes = {name: process.wait(30) for name, process in streams.items()}
         ended = max(t for _, t in hangups) - pulled
@@ -12260,16 +12497,17 @@ def test_card_pulled_ends_watch_logs_and_exec(rig, cluster, tmp_path, capsys, mo
         assert "the YubiKey left its reader: closed " in proxy.stderr()
     finally:
         stop_all(streams)
-        proxy.stop()
 
 
-def test_keep_streams_on_removal_lets_them_run(rig, cluster, tmp_path, capsys):
+def test_keep_streams_on_removal_lets_them_run(
+    cards, proxies, cluster, tmp_path, capsys
+):
     card, inserted, proxy = card_proxy(
-        rig, cluster, tmp_path / "yk", "--keep-streams-on-removal"
+        cards, proxies, cluster, tmp_path / "yk", "--keep-streams-on-removal"
     )
     streams = open_streams(proxy, cluster)
     try:
-        rig.remove(inserted)
+        inserted.remove()
         cluster.api.append_log("box", "after", namespace="team-a")
         assert streams["logs"].stdout.readline() == b"after\n"
         streams["exec"].stdin.write(b"still here\n")
@@ -12280,14 +12518,13 @@ def test_keep_streams_on_removal_lets_them_run(rig, cluster, tmp_path, capsys):
         assert LocalClient(proxy).get("/version")[0] == 503
     finally:
         stop_all(streams)
-        proxy.stop()
 
 
 @pytest.mark.parametrize("stream", ["watch", "logs", "exec"])
 def test_client_killed_mid_stream_closes_the_upstream(
-    rig, cluster, tmp_path, capsys, stream
+    cards, proxies, cluster, tmp_path, capsys, stream
 ):
-    card, inserted, proxy = card_proxy(rig, cluster, tmp_path / "yk")
+    card, inserted, proxy = card_proxy(cards, proxies, cluster, tmp_path / "yk")
     streams = open_streams(proxy, cluster)
     try:
         killed = time.monotonic()
@@ -12302,111 +12539,110 @@ def test_client_killed_mid_stream_closes_the_upstream(
         assert all(p.poll() is None for n, p in streams.items() if n != stream)
     finally:
         stop_all(streams)
-        proxy.stop()
-        rig.remove(inserted)
 
 
 def test_card_pulled_and_the_next_request_at_once_says_not_present(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
-    card, inserted, proxy = card_proxy(rig, cluster, tmp_path / "yk")
+    card, inserted, proxy = card_proxy(cards, proxies, cluster, tmp_path / "yk")
     client = LocalClient(proxy)
     messages = []
-    try:
-        for _ in range(3):
-            assert client.get("/version")[0] == 200
-            inserted.remove()  # and at once, no waiting for pcscd
-            status, body = client.get("/version")
-            messages.append((status, json.loads(body)["message"]))
-            inserted = rig.insert(card)
-        assert (
-            messages
-            == [
-                (
-                    503,
-                    f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it",
-                )
-            ]
-            * 3
-        )
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
-
-
-def test_card_swapped_for_another_in_the_same_reader(rig, cluster, tmp_path, capsys):
-    card, inserted, proxy = card_proxy(
-        rig, cluster, tmp_path / "yk", "--reuse-while-present", serial=12000001
-    )
-    client = LocalClient(proxy)
-    try:
-        assert [client.get("/version")[0] for _ in range(2)] == [200, 200]
-        rig.remove(inserted)
-        other = VirtualPiv(serial=12000002)
-        inserted = rig.insert(other)
-        relayed, handshakes = len(cluster.api.requests), cluster.api.handshakes
+    for _ in range(3):
+        assert client.get("/version")[0] == 200
+        inserted.remove()  # and at once, no waiting for pcscd
         status, body = client.get("/version")
-        assert (status, json.loads(body)["message"]) == (
-            503,
-            f"the YubiKey in reader '{YUBIKEY_READER} 00 00' is serial 12000002, not "
-            "serial 12000001 that holds the key: insert that one",
-        )
-        assert (len(cluster.api.requests), cluster.api.handshakes) == (
-            relayed,
-            handshakes,
-        )
-        assert (card.sign_count - 1, other.sign_count) == (1, 0)
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+        messages.append((status, json.loads(body)["message"]))
+        inserted = cards(card)
+    assert (
+        messages
+        == [
+            (
+                503,
+                f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it",
+            )
+        ]
+        * 3
+    )
 
 
-def test_stale_pooled_connection_is_replaced_not_a_502(rig, cluster, tmp_path, capsys):
+def test_card_swapped_for_another_in_the_same_reader(
+    cards, proxies, cluster, tmp_path, capsys
+):
     card, inserted, proxy = card_proxy(
-        rig, cluster, tmp_path / "yk", "--reuse-while-present"
+        cards,
+        proxies,
+        cluster,
+        tmp_path / "yk",
+        "--reuse-while-present",
+        serial=12000001,
     )
     client = LocalClient(proxy)
-    try:
-        assert client.get("/version")[0] == 200
-        # The server timed the idle connection out (its FIN has arrived).
-        cluster.api.close_connections()
-        wait_until(lambda: not cluster.api._conns, 10, "the server to close")
-        assert client.get("/version")[0] == 200
-        assert (card.sign_count - 1, cluster.api.handshakes) == (2, 2)
-        # The server closes it as the request arrives: sent once more, fresh.
-        cluster.api.drop_next = 1
-        assert client.get("/version")[0] == 200
-        assert (card.sign_count - 1, cluster.api.handshakes) == (3, 3)
-        assert [r["path"] for r in cluster.api.requests[-2:]] == ["/version"] * 2
-        # A body is not sent twice: a 502 that says so.
-        cluster.api.drop_next = 1
-        conn = client.connection()
-        conn.request("POST", "/api/v1/namespaces/team-a/pods", body=b"{}")
-        response = conn.getresponse()
-        assert response.status == 502
-        assert json.loads(response.read())["message"].startswith(
-            f"the API server at 127.0.0.1:{cluster.api.port} failed during the request"
-        )
-        conn.close()
-        assert (card.sign_count - 1, cluster.api.handshakes) == (3, 3)
-        assert "GET /version: retried, the kept connection was stale" in proxy.stderr()
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
-
-
-def test_idle_pooled_connections_close_after_reuse_idle(rig, cluster, tmp_path, capsys):
-    card, inserted, proxy = card_proxy(
-        rig, cluster, tmp_path / "yk", "--reuse-while-present", "--reuse-idle", "0.5"
+    assert [client.get("/version")[0] for _ in range(2)] == [200, 200]
+    inserted.remove()
+    other = VirtualPiv(serial=12000002)
+    inserted = cards(other)
+    relayed, handshakes = len(cluster.api.requests), cluster.api.handshakes
+    status, body = client.get("/version")
+    assert (status, json.loads(body)["message"]) == (
+        503,
+        f"the YubiKey in reader '{YUBIKEY_READER} 00 00' is serial 12000002, not "
+        "serial 12000001 that holds the key: insert that one",
     )
-    try:
-        assert LocalClient(proxy).get("/version")[0] == 200
-        wait_until(lambda: not cluster.api._conns, 20, "the idle connection to close")
-        assert LocalClient(proxy).get("/version")[0] == 200
-        assert (card.sign_count - 1, cluster.api.handshakes) == (2, 2)
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    assert (len(cluster.api.requests), cluster.api.handshakes) == (
+        relayed,
+        handshakes,
+    )
+    assert (card.sign_count - 1, other.sign_count) == (1, 0)
+
+
+def test_stale_pooled_connection_is_replaced_not_a_502(
+    cards, proxies, cluster, tmp_path, capsys
+):
+    card, inserted, proxy = card_proxy(
+        cards, proxies, cluster, tmp_path / "yk", "--reuse-while-present"
+    )
+    client = LocalClient(proxy)
+    assert client.get("/version")[0] == 200
+    # The server timed the idle connection out (its FIN has arrived).
+    cluster.api.close_connections()
+    wait_until(lambda: not cluster.api._conns, 10, "the server to close")
+    assert client.get("/version")[0] == 200
+    assert (card.sign_count - 1, cluster.api.handshakes) == (2, 2)
+    # The server closes it as the request arrives: sent once more, fresh.
+    cluster.api.drop_next = 1
+    assert client.get("/version")[0] == 200
+    assert (card.sign_count - 1, cluster.api.handshakes) == (3, 3)
+    assert [r["path"] for r in cluster.api.requests[-2:]] == ["/version"] * 2
+    # A body is not sent twice: a 502 that says so.
+    cluster.api.drop_next = 1
+    conn = client.connection()
+    conn.request("POST", "/api/v1/namespaces/team-a/pods", body=b"{}")
+    response = conn.getresponse()
+    assert response.status == 502
+    assert json.loads(response.read())["message"].startswith(
+        f"the API server at 127.0.0.1:{cluster.api.port} failed during the request"
+    )
+    conn.close()
+    assert (card.sign_count - 1, cluster.api.handshakes) == (3, 3)
+    assert "GET /version: retried, the kept connection was stale" in proxy.stderr()
+
+
+def test_idle_pooled_connections_close_after_reuse_idle(
+    cards, proxies, cluster, tmp_path, capsys
+):
+    card, inserted, proxy = card_proxy(
+        cards,
+        proxies,
+        cluster,
+        tmp_path / "yk",
+        "--reuse-while-present",
+        "--reuse-idle",
+        "0.5",
+    )
+    assert LocalClient(proxy).get("/version")[0] == 200
+    wait_until(lambda: not cluster.api._conns, 20, "the idle connection to close")
+    assert LocalClient(proxy).get("/version")[0] == 200
+    assert (card.sign_count - 1, cluster.api.handshakes) == (2, 2)
 
 
 def replace_certificate(cluster: Cluster, card: VirtualPiv, days: int) -> bytes:
@@ -12426,68 +12662,58 @@ def replace_certificate(cluster: Cluster, card: VirtualPiv, days: int) -> bytes:
 
 
 def test_certificate_read_once_then_on_sighup_or_after_the_refresh_interval(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
-    card, inserted, proxy = card_proxy(rig, cluster, tmp_path / "yk")
+    card, inserted, proxy = card_proxy(cards, proxies, cluster, tmp_path / "yk")
     client = LocalClient(proxy)
-    try:
-        reads = certificate_reads(card)
-        assert [client.get("/version")[0] for _ in range(5)] == [200] * 5
-        assert certificate_reads(card) == reads  # read at start, not per request
-        second = replace_certificate(cluster, card, 100)
-        proxy.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reloading" in proxy.stderr(), 20, "the reload")
-        assert client.get("/version")[0] == 200
-        assert cluster.api.requests[-1]["client_certificate"] == second
-        assert certificate_reads(card) == reads + 1
-    finally:
-        proxy.stop()
+    reads = certificate_reads(card)
+    assert [client.get("/version")[0] for _ in range(5)] == [200] * 5
+    assert certificate_reads(card) == reads  # read at start, not per request
+    second = replace_certificate(cluster, card, 100)
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloading" in proxy.stderr(), 20, "the reload")
+    assert client.get("/version")[0] == 200
+    assert cluster.api.requests[-1]["client_certificate"] == second
+    assert certificate_reads(card) == reads + 1
+    proxy.stop()
     # Renewed under a running proxy: used within --certificate-refresh.
-    proxy = ProxyProcess(tmp_path / "yk", "--certificate-refresh", "1")
+    proxy = proxies(tmp_path / "yk", "--certificate-refresh", "1")
     client = LocalClient(proxy)
-    try:
-        assert client.get("/version")[0] == 200
-        third = replace_certificate(cluster, card, 200)
-        wait_until(
-            lambda: (
-                client.get("/version")[0] == 200
-                and cluster.api.requests[-1]["client_certificate"] == third
-            ),
-            20,
-            "the renewed certificate in use",
-        )
-        assert "now using the certificate in slot 9a" in proxy.stderr()
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    assert client.get("/version")[0] == 200
+    third = replace_certificate(cluster, card, 200)
+    wait_until(
+        lambda: (
+            client.get("/version")[0] == 200
+            and cluster.api.requests[-1]["client_certificate"] == third
+        ),
+        20,
+        "the renewed certificate in use",
+    )
+    assert "now using the certificate in slot 9a" in proxy.stderr()
 
 
 def test_touch_always_in_pool_mode_one_touch_per_new_connection(
-    rig, cluster, tmp_path, capsys
+    cards, proxies, cluster, tmp_path, capsys
 ):
     touches = []
     card = VirtualPiv(serial=12000003, touch=lambda slot: touches.append(slot) or True)
-    inserted = rig.insert(card)
-    proxy = setup_and_proxy(
+    inserted = cards(card)
+    proxy = proxies.setup(
         cluster,
         tmp_path / "yk",
         "--touch-policy",
         "always",
         proxy_extra=("--reuse-while-present",),
     )
-    try:
-        before = len(touches)  # setup's proof
-        for _ in range(3):
-            assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
-        assert (len(touches) - before, cluster.api.handshakes) == (1, 1)
-        rig.remove(inserted)  # a pull ends the pool: the next one is touched again
-        inserted = rig.insert(card)
+    before = len(touches)  # setup's proof
+    for _ in range(3):
         assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
-        assert (len(touches) - before, cluster.api.handshakes) == (2, 2)
-        assert card.sign_count - 1 == 2
-    finally:
-        proxy.stop()
-        rig.remove(inserted)
+    assert (len(touches) - before, cluster.api.handshakes) == (1, 1)
+    inserted.remove()  # a pull ends the pool: the next one is touched again
+    inserted = cards(card)
+    assert kubectl(proxy, "get", "--raw", "/version").returncode == 0
+    assert (len(touches) - before, cluster.api.handshakes) == (2, 2)
+    assert card.sign_count - 1 == 2
 
 
 def test_pcsc_codes_are_named_by_what_happened():
@@ -12519,18 +12745,15 @@ class GarbledVersionPiv(VirtualPiv):
         return super().process(apdu)
 
 
-def test_malformed_card_answer_is_a_card_error(rig, capsys):
-    inserted = rig.insert(GarbledVersionPiv(serial=12000004))
-    try:
-        code, stdout, stderr = run_cli("status", capsys=capsys)
-        assert (code, stdout) == (1, "")
-        assert stderr == (
-            f"{yk.PROG}: error: the YubiKey in reader '{YUBIKEY_READER} 00 00' sent an "
-            "answer that is not valid PIV (index out of range): reinsert it and try "
-            "again\n"
-        )
-    finally:
-        rig.remove(inserted)
+def test_malformed_card_answer_is_a_card_error(cards, capsys):
+    cards(GarbledVersionPiv(serial=12000004))
+    code, stdout, stderr = run_cli("status", capsys=capsys)
+    assert (code, stdout) == (1, "")
+    assert stderr == (
+        f"{yk.PROG}: error: the YubiKey in reader '{YUBIKEY_READER} 00 00' sent an "
+        "answer that is not valid PIV (index out of range): reinsert it and try "
+        "again\n"
+    )
 
 
 # =============================================================================
@@ -12569,7 +12792,7 @@ def slot_certificate(piv: VirtualPiv, slot: int = 0x9A) -> x509.Certificate:
 
 
 def test_enroll_with_approval_then_kubectl_as_the_new_user(
-    card57, csr_cluster, tmp_path, capsys
+    card57, proxies, csr_cluster, tmp_path, capsys
 ):
     code, stdout, stderr = run_cli(
         *enroll_args(csr_cluster, tmp_path / "yk", "--approve", "--expiration", "2h"),
@@ -12598,13 +12821,10 @@ def test_enroll_with_approval_then_kubectl_as_the_new_user(
         json.loads(stdout)["cards"][0]["slots"][0]["key"]["origin"]
         == "generated on card"
     )
-    proxy = ProxyProcess(tmp_path / "yk")
-    try:
-        done = kubectl(proxy, "get", "--raw", "/version")
-        assert done.returncode == 0, done.stderr
-        assert csr_cluster.api.requests[-1]["client_subject"] == "CN=alice,O=dev"
-    finally:
-        proxy.stop()
+    proxy = proxies(tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    assert csr_cluster.api.requests[-1]["client_subject"] == "CN=alice,O=dev"
 
 
 def test_enroll_waits_for_an_outside_approval(card57, csr_cluster, tmp_path, capsys):
@@ -12700,7 +12920,7 @@ def test_enroll_refuses_system_masters(card57, csr_cluster, tmp_path, capsys):
 
 
 def test_renew_through_the_running_proxy_and_as_a_no_op(
-    card57, csr_cluster, tmp_path, capsys
+    card57, proxies, csr_cluster, tmp_path, capsys
 ):
     workdir = tmp_path / "yk"
     assert (
@@ -12715,64 +12935,61 @@ def test_renew_through_the_running_proxy_and_as_a_no_op(
     grant_as_admin(csr_cluster, "alice", "csr-approver", APPROVER_RULES)
     first = slot_certificate(card57)
     capsys.readouterr()
-    proxy = ProxyProcess(workdir, "--certificate-refresh", "1")
-    try:
-        code, stdout, _ = run_cli(
-            "renew",
-            "--kubeconfig",
-            str(proxy.client_config),
-            "--proxy-config",
-            str(workdir / "proxy.yml"),
-            "--if-expiring-within",
-            "30m",
-            capsys=capsys,
-        )
-        assert code == 0
-        assert re.fullmatch(
-            r"The certificate in slot 9a is valid until \S+ \S+ UTC "
-            r"\((59|60) minutes left\): nothing to do.\n",
-            stdout,
-        ), stdout
-        assert len(csr_cluster.api.csrs) == 1  # nothing requested
-        code, stdout, stderr = run_cli(
-            "renew",
-            "--kubeconfig",
-            str(proxy.client_config),
-            "--proxy-config",
-            str(workdir / "proxy.yml"),
-            "--if-expiring-within",
-            "2h",
-            "--approve",
-            "--expiration",
-            "3h",
-            capsys=capsys,
-        )
-        assert (code, stderr) == (0, "")
-        assert stdout.startswith(
-            "Renewed the certificate in slot 9a (CN=alice,O=dev): valid until "
-        )
-        second = slot_certificate(card57)
-        assert second.serial_number != first.serial_number
-        assert yk.same_public_key(second.public_key(), first.public_key())
-        assert second.not_valid_after_utc > first.not_valid_after_utc
-        # The renewal itself went through the proxy, with the old certificate.
-        creates = [r for r in csr_cluster.api.requests if r["method"] == "POST"]
-        assert creates[-1]["client_certificate"] == first.public_bytes(
-            serialization.Encoding.DER
-        )
-        # No restart: within --certificate-refresh, requests present the new one.
-        wait_until(
-            lambda: (
-                kubectl(proxy, "get", "--raw", "/version").returncode == 0
-                and csr_cluster.api.requests[-1]["client_certificate"]
-                == second.public_bytes(serialization.Encoding.DER)
-            ),
-            30,
-            "the renewed certificate in use",
-        )
-        assert "now using the certificate in slot 9a: CN=alice,O=dev" in proxy.stderr()
-    finally:
-        proxy.stop()
+    proxy = proxies(workdir, "--certificate-refresh", "1")
+    code, stdout, _ = run_cli(
+        "renew",
+        "--kubeconfig",
+        str(proxy.client_config),
+        "--proxy-config",
+        str(workdir / "proxy.yml"),
+        "--if-expiring-within",
+        "30m",
+        capsys=capsys,
+    )
+    assert code == 0
+    assert re.fullmatch(
+        r"The certificate in slot 9a is valid until \S+ \S+ UTC "
+        r"\((59|60) minutes left\): nothing to do.\n",
+        stdout,
+    ), stdout
+    assert len(csr_cluster.api.csrs) == 1  # nothing requested
+    code, stdout, stderr = run_cli(
+        "renew",
+        "--kubeconfig",
+        str(proxy.client_config),
+        "--proxy-config",
+        str(workdir / "proxy.yml"),
+        "--if-expiring-within",
+        "2h",
+        "--approve",
+        "--expiration",
+        "3h",
+        capsys=capsys,
+    )
+    assert (code, stderr) == (0, "")
+    assert stdout.startswith(
+        "Renewed the certificate in slot 9a (CN=alice,O=dev): valid until "
+    )
+    second = slot_certificate(card57)
+    assert second.serial_number != first.serial_number
+    assert yk.same_public_key(second.public_key(), first.public_key())
+    assert second.not_valid_after_utc > first.not_valid_after_utc
+    # The renewal itself went through the proxy, with the old certificate.
+    creates = [r for r in csr_cluster.api.requests if r["method"] == "POST"]
+    assert creates[-1]["client_certificate"] == first.public_bytes(
+        serialization.Encoding.DER
+    )
+    # No restart: within --certificate-refresh, requests present the new one.
+    wait_until(
+        lambda: (
+            kubectl(proxy, "get", "--raw", "/version").returncode == 0
+            and csr_cluster.api.requests[-1]["client_certificate"]
+            == second.public_bytes(serialization.Encoding.DER)
+        ),
+        30,
+        "the renewed certificate in use",
+    )
+    assert "now using the certificate in slot 9a: CN=alice,O=dev" in proxy.stderr()
 
 
 def test_parse_duration():
@@ -12843,51 +13060,50 @@ def test_enroll_reports_a_shortened_lifetime(card57, csr_cluster, tmp_path, caps
 
 @pytest.mark.parametrize("versions", [("1.2",), ("1.3",)])
 @pytest.mark.parametrize("cipher", ["aes128gcm", "aes256gcm", "chacha20-poly1305"])
-def test_fast_record_reader_matches_tlslite(card57, tmp_path, capsys, versions, cipher):
+def test_fast_record_reader_matches_tlslite(
+    card57, clusters, tmp_path, capsys, versions, cipher
+):
     """Application data is decrypted by our reader, everything else by tlslite; the
     bytes must be exactly what the server sent, in every suite and version."""
-    cluster = start_cluster(tmp_path, tls_versions=versions)
+    cluster = clusters(tmp_path, tls_versions=versions)
+    assert (
+        yk.main(
+            [
+                "setup",
+                "--kubeconfig",
+                str(cluster.kubeconfig),
+                "--output-dir",
+                str(tmp_path / "yk"),
+            ]
+        )
+        == 0
+    )
+    args = yk.ProxyOptions.from_args(
+        yk.build_parser().parse_args(
+            ["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")]
+        )
+    )
+    card = yk.open_card()
     try:
-        assert (
-            yk.main(
-                [
-                    "setup",
-                    "--kubeconfig",
-                    str(cluster.kubeconfig),
-                    "--output-dir",
-                    str(tmp_path / "yk"),
-                ]
-            )
-            == 0
-        )
-        args = yk.ProxyOptions.from_args(
-            yk.build_parser().parse_args(
-                ["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")]
-            )
-        )
-        card = yk.open_card()
-        try:
-            upstream = yk.build_upstream(yk.proxy_settings(args), card, args)
-            upstream.settings.cipherNames = [cipher]
-            for path, size in (
-                ("/bytes?n=3000000", 3_000_000),
-                ("/chunked?n=1000000", 1_000_000),
-            ):
-                link = http.client.HTTPConnection("127.0.0.1")
-                link.sock = upstream.connect()
-                try:
-                    link.request("GET", path)
-                    response = link.getresponse()
-                    body = response.read()
-                    assert link.sock.conn.getCipherName() == cipher
-                    assert body == expected_bytes(size)
-                    assert link.sock.stream.fast_records >= size // 16384
-                finally:
-                    link.sock.release()
-        finally:
-            card.close()
+        upstream = yk.build_upstream(yk.proxy_settings(args), card, args)
+        upstream.settings.cipherNames = [cipher]
+        for path, size in (
+            ("/bytes?n=3000000", 3_000_000),
+            ("/chunked?n=1000000", 1_000_000),
+        ):
+            link = http.client.HTTPConnection("127.0.0.1")
+            link.sock = upstream.connect()
+            try:
+                link.request("GET", path)
+                response = link.getresponse()
+                body = response.read()
+                assert link.sock.conn.getCipherName() == cipher
+                assert body == expected_bytes(size)
+                assert link.sock.stream.fast_records >= size // 16384
+            finally:
+                link.sock.release()
     finally:
-        cluster.api.stop()
+        card.close()
 
 
 def test_enroll_binds_a_cluster_role(card57, csr_cluster, tmp_path, capsys):
@@ -13035,7 +13251,7 @@ def enrolled_alice(csr_cluster, tmp_path: Path, *extra: str) -> Path:
 
 
 def test_enroll_a_non_admin_then_renew_through_its_own_proxy_approved_outside(
-    card57, csr_cluster, tmp_path, capsys
+    card57, proxies, csr_cluster, tmp_path, capsys
 ):
     api = csr_cluster.api
     workdir = enrolled_alice(csr_cluster, tmp_path)
@@ -13048,7 +13264,7 @@ def test_enroll_a_non_admin_then_renew_through_its_own_proxy_approved_outside(
     ]
     first = slot_certificate(card57)
     capsys.readouterr()
-    proxy = ProxyProcess(workdir)
+    proxy = proxies(workdir)
     codes: list = []
     worker = threading.Thread(
         target=lambda: codes.append(yk.main(renew_through(proxy, "--timeout", "60")))
@@ -13077,7 +13293,6 @@ def test_enroll_a_non_admin_then_renew_through_its_own_proxy_approved_outside(
         assert done.returncode == 0, done.stderr
     finally:
         worker.join(90)
-        proxy.stop()
     # alice did only what the renewal role allows, and never tried to approve.
     alices = [entry for entry in api.authorization_log if entry[0] == "alice"]
     assert "create" in {verb for _, verb, *_ in alices}
@@ -13130,75 +13345,68 @@ def test_renew_with_an_admin_kubeconfig(card57, csr_cluster, tmp_path, capsys):
 
 
 def test_renew_refused_when_the_renewal_binding_is_missing(
-    card57, csr_cluster, tmp_path, capsys, monkeypatch
+    card57, proxies, csr_cluster, tmp_path, capsys, monkeypatch
 ):
     api = csr_cluster.api
     workdir = enrolled_alice(csr_cluster, tmp_path, "--no-allow-renew")
     capsys.readouterr()
-    proxy = ProxyProcess(workdir)
-    try:
-        code, out, err = run_cli(*renew_through(proxy), capsys=capsys)
-        assert (code, out, err) == (1, "", CREATE_REFUSED)
-        assert len(api.csrs) == 1  # only the enrolment's
-        # The command in the message is what an admin runs; then renewal works.
-        grant = CREATE_REFUSED.split("grants it with: ")[1].strip()
-        for command in grant.split(" && "):
-            done = admin_kubectl(csr_cluster, *command.split()[1:])
-            assert done.returncode == 0, done.stderr
-        assert api.cluster_roles["yubikey-renew-alice"]["rules"] == RENEWAL_RULES
-        # Renewal now waits, saying so, until the approval and the certificate.
-        monkeypatch.setattr(yk, "CSR_PROGRESS_SECONDS", 0.2)
-        codes: list = []
-        worker = threading.Thread(
-            target=lambda: codes.append(
-                yk.main(renew_through(proxy, "--timeout", "60"))
-            )
-        )
-        worker.start()
-        pending = csr_wait(api, lambda o: o["spec"]["username"] == "alice", 60)
-        name = pending["metadata"]["name"]
-        wait_until(
-            lambda: any(
-                "watch=true" in r.path and r.client_subject == "CN=alice,O=dev"
-                for r in list(api.requests)
-            ),
-            30,
-            "renew to watch its request",
-        )
-        seen: list = []
-        wait_until(
-            lambda: (
-                seen.append(capsys.readouterr().err) or "still waiting" in "".join(seen)
-            ),
-            30,
-            "a progress line",
-        )
-        csr_approve(api, name)
-        worker.join(90)
-        assert codes == [0]
-        err = "".join(seen) + capsys.readouterr().err
-        assert re.fullmatch(
-            f"Waiting up to 60 s for an administrator to run: kubectl certificate "
-            f"approve {name}\n(still waiting for {name} \\(\\d+ s left\\)\\.\\.\\.\\n)+"
-            f"{name} is approved; waiting for the cluster to issue its "
-            "certificate\\.\\.\\.\\n(still waiting for .*\\n)*",
-            err,
-        ), err
-    finally:
-        proxy.stop()
+    proxy = proxies(workdir)
+    code, out, err = run_cli(*renew_through(proxy), capsys=capsys)
+    assert (code, out, err) == (1, "", CREATE_REFUSED)
+    assert len(api.csrs) == 1  # only the enrolment's
+    # The command in the message is what an admin runs; then renewal works.
+    grant = CREATE_REFUSED.split("grants it with: ")[1].strip()
+    for command in grant.split(" && "):
+        done = admin_kubectl(csr_cluster, *command.split()[1:])
+        assert done.returncode == 0, done.stderr
+    assert api.cluster_roles["yubikey-renew-alice"]["rules"] == RENEWAL_RULES
+    # Renewal now waits, saying so, until the approval and the certificate.
+    monkeypatch.setattr(yk, "CSR_PROGRESS_SECONDS", 0.2)
+    codes: list = []
+    worker = threading.Thread(
+        target=lambda: codes.append(yk.main(renew_through(proxy, "--timeout", "60")))
+    )
+    worker.start()
+    pending = csr_wait(api, lambda o: o["spec"]["username"] == "alice", 60)
+    name = pending["metadata"]["name"]
+    wait_until(
+        lambda: any(
+            "watch=true" in r.path and r.client_subject == "CN=alice,O=dev"
+            for r in list(api.requests)
+        ),
+        30,
+        "renew to watch its request",
+    )
+    seen: list = []
+    wait_until(
+        lambda: (
+            seen.append(capsys.readouterr().err) or "still waiting" in "".join(seen)
+        ),
+        30,
+        "a progress line",
+    )
+    csr_approve(api, name)
+    worker.join(90)
+    assert codes == [0]
+    err = "".join(seen) + capsys.readouterr().err
+    assert re.fullmatch(
+        f"Waiting up to 60 s for an administrator to run: kubectl certificate "
+        f"approve {name}\n(still waiting for {name} \\(\\d+ s left\\)\\.\\.\\.\\n)+"
+        f"{name} is approved; waiting for the cluster to issue its "
+        "certificate\\.\\.\\.\\n(still waiting for .*\\n)*",
+        err,
+    ), err
 
 
 def test_approve_without_the_rights_is_never_attempted(
-    card57, csr_cluster, tmp_path, capsys
+    card57, proxies, csr_cluster, tmp_path, capsys
 ):
     api = csr_cluster.api
     workdir = enrolled_alice(csr_cluster, tmp_path)
     capsys.readouterr()
-    proxy = ProxyProcess(workdir)
-    try:
-        code, out, err = run_cli(*renew_through(proxy, "--approve"), capsys=capsys)
-    finally:
-        proxy.stop()
+    proxy = proxies(workdir)
+    code, out, err = run_cli(*renew_through(proxy, "--approve"), capsys=capsys)
+    proxy.stop()
     assert (code, out, err) == (1, "", APPROVE_REFUSED)
     # The access reviews said no first; nothing was requested or approved.
     reviews = [
@@ -13218,14 +13426,14 @@ def test_approve_without_the_rights_is_never_attempted(
 
 
 def test_enroll_refused_rbac_names_the_permission_and_restores_the_slot(
-    card57, csr_cluster, tmp_path, capsys
+    card57, proxies, csr_cluster, tmp_path, capsys
 ):
     """alice (allowed to renew, not to bind roles) enrols bob in slot 9c through her
     proxy: the binding is refused after the certificate was issued; the slot is
     left as it was."""
     workdir = enrolled_alice(csr_cluster, tmp_path)
     capsys.readouterr()
-    proxy = ProxyProcess(workdir)
+    proxy = proxies(workdir)
     codes: list = []
     args = [
         "enroll",
@@ -13252,7 +13460,6 @@ def test_enroll_refused_rbac_names_the_permission_and_restores_the_slot(
         worker.join(90)
     finally:
         worker.join(90)
-        proxy.stop()
     assert codes == [1]
     err = capsys.readouterr().err
     assert err.endswith(
