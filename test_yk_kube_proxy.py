@@ -20,6 +20,7 @@ import hashlib
 import http.server
 import io
 import ipaddress
+import itertools
 import json
 import os
 import random
@@ -40,17 +41,16 @@ import types
 import urllib.parse
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import (
     ec,
@@ -449,11 +449,11 @@ class VirtualPiv:
         pin=DEFAULT_PIN,
         puk=DEFAULT_PUK,
         sign_delay=0.0,
-        touch: Optional[Callable[[int], bool]] = None,
+        touch: Callable[[int], bool] | None = None,
         select_resets_auth=True,
         apdu_delay=0.0,
         verify_delay=0.0,
-        sign_delays: Optional[dict[int, float]] = None,
+        sign_delays: dict[int, float] | None = None,
         power_up_delay=0.0,
     ):
         if MGMT_KEY_LENGTHS.get(mgmt_algorithm) != len(mgmt_key):
@@ -507,7 +507,7 @@ class VirtualPiv:
         """Clear volatile state: PIN/mgmt authentication, chaining and response buffers."""
         with self._lock:
             self._clear_auth()
-            self._chain: Optional[tuple[int, int, int, bytearray]] = None
+            self._chain: tuple[int, int, int, bytearray] | None = None
             self._pending = b""
             self._cold = True
 
@@ -532,15 +532,15 @@ class VirtualPiv:
                 key, algorithm, pin_policy, touch_policy, origin
             )
 
-    def slot_info(self, slot: int) -> Optional[KeySlot]:
+    def slot_info(self, slot: int) -> KeySlot | None:
         """The full :class:`KeySlot` record (algorithm, policies, origin) or None."""
         return self._slots.get(slot)
 
-    def certificate_object(self, slot: int) -> Optional[bytes]:
+    def certificate_object(self, slot: int) -> bytes | None:
         """Raw stored value of the certificate object belonging to ``slot``."""
         return self._objects.get(SLOT_OBJECTS[slot].to_bytes(3, "big"))
 
-    def data_object(self, object_id: int) -> Optional[bytes]:
+    def data_object(self, object_id: int) -> bytes | None:
         """Raw stored value of any data object (e.g. 0x5FC102 CHUID)."""
         return self._objects.get(object_id.to_bytes(3, "big"))
 
@@ -548,8 +548,8 @@ class VirtualPiv:
         self.pin_verified = False
         self._pin_fresh = False
         self.mgmt_authenticated = False
-        self._witness: Optional[bytes] = None
-        self._challenge: Optional[bytes] = None
+        self._witness: bytes | None = None
+        self._challenge: bytes | None = None
 
     # --- APDU entry point ------------------------------------------------------------------
     def process(self, apdu: bytes) -> bytes:
@@ -593,7 +593,7 @@ class VirtualPiv:
         result = handler(self, cmd.p1, cmd.p2, data)
         return result + _sw(SW_OK) if cmd.extended else self._emit(result)
 
-    def _collect_chain(self, cmd: Command) -> Optional[bytes]:
+    def _collect_chain(self, cmd: Command) -> bytes | None:
         """Accumulate chained data; returns the full data for the last chunk, else None."""
         header = (cmd.ins, cmd.p1, cmd.p2)
         if self._chain is not None and self._chain[:3] != header:
@@ -800,7 +800,7 @@ class VirtualPiv:
             return b""
         raise CardStatus(SW_WRONG_DATA)
 
-    def _finish_mgmt_auth(self, expected: Optional[bytes], got: bytes) -> None:
+    def _finish_mgmt_auth(self, expected: bytes | None, got: bytes) -> None:
         if expected is None or expected != got:
             self.mgmt_authenticated = False
             raise CardStatus(SW_SECURITY_NOT_SATISFIED)
@@ -1075,6 +1075,13 @@ class VirtualPiv:
             .serial_number(self.serial)
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(  # Yubico's policy extension: PIN policy, touch policy
+                x509.UnrecognizedExtension(
+                    x509.ObjectIdentifier("1.3.6.1.4.1.41482.3.8"),
+                    bytes([entry.pin_policy, entry.touch_policy]),
+                ),
+                critical=False,
+            )
             .sign(self._attestation_key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.DER)
@@ -1122,8 +1129,8 @@ class VpcdCard:
         self.piv = piv
         self.port = port
         self.host = host
-        self._sock: Optional[socket.socket] = None
-        self._thread: Optional[threading.Thread] = None
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def inserted(self) -> bool:
@@ -1156,7 +1163,7 @@ class VpcdCard:
             sock.close()
         self.piv.power_off()
 
-    def __enter__(self) -> "VpcdCard":
+    def __enter__(self) -> VpcdCard:
         self.insert()
         return self
 
@@ -1178,7 +1185,7 @@ class VpcdCard:
         return sock
 
     @staticmethod
-    def _recv_exact(sock: socket.socket, size: int) -> Optional[bytes]:
+    def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
         """Read exactly ``size`` bytes (TCP_QUICKACK before each recv); None on EOF."""
         buf = bytearray()
         while len(buf) < size:
@@ -1210,7 +1217,7 @@ class VpcdCard:
         finally:
             self.piv.power_off()
 
-    def _handle(self, payload: bytes) -> Optional[bytes]:
+    def _handle(self, payload: bytes) -> bytes | None:
         """Control byte (power off/on, reset, get ATR) or APDU -> reply or None."""
         if len(payload) != 1:
             return self.piv.process(payload) if payload else None
@@ -2038,7 +2045,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             _route(self, fake, path.rstrip("/") or "/")
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True
-        except Exception as exc:  # a bug here: report it as 500 and close
+        except Exception as exc:  # noqa: BLE001 - a bug here: report it as 500, close
             import traceback
 
             traceback.print_exc()
@@ -2122,7 +2129,7 @@ def _peer_subject(sock: ssl.SSLSocket) -> str:
 NOT_FOUND_MSG = "the server could not find the requested resource"
 
 
-def _route(h: _Handler, fake: "FakeApiServer", path: str) -> None:
+def _route(h: _Handler, fake: FakeApiServer, path: str) -> None:
     """Route a request path (prefix already stripped)."""
     parts = path.strip("/").split("/") if path != "/" else []
     simple = _SIMPLE_ROUTES.get(path)
@@ -2222,7 +2229,7 @@ def _route_rbac(h: _Handler, fake, parts: list) -> None:
     h.send_json(201, body)
 
 
-def _route_core(h: _Handler, fake: "FakeApiServer", rest: list) -> None:
+def _route_core(h: _Handler, fake: FakeApiServer, rest: list) -> None:
     """Route /api/v1/... paths."""
     if rest[0] == "namespaces" and len(rest) >= 3:
         ns, resource, tail = rest[1], rest[2], rest[3:]
@@ -2241,7 +2248,7 @@ def _route_core(h: _Handler, fake: "FakeApiServer", rest: list) -> None:
     h.send_status(404, "NotFound", NOT_FOUND_MSG)
 
 
-def _route_pods(h: _Handler, fake: "FakeApiServer", ns: str, tail: list) -> None:
+def _route_pods(h: _Handler, fake: FakeApiServer, ns: str, tail: list) -> None:
     """Route /api/v1/namespaces/{ns}/pods[/name[/sub]]."""
     if not tail:
         return _pods_collection(h, fake, ns)
@@ -3390,15 +3397,15 @@ def _shutdown_quietly(sock) -> None:
 
 
 __all__ = [
+    "PATTERN_BLOCK",
+    "SPDY_DICT",
     "FakeApiServer",
     "FakePki",
-    "make_test_pki",
+    "RequestRecord",
     "make_ca",
     "make_client_cert",
     "make_server_cert",
-    "RequestRecord",
-    "SPDY_DICT",
-    "PATTERN_BLOCK",
+    "make_test_pki",
     "status_obj",
     "to_table",
 ]
@@ -4932,15 +4939,15 @@ class PcscRig:
             self.process = None
 
     def insert(
-        self, piv: "VirtualPiv", index: int = 0, generic: bool = False
-    ) -> "VpcdCard":
+        self, piv: VirtualPiv, index: int = 0, generic: bool = False
+    ) -> VpcdCard:
         card = VpcdCard(piv, self.port(index, generic))
         card.insert()
         name = self.reader(index, generic)
         wait_until(lambda: pcsc_readers().get(name), 10, f"card in {name!r}")
         return card
 
-    def remove(self, card: "VpcdCard", index: int = 0, generic: bool = False) -> None:
+    def remove(self, card: VpcdCard, index: int = 0, generic: bool = False) -> None:
         card.remove()
         name = self.reader(index, generic)
         wait_until(lambda: not pcsc_readers().get(name), 10, f"{name!r} to be empty")
@@ -5857,7 +5864,7 @@ def secret_file(tmp_path: Path, name: str, content: str) -> Path:
     return path
 
 
-def management_key_attempts(piv: "VirtualPiv") -> int:
+def management_key_attempts(piv: VirtualPiv) -> int:
     """GENERAL AUTHENTICATE commands for the management key (9B) the card saw."""
     return sum(
         1 for apdu in piv.apdu_log if apdu[1] == INS_AUTHENTICATE and apdu[3] == 0x9B
@@ -7420,7 +7427,7 @@ def test_installed_entry_points(tmp_path):
 class Cluster:
     """A test API server and the kubeconfig that reaches it with a client key."""
 
-    api: "FakeApiServer"
+    api: FakeApiServer
     ident: Identity
     kubeconfig: Path
     server_ca: x509.Certificate
@@ -7542,7 +7549,7 @@ class ProxyProcess:
 def kubectl(
     proxy: ProxyProcess,
     *args: str,
-    input: str | None = None,
+    input: str | None = None,  # noqa: A002 - subprocess.run's name
     env=None,
     timeout: float = 60,
 ) -> subprocess.CompletedProcess:
@@ -7830,14 +7837,16 @@ def test_fast_aead_is_the_record_layer_in_use(card57, cluster, tmp_path, capsys)
         ]
     )
     assert code == 0
-    args = yk.build_parser().parse_args(
-        ["proxy", "--kubeconfig", str(tmp_path / "proxy.yml")]
+    args = yk.ProxyOptions.from_args(
+        yk.build_parser().parse_args(
+            ["proxy", "--kubeconfig", str(tmp_path / "proxy.yml")]
+        )
     )
     settings = yk.proxy_settings(args)
     card = yk.open_card()
     try:
         upstream = yk.build_upstream(settings, card, args)
-        for versions in (("1.2",), ("1.3",)):
+        for _versions in (("1.2",), ("1.3",)):
             sock = upstream.connect()
             try:
                 from tlslite import keyexchange
@@ -8638,7 +8647,7 @@ def chain_case(
         + [leaf or leaf_spec()]
     )
     certs = [build_cert(root, None, None)]
-    for parent, spec in zip(specs, specs[1:]):
+    for parent, spec in itertools.pairwise(specs):
         certs.append(build_cert(spec, parent, parent.key))
     der = [c.public_bytes(serialization.Encoding.DER) for c in certs]
     chain = list(reversed(der[1:]))  # leaf, intermediates up to the root
@@ -9002,7 +9011,7 @@ def test_go_differential_corpus(go_build):
     go = [json.loads(line)["error"] for line in done.stdout.splitlines()]
     assert len(go) == len(corpus)
     lenient, stricter, unexplained = [], [], []
-    for case, go_error in zip(corpus, go):
+    for case, go_error in zip(corpus, go, strict=True):
         ours = our_verdict(case)
         if go_error and not ours:
             lenient.append(f"{case.label}: Go says {go_error}")
@@ -10150,7 +10159,7 @@ def fuzz_header_line(rng, host):
         "control": f"Accept: a{chr(byte)}b\r\n",
         "syntax": rng.choice([f"{name}: v\r\n", "Accept */*\r\n", "Accept : */*\r\n"]),
     }[kind]
-    raw = f"GET /version HTTP/1.1\r\nHost: {host}\r\n{line}\r\n".encode("utf-8")
+    raw = f"GET /version HTTP/1.1\r\nHost: {host}\r\n{line}\r\n".encode()
     return raw, 400, fault_phrase(kind, "header line", byte)
 
 
@@ -11768,6 +11777,9 @@ def test_pin_advice_and_file_modes_fit_the_platform(
     class StubPiv:
         wrong = False
 
+        def attested_policies(self, slot):
+            return None  # a card that cannot attest
+
         def verify_pin(self, pin):
             assert pin == "654321"
             if self.wrong:
@@ -12795,7 +12807,7 @@ def enroll_args(cluster: Cluster, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def slot_certificate(piv: "VirtualPiv", slot: int = 0x9A) -> x509.Certificate:
+def slot_certificate(piv: VirtualPiv, slot: int = 0x9A) -> x509.Certificate:
     return x509.load_der_x509_certificate(
         yk.parse_tlvs(piv.certificate_object(slot))[0x70]
     )
@@ -13088,8 +13100,10 @@ def test_fast_aead_carries_exact_bytes_in_every_suite(
         )
         == 0
     )
-    args = yk.build_parser().parse_args(
-        ["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")]
+    args = yk.ProxyOptions.from_args(
+        yk.build_parser().parse_args(
+            ["proxy", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml")]
+        )
     )
     card = yk.open_card()
     try:
@@ -13180,7 +13194,9 @@ CREATE_REFUSED = (
 
 
 def admin_kubectl(
-    cluster: Cluster, *args: str, input: str | None = None
+    cluster: Cluster,
+    *args: str,
+    input: str | None = None,  # noqa: A002 - subprocess.run's name
 ) -> subprocess.CompletedProcess:
     """The test plays the cluster's admin (system:masters) with the real kubectl."""
     return subprocess.run(
@@ -13738,3 +13754,99 @@ def test_failed_enroll_on_firmware_57_without_a_free_retired_slot_says_what_is_l
     ), err
     assert card57.slot_info(0x9A).origin == ORIGIN_GENERATED
     assert len(retired_keys(card57)) == 20
+
+
+# =============================================================================
+# Structure (issue 13): options as types, said once, lint and types kept clean
+# =============================================================================
+
+
+def test_ruff_and_mypy_are_clean(tmp_path):
+    """The rule set pinned in pyproject.toml, on both files; mypy on the module."""
+    ruff = [sys.executable, "-m", "ruff"]
+    checks = {
+        "ruff check": ruff + ["check", "--no-cache", "yk_kube_proxy.py", __file__],
+        "ruff format": ruff
+        + ["format", "--check", "--no-cache", "yk_kube_proxy.py", __file__],
+        "mypy": [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path)],
+    }
+    outputs = {
+        name: subprocess.run(
+            argv, cwd=HERE, capture_output=True, text=True, check=False
+        ).stdout
+        for name, argv in checks.items()
+    }
+    assert outputs == {
+        "ruff check": "All checks passed!\n",
+        "ruff format": "2 files already formatted\n",
+        "mypy": "Success: no issues found in 1 source file\n",
+    }
+
+
+@pytest.fixture
+def card52(rig):
+    """A YubiKey 5.2: no GET METADATA, but ATTEST for keys generated on it."""
+    piv = VirtualPiv(version=(5, 2, 7), serial=21000052, mgmt_algorithm=0x03)
+    inserted = rig.insert(piv)
+    yield piv
+    rig.remove(inserted)
+
+
+def test_pin_policy_from_metadata_else_attestation_else_the_option(card52):
+    generated, imported = ec.generate_private_key(ec.SECP256R1()), new_key("p256")
+    card52.install_key(0x9A, generated, ALG_ECCP256, PIN_POLICY_ALWAYS, 0x02)
+    card52.install_key(0x9C, imported, ALG_ECCP256, origin=ORIGIN_IMPORTED)
+    meta = yk.SlotMetadata(
+        ALG_ECCP256, yk.PinPolicy.ONCE, yk.TouchPolicy.CACHED, "imported", b""
+    )
+    card = yk.open_card()
+    try:
+        policies = [
+            yk.key_policies(card, yk.SLOTS["9a"], None, None),
+            yk.key_policies(card, yk.SLOTS["9c"], None, None),
+            yk.key_policies(card, yk.SLOTS["9c"], None, "pin-file"),
+            yk.key_policies(card, yk.SLOTS["9c"], meta, None),
+        ]
+    finally:
+        card.close()
+    assert policies == [
+        (yk.PinPolicy.ALWAYS, yk.TouchPolicy.ALWAYS),  # attested
+        (yk.PinPolicy.NEVER, yk.TouchPolicy.NEVER),  # imported: the option
+        (yk.PinPolicy.ONCE, yk.TouchPolicy.NEVER),
+        (yk.PinPolicy.ONCE, yk.TouchPolicy.CACHED),  # metadata first
+    ]
+    assert card52.sign_count == 0
+
+
+def test_shell_finds_client_yml_beside_kubeconfig_env(tmp_path, monkeypatch):
+    home, elsewhere = tmp_path / "yk", tmp_path / "cwd"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("KUBECONFIG", str(home / "proxy.yml"))
+    args = types.SimpleNamespace(kubeconfig=None, client_config=None)
+    with pytest.raises(yk.ConfigError) as missing:
+        yk.shell_client_config(args, 40000, tmp_path)
+    assert str(missing.value) == (
+        f"cannot read kubeconfig {home / 'client.yml'}: No such file or directory; "
+        "pass the client.yml that setup wrote with --client-config"
+    )
+    (home / "client.yml").write_text(
+        "clusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:8080\n"
+    )
+    written = yk.shell_client_config(args, 40000, tmp_path)
+    assert written.read_text() == (
+        "clusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:40000\n"
+    )
+
+
+def test_advice_for_an_expired_or_refused_certificate_follows_the_key_origin():
+    assert [
+        yk.certificate_advice("generated on card"),
+        yk.certificate_advice("imported"),
+        yk.certificate_advice("of unknown origin"),
+    ] == [
+        "run 'yubikey-kube-proxy renew'",
+        "run 'yubikey-kube-proxy setup' with a current certificate",
+        "run 'yubikey-kube-proxy setup' with a current certificate",
+    ]

@@ -51,18 +51,27 @@ import sys
 import threading
 import time
 import types
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+if TYPE_CHECKING:  # imported lazily where used
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import (
+        CertificatePublicKeyTypes,
+        PrivateKeyTypes,
+    )
 
 __version__ = "0.1.0"
 __all__ = [
-    "main",
-    "PivSession",
     "Card",
-    "open_card",
+    "PivSession",
+    "ProxyError",
     "ProxyServer",
     "Upstream",
-    "ProxyError",
+    "main",
+    "open_card",
 ]
 
 log = logging.getLogger("yk_kube_proxy")
@@ -147,6 +156,8 @@ INS_IMPORT_KEY = 0xFE  # Yubico
 INS_GET_VERSION = 0xFD  # Yubico
 INS_GET_SERIAL = 0xF8  # Yubico, firmware 5+
 INS_GET_METADATA = 0xF7  # Yubico, firmware 5.3+
+INS_ATTEST = 0xF9  # Yubico, firmware 4.3+: keys generated on the card only
+OID_ATTESTED_POLICY = "1.3.6.1.4.1.41482.3.8"  # two bytes: PIN policy, touch policy
 INS_GENERATE_ASYMMETRIC = 0x47
 INS_MOVE_KEY = 0xF6  # Yubico, firmware 5.7+; P1 0xFF deletes the key
 MOVE_KEY_VERSION = (5, 7, 0)
@@ -393,7 +404,7 @@ class TouchPolicy(enum.IntEnum):
     CACHED = 3
 
 
-ALGORITHM_NAMES = {
+ALGORITHM_NAMES: dict[int, str] = {
     KeyAlgorithm.RSA1024: "RSA-1024",
     KeyAlgorithm.RSA2048: "RSA-2048",
     KeyAlgorithm.RSA3072: "RSA-3072",
@@ -422,7 +433,8 @@ MANAGEMENT_KEY_SIZES = {
     KeyAlgorithm.AES192: 24,
     KeyAlgorithm.AES256: 32,
 }
-ORIGINS = {1: "generated on card", 2: "imported"}
+ORIGIN_GENERATED = 1
+ORIGINS = {ORIGIN_GENERATED: "generated on card", 2: "imported"}
 RSA_SIZES = {
     KeyAlgorithm.RSA1024: 128,
     KeyAlgorithm.RSA2048: 256,
@@ -634,7 +646,9 @@ def can_sign(algorithm: KeyAlgorithm | int) -> bool:
     return algorithm in RSA_SIZES or algorithm in IMPORTABLE
 
 
-def public_key_from_metadata(algorithm: KeyAlgorithm | int, data: bytes) -> Any:
+def public_key_from_metadata(
+    algorithm: KeyAlgorithm | int, data: bytes
+) -> CertificatePublicKeyTypes | None:
     """Rebuild a cryptography public key from GET METADATA's public-key TLVs;
     None for a key type we do not know."""
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
@@ -1003,6 +1017,29 @@ class PivSession:
             public_key=meta.get(TAG_META_PUBLIC_KEY, b""),
         )
 
+    def attested_policies(self, slot: Slot) -> tuple[PinPolicy, TouchPolicy] | None:
+        """The key's policies from its attestation certificate; None for a key the
+        card cannot attest (imported, or a card without ATTEST)."""
+        from cryptography import x509
+
+        try:
+            der = self.send(INS_ATTEST, slot.key, 0, what="ATTEST")
+        except ApduError:
+            return None
+        try:
+            cert = x509.load_der_x509_certificate(bytes(der))
+            oid = x509.ObjectIdentifier(OID_ATTESTED_POLICY)
+            ext = cert.extensions.get_extension_for_oid(oid).value
+            policy = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
+            return PinPolicy(policy[0]), TouchPolicy(policy[1])
+        except x509.ExtensionNotFound:
+            return None
+        except (ValueError, IndexError):
+            raise CardError(
+                f"the attestation of slot {slot.name} is not a certificate with the "
+                "key's policies: reinsert the YubiKey and try again"
+            ) from None
+
     # -- PIN ---------------------------------------------------------------------
 
     def pin_tries_left(self) -> int | None:
@@ -1265,6 +1302,16 @@ def sign_message(
 # =============================================================================
 
 
+def describe_card(card: Card, otherwise: str = "YubiKey") -> str:
+    """The card as messages name it (serial, firmware, reader), once known."""
+    return card.info.describe() if card.info else otherwise
+
+
+def slot_label(card: Card, slot: Slot) -> str:
+    """The card and slot, as a PIN prompt names them."""
+    return f"{describe_card(card)}, slot {slot.name}"
+
+
 class Card:
     """One YubiKey, found by reader name and kept track of by serial number.
 
@@ -1370,7 +1417,8 @@ class Card:
             moved = self._find_moved_card()
             if moved is None:
                 raise
-            log.info("YubiKey serial %s is now in reader %r", self.info.serial, moved)
+            serial = self.info.serial if self.info else None
+            log.info("YubiKey serial %s is now in reader %r", serial, moved)
             self.reader = moved
             return self._context.connect(moved)
 
@@ -1614,6 +1662,7 @@ class PinSource:
         return pin
 
     def _read_file(self) -> str:
+        assert self.path is not None
         path = Path(os.path.expanduser(self.path))
         pin = read_secret_file(path, "the PIN file", "write just the PIN into it")
         if not pin:
@@ -1649,6 +1698,7 @@ def ensure_pin(piv: PivSession, policy: PinPolicy, pins: PinSource) -> None:
         piv.verify_pin(pin)
     except PinError as exc:
         pins.reject(exc)  # never sent to the card again
+        assert pins.rejected is not None
         raise pins.rejected from None  # the first answer says so too
 
 
@@ -1824,10 +1874,11 @@ def kubeconfig_paths(given: str | None) -> list[Path]:
     return paths or [Path(os.path.expanduser("~/.kube/config"))]
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def _load_yaml(
+    path: Path, fix: str = "pass the right file with --kubeconfig"
+) -> dict[str, Any]:
     import yaml
 
-    fix = "pass the right file with --kubeconfig"
     text = read_user_text(path, "kubeconfig", fix)
     try:
         # libyaml where PyYAML has it: the pure-Python scanner is quadratic in
@@ -1974,7 +2025,7 @@ def write_private_file(path: Path, text: str) -> None:
 # =============================================================================
 
 
-def load_certificate(data: bytes, what: str) -> Any:
+def load_certificate(data: bytes, what: str) -> x509.Certificate:
     """The first certificate of PEM (possibly a chain) or DER bytes."""
     from cryptography import x509
 
@@ -1989,7 +2040,7 @@ def load_certificate(data: bytes, what: str) -> Any:
         ) from None
 
 
-def load_private_key(data: bytes, what: str) -> Any:
+def load_private_key(data: bytes, what: str) -> PrivateKeyTypes:
     from cryptography.hazmat.primitives import serialization
 
     try:
@@ -2065,11 +2116,11 @@ def verify_signature(
     return True
 
 
-def not_after(cert: Any) -> datetime.datetime:
+def not_after(cert: x509.Certificate) -> datetime.datetime:
     return cert.not_valid_after_utc
 
 
-def days_left(cert: Any, now: datetime.datetime | None = None) -> int:
+def days_left(cert: x509.Certificate, now: datetime.datetime | None = None) -> int:
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return (not_after(cert) - now).days
 
@@ -2133,7 +2184,7 @@ class CardSigner:
             timer.cancel()
 
     def remind(self) -> None:
-        card = self.card.info.describe() if self.card.info else self.card.reader
+        card = describe_card(self.card, self.card.reader)
         message = f"touch your YubiKey ({card}) to approve a kubectl request"
         if self.terminal is None:
             log.warning("%s", message)
@@ -2200,12 +2251,10 @@ class UpstreamError(ProxyError):
     """The API server could not be reached or refused us."""
 
     http_status = 502
-    reason = "BadGateway"
 
 
 class UpstreamTimeout(UpstreamError):
     http_status = 504
-    reason = "Timeout"
 
 
 class ServerCertificateError(UpstreamError):
@@ -2339,7 +2388,7 @@ def go_name_matches(leaf: Any, name: str) -> bool:
             want, have = pattern.split("."), host.removesuffix(".").split(".")
             if len(want) == len(have) and all(
                 w == h or (i == 0 and w == "*")
-                for i, (w, h) in enumerate(zip(want, have))
+                for i, (w, h) in enumerate(zip(want, have, strict=True))
             ):
                 return True
         elif pattern not in ("", ".") and pattern == host:
@@ -2381,6 +2430,7 @@ class ServerVerifier:
         """Raise ServerCertificateError unless the chain passes; return the leaf."""
         from cryptography import x509
 
+        problem: str | None
         try:
             certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain_der]
         except ValueError as exc:
@@ -2669,7 +2719,7 @@ def tls_private_key(signer: CardSigner, public_key: Any) -> Any:
 
 
 def make_tls_connection(
-    sock: socket.socket, verifier: ServerVerifier, where: str
+    sock: socket.socket | PushbackSocket, verifier: ServerVerifier, where: str
 ) -> Any:
     """A tlslite client connection that verifies the server's chain the moment
     it arrives, before the card is asked for a signature."""
@@ -2709,10 +2759,10 @@ def make_tls_connection(
                 yield from self._getMsg(ContentType.handshake)
                 raise
 
-        def _clientGetKeyFromChain(
+        def _clientGetKeyFromChain(  # noqa: N802
             self,
             certificate: Any,
-            settings: Any,  # noqa: N802
+            settings: Any,
             tack_ext: Any = None,
         ) -> Iterator[Any]:
             try:
@@ -2916,6 +2966,16 @@ class Upstream:
         back, the server refused the certificate, or SIGHUP)."""
         self.stale = True
 
+    def certificate_rejected(self) -> UpstreamError:
+        """The server refused the certificate: read it again, and say what to do."""
+        self.refresh_certificate()
+        return UpstreamError(
+            f"the API server at {self.address.where} refused the YubiKey's client "
+            f"certificate ({self.subject}): it may have expired or belong to another "
+            f"cluster; check it with '{PROG} status' and "
+            f"{certificate_advice(self.origin)}"
+        )
+
     @property
     def host_header(self) -> str:
         default = self.address.port == 443
@@ -2971,7 +3031,7 @@ class Upstream:
                 serverName=self.address.sni,
                 alpn=[bytearray(b"http/1.1")],
             )
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - closed, then re-raised as ours
             raw.close()
             signed = self.signer.signatures != signatures
             raise self._handshake_error(conn, exc, signed) from None
@@ -3020,9 +3080,8 @@ class Upstream:
             return exc
         alert = getattr(exc, "description", None)
         remote = isinstance(exc, TLSRemoteAlert)
-        if remote and signed and alert in CERTIFICATE_ALERTS:
-            self.refresh_certificate()
-            return client_certificate_rejected(where, self.subject)
+        if signed and rejects_certificate(exc):
+            return self.certificate_rejected()
         forged = isinstance(exc, TLSDecryptionFailed) or (
             isinstance(exc, TLSLocalAlert) and alert == Alert.decrypt_error
         )
@@ -3172,12 +3231,19 @@ OFFER_ALERTS = {
 }  # handshake_failure, protocol_version, insufficient_security
 
 
-def client_certificate_rejected(where: str, subject: str) -> UpstreamError:
-    return UpstreamError(
-        f"the API server at {where} refused the YubiKey's client certificate ({subject}): "
-        f"it may have expired or belong to another cluster; check it with '{PROG} status' "
-        f"and run '{PROG} setup' with a current certificate"
-    )
+def rejects_certificate(exc: BaseException) -> bool:
+    """Whether the server refused our client certificate with an alert saying so."""
+    from tlslite.errors import TLSRemoteAlert
+
+    return isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS
+
+
+def certificate_advice(origin: str) -> str:
+    """What to do about an expired or refused certificate: a key generated on the
+    card (enroll) gets a new one with renew; an imported one, through setup."""
+    if origin == ORIGINS[ORIGIN_GENERATED]:
+        return f"run '{PROG} renew'"
+    return f"run '{PROG} setup' with a current certificate"
 
 
 # =============================================================================
@@ -3339,8 +3405,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self,
         address: tuple[str, int],
         upstream: Upstream,
-        tls_context: Any = None,
-        pool: LinkPool | None = None,
+        tls_context: Any,
+        pool: LinkPool,
     ) -> None:
         self.upstream = upstream
         self.tls_context = tls_context
@@ -3450,6 +3516,7 @@ class StrictRequestHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     lingering = False  # an error answer went out: drain the client before closing
+    rfile: Any  # the socket's buffered reader, or a BytesIO of the checked head
 
     def handle_one_request(self) -> None:
         """Wait for the next request, check its head, then let http.server parse
@@ -3491,7 +3558,7 @@ class StrictRequestHandler(http.server.BaseHTTPRequestHandler):
         fault = request_line_fault(line)
         if fault:
             raise RequestError(f"refused: {fault}")
-        head, fields = [line], []
+        head, fields = [line], list[tuple[bytes, bytes]]()
         while (line := self.read_line(MAX_HEAD_BYTES + 1, deadline)) != b"\r\n":
             head.append(line)
             if sum(map(len, head)) > MAX_HEAD_BYTES:
@@ -3647,7 +3714,7 @@ class RelayHandler(StrictRequestHandler):
                 link, reused = self.upstream_link(reuse)
             except ProxyError as exc:
                 return self.refuse(exc)
-            keep, sock = False, link.sock  # http.client forgets it when it fails
+            keep, sock = False, cast(TLSSocket, link.sock)  # forgotten when it fails
             try:
                 replayable = reused and self.replayable(body)
                 keep = self.exchange(link, body, started, replayable)
@@ -3688,7 +3755,7 @@ class RelayHandler(StrictRequestHandler):
         """The request can be sent again as it was: no body, or one held whole."""
         return body is not None or self.headers.get("Content-Length", "0") == "0"
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_relay
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_relay  # noqa: N815
 
     def refusal(self) -> tuple[int, str] | None:
         """Requests from browsers or naming other hosts."""
@@ -3736,7 +3803,7 @@ class RelayHandler(StrictRequestHandler):
             self.upstream_failed(exc)
             return False
         if response.status == 101:
-            sent = self.tunnel(response, link.sock)
+            sent = self.tunnel(response, cast(TLSSocket, link.sock))
         else:
             sent = self.forward_response(response)
         signer = self.server.upstream.signer
@@ -3757,13 +3824,10 @@ class RelayHandler(StrictRequestHandler):
         )
 
     def upstream_failed(self, exc: Exception) -> None:
-        from tlslite.errors import TLSRemoteAlert
-
         upstream = self.server.upstream
         where = upstream.address.where
-        if isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS:
-            upstream.refresh_certificate()
-            error: ProxyError = client_certificate_rejected(where, upstream.subject)
+        if rejects_certificate(exc):
+            error = upstream.certificate_rejected()
         else:
             error = UpstreamError(
                 f"the API server at {where} failed during the request "
@@ -3819,7 +3883,8 @@ class RelayHandler(StrictRequestHandler):
         """The upstream's final answer, its head checked. Interim 1xx answers before
         it (RFC 9110 15.2) go to HTTP/1.1 clients; HTTP/1.0 ones never get them."""
         while True:
-            fault = response_fault(response.fp.head)
+            head_reader: HeadReader = response.fp  # type: ignore[assignment]
+            fault = response_fault(head_reader.head)
             if fault:
                 where = self.server.upstream.address.where
                 raise UpstreamError(
@@ -3832,9 +3897,11 @@ class RelayHandler(StrictRequestHandler):
                 for name, value in end_to_end_headers(response.headers):
                     self.send_header(name, value)
                 self.end_headers()
-            fp, response.fp = response.fp, None  # else closing it would close fp
-            fp.start_head()
-            same_reader = types.SimpleNamespace(makefile=lambda _, fp=fp: fp)
+            response.fp = None  # type: ignore[assignment]  # else closing it closes fp
+            head_reader.start_head()
+            same_reader: Any = types.SimpleNamespace(
+                makefile=lambda _, fp=head_reader: fp
+            )
             response = http.client.HTTPResponse(same_reader, method=self.command)
             response.begin()
 
@@ -4039,6 +4106,123 @@ class LocalTls:
         return context
 
 
+OptionsType = typing.TypeVar("OptionsType", bound="Options")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """A command's parsed arguments as a type: made once, at the command's entry,
+    so that nothing below the commands sees argparse."""
+
+    @classmethod
+    def from_args(cls: type[OptionsType], args: argparse.Namespace) -> OptionsType:
+        fields = [f.name for f in dataclasses.fields(cls) if f.init and not f.kw_only]
+        return cls(**{name: getattr(args, name) for name in fields})
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyOptions(Options):
+    kubeconfig: str | None
+    context: str | None
+    reader: str | None
+    serial: int | None
+    slot: Slot | None
+    pin_file: str | None
+    notify: bool
+    listen: str | None
+    unsafe_listen: bool
+    plain_http: bool
+    reuse_while_present: bool
+    reuse_idle: float
+    keep_streams_on_removal: bool
+    certificate_refresh: float
+    handshake_timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ShellOptions(ProxyOptions):
+    client_config: str | None
+    command: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions(Options):
+    """Where setup and enroll write proxy.yml and client.yml, and what goes in."""
+
+    slot: Slot
+    force: bool
+    name: str | None
+    output_dir: str | None
+    port: int | None
+    merge: str | None
+    use_context: bool
+    plain_http: bool
+    reuse_while_present: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SetupOptions(OutputOptions):
+    kubeconfig: str | None
+    context: str | None
+    reader: str | None
+    serial: int | None
+    pin_file: str | None
+    pin_policy: str
+    touch_policy: str
+    management_key: bytes | None
+    management_key_file: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOptions(Options):
+    """How enroll and renew ask the cluster's CSR API for a certificate."""
+
+    kubeconfig: str | None
+    context: str | None
+    reader: str | None
+    serial: int | None
+    pin_file: str | None
+    management_key: bytes | None
+    management_key_file: str | None
+    expiration: int | None
+    approve: bool
+    timeout: float
+    admin_key: bytes = dataclasses.field(default=b"", kw_only=True)  # resolved
+
+
+@dataclasses.dataclass(frozen=True)
+class EnrollOptions(OutputOptions, RequestOptions):
+    user: str
+    group: list[str]
+    algorithm: str
+    bind_clusterrole: str | None
+    allow_renew: bool | None
+    pin_policy: str
+    touch_policy: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RenewOptions(RequestOptions):
+    proxy_config: str | None
+    slot: Slot | None
+    if_expiring_within: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusOptions(Options):
+    kubeconfig: str | None
+    reader: str | None
+    serial: int | None
+    slot: Slot | None
+    json: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class UnmergeOptions(Options):
+    kubeconfig: str | None
+    name: str
+
+
 @dataclasses.dataclass(frozen=True)
 class ProxySettings:
     """Everything the proxy needs, from proxy.yml and the command line."""
@@ -4120,7 +4304,7 @@ def upstream_settings(cluster: Named) -> tuple[UpstreamAddress, list[Any]]:
     return address, roots
 
 
-def proxy_settings(args: argparse.Namespace) -> ProxySettings:
+def proxy_settings(args: ProxyOptions) -> ProxySettings:
     ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
     address, roots = upstream_settings(ctx.cluster)
     ext = ctx.extension
@@ -4190,15 +4374,15 @@ def non_signing(slot: Slot, meta: SlotMetadata) -> str:
     )
 
 
-def warn_expiry(cert: Any, slot: Slot) -> None:
+def warn_expiry(cert: x509.Certificate, slot: Slot, origin: str) -> None:
     left = days_left(cert)
     if left < 0:
         log.warning(
             "the client certificate in slot %s expired on %s: the API server will "
-            "refuse it; run '%s setup' with a current one",
+            "refuse it; %s",
             slot.name,
             not_after(cert).date(),
-            PROG,
+            certificate_advice(origin),
         )
     elif left < EXPIRY_WARNING_DAYS:
         log.warning(
@@ -4212,21 +4396,13 @@ def warn_expiry(cert: Any, slot: Slot) -> None:
 def card_signer(
     card: Card,
     settings: ProxySettings,
-    args: argparse.Namespace,
-    cert: Any,
+    args: ProxyOptions,
+    cert: x509.Certificate,
     meta: SlotMetadata | None,
 ) -> CardSigner:
     """The slot's signer; its PIN is verified now so that a wrong one shows at once."""
-    pin_policy = (
-        meta.pin_policy
-        if meta
-        else (PinPolicy.ONCE if args.pin_file else PinPolicy.NEVER)
-    )  # no metadata: trust the user
-    touch_policy = meta.touch_policy if meta else TouchPolicy.NEVER
-    label = (
-        f"{card.info.describe() if card.info else 'YubiKey'}, slot {settings.slot.name}"
-    )
-    pins = PinSource(args.pin_file, label)
+    pin_policy, touch_policy = key_policies(card, settings.slot, meta, args.pin_file)
+    pins = PinSource(args.pin_file, slot_label(card, settings.slot))
     signer = CardSigner(
         card,
         settings.slot,
@@ -4245,13 +4421,25 @@ def card_signer(
     return signer
 
 
-def build_upstream(
-    settings: ProxySettings, card: Card, args: argparse.Namespace
-) -> Upstream:
+def key_policies(
+    card: Card, slot: Slot, meta: SlotMetadata | None, pin_file: str | None
+) -> tuple[PinPolicy, TouchPolicy]:
+    """The slot key's PIN and touch policies as the card reports them: its metadata
+    (firmware 5.3+), else its attestation (a key generated on the card), else the
+    user's word (a PIN file given: the PIN is needed)."""
+    if meta:
+        return meta.pin_policy, meta.touch_policy
+    attested = card.run(lambda piv: piv.attested_policies(slot))
+    if attested:
+        return attested
+    return (PinPolicy.ONCE if pin_file else PinPolicy.NEVER), TouchPolicy.NEVER
+
+
+def build_upstream(settings: ProxySettings, card: Card, args: ProxyOptions) -> Upstream:
     check_notify(args.notify)
     install_tlslite()
     cert, meta = slot_identity(card, settings.slot)
-    warn_expiry(cert, settings.slot)
+    warn_expiry(cert, settings.slot, meta.origin if meta else "of unknown origin")
     signer = card_signer(card, settings, args, cert, meta)
     verifier = ServerVerifier(
         settings.roots, settings.address.server_name, settings.insecure
@@ -4264,7 +4452,8 @@ def build_upstream(
     return upstream
 
 
-def cmd_proxy(args: argparse.Namespace) -> int:
+def cmd_proxy(namespace: argparse.Namespace) -> int:
+    args = ProxyOptions.from_args(namespace)
     settings = proxy_settings(args)
     if settings.insecure:
         log.warning("%s", INSECURE_WARNING)
@@ -4281,7 +4470,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         f"https://{settings.address.where}{settings.address.prefix} (slot "
         f"{settings.slot.name}, key {upstream.origin}, certificate {upstream.subject} "
         f"until {upstream.not_after:%Y-%m-%d}, "
-        f"{card.info.describe() if card.info else 'YubiKey'})",
+        f"{describe_card(card)})",
         file=sys.stderr,
         flush=True,
     )
@@ -4359,17 +4548,18 @@ def serve_until_signal(server: ProxyServer, card: Card, pins: PinSource) -> None
             signal.signal(sig, handler)
 
 
-def shell_client_config(args: argparse.Namespace, port: int, directory: Path) -> Path:
+def shell_client_config(args: ShellOptions, port: int, directory: Path) -> Path:
     """A copy of setup's client.yml pointing at the port the shell's proxy got."""
     import yaml
 
-    source = Path(
-        os.path.expanduser(
-            args.client_config
-            or Path(os.path.expanduser(args.kubeconfig or ".")).parent / "client.yml"
-        )
+    source = (
+        Path(os.path.expanduser(args.client_config))
+        if args.client_config
+        else kubeconfig_paths(args.kubeconfig)[0].parent / "client.yml"
     )
-    doc = _load_yaml(source)
+    doc = _load_yaml(
+        source, "pass the client.yml that setup wrote with --client-config"
+    )
     try:
         cluster = doc["clusters"][0]["cluster"]
         scheme = cluster["server"].split("://", 1)[0]
@@ -4384,11 +4574,12 @@ def shell_client_config(args: argparse.Namespace, port: int, directory: Path) ->
     return path
 
 
-def cmd_shell(args: argparse.Namespace) -> int:
+def cmd_shell(namespace: argparse.Namespace) -> int:
     """A subshell (or a command) whose kubectl goes through a proxy of its own."""
     import signal
     import tempfile
 
+    args = ShellOptions.from_args(namespace)
     if os.environ.get(SHELL_ENV):
         raise ConfigError(
             f"this is already a {PROG} shell (KUBECONFIG="
@@ -4552,10 +4743,12 @@ def print_merged(outputs: Outputs, use_context: bool) -> None:
     )
 
 
-def cmd_unmerge(args: argparse.Namespace) -> int:
+def cmd_unmerge(namespace: argparse.Namespace) -> int:
     """Remove what merge added: the three entries named NAME that carry our mark,
     and the current-context it set (the previous one comes back)."""
+    args = UnmergeOptions.from_args(namespace)
     path = merge_target(args.kubeconfig or "")
+    assert path is not None  # a str was given
     if not path.exists():
         raise ConfigError(
             f"{path} does not exist: pass the merged file with --kubeconfig"
@@ -4622,7 +4815,7 @@ def slot_occupant(piv: PivSession, slot: Slot) -> str | None:
 def prove_slot(
     piv: PivSession,
     slot: Slot,
-    cert: Any,
+    cert: x509.Certificate,
     pin_policy: PinPolicy,
     touch_policy: TouchPolicy,
     pins: PinSource,
@@ -4651,21 +4844,21 @@ def prove_slot(
         )
 
 
-def management_key(args: argparse.Namespace, card: Card) -> bytes:
+def management_key(card: Card, given: bytes | None, key_file: str | None) -> bytes:
     """--management-key-file, --management-key (others can see it), the
     environment, the factory key while the card still has it, else a prompt."""
-    if args.management_key_file:
-        path = Path(os.path.expanduser(args.management_key_file))
+    if key_file:
+        path = Path(os.path.expanduser(key_file))
         what = "the management-key file"
         text = read_secret_file(path, what, "write just the key in hex into it")
         return parse_management_key(text, f"{what} {path}")
-    if args.management_key is not None:
+    if given is not None:
         log.warning(
             "--management-key puts the key on the command line, where other users "
             "can see it (ps): use --management-key-file PATH or %s",
             MANAGEMENT_KEY_ENV,
         )
-        return args.management_key
+        return given
     if os.environ.get(MANAGEMENT_KEY_ENV):
         return parse_management_key(os.environ[MANAGEMENT_KEY_ENV], MANAGEMENT_KEY_ENV)
     if card.run(lambda piv: piv.management_key_is_default()) is not False:
@@ -4676,8 +4869,9 @@ def management_key(args: argparse.Namespace, card: Card) -> bytes:
             "terminal to ask on: pass --management-key-file PATH or set "
             f"{MANAGEMENT_KEY_ENV}"
         )
-    label = card.info.describe() if card.info else "the YubiKey"
-    text = getpass.getpass(f"Management key (hex) of {label}: ")
+    text = getpass.getpass(
+        f"Management key (hex) of {describe_card(card, 'the YubiKey')}: "
+    )
     return parse_management_key(text.strip(), "the management key entered")
 
 
@@ -4695,25 +4889,31 @@ def parse_management_key(text: str, where: str) -> bytes:
     return key
 
 
-def install_identity(card: Card, args: argparse.Namespace, cert: Any, key: Any) -> None:
+def refuse_occupied(piv: PivSession, slot: Slot, force: bool, verb: str) -> None:
+    """Setup and enroll change an occupied slot only with --force."""
+    occupant = slot_occupant(piv, slot)
+    if occupant and not force:
+        raise ConfigError(
+            f"slot {slot.name} of the YubiKey already holds {occupant}: pass "
+            f"--force to {verb} it, or choose another --slot"
+        )
+
+
+def install_identity(
+    card: Card, args: SetupOptions, admin_key: bytes, cert: x509.Certificate, key: Any
+) -> None:
     """Import key and certificate into the slot, then prove the import."""
     from cryptography.hazmat.primitives import serialization
 
     slot = args.slot
     pin_policy = PinPolicy[args.pin_policy.upper()]
     touch_policy = TouchPolicy[args.touch_policy.upper()]
-    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {slot.name}"
-    pins = PinSource(args.pin_file, label)
+    pins = PinSource(args.pin_file, slot_label(card, slot))
     if args.pin_file and pin_policy != PinPolicy.NEVER:
         pins.get()  # a bad PIN file fails before the card is changed
     with card.session() as piv:
-        occupant = slot_occupant(piv, slot)
-        if occupant and not args.force:
-            raise ConfigError(
-                f"slot {slot.name} of the YubiKey already holds {occupant}: "
-                "pass --force to overwrite it, or choose another --slot"
-            )
-        piv.authenticate(args.management_key)
+        refuse_occupied(piv, slot, args.force, "overwrite")
+        piv.authenticate(admin_key)
         piv.import_key(slot, key, pin_policy, touch_policy)
         piv.put_certificate(slot, cert.public_bytes(serialization.Encoding.DER))
         prove_slot(piv, slot, cert, pin_policy, touch_policy, pins)
@@ -4896,9 +5096,7 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-def plan_outputs(
-    args: argparse.Namespace, ctx: KubeContext, sources: list[Path]
-) -> Outputs:
+def plan_outputs(args: OutputOptions, ctx: KubeContext, sources: list[Path]) -> Outputs:
     """The name, the files and the merge target, checked before the card is touched."""
     name = check_name(args.name or ctx.name, "--name" if args.name else "the context")
     out = Path(
@@ -4928,7 +5126,7 @@ def free_port_beside(out: Path) -> int:
 
 
 def output_paths(
-    args: argparse.Namespace, out: Path, sources: list[Path]
+    args: OutputOptions, out: Path, sources: list[Path]
 ) -> tuple[Path, Path]:
     """proxy.yml and client.yml in the output folder."""
     try:
@@ -4958,7 +5156,8 @@ def output_paths(
     return paths
 
 
-def cmd_setup(args: argparse.Namespace) -> int:
+def cmd_setup(namespace: argparse.Namespace) -> int:
+    args = SetupOptions.from_args(namespace)
     ctx = Kubeconfig(kubeconfig_paths(args.kubeconfig)).resolve(args.context)
     cert, key = load_client_identity(ctx)
     if days_left(cert) < 0:
@@ -4969,8 +5168,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
     outputs = plan_outputs(args, ctx, ctx.sources)
     card = open_card(args.reader, args.serial)
     try:
-        args.management_key = management_key(args, card)
-        install_identity(card, args, cert, key)
+        admin_key = management_key(card, args.management_key, args.management_key_file)
+        install_identity(card, args, admin_key, cert, key)
     finally:
         card.close()
     del key
@@ -4980,7 +5179,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def write_proxy_files(
-    ctx: KubeContext, card: Card, args: argparse.Namespace, outputs: Outputs
+    ctx: KubeContext, card: Card, args: OutputOptions, outputs: Outputs
 ) -> None:
     """proxy.yml (cluster, proxy settings, local TLS) and client.yml, mode 0600;
     client.yml's entries also merged into a kubeconfig when asked."""
@@ -5015,13 +5214,17 @@ def write_proxy_files(
 
 
 def print_next_steps(
-    ctx: KubeContext, card: Card, args: argparse.Namespace, cert: Any, outputs: Outputs
+    ctx: KubeContext,
+    card: Card,
+    args: OutputOptions,
+    cert: x509.Certificate,
+    outputs: Outputs,
 ) -> None:
     algorithm = ALGORITHM_NAMES[key_algorithm(cert.public_key())]
     print(
         f"Imported the {algorithm} key and certificate "
         f"({cert.subject.rfc4514_string()}, valid until {not_after(cert):%Y-%m-%d}) "
-        f"into slot {args.slot.name} of {card.info.describe() if card.info else 'the card'}."
+        f"into slot {args.slot.name} of {describe_card(card, 'the card')}."
     )
     print(
         "Proved the import: the card signed a challenge that verifies against the "
@@ -5103,11 +5306,13 @@ def certificate_report(
         "days_left": left,
     }
     if left < 0:
+        advice = f"renew it and run '{PROG} setup --force'"
+        if meta and meta.origin == ORIGINS[ORIGIN_GENERATED]:
+            advice = certificate_advice(meta.origin)  # born on the card: renew
         problems.append(
             (
                 "error",
-                f"the certificate expired on {not_after(cert):%Y-%m-%d}: "
-                f"renew it and run '{PROG} setup --force'",
+                f"the certificate expired on {not_after(cert):%Y-%m-%d}: {advice}",
             )
         )
     elif left < EXPIRY_WARNING_DAYS:
@@ -5187,7 +5392,8 @@ def proxy_config_status(path: str | None) -> tuple[dict[str, Any], list[str]]:
     return ctx.extension, warnings
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(namespace: argparse.Namespace) -> int:
+    args = StatusOptions.from_args(namespace)
     settings, warnings = proxy_config_status(args.kubeconfig)
     slot = args.slot or parse_slot(settings.get("slot") or "9a")
     serial = args.serial if args.serial is not None else settings.get("serial")
@@ -5356,6 +5562,7 @@ class Kubectl:
         try:
             while (left := deadline - time.monotonic()) > 0:
                 wait = min(left, CSR_PROGRESS_SECONDS)
+                assert process.stdout is not None  # stdout=PIPE
                 if not select.select([process.stdout], [], [], wait)[0]:
                     if wait == CSR_PROGRESS_SECONDS:
                         yield None
@@ -5389,7 +5596,7 @@ def not_json(args: tuple[str, ...]) -> UpstreamError:
 
 def split_json(text: str) -> tuple[list[Any], str]:
     """The complete JSON documents at the start of ``text``, and the rest."""
-    decoder, docs, pos = json.JSONDecoder(), [], 0
+    decoder, docs, pos = json.JSONDecoder(), list[Any](), 0
     while True:
         while pos < len(text) and text[pos].isspace():
             pos += 1
@@ -5476,7 +5683,7 @@ def access_reviews(kube: Kubectl, attributes: list[dict[str, str]]) -> list[bool
         stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
     )
     docs, rest = split_json(out)
-    answers = []
+    answers: list[Any] = []
     for doc in docs:
         is_list = isinstance(doc, dict) and doc.get("kind") == "List"
         answers += (doc.get("items") or []) if is_list else [doc]
@@ -5490,7 +5697,7 @@ def access_reviews(kube: Kubectl, attributes: list[dict[str, str]]) -> list[bool
             "the cluster's answer to the access reviews (SelfSubjectAccessReview) is "
             "not understood: check that kubectl reaches a Kubernetes API server"
         )
-    return allowed
+    return cast(list[bool], allowed)  # each checked above
 
 
 def review_allowed(answer: Any) -> bool | None:
@@ -5539,7 +5746,7 @@ def renewal_rbac(user: str) -> list[dict[str, Any]]:
     return [role, cluster_role_binding(user, name, name)]
 
 
-def enroll_rbac(args: argparse.Namespace) -> list[dict[str, Any]]:
+def enroll_rbac(args: EnrollOptions) -> list[dict[str, Any]]:
     objects = []
     if args.bind_clusterrole:
         objects.append(cluster_role_binding(args.user, args.bind_clusterrole))
@@ -5588,7 +5795,7 @@ def csr_object(name: str, request_pem: bytes, expiration: int | None) -> dict[st
 
 
 def request_certificate(
-    kube: Kubectl, name: str, request_pem: bytes, args: argparse.Namespace
+    kube: Kubectl, name: str, request_pem: bytes, args: RequestOptions
 ) -> Any:
     """Create the CSR, approve it if asked, and wait for the certificate."""
     body = json.dumps(csr_object(name, request_pem, args.expiration))
@@ -5605,7 +5812,7 @@ def request_certificate(
     return wait_for_certificate(kube, name, args.timeout)
 
 
-def wait_for_certificate(kube: Kubectl, name: str, timeout: float) -> Any:
+def wait_for_certificate(kube: Kubectl, name: str, timeout: float) -> x509.Certificate:
     """Follow the request (a watch, not polling: through the proxy a few card
     signatures, not one a second) until its certificate is issued, it is denied
     or failed, or time is up."""
@@ -5673,7 +5880,9 @@ def csr_outcome(csr: dict[str, Any], name: str) -> tuple[Any, bool]:
     )
 
 
-def check_issued(cert: Any, public_key: Any, requested: int | None) -> None:
+def check_issued(
+    cert: x509.Certificate, public_key: Any, requested: int | None
+) -> None:
     """The certificate must carry the card's key; report a shortened lifetime."""
     if not same_public_key(cert.public_key(), public_key):
         raise KeyMismatchError(
@@ -5715,7 +5924,7 @@ def card_csr(
     return request.public_bytes(serialization.Encoding.PEM)
 
 
-def enroll_subject(args: argparse.Namespace) -> Any:
+def enroll_subject(args: EnrollOptions) -> x509.Name:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
@@ -5746,13 +5955,8 @@ class EnrollSlot:
         return self.can_delete and (self.work != self.target or not self.target_had_key)
 
 
-def enroll_slot(piv: PivSession, args: argparse.Namespace) -> EnrollSlot:
-    occupant = slot_occupant(piv, args.slot)
-    if occupant and not args.force:
-        raise ConfigError(
-            f"slot {args.slot.name} of the YubiKey already holds {occupant}: pass "
-            "--force to replace it, or choose another --slot"
-        )
+def enroll_slot(piv: PivSession, args: EnrollOptions) -> EnrollSlot:
+    refuse_occupied(piv, args.slot, args.force, "replace")
     can_delete = piv.version >= MOVE_KEY_VERSION
     had_key = can_delete and piv.slot_metadata(args.slot) is not None
     work = args.slot
@@ -5763,9 +5967,9 @@ def enroll_slot(piv: PivSession, args: argparse.Namespace) -> EnrollSlot:
     return EnrollSlot(args.slot, work, can_delete, had_key)
 
 
-def generate_enroll_key(card: Card, args: argparse.Namespace, where: EnrollSlot) -> Any:
+def generate_enroll_key(card: Card, args: EnrollOptions, where: EnrollSlot) -> Any:
     with card.session() as piv:
-        piv.authenticate(args.management_key)
+        piv.authenticate(args.admin_key)
         return piv.generate_key(
             where.work,
             ENROLL_ALGORITHMS[args.algorithm],
@@ -5775,11 +5979,11 @@ def generate_enroll_key(card: Card, args: argparse.Namespace, where: EnrollSlot)
 
 
 def sign_enroll_request(
-    card: Card, args: argparse.Namespace, slot: Slot, public_key: Any, subject: Any
+    card: Card, args: EnrollOptions, slot: Slot, public_key: Any, subject: Any
 ) -> bytes:
     """Have the card sign the request for the key it just generated."""
     touch_policy = TouchPolicy[args.touch_policy.upper()]
-    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {slot.name}"
+    label = slot_label(card, slot)
     with card.session() as piv:
         ensure_pin(
             piv, PinPolicy[args.pin_policy.upper()], PinSource(args.pin_file, label)
@@ -5790,14 +5994,14 @@ def sign_enroll_request(
         return card_csr(piv, slot, algorithm, public_key, subject)
 
 
-def undo_enroll(card: Card, args: argparse.Namespace, where: EnrollSlot) -> str:
+def undo_enroll(card: Card, args: EnrollOptions, where: EnrollSlot) -> str:
     """Put the slot back as enroll found it; else say what is left in it ('' when
     it is as it was)."""
     try:
         with card.session() as piv:
             if where.restorable:
                 if piv.slot_metadata(where.work) is not None:
-                    piv.authenticate(args.management_key)
+                    piv.authenticate(args.admin_key)
                     piv.move_key(where.work, None)
                 return ""
             der = piv.get_certificate(where.target)
@@ -5839,30 +6043,32 @@ def add_note(exc: BaseException, note: str) -> None:
 
 
 def install_enrolled(
-    card: Card, args: argparse.Namespace, where: EnrollSlot, cert: Any
+    card: Card, args: EnrollOptions, where: EnrollSlot, cert: x509.Certificate
 ) -> None:
     """Move the new key in place (firmware 5.7: over the old one) and store its
     certificate."""
     from cryptography.hazmat.primitives import serialization
 
     with card.session() as piv:
-        piv.authenticate(args.management_key)
+        piv.authenticate(args.admin_key)
         if where.work != where.target:
             piv.move_key(where.target, None)
             piv.move_key(where.work, where.target)
         piv.put_certificate(where.target, cert.public_bytes(serialization.Encoding.DER))
 
 
-def store_certificate(card: Card, args: argparse.Namespace, cert: Any) -> None:
+def store_certificate(
+    card: Card, slot: Slot, admin_key: bytes, cert: x509.Certificate
+) -> None:
     from cryptography.hazmat.primitives import serialization
 
     with card.session() as piv:
-        piv.authenticate(args.management_key)
-        piv.put_certificate(args.slot, cert.public_bytes(serialization.Encoding.DER))
+        piv.authenticate(admin_key)
+        piv.put_certificate(slot, cert.public_bytes(serialization.Encoding.DER))
 
 
 def enroll_on_card(
-    card: Card, kube: Kubectl, args: argparse.Namespace, subject: Any
+    card: Card, kube: Kubectl, args: EnrollOptions, subject: Any
 ) -> tuple[str, Any]:
     """Generate the key, have its certificate issued and the user's roles made,
     then install it; a failure on the way leaves the slot as it was where the
@@ -5905,7 +6111,7 @@ def csr_name(user: str, card: Card) -> str:
     )
 
 
-def cluster_context(args: argparse.Namespace) -> KubeContext:
+def cluster_context(args: EnrollOptions) -> KubeContext:
     """The cluster to write into proxy.yml: from the kubeconfig, or, when that is a
     proxy's client.yml, from the proxy.yml beside it."""
     paths = kubeconfig_paths(args.kubeconfig)
@@ -5930,7 +6136,8 @@ def recorded_proxy_config(ctx: KubeContext, kubeconfig: Path) -> Path:
     return kubeconfig.resolve().parent / "proxy.yml"
 
 
-def cmd_enroll(args: argparse.Namespace) -> int:
+def cmd_enroll(namespace: argparse.Namespace) -> int:
+    args = EnrollOptions.from_args(namespace)
     subject = enroll_subject(args)
     ctx = cluster_context(args)
     outputs = plan_outputs(args, ctx, [])
@@ -5939,7 +6146,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         check_approval_rights(kube)
     card = open_card(args.reader, args.serial)
     try:
-        args.management_key = management_key(args, card)
+        args = dataclasses.replace(  # the key itself, from wherever it comes
+            args,
+            admin_key=management_key(
+                card, args.management_key, args.management_key_file
+            ),
+        )
         name, cert = enroll_on_card(card, kube, args, subject)
     finally:
         card.close()
@@ -5947,7 +6159,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     print(
         f"Enrolled {subject.rfc4514_string()}: "
         f"{with_article(ALGORITHM_NAMES[ENROLL_ALGORITHMS[args.algorithm]])} "
-        f"key generated on {card.info.describe() if card.info else 'the card'}, slot "
+        f"key generated on {describe_card(card, 'the card')}, slot "
         f"{args.slot.name}; certificate from request {name}, valid until "
         f"{not_after(cert):%Y-%m-%d %H:%M} UTC. The key has never been anywhere else."
     )
@@ -5959,7 +6171,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
-def proxy_settings_beside(args: argparse.Namespace) -> dict[str, Any]:
+def proxy_settings_beside(args: RenewOptions) -> dict[str, Any]:
     """The extension entry of --proxy-config, else of the proxy.yml beside --kubeconfig."""
     paths = kubeconfig_paths(args.kubeconfig)
     path = Path(os.path.expanduser(args.proxy_config)) if args.proxy_config else None
@@ -5979,30 +6191,34 @@ def proxy_settings_beside(args: argparse.Namespace) -> dict[str, Any]:
     return Kubeconfig([path]).resolve(None).extension
 
 
-def cmd_renew(args: argparse.Namespace) -> int:
+def cmd_renew(namespace: argparse.Namespace) -> int:
     """A new certificate for the same on-card key, through the running proxy."""
+    args = RenewOptions.from_args(namespace)
     settings = proxy_settings_beside(args)
     slot = args.slot or parse_slot(str(settings.get("slot", "9a")))
     serial = args.serial if args.serial is not None else settings.get("serial")
     kube = Kubectl(args.kubeconfig, args.context)
     card = open_card(args.reader, serial)
     try:
-        args.management_key = management_key(args, card)
+        args = dataclasses.replace(  # the key itself, from wherever it comes
+            args,
+            admin_key=management_key(
+                card, args.management_key, args.management_key_file
+            ),
+        )
         return renew_on_card(card, kube, slot, args)
     finally:
         card.close()
 
 
-def common_name(cert: Any) -> str:
+def common_name(cert: x509.Certificate) -> str:
     from cryptography.x509.oid import NameOID
 
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else "user"
 
 
-def renew_on_card(
-    card: Card, kube: Kubectl, slot: Slot, args: argparse.Namespace
-) -> int:
+def renew_on_card(card: Card, kube: Kubectl, slot: Slot, args: RenewOptions) -> int:
     cert, meta = slot_identity(card, slot)
     left = (
         not_after(cert) - datetime.datetime.now(datetime.timezone.utc)
@@ -6016,9 +6232,9 @@ def renew_on_card(
     if args.approve:
         check_approval_rights(kube)
     algorithm = key_algorithm(cert.public_key())
-    label = f"{card.info.describe() if card.info else 'YubiKey'}, slot {slot.name}"
+    label = slot_label(card, slot)
     pins = PinSource(args.pin_file, label)
-    pin_policy = meta.pin_policy if meta else PinPolicy.NEVER
+    pin_policy, _ = key_policies(card, slot, meta, args.pin_file)
 
     def sign_request(piv: PivSession) -> bytes:
         ensure_pin(piv, pin_policy, pins)
@@ -6028,8 +6244,7 @@ def renew_on_card(
     name = csr_name(common_name(cert), card)
     new = request_certificate(kube, name, request, args)
     check_issued(new, cert.public_key(), args.expiration)
-    args.slot = slot
-    store_certificate(card, args, new)
+    store_certificate(card, slot, args.admin_key, new)
     print(
         f"Renewed the certificate in slot {slot.name} ({cert.subject.rfc4514_string()}): "
         f"valid until {not_after(new):%Y-%m-%d %H:%M} UTC, same key. A running proxy "
