@@ -2719,7 +2719,7 @@ def tls_private_key(signer: CardSigner, public_key: Any) -> Any:
 
 
 def make_tls_connection(
-    sock: socket.socket | PushbackSocket, verifier: ServerVerifier, where: str
+    sock: socket.socket, verifier: ServerVerifier, where: str
 ) -> Any:
     """A tlslite client connection that verifies the server's chain the moment
     it arrives, before the card is asked for a signature."""
