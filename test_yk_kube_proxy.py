@@ -4,8 +4,44 @@ pyscard -> pcscd -> vpcd (vsmartcard) -> the virtual YubiKey below, which speaks
 vpcd socket protocol. The fixtures start their own pcscd with their own reader
 configuration; kubectl and yubico-piv-tool act as independent clients.
 
-Sections: the virtual PIV card, the PC/SC rig, a small PKI and kubeconfigs, then
-the tests from pure functions up to whole commands.
+Index (each title is a section banner below: search for it)
+
+Machinery:
+  M1. The virtual PIV card: a YubiKey 5 PIV applet (NIST SP 800-73-4 + Yubico
+      extensions) with a vpcd transport
+  M2. The test API server: enough of Kubernetes for the real kubectl (discovery,
+      lists, watch, logs, create/delete, exec over WebSocket and SPDY/3.1, the CSR API),
+      over TLS
+  M3. The PC/SC rig: pcscd with vpcd readers; the cards factory puts virtual cards
+      in and takes them out
+  M4. A small PKI and kubeconfigs like k3s's and kubeadm's
+  M5. Clusters, proxies and clients: the clusters and proxies factories, kubectl, a
+      local client, the fault figures
+  M6. Go programs from Go's standard library: a crypto/x509 verifier and a TLS
+      server configured like kube-apiserver
+
+Tests:
+  1. Card layer: TLV and APDU encoding, PivSession in-process against the virtual
+      card, finding the card through pcscd
+  2. Kubeconfig and the files a user names: read as kubectl reads them, refused in
+      one line, never a traceback
+  3. setup and status: the key onto the card, what is on the card; names, merge and
+      unmerge
+  4. proxy: kubectl through the proxy and the card; the API server verified before
+      the card signs (Go parity); the local hop
+  5. Resilience: the card, pcscd, the network and the client misbehave; presence
+  6. enroll and renew: keys born on the card, certificates from the cluster's CSR
+      API, RBAC
+  7. Command line: arguments, dependencies, the systemd units, the shell, other
+      platforms, touch prompts
+  8. Benchmark (python -m pytest -m bench -s): figures side by side, no assertions
+      on time
+
+The test sections go from the card layer up to the command line. A new test goes
+in the section of the feature it exercises, next to its siblings; a helper used by
+one section stays in it, one used by several goes in the machinery. Tests own
+nothing they must tear down: the cards, proxies and clusters factory fixtures
+insert and start for them and remove or stop what is left at teardown.
 """
 
 from __future__ import annotations
@@ -67,10 +103,12 @@ import yk_kube_proxy as yk
 
 HERE = Path(__file__).resolve().parent
 
+
 # =============================================================================
-# The virtual PIV card: a YubiKey 5 PIV applet (NIST SP 800-73-4 + Yubico
+# M1. The virtual PIV card: a YubiKey 5 PIV applet (NIST SP 800-73-4 + Yubico
 # extensions) with a vpcd transport
 # =============================================================================
+
 
 DEFAULT_MGMT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
 DEFAULT_PIN = b"123456"
@@ -1231,13 +1269,15 @@ class VpcdCard:
 
 
 # =============================================================================
-# The test API server: enough of Kubernetes for the real kubectl (discovery,
-# lists, watch, logs, create/delete, exec over WebSocket and SPDY/3.1), over TLS
-# that requires a client certificate
+# M2. The test API server: enough of Kubernetes for the real kubectl (discovery, lists,
+# watch, logs, create/delete, exec over WebSocket and SPDY/3.1, the CSR API), over TLS
 # =============================================================================
+
 
 # -- constants
 # --------------------------------------------------------------------------
+
+
 DEFAULT_GIT_VERSION = "v1.31.0"
 FAKE_VERSION = {
     "major": "1",
@@ -3413,6 +3453,7 @@ __all__ = [
 
 # -- the certificates.k8s.io/v1 CSR API (enroll and renew) --------------------
 
+
 # --------------------------------------------------------------------------
 # certificates.k8s.io/v1 constants
 # --------------------------------------------------------------------------
@@ -4819,7 +4860,8 @@ def _as_bytes(data) -> bytes:
 
 
 # =============================================================================
-# The PC/SC rig: pcscd with vpcd readers, cards inserted by the tests
+# M3. The PC/SC rig: pcscd with vpcd readers; the cards factory puts virtual cards in
+# and takes them out
 # =============================================================================
 
 
@@ -5020,9 +5062,19 @@ def cards(rig):
         yield insert
 
 
+@pytest.fixture
+def card52(rig):
+    """A YubiKey 5.2: no GET METADATA, but ATTEST for keys generated on it."""
+    piv = VirtualPiv(version=(5, 2, 7), serial=21000052, mgmt_algorithm=0x03)
+    inserted = rig.insert(piv)
+    yield piv
+    rig.remove(inserted)
+
+
 # =============================================================================
-# A small PKI and kubeconfigs like k3s's and kubeadm's
+# M4. A small PKI and kubeconfigs like k3s's and kubeadm's
 # =============================================================================
+
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
 
@@ -5161,7 +5213,658 @@ def run_cli(*argv: str, capsys=None) -> tuple[int, str, str]:
 
 
 # =============================================================================
-# Pure functions: encoding, slots, arguments
+# M5. Clusters, proxies and clients: the clusters and proxies factories, kubectl, a
+# local client, the fault figures
+# =============================================================================
+
+
+@dataclasses.dataclass
+class Cluster:
+    """A test API server and the kubeconfig that reaches it with a client key."""
+
+    api: FakeApiServer
+    ident: Identity
+    kubeconfig: Path
+    server_ca: x509.Certificate
+
+
+def make_server_pki(names=("localhost",), ips=("127.0.0.1",), days=365):
+    ca_key = new_key("p256")
+    ca = make_cert(
+        ca_key, ca_key, "CN=k3s-server-ca", "CN=k3s-server-ca", ca=True, days=3650
+    )
+    key = new_key("p256")
+    sans = [x509.DNSName(n) for n in names] + [
+        x509.IPAddress(ipaddress.ip_address(i)) for i in ips
+    ]
+    start = -1 if days > 0 else days - 30
+    cert = make_cert(
+        key,
+        ca_key,
+        "CN=k3s",
+        "CN=k3s-server-ca",
+        sans=sans,
+        days=days,
+        start_days=start,
+    )
+    return ca, cert, key
+
+
+def start_cluster(
+    tmp_path: Path,
+    kind: str = "p256",
+    tls_versions=("1.2", "1.3"),
+    path_prefix: str = "",
+    server_pki=None,
+    subject: str = "CN=system:admin,O=system:masters",
+    **cluster_extra,
+) -> Cluster:
+    ident = make_identity(kind, subject=subject)
+    server_ca, server_cert, server_key = server_pki or make_server_pki()
+    api = FakeApiServer(
+        server_cert_pem=pem(server_cert),
+        server_key_pem=pem(server_key),
+        client_ca_pem=pem(ident.ca_cert),
+        tls_versions=tls_versions,
+        path_prefix=path_prefix,
+        git_version="v1.32.0",
+    )
+    api.start()
+    path = write_kubeconfig(
+        tmp_path / "cluster.yaml",
+        ident,
+        server=f"https://127.0.0.1:{api.port}{path_prefix}",
+        extra_cluster=cluster_extra,
+    )
+    doc = yaml.safe_load(path.read_text())
+    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(pem(server_ca))
+    path.write_text(yaml.safe_dump(doc))
+    return Cluster(api, ident, path, server_ca)
+
+
+class ProxyProcess:
+    """`yubikey-kube-proxy proxy` as a user runs it, on a free loopback port."""
+
+    def __init__(self, workdir: Path, *extra: str, env=None) -> None:
+        self.workdir = workdir
+        self.stderr_path = workdir / "proxy.stderr"
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "yk_kube_proxy.py"),
+                "proxy",
+                "--kubeconfig",
+                str(workdir / "proxy.yml"),
+                "--listen",
+                "127.0.0.1:0",
+                "-v",
+                *extra,
+            ],
+            stderr=open(self.stderr_path, "wb"),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        try:
+            wait_until(
+                lambda: (
+                    "listening on" in self.stderr() or self.process.poll() is not None
+                ),
+                30,
+                "the proxy to listen",
+            )
+            lines = self.stderr().splitlines()
+            line = next((x for x in lines if "listening on" in x), "")
+            if not line:
+                raise AssertionError(f"proxy did not start: {self.stderr()}")
+        except AssertionError:
+            self.stop()  # never left running by a start that failed
+            raise
+        self.port = int(line.split("://127.0.0.1:")[1].split()[0])
+        self.client_config = workdir / f"client-{self.port}.yml"
+        doc = yaml.safe_load((workdir / "client.yml").read_text())
+        server = doc["clusters"][0]["cluster"]["server"]
+        doc["clusters"][0]["cluster"]["server"] = (
+            server.rsplit(":", 1)[0] + f":{self.port}"
+        )
+        self.client_config.write_text(yaml.safe_dump(doc))
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def kubectl(
+    proxy: ProxyProcess,
+    *args: str,
+    input: str | None = None,  # noqa: A002 - subprocess.run's name
+    env=None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            "kubectl",
+            "--kubeconfig",
+            str(proxy.client_config),
+            "--request-timeout",
+            "30s",
+            *args,
+        ],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cluster = start_cluster(tmp_path)
+    yield cluster
+    cluster.api.stop()
+
+
+def setup_and_proxy(
+    cluster: Cluster, workdir: Path, *setup_extra: str, proxy_extra=()
+) -> ProxyProcess:
+    code = yk.main(
+        [
+            "setup",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--output-dir",
+            str(workdir),
+            *setup_extra,
+        ]
+    )
+    assert code == 0
+    return ProxyProcess(workdir, *proxy_extra)
+
+
+@pytest.fixture
+def proxied(card57, cluster, tmp_path, capsys):
+    """kubectl -> proxy (mutual TLS on loopback) -> API server, key on the card."""
+    proxy = setup_and_proxy(cluster, tmp_path / "yk")
+    capsys.readouterr()
+    yield proxy
+    proxy.stop()
+
+
+class Proxies:
+    """The ``proxies`` factory: every proxy it starts is stopped at teardown."""
+
+    def __init__(self, teardown: contextlib.ExitStack) -> None:
+        self._teardown = teardown
+
+    def __call__(self, workdir: Path, *extra: str, env=None) -> ProxyProcess:
+        """``proxy --kubeconfig workdir/proxy.yml *extra`` (see ProxyProcess)."""
+        return self._owned(lambda: ProxyProcess(workdir, *extra, env=env))
+
+    def setup(
+        self, cluster: Cluster, workdir: Path, *setup_extra: str, proxy_extra=()
+    ) -> ProxyProcess:
+        """``setup`` into workdir, then the proxy (see setup_and_proxy)."""
+        return self._owned(
+            lambda: setup_and_proxy(
+                cluster, workdir, *setup_extra, proxy_extra=proxy_extra
+            )
+        )
+
+    def _owned(self, start: Callable[[], ProxyProcess]) -> ProxyProcess:
+        proxy = start()
+        self._teardown.callback(proxy.stop)
+        return proxy
+
+
+@pytest.fixture
+def proxies():
+    """Factory: ``proxies(workdir, *extra)`` or ``proxies.setup(cluster, workdir,
+    *setup_extra)`` starts a ProxyProcess that is stopped at teardown."""
+    with contextlib.ExitStack() as teardown:
+        yield Proxies(teardown)
+
+
+@pytest.fixture
+def clusters():
+    """Factory: ``clusters(folder, **start_cluster options)`` starts a test API
+    server and its kubeconfig in folder; each is stopped at teardown."""
+    with contextlib.ExitStack() as teardown:
+
+        def start(folder: Path, **options) -> Cluster:
+            started = start_cluster(folder, **options)
+            teardown.callback(started.api.stop)
+            return started
+
+        yield start
+
+
+def read_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def setup_args(kubeconfig: Path, out: Path, *extra: str) -> list[str]:
+    return ["setup", "--kubeconfig", str(kubeconfig), "--output-dir", str(out), *extra]
+
+
+FAULT_FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fault_figures(request):
+    """Print the fault suite's figures at the end of the run."""
+    yield
+    if FAULT_FIGURES:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("")
+            reporter.write_sep("=", "fault suite figures")
+            for line in FAULT_FIGURES:
+                reporter.write_line(line)
+
+
+class LocalClient:
+    """An HTTPS client holding the local hop's client certificate from client.yml."""
+
+    def __init__(self, proxy: ProxyProcess) -> None:
+        doc = yaml.safe_load(proxy.client_config.read_text())
+        self.context = ssl.create_default_context(
+            cadata=base64.b64decode(
+                doc["clusters"][0]["cluster"]["certificate-authority-data"]
+            ).decode()
+        )
+        user = doc["users"][0]["user"]
+        bundle = proxy.workdir / "local-client.pem"
+        bundle.write_bytes(
+            base64.b64decode(user["client-certificate-data"])
+            + base64.b64decode(user["client-key-data"])
+        )
+        self.context.load_cert_chain(bundle)
+        self.port = proxy.port
+
+    def connection(self) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=self.context, timeout=60
+        )
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        conn = self.connection()
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+
+def process_counts(pid: int) -> tuple[int, int]:
+    """(threads, open file descriptors) of a process."""
+    return (len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def wait_for_counts(pid: int, baseline: tuple[int, int], timeout: float = 15) -> None:
+    wait_until(
+        lambda: process_counts(pid) <= baseline,
+        timeout,
+        f"threads and sockets back to {baseline} (now {process_counts(pid)})",
+    )
+
+
+# =============================================================================
+# M6. Go programs from Go's standard library: a crypto/x509 verifier and a TLS server
+# configured like kube-apiserver
+# =============================================================================
+
+
+# kubectl is a Go program: a server it accepts must work through the proxy, and a
+# server it refuses must never get a card signature. The tests build two small Go
+# programs from Go's standard library (Debian's golang-go): a verifier that gives
+# Go's verdict on a generated corpus of chains, and a TLS server configured like
+# kube-apiserver's secure serving, in front of the test API server.
+
+GO_VERIFIER = r"""
+package main
+
+import (
+	"bufio"
+	"crypto/x509"
+	"encoding/json"
+	"os"
+)
+
+type job struct {
+	Roots [][]byte `json:"roots"`
+	Chain [][]byte `json:"chain"`
+	Name  string   `json:"name"`
+}
+
+// verdict is what crypto/tls (so kubectl) decides: "" to accept, else Go's error.
+func verdict(j job) string {
+	roots := x509.NewCertPool()
+	for _, der := range j.Roots {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return "root: " + err.Error()
+		}
+		roots.AddCert(c)
+	}
+	var certs []*x509.Certificate
+	for _, der := range j.Chain {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return err.Error()
+		}
+		certs = append(certs, c)
+	}
+	intermediates := x509.NewCertPool()
+	for _, c := range certs[1:] {
+		intermediates.AddCert(c)
+	}
+	opts := x509.VerifyOptions{Roots: roots, Intermediates: intermediates, DNSName: j.Name}
+	if _, err := certs[0].Verify(opts); err != nil {
+		return err.Error()
+	}
+	return ""
+}
+
+func main() {
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<20), 1<<26)
+	out := json.NewEncoder(os.Stdout)
+	for in.Scan() {
+		var j job
+		if err := json.Unmarshal(in.Bytes(), &j); err != nil {
+			panic(err)
+		}
+		out.Encode(map[string]string{"error": verdict(j)})
+	}
+}
+"""
+
+GO_APISERVER = r"""
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"strconv"
+)
+
+func read(path string) []byte {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		panic(err)
+	}
+	return data
+}
+
+func pool(path string) *x509.CertPool {
+	p := x509.NewCertPool()
+	if !p.AppendCertsFromPEM(read(path)) {
+		panic("no certificates in " + path)
+	}
+	return p
+}
+
+var versions = map[uint16]string{tls.VersionTLS12: "1.2", tls.VersionTLS13: "1.3"}
+
+func main() {
+	cert := flag.String("cert", "", "serving certificate (PEM)")
+	key := flag.String("key", "", "its key (PKCS#8 PEM)")
+	impostor := flag.String("impostor-key", "", "serve the certificate with this other key")
+	clientCA := flag.String("client-ca", "", "CA of the client certificates")
+	backend := flag.String("backend", "", "URL of the test API server behind")
+	backendCA := flag.String("backend-ca", "", "its CA")
+	backendCert := flag.String("backend-cert", "", "our client certificate for it")
+	backendKey := flag.String("backend-key", "", "its key")
+	maxVersion := flag.String("max", "1.3", "highest TLS version: 1.1, 1.2 or 1.3")
+	suites := flag.String("suites", "", "TLS 1.2 suites: rsa (static RSA) or ecdhe; default Go's")
+	flag.Parse()
+
+	pair, err := tls.X509KeyPair(read(*cert), read(*key))
+	if err != nil {
+		panic(err)
+	}
+	if *impostor != "" {
+		block, _ := pem.Decode(read(*impostor))
+		other, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+		if err != nil {
+			panic(err)
+		}
+		pair.PrivateKey = other // the genuine certificate, someone else's key
+	}
+	// kube-apiserver's secure serving: client certificates requested, not
+	// verified by crypto/tls; its x509 authenticator checks them itself.
+	config := &tls.Config{
+		Certificates: []tls.Certificate{pair},
+		ClientAuth:   tls.RequestClientCert,
+		NextProtos:   []string{"h2", "http/1.1"},
+		MinVersion:   tls.VersionTLS12,
+		MaxVersion:   map[string]uint16{"1.1": tls.VersionTLS11, "1.2": tls.VersionTLS12, "1.3": tls.VersionTLS13}[*maxVersion],
+	}
+	if config.MaxVersion < tls.VersionTLS12 { // an outdated server, for a negative test
+		config.MinVersion = tls.VersionTLS10
+	}
+	server := &http.Server{TLSConfig: config}
+	switch *suites {
+	case "rsa": // HTTP/2 needs ECDHE: HTTP/1.1 only
+		config.CipherSuites = []uint16{tls.TLS_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_RSA_WITH_AES_256_GCM_SHA384}
+		config.NextProtos = []string{"http/1.1"}
+		server.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
+	case "ecdhe":
+		config.CipherSuites = []uint16{tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256}
+	}
+	clients := pool(*clientCA)
+	var proxy *httputil.ReverseProxy
+	if *backend != "" {
+		target, _ := url.Parse(*backend)
+		ours, err := tls.LoadX509KeyPair(*backendCert, *backendKey)
+		if err != nil {
+			panic(err)
+		}
+		proxy = httputil.NewSingleHostReverseProxy(target)
+		proxy.FlushInterval = -1
+		proxy.Transport = &http.Transport{TLSClientConfig: &tls.Config{
+			RootCAs: pool(*backendCA), Certificates: []tls.Certificate{ours},
+		}}
+	}
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		peer := r.TLS.PeerCertificates
+		intermediates := x509.NewCertPool()
+		for _, c := range peer[min(1, len(peer)):] {
+			intermediates.AddCert(c)
+		}
+		if len(peer) == 0 || proxy == nil {
+			http.Error(w, "Unauthorized", http.StatusUnauthorized)
+			return
+		}
+		opts := x509.VerifyOptions{Roots: clients, Intermediates: intermediates,
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+		if _, err := peer[0].Verify(opts); err != nil {
+			http.Error(w, "Unauthorized", http.StatusUnauthorized)
+			return
+		}
+		r.Header.Set("X-Go-Client", peer[0].Subject.String())
+		r.Header.Set("X-Go-Tls", versions[r.TLS.Version])
+		r.Header.Set("X-Go-Alpn", r.TLS.NegotiatedProtocol)
+		r.Header.Set("X-Go-Resumed", strconv.FormatBool(r.TLS.DidResume))
+		r.Header.Set("X-Go-Cipher", tls.CipherSuiteName(r.TLS.CipherSuite))
+		proxy.ServeHTTP(w, r)
+	})
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	fmt.Printf("listening on %d\n", listener.Addr().(*net.TCPAddr).Port)
+	server.Handler = handler
+	panic(server.ServeTLS(listener, "", ""))
+}
+
+func min(a, b int) int {
+	if a < b {
+		return a
+	}
+	return b
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def go_build(tmp_path_factory):
+    """Builds a Go program from source, standard library only, with Go's caches
+    under pytest's temporary directory; fails (never skips) without Go."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail(
+            "the Go parity tests need Go: install it with "
+            "'sudo apt-get install -y golang-go' (the README's test command does)"
+        )
+    root = tmp_path_factory.mktemp("go")
+    env = {
+        **os.environ,
+        "GOCACHE": str(root / "cache"),
+        "GOPATH": str(root / "path"),
+        "GOTMPDIR": str(root),
+        "GOTOOLCHAIN": "local",
+        "GOFLAGS": "",
+        "GOPROXY": "off",
+        "GO111MODULE": "on",
+        "CGO_ENABLED": "0",
+        "HOME": str(root),
+    }
+    built: dict[str, Path] = {}
+
+    def build(name: str, source: str) -> Path:
+        if name not in built:
+            folder = root / name
+            folder.mkdir()
+            (folder / "main.go").write_text(source)
+            done = subprocess.run(
+                [go, "build", "-o", str(folder / name), "main.go"],
+                cwd=folder,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stderr
+            built[name] = folder / name
+        return built[name]
+
+    return build
+
+
+def go_serving_pki(kind: str, names=("localhost",), ips_=("127.0.0.1",), days=365):
+    """A serving CA and certificate with a key of the given kind (p256, rsa2048)."""
+    ca_key = new_key("p256")
+    ca_cert = make_cert(
+        ca_key, ca_key, "CN=go-apiserver-ca", "CN=go-apiserver-ca", ca=True, days=3650
+    )
+    key = new_key(kind)
+    sans = [x509.DNSName(n) for n in names] + [
+        x509.IPAddress(ipaddress.ip_address(i)) for i in ips_
+    ]
+    start = -1 if days > 0 else days - 30
+    cert = make_cert(
+        key,
+        ca_key,
+        "CN=kube-apiserver",
+        "CN=go-apiserver-ca",
+        sans=sans,
+        days=days,
+        start_days=start,
+    )
+    return (ca_key, ca_cert), cert, key
+
+
+@dataclasses.dataclass
+class GoFront:
+    process: subprocess.Popen
+    port: int
+    cluster: Cluster  # its kubeconfig reaches the Go server; .api is the server behind
+
+
+@contextlib.contextmanager
+def go_apiserver(
+    tmp_path,
+    go_build,
+    serving="p256",
+    max_version="1.3",
+    pki=None,
+    extra=(),
+    **cluster_extra,
+):
+    """kubectl -> proxy -> Go TLS server (kube-apiserver's settings) -> test API server."""
+    binary = go_build("goapiserver", GO_APISERVER)
+    backend = start_cluster(tmp_path)
+    folder = tmp_path / "go"
+    folder.mkdir(exist_ok=True)
+    (ca_key, ca_cert), cert, key = pki or go_serving_pki(serving)
+    ident = backend.ident
+    front_key = new_key("p256")
+    front_cert = make_cert(
+        front_key, ident.ca_key, "CN=system:admin,O=system:masters", "CN=k3s-client-ca"
+    )
+    files = {
+        "cert": pem(cert),
+        "key": pem(key),
+        "client-ca": pem(ident.ca_cert),
+        "backend-ca": pem(backend.server_ca),
+        "backend-cert": pem(front_cert),
+        "backend-key": pem(front_key),
+    }
+    argv = [str(binary), "-max", max_version, "-backend", backend.api.url, *extra]
+    for flag, data in files.items():
+        (folder / f"{flag}.pem").write_bytes(data)
+        argv += [f"-{flag}", str(folder / f"{flag}.pem")]
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=open(folder / "stderr", "wb"), text=True
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("listening on "), (folder / "stderr").read_text()
+        port = int(line.split()[-1])
+        doc = yaml.safe_load(backend.kubeconfig.read_text())
+        cluster_doc = doc["clusters"][0]["cluster"]
+        cluster_doc["server"] = f"https://127.0.0.1:{port}"
+        cluster_doc["certificate-authority-data"] = b64(pem(ca_cert))
+        cluster_doc.update(cluster_extra)
+        backend.kubeconfig.write_text(yaml.safe_dump(doc))
+        yield GoFront(process, port, backend)
+    finally:
+        process.kill()
+        process.wait()
+        backend.api.stop()
+
+
+@contextlib.contextmanager
+def proxy_through(front: GoFront, workdir: Path):
+    proxy = setup_and_proxy(front.cluster, workdir)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+# =============================================================================
+# 1. Card layer: TLV and APDU encoding, PivSession in-process against the virtual card,
+# finding the card through pcscd
 # =============================================================================
 
 
@@ -5209,46 +5912,6 @@ def test_slots_pair_key_reference_and_object():
         yk.parse_slot("9f")
 
 
-def test_version_and_help_work_without_pyscard():
-    blocker = (
-        "import sys; sys.modules['smartcard'] = None; sys.argv[0] = 'x'; "
-        "import yk_kube_proxy as m; raise SystemExit(m.main(sys.argv[1:]))"
-    )
-    for argv, expected in (
-        (["--version"], f"yubikey-kube-proxy {yk.__version__}\n"),
-        (["--help"], "usage: yubikey-kube-proxy"),
-        (["setup", "--help"], "usage: yubikey-kube-proxy setup"),
-    ):
-        done = subprocess.run(
-            [sys.executable, "-c", blocker, *argv],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith(expected)
-    done = subprocess.run(
-        [sys.executable, "-c", blocker, "status"],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 1
-    assert done.stderr.startswith("yubikey-kube-proxy: error: cannot import pyscard")
-
-
-def test_bad_arguments_are_refused_by_the_parser(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        yk.main(["setup", "--management-key", "zz"])
-    assert exit_info.value.code == 2
-    assert "the management key must be hexadecimal" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        yk.main(["setup", "--slot", "9f"])
-    assert "unknown PIV slot '9f'" in capsys.readouterr().err
-
-
 def test_pcscd_not_running_says_how_to_start_it(tmp_path):
     env = {**os.environ, "PCSCLITE_CSOCK_NAME": str(tmp_path / "nothing.comm")}
     done = subprocess.run(
@@ -5265,9 +5928,7 @@ def test_pcscd_not_running_says_how_to_start_it(tmp_path):
     )
 
 
-# =============================================================================
-# PivSession in-process: the PIV session against the virtual card, no pcscd
-# =============================================================================
+# -- PivSession in-process: the PIV session against the virtual card, no pcscd ---------
 
 
 class DirectTransport:
@@ -5517,8 +6178,153 @@ def test_session_status_words_become_typed_errors():
     assert old.get_serial() is None and old.management_key_is_default() is None
 
 
+# -- card selection and PC/SC errors -------------------------------------------------
+
+
+def test_no_card_inserted(rig, capsys):
+    code, _, stderr = run_cli("status", capsys=capsys)
+    assert (code, stderr) == (
+        1,
+        "yubikey-kube-proxy: error: no YubiKey found - please insert your YubiKey\n",
+    )
+
+
+def test_several_cards_need_a_choice(cards, card57, tmp_path, capsys):
+    second = cards(VirtualPiv(version=(5, 7, 1), serial=31000009), index=1)
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert code == 1
+    assert stderr == (
+        "yubikey-kube-proxy: error: several YubiKeys found: YubiKey serial 31000001 "
+        f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'; YubiKey serial 31000009 "
+        f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 01'; choose one with --serial "
+        "N or --reader NAME\n"
+    )
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--serial", "31000009"), capsys=capsys
+    )
+    assert (code, stderr) == (0, "")
+    assert second.piv.slot_key(0x9A) is not None and card57.slot_key(0x9A) is None
+    code, stdout, _ = run_cli("status", "--json", capsys=capsys)
+    assert [c["serial"] for c in json.loads(stdout)["cards"]] == [
+        31000001,
+        31000009,
+    ]
+    assert code == 1  # the first card's slot is empty
+    code, _, stderr = run_cli("status", "--serial", "42", capsys=capsys)
+    assert stderr == (
+        "yubikey-kube-proxy: error: no YubiKey with serial 42 found - "
+        "please insert your YubiKey\n"
+    )
+
+
+def test_other_readers_are_skipped_unless_chosen(cards, tmp_path, capsys):
+    cards(VirtualPiv(serial=41000004), generic=True)
+    code, _, stderr = run_cli("status", capsys=capsys)
+    assert stderr == (
+        "yubikey-kube-proxy: error: no YubiKey found - please insert your YubiKey\n"
+    )
+    code, stdout, _ = run_cli("status", "--reader", "generic", "--json", capsys=capsys)
+    assert json.loads(stdout)["cards"][0]["serial"] == 41000004
+
+
+def test_card_held_exclusively_names_the_suspects(rig, card57, capsys):
+    from smartcard import scard
+
+    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    hresult, handle, _ = scard.SCardConnect(
+        context,
+        rig.reader(),
+        scard.SCARD_SHARE_EXCLUSIVE,
+        scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+    )
+    assert hresult == 0
+    try:
+        code, _, stderr = run_cli("status", capsys=capsys)
+    finally:
+        scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+        scard.SCardReleaseContext(context)
+    assert code == 1
+    assert stderr == (
+        f"yubikey-kube-proxy: error: the YubiKey in reader '{YUBIKEY_READER} 00 00' is held "
+        "exclusively by another program, usually scdaemon/gpg-agent (add 'disable-ccid' or "
+        "'pcsc-shared' to ~/.gnupg/scdaemon.conf and run 'gpgconf --kill scdaemon'), "
+        "yubikey-agent, or another ykman/PKCS#11 session: close it and try again\n"
+    )
+
+
+# -- card errors named by what happened, malformed card answers ------------------------
+
+
+def test_pcsc_codes_are_named_by_what_happened():
+    reader = "R 00 00"
+    reset = yk.pcsc_error(0x80100068, reader)
+    assert (type(reset), str(reset)) == (
+        yk.TransientCardError,
+        "the card in reader 'R 00 00' was reset by another program (0x80100068): "
+        "try again",
+    )
+    removed = yk.pcsc_error(0x80100069, reader)
+    assert (type(removed), str(removed)) == (
+        yk.NoCardError,
+        "YubiKey not present in reader 'R 00 00' - insert it",
+    )
+    # Not transacted says nothing of why: the card layer looks again before it
+    # reports this raw code (see the pull-and-request-at-once test).
+    raw = yk.pcsc_error(0x80100016, reader)
+    assert (type(raw), raw.code) == (yk.PcscFailure, 0x80100016)
+    assert str(raw).startswith("PC/SC error 0x80100016 in reader 'R 00 00': ")
+
+
+class GarbledVersionPiv(VirtualPiv):
+    """A card whose GET VERSION answer is one byte instead of three."""
+
+    def process(self, apdu: bytes) -> bytes:
+        if bytes(apdu[1:2]) == b"\xfd":
+            return b"\x05\x90\x00"
+        return super().process(apdu)
+
+
+def test_malformed_card_answer_is_a_card_error(cards, capsys):
+    cards(GarbledVersionPiv(serial=12000004))
+    code, stdout, stderr = run_cli("status", capsys=capsys)
+    assert (code, stdout) == (1, "")
+    assert stderr == (
+        f"{yk.PROG}: error: the YubiKey in reader '{YUBIKEY_READER} 00 00' sent an "
+        "answer that is not valid PIV (index out of range): reinsert it and try "
+        "again\n"
+    )
+
+
+def test_pin_policy_from_metadata_else_attestation_else_the_option(card52):
+    generated, imported = ec.generate_private_key(ec.SECP256R1()), new_key("p256")
+    card52.install_key(0x9A, generated, ALG_ECCP256, PIN_POLICY_ALWAYS, 0x02)
+    card52.install_key(0x9C, imported, ALG_ECCP256, origin=ORIGIN_IMPORTED)
+    meta = yk.SlotMetadata(
+        ALG_ECCP256, yk.PinPolicy.ONCE, yk.TouchPolicy.CACHED, "imported", b""
+    )
+    card = yk.open_card()
+    try:
+        policies = [
+            yk.key_policies(card, yk.SLOTS["9a"], None, None),
+            yk.key_policies(card, yk.SLOTS["9c"], None, None),
+            yk.key_policies(card, yk.SLOTS["9c"], None, "pin-file"),
+            yk.key_policies(card, yk.SLOTS["9c"], meta, None),
+        ]
+    finally:
+        card.close()
+    assert policies == [
+        (yk.PinPolicy.ALWAYS, yk.TouchPolicy.ALWAYS),  # attested
+        (yk.PinPolicy.NEVER, yk.TouchPolicy.NEVER),  # imported: the option
+        (yk.PinPolicy.ONCE, yk.TouchPolicy.NEVER),
+        (yk.PinPolicy.ONCE, yk.TouchPolicy.CACHED),  # metadata first
+    ]
+    assert card52.sign_count == 0
+
+
 # =============================================================================
-# Kubeconfig
+# 2. Kubeconfig and the files a user names: read as kubectl reads them, refused in one
+# line, never a traceback
 # =============================================================================
 
 
@@ -5557,11 +6363,8 @@ def test_kubeconfig_errors_name_the_problem(tmp_path):
         yk.Kubeconfig([tmp_path / "nope"])
 
 
-# =============================================================================
-# Fail closed, never a traceback: kubeconfig types as kubectl reads them, the
-# local hop, secrets off the command line, hostile files, dependencies, and a
-# seeded kubeconfig fuzz
-# =============================================================================
+# -- fail closed: kubeconfig types and values as kubectl reads them --------------------
+
 
 ERROR = "yubikey-kube-proxy: error: "
 
@@ -5717,307 +6520,6 @@ def test_bad_server_urls_are_refused_at_start(tmp_path, capsys):
             f"{server!r} is not a URL (ASCII, no spaces, a port from 1 to 65535): "
             "write https://HOST:PORT in the kubeconfig\n",
         )
-
-
-# -- the local hop fails closed ---------------------------------------------------
-
-
-def extension_of(doc: dict) -> dict:
-    return doc["contexts"][0]["context"]["extensions"][0]["extension"]
-
-
-def damage(key: str, value):
-    def change(doc: dict) -> None:
-        local = extension_of(doc)["local-tls"]
-        if value is None:
-            local.pop(key)
-        else:
-            local[key] = value
-
-    return change
-
-
-PROXY_YML_CASES = {
-    "no local-tls entry": (
-        lambda d: extension_of(d).pop("local-tls"),
-        "the proxy kubeconfig {path} has no local-tls entry for the local hop's "
-        "mutual TLS: run 'yubikey-kube-proxy setup' again (plain HTTP only with setup "
-        "--plain-http or proxy --plain-http)",
-    ),
-    "an empty local-tls entry": (
-        lambda d: extension_of(d).update({"local-tls": {}}),
-        "the proxy kubeconfig {path} has no local-tls entry for the local hop's "
-        "mutual TLS: run 'yubikey-kube-proxy setup' again (plain HTTP only with setup "
-        "--plain-http or proxy --plain-http)",
-    ),
-    "a key that is not a key": (
-        damage("server-key-data", b64(b"-----BEGIN PRIVATE KEY-----\nAAAA\n")),
-        "the local-tls entry of the proxy kubeconfig {path} is damaged: run "
-        "'yubikey-kube-proxy setup' again",
-    ),
-    "a CA that is not base64": (
-        damage("client-ca-data", "not base64!"),
-        "the local-tls entry of the proxy kubeconfig {path} is damaged: run "
-        "'yubikey-kube-proxy setup' again",
-    ),
-    "no client CA": (
-        damage("client-ca-data", None),
-        "the local-tls entry of the proxy kubeconfig {path} is damaged: run "
-        "'yubikey-kube-proxy setup' again",
-    ),
-    "local-tls as a string": (
-        lambda d: extension_of(d).update({"local-tls": "none"}),
-        "kubeconfig {path}, context 'default', extension yubikey-kube-proxy: "
-        "local-tls is a string, not a mapping: write a mapping (key: value lines)",
-    ),
-    "plain-http as a string": (
-        lambda d: extension_of(d).update({"plain-http": "true"}),
-        "kubeconfig {path}, context 'default', extension yubikey-kube-proxy: "
-        "plain-http is a string, not a boolean: write true or false, without quotes",
-    ),
-    "insecure as the string false": (
-        lambda d: cluster_of(d).update({"insecure-skip-tls-verify": "false"}),
-        "kubeconfig {path}, cluster 'default': insecure-skip-tls-verify is a string, "
-        "not a boolean: write true or false, without quotes",
-    ),
-    "an unknown slot": (
-        lambda d: extension_of(d).update(slot="9z"),
-        "the yubikey-kube-proxy extension of the proxy kubeconfig {path}: unknown PIV "
-        "slot '9z': use 9a, 9c, 9d, 9e or a retired slot 82-95",
-    ),
-    "a listen address that is not loopback": (
-        lambda d: extension_of(d).update(listen="0.0.0.0:8080"),
-        "the yubikey-kube-proxy extension of the proxy kubeconfig {path}: listen "
-        "'0.0.0.0:8080' is not a loopback address: anyone who can reach it could use "
-        "your cluster; pass --unsafe-listen if you really mean it",
-    ),
-}
-
-
-def test_local_hop_fails_closed(cards, proxies, cluster, tmp_path, capsys):
-    piv = VirtualPiv(serial=41000014)
-    card = cards(piv)
-    workdir = tmp_path / "yk"
-    assert run_cli(*setup_args(cluster.kubeconfig, workdir), capsys=capsys)[0] == 0
-    card.remove()  # a refusal that failed would stop at "no YubiKey found"
-    written = (workdir / "proxy.yml").read_text()
-    signed = piv.sign_count
-    for mutate, message in PROXY_YML_CASES.values():
-        path = tmp_path / "damaged.yml"
-        doc = yaml.safe_load(written)
-        mutate(doc)
-        path.write_text(yaml.safe_dump(doc))
-        code, _, stderr = run_cli("proxy", "--kubeconfig", str(path), capsys=capsys)
-        assert (code, stderr) == (1, f"{ERROR}{message.format(path=path)}\n")
-    assert piv.sign_count == signed and cluster.api.handshakes == 0
-    # Only an explicit request gives plain HTTP, and it is announced loudly.
-    card.insert()
-    proxy = proxies(workdir, "--plain-http")
-    assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
-    assert "listening on http://127.0.0.1:" in proxy.stderr()
-    plain = workdir / "plain-client.yml"
-    doc = yaml.safe_load((workdir / "client.yml").read_text())
-    doc["clusters"][0]["cluster"] = {"server": f"http://127.0.0.1:{proxy.port}"}
-    doc["users"][0]["user"] = {}
-    plain.write_text(yaml.safe_dump(doc))
-    done = subprocess.run(
-        ["kubectl", "--kubeconfig", str(plain), "get", "--raw", "/version"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
-
-
-def test_plain_http_from_setup_is_recorded_and_warned_about(
-    card57, proxies, cluster, tmp_path, capsys
-):
-    workdir = tmp_path / "yk"
-    code, _, stderr = run_cli(
-        *setup_args(cluster.kubeconfig, workdir, "--plain-http"), capsys=capsys
-    )
-    assert (code, stderr) == (
-        0,
-        f"yubikey-kube-proxy: WARNING: {yk.PLAIN_HTTP_WARNING}\n",
-    )
-    extension = extension_of(read_yaml(workdir / "proxy.yml"))
-    assert (extension["plain-http"], "local-tls" in extension) == (True, False)
-    proxy = proxies(workdir)
-    assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
-    done = kubectl(proxy, "get", "--raw", "/version")
-    assert done.returncode == 0, done.stderr
-    code, stdout, _ = run_cli(
-        "status", "--kubeconfig", str(workdir / "proxy.yml"), capsys=capsys
-    )
-    assert code == 0
-    assert stdout.endswith(f"warning: {yk.PLAIN_HTTP_WARNING}\n")
-
-
-# -- secrets off the command line -----------------------------------------------------
-
-
-def secret_file(tmp_path: Path, name: str, content: str) -> Path:
-    path = tmp_path / name
-    path.write_text(content)
-    path.chmod(0o600)
-    return path
-
-
-def management_key_attempts(piv: VirtualPiv) -> int:
-    """GENERAL AUTHENTICATE commands for the management key (9B) the card saw."""
-    return sum(
-        1 for apdu in piv.apdu_log if apdu[1] == INS_AUTHENTICATE and apdu[3] == 0x9B
-    )
-
-
-def test_management_key_from_a_file_the_environment_or_a_prompt(
-    cards, tmp_path, capsys, monkeypatch
-):
-    key = bytes(range(32))
-    piv = VirtualPiv(serial=42000015, mgmt_algorithm=ALG_AES256, mgmt_key=key)
-    cards(piv)
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    out = tmp_path / "out"
-
-    def setup(*extra: str) -> tuple[int, str, str]:
-        return run_cli(*setup_args(source, out, "--force", *extra), capsys=capsys)
-
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no terminal
-    assert setup() == (
-        1,
-        "",
-        f"{ERROR}the YubiKey's management key is not the factory key and there is "
-        "no terminal to ask on: pass --management-key-file PATH or set "
-        "YKP_MANAGEMENT_KEY\n",
-    )
-    assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
-    for content in (key.hex() + " \n", "\t" + key.hex(), key.hex() + "\n\n"):
-        path = secret_file(tmp_path, "mk", content)
-        assert setup("--management-key-file", str(path))[2] == (
-            f"{ERROR}the management-key file {path} has whitespace around the "
-            "secret, extra lines or control characters: write just the key in hex "
-            "into it, with at most one newline at the end\n"
-        )
-    path = secret_file(tmp_path, "mk", "zz" * 32 + "\n")
-    assert setup("--management-key-file", str(path))[2] == (
-        f"{ERROR}the management-key file {path} is not a management key: write 32, "
-        "48 or 64 hex digits (16, 24 or 32 bytes)\n"
-    )
-    assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
-    path = secret_file(tmp_path, "mk", key.hex() + "\n")
-    code, _, stderr = setup("--management-key-file", str(path))
-    assert (code, stderr) == (0, "")
-    assert piv.slot_key(0x9A) is not None
-    monkeypatch.setenv("YKP_MANAGEMENT_KEY", key.hex())
-    assert setup()[::2] == (0, "")
-    monkeypatch.delenv("YKP_MANAGEMENT_KEY")
-    prompts = []
-    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
-    monkeypatch.setattr(
-        yk.getpass, "getpass", lambda prompt: prompts.append(prompt) or key.hex()
-    )
-    assert setup()[::2] == (0, "")
-    assert prompts == [
-        "Management key (hex) of YubiKey serial 42000015 (firmware 5.7.1) in "
-        f"reader '{YUBIKEY_READER} 00 00': "
-    ]
-    code, _, stderr = setup("--management-key", key.hex())
-    assert (code, stderr) == (
-        0,
-        "yubikey-kube-proxy: WARNING: --management-key puts the key on the "
-        "command line, where other users can see it (ps): use "
-        "--management-key-file PATH or YKP_MANAGEMENT_KEY\n",
-    )
-    assert key.hex() not in stderr
-    with pytest.raises(SystemExit) as usage:
-        setup("--management-key", key.hex(), "--management-key-file", str(path))
-    assert usage.value.code == 2
-    assert "not allowed with argument" in capsys.readouterr().err
-
-
-def test_factory_key_is_used_without_asking_while_the_card_has_it(
-    card54, tmp_path, capsys, monkeypatch
-):
-    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
-    monkeypatch.setattr(yk.getpass, "getpass", lambda prompt: pytest.fail(prompt))
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
-    assert (code, stderr) == (0, "")
-    assert management_key_attempts(card54) == 2  # witness and challenge, once
-
-
-@pytest.mark.parametrize(
-    "content",
-    ["123456 \n", " 123456\n", "123456\n\n", "123456\t\n", "123\x00456\n"],
-    ids=["trailing space", "leading space", "two newlines", "tab", "NUL"],
-)
-def test_pin_file_whitespace_is_refused_before_the_card_sees_it(
-    card57, tmp_path, capsys, content
-):
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    pins = secret_file(tmp_path, "pin", content)
-    code, _, stderr = run_cli(
-        *setup_args(source, tmp_path, "--pin-policy", "once", "--pin-file", str(pins)),
-        capsys=capsys,
-    )
-    assert (code, stderr) == (
-        1,
-        f"{ERROR}the PIN file {pins} has whitespace around the secret, extra lines "
-        "or control characters: write just the PIN into it, with at most one "
-        "newline at the end\n",
-    )
-    assert (card57.verify_attempts, card57.pin_tries_left) == (0, 3)
-    assert (card57.slot_key(0x9A), card57.sign_count) == (None, 0)
-
-
-@pytest.mark.parametrize("content", ["123456\n", "123456", "123456\r\n"])
-def test_pin_file_with_one_newline_or_none(card57, tmp_path, capsys, content):
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    pins = secret_file(tmp_path, "pin", content)
-    code, _, stderr = run_cli(
-        *setup_args(source, tmp_path, "--pin-policy", "once", "--pin-file", str(pins)),
-        capsys=capsys,
-    )
-    assert (code, stderr) == (0, "")
-    assert (card57.verify_attempts, card57.pin_tries_left, card57.sign_count) == (
-        1,
-        3,
-        1,
-    )
-
-
-def test_first_wrong_pin_answer_says_it_is_not_sent_again(
-    cards, proxies, cluster, tmp_path, capsys
-):
-    piv = VirtualPiv(serial=43000016)
-    cards(piv)
-    pins = secret_file(tmp_path, "pin", "123456\n")
-    proxy = proxies.setup(
-        cluster,
-        tmp_path / "yk",
-        "--pin-policy",
-        "once",
-        "--pin-file",
-        str(pins),
-        proxy_extra=("--pin-file", str(pins)),
-    )
-    client = LocalClient(proxy)
-    assert client.get("/version")[0] == 200
-    pins.write_text("999999\n")
-    proxy.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
-    signed, tries = piv.sign_count, piv.pin_tries_left
-    first, second = client.get("/version"), client.get("/version")
-    expected = (
-        "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check "
-        "the PIN (or the PIN file) and try again (the proxy will not send it again: "
-        "fix the PIN or the PIN file, then reload the proxy with kill -HUP or "
-        "'systemctl --user reload yubikey-kube-proxy', or restart it)"
-    )
-    assert (first[0], json.loads(first[1])["message"]) == (503, expected)
-    assert (second[0], json.loads(second[1])["message"]) == (503, expected)
-    assert (tries - piv.pin_tries_left, piv.sign_count - signed) == (1, 0)
 
 
 # -- files that are not what they should be ------------------------------------------
@@ -6193,165 +6695,8 @@ def test_nul_bytes_in_paths(tmp_path, capsys):
     )
 
 
-def test_command_line_values_are_one_line_or_a_usage_error(rig, tmp_path, capsys):
-    source = str(write_kubeconfig(tmp_path / "k3s.yaml", make_identity()))
-    (tmp_path / "a-file").write_text("x")
-    proxy = ["proxy", "--kubeconfig", source, "--plain-http"]
-    for argv, message in (
-        (
-            ["setup", "--kubeconfig", source, "--output-dir", f"{tmp_path}/o\x00"],
-            f"cannot create the output folder '{tmp_path}/o\\x00': the path contains a "
-            "NUL byte; choose another --output-dir",
-        ),
-        (
-            ["setup", "--kubeconfig", source, "--output-dir", str(tmp_path / "a-file")],
-            f"cannot create the output folder '{tmp_path / 'a-file'}': File exists; "
-            "choose another --output-dir",
-        ),
-        (
-            [*proxy, "--listen", "127.0.0.1:\u00b2"],
-            "--listen '127.0.0.1:\u00b2' is not HOST:PORT, e.g. 127.0.0.1:8080",
-        ),
-        (
-            [*proxy, "--listen", "[::1]:99999"],
-            "--listen '[::1]:99999' is not HOST:PORT, e.g. 127.0.0.1:8080",
-        ),
-        (
-            ["setup", "--kubeconfig", source, "--context", "\x00"],
-            f"context '\\x00' not found in {source} (contexts: default): pass "
-            "--context NAME",
-        ),
-    ):
-        assert run_cli(*argv, capsys=capsys) == (1, "", f"{ERROR}{message}\n")
-    for argv, message in (
-        (
-            [*proxy, "--handshake-timeout", "nan"],
-            "argument --handshake-timeout: 'nan' is not a number of seconds between 0 "
-            "and 86400",
-        ),
-        (
-            [*proxy, "--handshake-timeout", "-1"],
-            "argument --handshake-timeout: '-1' is not a number of seconds between 0 "
-            "and 86400",
-        ),
-        (
-            ["status", "--serial", "\u00b2"],
-            "argument --serial: invalid serial_arg value",
-        ),
-        (["status", "--slot", "9a\x00"], "argument --slot: unknown PIV slot '9a\\x00'"),
-    ):
-        with pytest.raises(SystemExit) as usage:
-            yk.main(argv)
-        stderr = capsys.readouterr().err
-        assert (usage.value.code, stderr.splitlines()[0][:6]) == (2, "usage:")
-        assert f"{argv[0]}: error: {message}" in stderr.splitlines()[-1]
-
-
-# -- key types we do not know, in a slot ----------------------------------------------
-
-
-def test_unknown_key_types_in_a_slot_are_named(cards, tmp_path, capsys):
-    piv = VirtualPiv(serial=44000017)
-    cards(piv)
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
-    # another tool replaces the key, leaving the certificate: X25519 (0xE1)
-    piv.install_key(0x9A, x25519.X25519PrivateKey.generate(), ALG_X25519)
-    piv.install_key(0x9C, x25519.X25519PrivateKey.generate(), 0x42)
-    code, stdout, stderr = run_cli("status", "--slot", "9a", "--json", capsys=capsys)
-    slot = json.loads(stdout)["cards"][0]["slots"][0]
-    assert (code, stderr, slot["key"]["algorithm"]) == (1, "", "X25519")
-    assert slot["certificate"]["matches_key"] is False
-    assert [p["message"] for p in slot["problems"]] == [
-        "slot 9a holds an X25519 key, which cannot sign TLS handshakes: replace it "
-        "('yubikey-kube-proxy setup --force') or choose another --slot",
-        "the certificate does not belong to the key in the slot: run "
-        "'yubikey-kube-proxy setup --force'",
-    ]
-    code, stdout, stderr = run_cli("status", "--slot", "9c", capsys=capsys)
-    assert (code, stderr) == (1, "")
-    assert (
-        "  slot 9c: 0x42 key, generated on card, PIN policy never, touch policy "
-        "never\n    error: slot 9c holds a key of unknown type 0x42, which cannot "
-        "sign TLS handshakes: replace it ('yubikey-kube-proxy setup --force') or "
-        "choose another --slot\n    error: slot 9c holds a key but no certificate: "
-        "run 'yubikey-kube-proxy setup --force'\n"
-    ) in stdout
-    code, _, stderr = run_cli(
-        "proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), capsys=capsys
-    )
-    assert (code, stderr) == (
-        1,
-        f"{ERROR}slot 9a holds an X25519 key, which cannot sign TLS handshakes: "
-        "replace it ('yubikey-kube-proxy setup --force') or choose another --slot\n",
-    )
-    code, _, stderr = run_cli(
-        *setup_args(source, tmp_path / "again", "--slot", "9c"), capsys=capsys
-    )
-    assert (code, stderr) == (
-        1,
-        f"{ERROR}slot 9c of the YubiKey already holds a key of unknown type 0x42 "
-        "(generated on card): pass --force to overwrite it, or choose another "
-        "--slot\n",
-    )
-    assert piv.sign_count == 1  # setup's proof only
-
-
-# -- dependencies --------------------------------------------------------------------
-
-
-def test_missing_and_old_dependencies_are_named_with_the_install_command(
-    capsys, monkeypatch
-):
-    found = {"tlslite-ng": "0.8.1", "cryptography": "38.0.4", "PyYAML": "6.0.1"}
-    monkeypatch.setattr(yk, "installed_version", found.get)
-    monkeypatch.setattr(sys, "prefix", "/venv")
-    monkeypatch.setattr(sys, "base_prefix", "/usr")
-    code, _, stderr = run_cli("status", capsys=capsys)
-    assert (code, stderr) == (
-        1,
-        f"{ERROR}cannot import tlslite-ng==0.8.2 (found 0.8.1), cryptography>=45 "
-        f"(found 38.0.4): install with: {sys.executable} -m pip install "
-        "'tlslite-ng==0.8.2' 'cryptography>=45'\n",
-    )
-    monkeypatch.setattr(sys, "base_prefix", "/venv")  # no venv: make one
-    monkeypatch.setattr(sys, "argv", ["yk_kube_proxy.py"])
-    code, _, stderr = run_cli("status", capsys=capsys)
-    venv = "~/.local/share/yubikey-kube-proxy/venv"
-    assert (code, stderr) == (
-        1,
-        f"{ERROR}cannot import tlslite-ng==0.8.2 (found 0.8.1), cryptography>=45 "
-        f"(found 38.0.4): install with: python3 -m venv {venv} && {venv}/bin/pip "
-        "install 'pyscard>=2.0' 'tlslite-ng==0.8.2' 'PyYAML>=5.4' 'cryptography>=45', "
-        f"then run {venv}/bin/python yk_kube_proxy.py (pyscard builds with gcc, swig, "
-        "libpcsclite-dev and python3-dev: see the README)\n",
-    )
-    blocker = (
-        "import sys; sys.modules['smartcard'] = sys.modules['tlslite'] = None; "
-        "sys.argv[0] = 'x'; import yk_kube_proxy as m; "
-        "raise SystemExit(m.main(sys.argv[1:]))"
-    )
-    for argv, code, out in (
-        (["--version"], 0, f"yubikey-kube-proxy {yk.__version__}\n"),
-        (["proxy", "--help"], 0, "usage: yubikey-kube-proxy proxy"),
-        (["setup"], 1, ""),
-    ):
-        done = subprocess.run(
-            [sys.executable, "-c", blocker, *argv],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert (done.returncode, done.stdout[: len(out)]) == (code, out)
-    assert done.stderr == (
-        f"{ERROR}cannot import pyscard (not installed), tlslite-ng (not installed): "
-        f"install with: {sys.executable} -m pip install 'pyscard>=2.0' "
-        "'tlslite-ng==0.8.2'\n"
-    )
-
-
 # -- the kubeconfig fuzz: setup, proxy and status on mutated files -----------------
+
 
 FUZZ_SEED = 20261201
 FUZZ_INPUTS = 320
@@ -6654,16 +6999,9 @@ def test_kubeconfig_fuzz_never_a_traceback(rig, tmp_path, capsys):
 
 
 # =============================================================================
-# setup and status through pcscd and the virtual card
+# 3. setup and status: the key onto the card, what is on the card; names, merge and
+# unmerge
 # =============================================================================
-
-
-def read_yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
-
-
-def setup_args(kubeconfig: Path, out: Path, *extra: str) -> list[str]:
-    return ["setup", "--kubeconfig", str(kubeconfig), "--output-dir", str(out), *extra]
 
 
 def test_setup_then_status_k3s_like_ec_p256_on_firmware_57(card57, tmp_path, capsys):
@@ -7141,81 +7479,6 @@ def test_apdu_trace_never_shows_pin_or_management_key(card57, tmp_path, capsys):
     assert yk.DEFAULT_MANAGEMENT_KEY.hex() not in stderr
 
 
-# -- card selection and PC/SC errors -------------------------------------------------
-
-
-def test_no_card_inserted(rig, capsys):
-    code, _, stderr = run_cli("status", capsys=capsys)
-    assert (code, stderr) == (
-        1,
-        "yubikey-kube-proxy: error: no YubiKey found - please insert your YubiKey\n",
-    )
-
-
-def test_several_cards_need_a_choice(cards, card57, tmp_path, capsys):
-    second = cards(VirtualPiv(version=(5, 7, 1), serial=31000009), index=1)
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
-    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
-    assert code == 1
-    assert stderr == (
-        "yubikey-kube-proxy: error: several YubiKeys found: YubiKey serial 31000001 "
-        f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 00'; YubiKey serial 31000009 "
-        f"(firmware 5.7.1) in reader '{YUBIKEY_READER} 00 01'; choose one with --serial "
-        "N or --reader NAME\n"
-    )
-    code, _, stderr = run_cli(
-        *setup_args(source, tmp_path, "--serial", "31000009"), capsys=capsys
-    )
-    assert (code, stderr) == (0, "")
-    assert second.piv.slot_key(0x9A) is not None and card57.slot_key(0x9A) is None
-    code, stdout, _ = run_cli("status", "--json", capsys=capsys)
-    assert [c["serial"] for c in json.loads(stdout)["cards"]] == [
-        31000001,
-        31000009,
-    ]
-    assert code == 1  # the first card's slot is empty
-    code, _, stderr = run_cli("status", "--serial", "42", capsys=capsys)
-    assert stderr == (
-        "yubikey-kube-proxy: error: no YubiKey with serial 42 found - "
-        "please insert your YubiKey\n"
-    )
-
-
-def test_other_readers_are_skipped_unless_chosen(cards, tmp_path, capsys):
-    cards(VirtualPiv(serial=41000004), generic=True)
-    code, _, stderr = run_cli("status", capsys=capsys)
-    assert stderr == (
-        "yubikey-kube-proxy: error: no YubiKey found - please insert your YubiKey\n"
-    )
-    code, stdout, _ = run_cli("status", "--reader", "generic", "--json", capsys=capsys)
-    assert json.loads(stdout)["cards"][0]["serial"] == 41000004
-
-
-def test_card_held_exclusively_names_the_suspects(rig, card57, capsys):
-    from smartcard import scard
-
-    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-    hresult, handle, _ = scard.SCardConnect(
-        context,
-        rig.reader(),
-        scard.SCARD_SHARE_EXCLUSIVE,
-        scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
-    )
-    assert hresult == 0
-    try:
-        code, _, stderr = run_cli("status", capsys=capsys)
-    finally:
-        scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
-        scard.SCardReleaseContext(context)
-    assert code == 1
-    assert stderr == (
-        f"yubikey-kube-proxy: error: the YubiKey in reader '{YUBIKEY_READER} 00 00' is held "
-        "exclusively by another program, usually scdaemon/gpg-agent (add 'disable-ccid' or "
-        "'pcsc-shared' to ~/.gnupg/scdaemon.conf and run 'gpgconf --kill scdaemon'), "
-        "yubikey-agent, or another ykman/PKCS#11 session: close it and try again\n"
-    )
-
-
 # -- status problems ---------------------------------------------------------------
 
 
@@ -7390,265 +7653,471 @@ def test_encrypted_key_and_missing_cluster(tmp_path, capsys):
     )
 
 
-def test_installed_entry_points(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "yk_kube_proxy", "--version"],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert (done.returncode, done.stdout) == (
-        0,
-        f"yubikey-kube-proxy {yk.__version__}\n",
-    )
-    script = Path(sys.executable).parent / "yubikey-kube-proxy"
-    if not script.exists() and not os.environ.get("CI"):
-        pytest.skip("the package is not installed in this Python (pip install -e .)")
-    done = subprocess.run(
-        [str(script), "--version"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert (done.returncode, done.stdout) == (
-        0,
-        f"yubikey-kube-proxy {yk.__version__}\n",
+# -- secrets off the command line -----------------------------------------------------
+
+
+def secret_file(tmp_path: Path, name: str, content: str) -> Path:
+    path = tmp_path / name
+    path.write_text(content)
+    path.chmod(0o600)
+    return path
+
+
+def management_key_attempts(piv: VirtualPiv) -> int:
+    """GENERAL AUTHENTICATE commands for the management key (9B) the card saw."""
+    return sum(
+        1 for apdu in piv.apdu_log if apdu[1] == INS_AUTHENTICATE and apdu[3] == 0x9B
     )
 
 
-# =============================================================================
-# proxy: real kubectl -> proxy -> test API server, through pcscd and the card
-# =============================================================================
+def test_management_key_from_a_file_the_environment_or_a_prompt(
+    cards, tmp_path, capsys, monkeypatch
+):
+    key = bytes(range(32))
+    piv = VirtualPiv(serial=42000015, mgmt_algorithm=ALG_AES256, mgmt_key=key)
+    cards(piv)
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    out = tmp_path / "out"
 
+    def setup(*extra: str) -> tuple[int, str, str]:
+        return run_cli(*setup_args(source, out, "--force", *extra), capsys=capsys)
 
-@dataclasses.dataclass
-class Cluster:
-    """A test API server and the kubeconfig that reaches it with a client key."""
-
-    api: FakeApiServer
-    ident: Identity
-    kubeconfig: Path
-    server_ca: x509.Certificate
-
-
-def make_server_pki(names=("localhost",), ips=("127.0.0.1",), days=365):
-    ca_key = new_key("p256")
-    ca = make_cert(
-        ca_key, ca_key, "CN=k3s-server-ca", "CN=k3s-server-ca", ca=True, days=3650
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no terminal
+    assert setup() == (
+        1,
+        "",
+        f"{ERROR}the YubiKey's management key is not the factory key and there is "
+        "no terminal to ask on: pass --management-key-file PATH or set "
+        "YKP_MANAGEMENT_KEY\n",
     )
-    key = new_key("p256")
-    sans = [x509.DNSName(n) for n in names] + [
-        x509.IPAddress(ipaddress.ip_address(i)) for i in ips
+    assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
+    for content in (key.hex() + " \n", "\t" + key.hex(), key.hex() + "\n\n"):
+        path = secret_file(tmp_path, "mk", content)
+        assert setup("--management-key-file", str(path))[2] == (
+            f"{ERROR}the management-key file {path} has whitespace around the "
+            "secret, extra lines or control characters: write just the key in hex "
+            "into it, with at most one newline at the end\n"
+        )
+    path = secret_file(tmp_path, "mk", "zz" * 32 + "\n")
+    assert setup("--management-key-file", str(path))[2] == (
+        f"{ERROR}the management-key file {path} is not a management key: write 32, "
+        "48 or 64 hex digits (16, 24 or 32 bytes)\n"
+    )
+    assert (management_key_attempts(piv), piv.slot_key(0x9A)) == (0, None)
+    path = secret_file(tmp_path, "mk", key.hex() + "\n")
+    code, _, stderr = setup("--management-key-file", str(path))
+    assert (code, stderr) == (0, "")
+    assert piv.slot_key(0x9A) is not None
+    monkeypatch.setenv("YKP_MANAGEMENT_KEY", key.hex())
+    assert setup()[::2] == (0, "")
+    monkeypatch.delenv("YKP_MANAGEMENT_KEY")
+    prompts = []
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
+    monkeypatch.setattr(
+        yk.getpass, "getpass", lambda prompt: prompts.append(prompt) or key.hex()
+    )
+    assert setup()[::2] == (0, "")
+    assert prompts == [
+        "Management key (hex) of YubiKey serial 42000015 (firmware 5.7.1) in "
+        f"reader '{YUBIKEY_READER} 00 00': "
     ]
-    start = -1 if days > 0 else days - 30
-    cert = make_cert(
-        key,
-        ca_key,
-        "CN=k3s",
-        "CN=k3s-server-ca",
-        sans=sans,
-        days=days,
-        start_days=start,
+    code, _, stderr = setup("--management-key", key.hex())
+    assert (code, stderr) == (
+        0,
+        "yubikey-kube-proxy: WARNING: --management-key puts the key on the "
+        "command line, where other users can see it (ps): use "
+        "--management-key-file PATH or YKP_MANAGEMENT_KEY\n",
     )
-    return ca, cert, key
+    assert key.hex() not in stderr
+    with pytest.raises(SystemExit) as usage:
+        setup("--management-key", key.hex(), "--management-key-file", str(path))
+    assert usage.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
-def start_cluster(
-    tmp_path: Path,
-    kind: str = "p256",
-    tls_versions=("1.2", "1.3"),
-    path_prefix: str = "",
-    server_pki=None,
-    subject: str = "CN=system:admin,O=system:masters",
-    **cluster_extra,
-) -> Cluster:
-    ident = make_identity(kind, subject=subject)
-    server_ca, server_cert, server_key = server_pki or make_server_pki()
-    api = FakeApiServer(
-        server_cert_pem=pem(server_cert),
-        server_key_pem=pem(server_key),
-        client_ca_pem=pem(ident.ca_cert),
-        tls_versions=tls_versions,
-        path_prefix=path_prefix,
-        git_version="v1.32.0",
+def test_factory_key_is_used_without_asking_while_the_card_has_it(
+    card54, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(isatty=lambda: True))
+    monkeypatch.setattr(yk.getpass, "getpass", lambda prompt: pytest.fail(prompt))
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    code, _, stderr = run_cli(*setup_args(source, tmp_path), capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert management_key_attempts(card54) == 2  # witness and challenge, once
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["123456 \n", " 123456\n", "123456\n\n", "123456\t\n", "123\x00456\n"],
+    ids=["trailing space", "leading space", "two newlines", "tab", "NUL"],
+)
+def test_pin_file_whitespace_is_refused_before_the_card_sees_it(
+    card57, tmp_path, capsys, content
+):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    pins = secret_file(tmp_path, "pin", content)
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--pin-policy", "once", "--pin-file", str(pins)),
+        capsys=capsys,
     )
-    api.start()
-    path = write_kubeconfig(
-        tmp_path / "cluster.yaml",
-        ident,
-        server=f"https://127.0.0.1:{api.port}{path_prefix}",
-        extra_cluster=cluster_extra,
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}the PIN file {pins} has whitespace around the secret, extra lines "
+        "or control characters: write just the PIN into it, with at most one "
+        "newline at the end\n",
     )
-    doc = yaml.safe_load(path.read_text())
-    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(pem(server_ca))
-    path.write_text(yaml.safe_dump(doc))
-    return Cluster(api, ident, path, server_ca)
+    assert (card57.verify_attempts, card57.pin_tries_left) == (0, 3)
+    assert (card57.slot_key(0x9A), card57.sign_count) == (None, 0)
 
 
-class ProxyProcess:
-    """`yubikey-kube-proxy proxy` as a user runs it, on a free loopback port."""
-
-    def __init__(self, workdir: Path, *extra: str, env=None) -> None:
-        self.workdir = workdir
-        self.stderr_path = workdir / "proxy.stderr"
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "yk_kube_proxy.py"),
-                "proxy",
-                "--kubeconfig",
-                str(workdir / "proxy.yml"),
-                "--listen",
-                "127.0.0.1:0",
-                "-v",
-                *extra,
-            ],
-            stderr=open(self.stderr_path, "wb"),
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-        try:
-            wait_until(
-                lambda: (
-                    "listening on" in self.stderr() or self.process.poll() is not None
-                ),
-                30,
-                "the proxy to listen",
-            )
-            lines = self.stderr().splitlines()
-            line = next((x for x in lines if "listening on" in x), "")
-            if not line:
-                raise AssertionError(f"proxy did not start: {self.stderr()}")
-        except AssertionError:
-            self.stop()  # never left running by a start that failed
-            raise
-        self.port = int(line.split("://127.0.0.1:")[1].split()[0])
-        self.client_config = workdir / f"client-{self.port}.yml"
-        doc = yaml.safe_load((workdir / "client.yml").read_text())
-        server = doc["clusters"][0]["cluster"]["server"]
-        doc["clusters"][0]["cluster"]["server"] = (
-            server.rsplit(":", 1)[0] + f":{self.port}"
-        )
-        self.client_config.write_text(yaml.safe_dump(doc))
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+@pytest.mark.parametrize("content", ["123456\n", "123456", "123456\r\n"])
+def test_pin_file_with_one_newline_or_none(card57, tmp_path, capsys, content):
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    pins = secret_file(tmp_path, "pin", content)
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path, "--pin-policy", "once", "--pin-file", str(pins)),
+        capsys=capsys,
+    )
+    assert (code, stderr) == (0, "")
+    assert (card57.verify_attempts, card57.pin_tries_left, card57.sign_count) == (
+        1,
+        3,
+        1,
+    )
 
 
-def kubectl(
-    proxy: ProxyProcess,
-    *args: str,
-    input: str | None = None,  # noqa: A002 - subprocess.run's name
-    env=None,
-    timeout: float = 60,
-) -> subprocess.CompletedProcess:
+# -- key types we do not know, in a slot ----------------------------------------------
+
+
+def test_unknown_key_types_in_a_slot_are_named(cards, tmp_path, capsys):
+    piv = VirtualPiv(serial=44000017)
+    cards(piv)
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity())
+    assert run_cli(*setup_args(source, tmp_path), capsys=capsys)[0] == 0
+    # another tool replaces the key, leaving the certificate: X25519 (0xE1)
+    piv.install_key(0x9A, x25519.X25519PrivateKey.generate(), ALG_X25519)
+    piv.install_key(0x9C, x25519.X25519PrivateKey.generate(), 0x42)
+    code, stdout, stderr = run_cli("status", "--slot", "9a", "--json", capsys=capsys)
+    slot = json.loads(stdout)["cards"][0]["slots"][0]
+    assert (code, stderr, slot["key"]["algorithm"]) == (1, "", "X25519")
+    assert slot["certificate"]["matches_key"] is False
+    assert [p["message"] for p in slot["problems"]] == [
+        "slot 9a holds an X25519 key, which cannot sign TLS handshakes: replace it "
+        "('yubikey-kube-proxy setup --force') or choose another --slot",
+        "the certificate does not belong to the key in the slot: run "
+        "'yubikey-kube-proxy setup --force'",
+    ]
+    code, stdout, stderr = run_cli("status", "--slot", "9c", capsys=capsys)
+    assert (code, stderr) == (1, "")
+    assert (
+        "  slot 9c: 0x42 key, generated on card, PIN policy never, touch policy "
+        "never\n    error: slot 9c holds a key of unknown type 0x42, which cannot "
+        "sign TLS handshakes: replace it ('yubikey-kube-proxy setup --force') or "
+        "choose another --slot\n    error: slot 9c holds a key but no certificate: "
+        "run 'yubikey-kube-proxy setup --force'\n"
+    ) in stdout
+    code, _, stderr = run_cli(
+        "proxy", "--kubeconfig", str(tmp_path / "proxy.yml"), capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}slot 9a holds an X25519 key, which cannot sign TLS handshakes: "
+        "replace it ('yubikey-kube-proxy setup --force') or choose another --slot\n",
+    )
+    code, _, stderr = run_cli(
+        *setup_args(source, tmp_path / "again", "--slot", "9c"), capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}slot 9c of the YubiKey already holds a key of unknown type 0x42 "
+        "(generated on card): pass --force to overwrite it, or choose another "
+        "--slot\n",
+    )
+    assert piv.sign_count == 1  # setup's proof only
+
+
+# -- many clusters: names, merge and unmerge -------------------------------------------
+
+
+def kubectl_with(kubeconfig: str, *args: str) -> subprocess.CompletedProcess:
+    """kubectl as a user runs it, KUBECONFIG from the environment."""
     return subprocess.run(
-        [
-            "kubectl",
-            "--kubeconfig",
-            str(proxy.client_config),
-            "--request-timeout",
-            "30s",
-            *args,
-        ],
-        input=input,
+        ["kubectl", "--request-timeout", "30s", *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": kubeconfig},
     )
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = start_cluster(tmp_path)
-    yield cluster
-    cluster.api.stop()
+def whoami(kubeconfig: str, *args: str) -> str:
+    done = kubectl_with(kubeconfig, "auth", "whoami", "-o", "json", *args)
+    assert done.returncode == 0, done.stderr
+    review = json.loads(done.stdout)
+    assert review["kind"] == "SelfSubjectReview"
+    return review["status"]["userInfo"]["username"]
 
 
-def setup_and_proxy(
-    cluster: Cluster, workdir: Path, *setup_extra: str, proxy_extra=()
-) -> ProxyProcess:
-    code = yk.main(
-        [
-            "setup",
-            "--kubeconfig",
-            str(cluster.kubeconfig),
-            "--output-dir",
-            str(workdir),
-            *setup_extra,
-        ]
+def entry_names(doc: dict) -> list[list[str]]:
+    return [
+        [e["name"] for e in doc[kind]] for kind in ("clusters", "contexts", "users")
+    ]
+
+
+OTHER_KUBECONFIG = {
+    "apiVersion": "v1",
+    "kind": "Config",
+    "clusters": [
+        {"name": "other", "cluster": {"server": "https://other.example:6443"}}
+    ],
+    "contexts": [{"name": "other", "context": {"cluster": "other", "user": "other"}}],
+    "current-context": "other",
+    "users": [{"name": "other", "user": {"token": "other-token"}}],
+    "preferences": {},
+}
+
+
+def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
+    cards, clusters, proxies, tmp_path, capsys, monkeypatch
+):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    config = home / ".kube" / "config"
+    config.parent.mkdir(parents=True)
+    original = yaml.safe_dump(OTHER_KUBECONFIG, sort_keys=False)
+    config.write_text(original)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    alpha = clusters(tmp_path / "a", subject="CN=alice,O=team-alpha")
+    beta = clusters(tmp_path / "b", subject="CN=bob,O=team-beta")
+    piv_a, piv_b = VirtualPiv(serial=11100001), VirtualPiv(serial=11100002)
+    cards(piv_a, 0), cards(piv_b, 1)
+    started: list[ProxyProcess] = []
+    port = free_port_pair()  # not 8080 and 8081: CI's machine may use them
+    # Both source kubeconfigs call their context 'default': --name tells them apart.
+    code, stdout, stderr = run_cli(
+        "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "alpha",
+        "--serial", "11100001", "--port", str(port), "--merge", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    assert (
+        f"Merged context, cluster and user 'alpha' into {config} (current-context "
+        f"unchanged; a file that was there is kept as {config}.bak); "
+        "'yubikey-kube-proxy unmerge alpha' removes them.\n"
+    ) in stdout
+    after_alpha = config.read_text()
+    code, stdout, stderr = run_cli(
+        "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
+        "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
+        "--merge", str(config), "--use-context", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    assert "  2. kubectl --context beta get nodes\n" in stdout
+    folders = {n: home / ".kube" / "yubikey" / n for n in ("alpha", "beta")}
+    servers = {
+        n: read_yaml(f / "client.yml")["clusters"][0]["cluster"]["server"]
+        for n, f in folders.items()
+    }
+    assert servers == {
+        "alpha": f"https://127.0.0.1:{port}",
+        "beta": f"https://127.0.0.1:{port + 1}",
+    }
+    # The merged kubeconfig: the other entries and their order kept, 0600, backup.
+    merged = read_yaml(config)
+    assert entry_names(merged) == [["other", "alpha", "beta"]] * 3
+    assert merged["current-context"] == "beta"
+    for kind in ("clusters", "contexts", "users"):
+        assert merged[kind][0] == OTHER_KUBECONFIG[kind][0]
+    client_beta = read_yaml(folders["beta"] / "client.yml")
+    for kind in ("clusters", "users"):
+        assert merged[kind][2] == client_beta[kind][0]
+    context = copy.deepcopy(client_beta["contexts"][0])
+    context["context"]["extensions"][0]["extension"].update(
+        {"previous-current-context": "other"}
     )
+    assert merged["contexts"][2] == context
+    assert context["context"]["extensions"][0]["extension"] == {
+        "proxy-config": str(folders["beta"] / "proxy.yml"),
+        "previous-current-context": "other",
+    }
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert (home / ".kube" / "config.bak").read_text() == after_alpha
+    assert stat.S_IMODE((home / ".kube" / "config.bak").stat().st_mode) == 0o600
+    # status with a proxy.yml reports that proxy's card and slot only.
+    code, stdout, _ = run_cli(
+        "status", "--kubeconfig", str(folders["beta"] / "proxy.yml"), "--json",
+        capsys=capsys,
+    )  # fmt: skip
+    report = json.loads(stdout)["cards"]
     assert code == 0
-    return ProxyProcess(workdir, *proxy_extra)
-
-
-@pytest.fixture
-def proxied(card57, cluster, tmp_path, capsys):
-    """kubectl -> proxy (mutual TLS on loopback) -> API server, key on the card."""
-    proxy = setup_and_proxy(cluster, tmp_path / "yk")
-    capsys.readouterr()
-    yield proxy
-    proxy.stop()
-
-
-class Proxies:
-    """The ``proxies`` factory: every proxy it starts is stopped at teardown."""
-
-    def __init__(self, teardown: contextlib.ExitStack) -> None:
-        self._teardown = teardown
-
-    def __call__(self, workdir: Path, *extra: str, env=None) -> ProxyProcess:
-        """``proxy --kubeconfig workdir/proxy.yml *extra`` (see ProxyProcess)."""
-        return self._owned(lambda: ProxyProcess(workdir, *extra, env=env))
-
-    def setup(
-        self, cluster: Cluster, workdir: Path, *setup_extra: str, proxy_extra=()
-    ) -> ProxyProcess:
-        """``setup`` into workdir, then the proxy (see setup_and_proxy)."""
-        return self._owned(
-            lambda: setup_and_proxy(
-                cluster, workdir, *setup_extra, proxy_extra=proxy_extra
-            )
+    assert [(r["serial"], [s["slot"] for s in r["slots"]]) for r in report] == [
+        (11100002, ["9c"])
+    ]
+    assert report[0]["slots"][0]["certificate"]["subject"] == "CN=bob,O=team-beta"
+    signed = (piv_a.sign_count, piv_b.sign_count)
+    for name, listen in (("alpha", port), ("beta", port + 1)):
+        started.append(proxies(folders[name], "--listen", f"127.0.0.1:{listen}"))
+    sides = f"{folders['alpha'] / 'client.yml'}:{folders['beta'] / 'client.yml'}"
+    assert [
+        whoami(sides, "--context", "alpha"),  # 1. side files in KUBECONFIG
+        whoami(sides, "--context", "beta"),
+        whoami(sides),  # the first file's current-context
+        whoami(str(config), "--context", "alpha"),  # 2. merged, other entries
+        whoami(str(config)),  # 3. --use-context made beta current
+    ] == ["alice", "bob", "alice", "alice", "bob"]
+    reviews = {
+        name: [r.client_subject for r in api.requests if "selfsubjectreviews" in r.path]
+        for name, api in (("alpha", alpha.api), ("beta", beta.api))
+    }
+    assert reviews == {
+        "alpha": ["CN=alice,O=team-alpha"] * 3,
+        "beta": ["CN=bob,O=team-beta"] * 2,
+    }
+    assert (piv_a.sign_count - signed[0], piv_b.sign_count - signed[1]) == (
+        alpha.api.handshakes,
+        beta.api.handshakes,
+    )
+    for proxy in started:
+        proxy.stop()
+    # Merging again replaces the entries in place, keeps what --use-context
+    # replaced, and the same client.yml merged twice changes no byte.
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
+        "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
+        "--force", "--merge", "--use-context", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    again = read_yaml(config)
+    assert entry_names(again) == [["other", "alpha", "beta"]] * 3
+    assert (
+        again["contexts"][2]["context"]["extensions"][0]["extension"][
+            "previous-current-context"
+        ]
+        == "other"
+    )
+    before = config.read_bytes()
+    yk.merge_client(config, read_yaml(folders["beta"] / "client.yml"), True)
+    assert config.read_bytes() == before
+    # An entry of that name that we did not write is never replaced.
+    signed = piv_a.sign_count
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "other",
+        "--serial", "11100001", "--force", "--merge", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {config} already has a cluster named 'other' "
+        "that yubikey-kube-proxy did not write: choose another --name\n",
+    )
+    assert config.read_bytes() == before and piv_a.sign_count == signed
+    assert not (home / ".kube" / "yubikey" / "other").exists()
+    # unmerge removes exactly what merge added.
+    for name in ("alpha", "beta"):
+        code, stdout, stderr = run_cli("unmerge", name, capsys=capsys)
+        assert (code, stderr) == (0, "")
+        assert stdout == (
+            f"Removed {name!r} (cluster, context, user) from {config} "
+            f"(the previous file is {config}.bak).\n"
         )
-
-    def _owned(self, start: Callable[[], ProxyProcess]) -> ProxyProcess:
-        proxy = start()
-        self._teardown.callback(proxy.stop)
-        return proxy
-
-
-@pytest.fixture
-def proxies():
-    """Factory: ``proxies(workdir, *extra)`` or ``proxies.setup(cluster, workdir,
-    *setup_extra)`` starts a ProxyProcess that is stopped at teardown."""
-    with contextlib.ExitStack() as teardown:
-        yield Proxies(teardown)
+    assert config.read_text() == original
+    code, _, stderr = run_cli("unmerge", "beta", capsys=capsys)
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {config} has no context, cluster or user named "
+        "'beta' that yubikey-kube-proxy merged: check the name (kubectl config "
+        "get-contexts)\n",
+    )
 
 
-@pytest.fixture
-def clusters():
-    """Factory: ``clusters(folder, **start_cluster options)`` starts a test API
-    server and its kubeconfig in folder; each is stopped at teardown."""
-    with contextlib.ExitStack() as teardown:
+@pytest.mark.parametrize(
+    "context, name, shown",
+    [
+        ("arn:aws:eks:eu-west-1:123456789012:cluster/prod", None, "the context"),
+        ("default", "a b", "--name"),
+        ("default", "../escape", "--name"),
+    ],
+)
+def test_names_that_cannot_be_used_are_refused(
+    tmp_path, capsys, monkeypatch, context, name, shown
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
+    doc = read_yaml(source)
+    doc["contexts"][0]["name"] = doc["current-context"] = context
+    source.write_text(yaml.safe_dump(doc))
+    extra = ["--name", name] if name else []
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(source), *extra, capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {shown} {name or context!r} cannot name the "
+        "kubeconfig context and the folder ~/.kube/yubikey/NAME: pass --name with "
+        "letters, digits, '.', '_' and '-' (up to 63, starting with a letter or digit)\n",
+    )
+    assert not (tmp_path / "home").exists()
 
-        def start(folder: Path, **options) -> Cluster:
-            started = start_cluster(folder, **options)
-            teardown.callback(started.api.stop)
-            return started
 
-        yield start
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (
+            "clusters: {}\n",
+            "kubeconfig {path}: clusters is a mapping, not a list: write a list (lines "
+            "starting with '- ')",
+        ),
+        (
+            "clusters: [\n",
+            "kubeconfig {path} is not valid YAML at line 2: fix or replace the file",
+        ),
+    ],
+)
+def test_merge_target_that_is_not_a_kubeconfig_is_refused_before_the_card(
+    tmp_path, capsys, monkeypatch, target, message
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "first"
+    path.write_text(target)
+    monkeypatch.setenv("KUBECONFIG", f"{path}{os.pathsep}{tmp_path / 'second'}")
+    assert yk.merge_target("") == path  # --merge alone: $KUBECONFIG's first file
+    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
+    code, _, stderr = run_cli(
+        "setup", "--kubeconfig", str(source), "--merge", capsys=capsys
+    )
+    assert (code, stderr) == (
+        1,
+        f"yubikey-kube-proxy: error: {message.format(path=path)}\n",
+    )
+    assert path.read_text() == target and not (tmp_path / "home").exists()
+
+
+def test_default_port_is_the_first_no_other_proxy_yml_uses(tmp_path):
+    root = tmp_path / "yubikey"
+    for name, listen in (("a", "127.0.0.1:8080"), ("b", "127.0.0.1:8081")):
+        (root / name).mkdir(parents=True)
+        doc = yk.proxy_kubeconfig(
+            yk.KubeContext(
+                name,
+                yk.Named("c", {"server": "https://127.0.0.1:6443"}, root),
+                yk.Named("u", {}, root),
+                None,
+                {},
+                [],
+            ),
+            {"slot": "9a", "listen": listen},
+        )
+        (root / name / "proxy.yml").write_text(yaml.safe_dump(doc))
+    (root / "broken").mkdir()
+    (root / "broken" / "proxy.yml").write_text("clusters: [\n")  # skipped
+    assert yk.free_port_beside(root / "new") == 8082
+    assert yk.free_port_beside(root / "a") == 8080  # setup --force in its own folder
+
+
+# =============================================================================
+# 4. proxy: kubectl through the proxy and the card; the API server verified before the
+# card signs (Go parity); the local hop
+# =============================================================================
 
 
 def test_kubectl_get_version_one_handshake_and_signature_per_request(
@@ -8196,254 +8665,357 @@ def test_proxy_wrong_pin_fails_at_start_and_costs_one_try(
     assert cluster.api.handshakes == 0
 
 
-# =============================================================================
-# Go parity: the upstream TLS checked against Go's own crypto/x509 and crypto/tls
-# =============================================================================
-#
-# kubectl is a Go program: a server it accepts must work through the proxy, and a
-# server it refuses must never get a card signature. The tests build two small Go
-# programs from Go's standard library (Debian's golang-go): a verifier that gives
-# Go's verdict on a generated corpus of chains, and a TLS server configured like
-# kube-apiserver's secure serving, in front of the test API server.
+def test_first_wrong_pin_answer_says_it_is_not_sent_again(
+    cards, proxies, cluster, tmp_path, capsys
+):
+    piv = VirtualPiv(serial=43000016)
+    cards(piv)
+    pins = secret_file(tmp_path, "pin", "123456\n")
+    proxy = proxies.setup(
+        cluster,
+        tmp_path / "yk",
+        "--pin-policy",
+        "once",
+        "--pin-file",
+        str(pins),
+        proxy_extra=("--pin-file", str(pins)),
+    )
+    client = LocalClient(proxy)
+    assert client.get("/version")[0] == 200
+    pins.write_text("999999\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
+    signed, tries = piv.sign_count, piv.pin_tries_left
+    first, second = client.get("/version"), client.get("/version")
+    expected = (
+        "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check "
+        "the PIN (or the PIN file) and try again (the proxy will not send it again: "
+        "fix the PIN or the PIN file, then reload the proxy with kill -HUP or "
+        "'systemctl --user reload yubikey-kube-proxy', or restart it)"
+    )
+    assert (first[0], json.loads(first[1])["message"]) == (503, expected)
+    assert (second[0], json.loads(second[1])["message"]) == (503, expected)
+    assert (tries - piv.pin_tries_left, piv.sign_count - signed) == (1, 0)
 
-GO_VERIFIER = r"""
-package main
 
-import (
-	"bufio"
-	"crypto/x509"
-	"encoding/json"
-	"os"
+# -- the upstream TLS: our record reader, insecure-skip-tls-verify ---------------------
+
+
+def test_insecure_skip_tls_verify_warns_at_start_and_in_status(
+    card57, clusters, proxies, tmp_path, capsys
+):
+    cluster = clusters(tmp_path, **{"insecure-skip-tls-verify": True})
+    doc = yaml.safe_load(cluster.kubeconfig.read_text())
+    del doc["clusters"][0]["cluster"]["certificate-authority-data"]
+    cluster.kubeconfig.write_text(yaml.safe_dump(doc))
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    assert f"WARNING: {yk.INSECURE_WARNING}\n" in proxy.stderr()
+    code, stdout, _ = run_cli(
+        "status", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml"), capsys=capsys
+    )
+    assert code == 0
+    assert stdout.endswith(f"warning: {yk.INSECURE_WARNING}\n")
+
+
+def test_advice_for_an_expired_or_refused_certificate_follows_the_key_origin():
+    assert [
+        yk.certificate_advice("generated on card"),
+        yk.certificate_advice("imported"),
+        yk.certificate_advice("of unknown origin"),
+    ] == [
+        "run 'yubikey-kube-proxy renew'",
+        "run 'yubikey-kube-proxy setup' with a current certificate",
+        "run 'yubikey-kube-proxy setup' with a current certificate",
+    ]
+
+
+# -- the local hop fails closed ---------------------------------------------------
+
+
+def extension_of(doc: dict) -> dict:
+    return doc["contexts"][0]["context"]["extensions"][0]["extension"]
+
+
+def damage(key: str, value):
+    def change(doc: dict) -> None:
+        local = extension_of(doc)["local-tls"]
+        if value is None:
+            local.pop(key)
+        else:
+            local[key] = value
+
+    return change
+
+
+PROXY_YML_CASES = {
+    "no local-tls entry": (
+        lambda d: extension_of(d).pop("local-tls"),
+        "the proxy kubeconfig {path} has no local-tls entry for the local hop's "
+        "mutual TLS: run 'yubikey-kube-proxy setup' again (plain HTTP only with setup "
+        "--plain-http or proxy --plain-http)",
+    ),
+    "an empty local-tls entry": (
+        lambda d: extension_of(d).update({"local-tls": {}}),
+        "the proxy kubeconfig {path} has no local-tls entry for the local hop's "
+        "mutual TLS: run 'yubikey-kube-proxy setup' again (plain HTTP only with setup "
+        "--plain-http or proxy --plain-http)",
+    ),
+    "a key that is not a key": (
+        damage("server-key-data", b64(b"-----BEGIN PRIVATE KEY-----\nAAAA\n")),
+        "the local-tls entry of the proxy kubeconfig {path} is damaged: run "
+        "'yubikey-kube-proxy setup' again",
+    ),
+    "a CA that is not base64": (
+        damage("client-ca-data", "not base64!"),
+        "the local-tls entry of the proxy kubeconfig {path} is damaged: run "
+        "'yubikey-kube-proxy setup' again",
+    ),
+    "no client CA": (
+        damage("client-ca-data", None),
+        "the local-tls entry of the proxy kubeconfig {path} is damaged: run "
+        "'yubikey-kube-proxy setup' again",
+    ),
+    "local-tls as a string": (
+        lambda d: extension_of(d).update({"local-tls": "none"}),
+        "kubeconfig {path}, context 'default', extension yubikey-kube-proxy: "
+        "local-tls is a string, not a mapping: write a mapping (key: value lines)",
+    ),
+    "plain-http as a string": (
+        lambda d: extension_of(d).update({"plain-http": "true"}),
+        "kubeconfig {path}, context 'default', extension yubikey-kube-proxy: "
+        "plain-http is a string, not a boolean: write true or false, without quotes",
+    ),
+    "insecure as the string false": (
+        lambda d: cluster_of(d).update({"insecure-skip-tls-verify": "false"}),
+        "kubeconfig {path}, cluster 'default': insecure-skip-tls-verify is a string, "
+        "not a boolean: write true or false, without quotes",
+    ),
+    "an unknown slot": (
+        lambda d: extension_of(d).update(slot="9z"),
+        "the yubikey-kube-proxy extension of the proxy kubeconfig {path}: unknown PIV "
+        "slot '9z': use 9a, 9c, 9d, 9e or a retired slot 82-95",
+    ),
+    "a listen address that is not loopback": (
+        lambda d: extension_of(d).update(listen="0.0.0.0:8080"),
+        "the yubikey-kube-proxy extension of the proxy kubeconfig {path}: listen "
+        "'0.0.0.0:8080' is not a loopback address: anyone who can reach it could use "
+        "your cluster; pass --unsafe-listen if you really mean it",
+    ),
+}
+
+
+def test_local_hop_fails_closed(cards, proxies, cluster, tmp_path, capsys):
+    piv = VirtualPiv(serial=41000014)
+    card = cards(piv)
+    workdir = tmp_path / "yk"
+    assert run_cli(*setup_args(cluster.kubeconfig, workdir), capsys=capsys)[0] == 0
+    card.remove()  # a refusal that failed would stop at "no YubiKey found"
+    written = (workdir / "proxy.yml").read_text()
+    signed = piv.sign_count
+    for mutate, message in PROXY_YML_CASES.values():
+        path = tmp_path / "damaged.yml"
+        doc = yaml.safe_load(written)
+        mutate(doc)
+        path.write_text(yaml.safe_dump(doc))
+        code, _, stderr = run_cli("proxy", "--kubeconfig", str(path), capsys=capsys)
+        assert (code, stderr) == (1, f"{ERROR}{message.format(path=path)}\n")
+    assert piv.sign_count == signed and cluster.api.handshakes == 0
+    # Only an explicit request gives plain HTTP, and it is announced loudly.
+    card.insert()
+    proxy = proxies(workdir, "--plain-http")
+    assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
+    assert "listening on http://127.0.0.1:" in proxy.stderr()
+    plain = workdir / "plain-client.yml"
+    doc = yaml.safe_load((workdir / "client.yml").read_text())
+    doc["clusters"][0]["cluster"] = {"server": f"http://127.0.0.1:{proxy.port}"}
+    doc["users"][0]["user"] = {}
+    plain.write_text(yaml.safe_dump(doc))
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(plain), "get", "--raw", "/version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["gitVersion"] == "v1.32.0"
+
+
+def test_plain_http_from_setup_is_recorded_and_warned_about(
+    card57, proxies, cluster, tmp_path, capsys
+):
+    workdir = tmp_path / "yk"
+    code, _, stderr = run_cli(
+        *setup_args(cluster.kubeconfig, workdir, "--plain-http"), capsys=capsys
+    )
+    assert (code, stderr) == (
+        0,
+        f"yubikey-kube-proxy: WARNING: {yk.PLAIN_HTTP_WARNING}\n",
+    )
+    extension = extension_of(read_yaml(workdir / "proxy.yml"))
+    assert (extension["plain-http"], "local-tls" in extension) == (True, False)
+    proxy = proxies(workdir)
+    assert f"WARNING: {yk.PLAIN_HTTP_WARNING}\n" in proxy.stderr()
+    done = kubectl(proxy, "get", "--raw", "/version")
+    assert done.returncode == 0, done.stderr
+    code, stdout, _ = run_cli(
+        "status", "--kubeconfig", str(workdir / "proxy.yml"), capsys=capsys
+    )
+    assert code == 0
+    assert stdout.endswith(f"warning: {yk.PLAIN_HTTP_WARNING}\n")
+
+
+# -- Origin: non-browser clients may name the proxy's own listener -------------------
+
+
+@pytest.mark.parametrize(
+    "headers, refusal",
+    [
+        ("Origin: https://127.0.0.1:{port}\r\n", None),
+        ("Origin: https://localhost:{port}\r\n", None),
+        ("Origin: HTTPS://[::1]:{port}\r\n", None),
+        (
+            "Origin: http://127.0.0.1:{port}\r\n",
+            "refused: Origin 'http://127.0.0.1:{port}' is not this proxy's own "
+            "(requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1:{other}\r\n",
+            "refused: Origin 'https://127.0.0.1:{other}' is not this proxy's own "
+            "(requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1.evil.example:{port}\r\n",
+            "refused: Origin 'https://127.0.0.1.evil.example:{port}' is not this "
+            "proxy's own (requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: null\r\n",
+            "refused: Origin 'null' is not this proxy's own (requests from web "
+            "browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1:{port}\r\nOrigin: https://127.0.0.1:{port}\r\n",
+            "refused: Origin 'https://127.0.0.1:{port}, https://127.0.0.1:{port}' is "
+            "not this proxy's own (requests from web browsers are not relayed)",
+        ),
+        (
+            "Origin: https://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n",
+            "refused: requests from web browsers are not relayed",
+        ),
+        (
+            "Sec-Fetch-Dest: websocket\r\n",
+            "refused: requests from web browsers are not relayed",
+        ),
+    ],
+    ids=[
+        "own-ip",
+        "own-localhost",
+        "own-ipv6",
+        "wrong-scheme",
+        "wrong-port",
+        "other-host",
+        "null",
+        "two-origins",
+        "own-with-sec-fetch",
+        "sec-fetch-only",
+    ],
 )
-
-type job struct {
-	Roots [][]byte `json:"roots"`
-	Chain [][]byte `json:"chain"`
-	Name  string   `json:"name"`
-}
-
-// verdict is what crypto/tls (so kubectl) decides: "" to accept, else Go's error.
-func verdict(j job) string {
-	roots := x509.NewCertPool()
-	for _, der := range j.Roots {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return "root: " + err.Error()
-		}
-		roots.AddCert(c)
-	}
-	var certs []*x509.Certificate
-	for _, der := range j.Chain {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return err.Error()
-		}
-		certs = append(certs, c)
-	}
-	intermediates := x509.NewCertPool()
-	for _, c := range certs[1:] {
-		intermediates.AddCert(c)
-	}
-	opts := x509.VerifyOptions{Roots: roots, Intermediates: intermediates, DNSName: j.Name}
-	if _, err := certs[0].Verify(opts); err != nil {
-		return err.Error()
-	}
-	return ""
-}
-
-func main() {
-	in := bufio.NewScanner(os.Stdin)
-	in.Buffer(make([]byte, 1<<20), 1<<26)
-	out := json.NewEncoder(os.Stdout)
-	for in.Scan() {
-		var j job
-		if err := json.Unmarshal(in.Bytes(), &j); err != nil {
-			panic(err)
-		}
-		out.Encode(map[string]string{"error": verdict(j)})
-	}
-}
-"""
-
-GO_APISERVER = r"""
-package main
-
-import (
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/pem"
-	"flag"
-	"fmt"
-	"net"
-	"net/http"
-	"net/http/httputil"
-	"net/url"
-	"os"
-	"strconv"
-)
-
-func read(path string) []byte {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		panic(err)
-	}
-	return data
-}
-
-func pool(path string) *x509.CertPool {
-	p := x509.NewCertPool()
-	if !p.AppendCertsFromPEM(read(path)) {
-		panic("no certificates in " + path)
-	}
-	return p
-}
-
-var versions = map[uint16]string{tls.VersionTLS12: "1.2", tls.VersionTLS13: "1.3"}
-
-func main() {
-	cert := flag.String("cert", "", "serving certificate (PEM)")
-	key := flag.String("key", "", "its key (PKCS#8 PEM)")
-	impostor := flag.String("impostor-key", "", "serve the certificate with this other key")
-	clientCA := flag.String("client-ca", "", "CA of the client certificates")
-	backend := flag.String("backend", "", "URL of the test API server behind")
-	backendCA := flag.String("backend-ca", "", "its CA")
-	backendCert := flag.String("backend-cert", "", "our client certificate for it")
-	backendKey := flag.String("backend-key", "", "its key")
-	maxVersion := flag.String("max", "1.3", "highest TLS version: 1.1, 1.2 or 1.3")
-	suites := flag.String("suites", "", "TLS 1.2 suites: rsa (static RSA) or ecdhe; default Go's")
-	flag.Parse()
-
-	pair, err := tls.X509KeyPair(read(*cert), read(*key))
-	if err != nil {
-		panic(err)
-	}
-	if *impostor != "" {
-		block, _ := pem.Decode(read(*impostor))
-		other, err := x509.ParsePKCS8PrivateKey(block.Bytes)
-		if err != nil {
-			panic(err)
-		}
-		pair.PrivateKey = other // the genuine certificate, someone else's key
-	}
-	// kube-apiserver's secure serving: client certificates requested, not
-	// verified by crypto/tls; its x509 authenticator checks them itself.
-	config := &tls.Config{
-		Certificates: []tls.Certificate{pair},
-		ClientAuth:   tls.RequestClientCert,
-		NextProtos:   []string{"h2", "http/1.1"},
-		MinVersion:   tls.VersionTLS12,
-		MaxVersion:   map[string]uint16{"1.1": tls.VersionTLS11, "1.2": tls.VersionTLS12, "1.3": tls.VersionTLS13}[*maxVersion],
-	}
-	if config.MaxVersion < tls.VersionTLS12 { // an outdated server, for a negative test
-		config.MinVersion = tls.VersionTLS10
-	}
-	server := &http.Server{TLSConfig: config}
-	switch *suites {
-	case "rsa": // HTTP/2 needs ECDHE: HTTP/1.1 only
-		config.CipherSuites = []uint16{tls.TLS_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_RSA_WITH_AES_256_GCM_SHA384}
-		config.NextProtos = []string{"http/1.1"}
-		server.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
-	case "ecdhe":
-		config.CipherSuites = []uint16{tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256}
-	}
-	clients := pool(*clientCA)
-	var proxy *httputil.ReverseProxy
-	if *backend != "" {
-		target, _ := url.Parse(*backend)
-		ours, err := tls.LoadX509KeyPair(*backendCert, *backendKey)
-		if err != nil {
-			panic(err)
-		}
-		proxy = httputil.NewSingleHostReverseProxy(target)
-		proxy.FlushInterval = -1
-		proxy.Transport = &http.Transport{TLSClientConfig: &tls.Config{
-			RootCAs: pool(*backendCA), Certificates: []tls.Certificate{ours},
-		}}
-	}
-	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		peer := r.TLS.PeerCertificates
-		intermediates := x509.NewCertPool()
-		for _, c := range peer[min(1, len(peer)):] {
-			intermediates.AddCert(c)
-		}
-		if len(peer) == 0 || proxy == nil {
-			http.Error(w, "Unauthorized", http.StatusUnauthorized)
-			return
-		}
-		opts := x509.VerifyOptions{Roots: clients, Intermediates: intermediates,
-			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
-		if _, err := peer[0].Verify(opts); err != nil {
-			http.Error(w, "Unauthorized", http.StatusUnauthorized)
-			return
-		}
-		r.Header.Set("X-Go-Client", peer[0].Subject.String())
-		r.Header.Set("X-Go-Tls", versions[r.TLS.Version])
-		r.Header.Set("X-Go-Alpn", r.TLS.NegotiatedProtocol)
-		r.Header.Set("X-Go-Resumed", strconv.FormatBool(r.TLS.DidResume))
-		r.Header.Set("X-Go-Cipher", tls.CipherSuiteName(r.TLS.CipherSuite))
-		proxy.ServeHTTP(w, r)
-	})
-	listener, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
-	}
-	fmt.Printf("listening on %d\n", listener.Addr().(*net.TCPAddr).Port)
-	server.Handler = handler
-	panic(server.ServeTLS(listener, "", ""))
-}
-
-func min(a, b int) int {
-	if a < b {
-		return a
-	}
-	return b
-}
-"""
+def test_origin_of_the_proxy_itself_is_relayed_all_else_refused_and_logged(
+    proxied, cluster, card57, headers, refusal
+):
+    signed = card57.sign_count
+    fill = {"port": proxied.port, "other": proxied.port + 1}
+    raw = f"GET /version HTTP/1.1\r\nHost: 127.0.0.1:{{port}}\r\n{headers}"
+    raw += "Connection: close\r\n\r\n"
+    status, body = response_status_and_body(
+        local_request(proxied, raw.format(**fill).encode())
+    )
+    if refusal is None:
+        assert (status, body["gitVersion"]) == ("HTTP/1.1 200 OK", "v1.32.0")
+        assert card57.sign_count == signed + 1
+        assert [r.headers["origin"] for r in cluster.api.requests] == [
+            headers.split(": ", 1)[1].strip().format(**fill)
+        ]
+        return
+    message = refusal.format(**fill)
+    assert (status, body["message"], body["code"]) == (
+        "HTTP/1.1 403 Forbidden",
+        message,
+        403,
+    )
+    assert card57.sign_count == signed and cluster.api.requests == []
+    wait_until(lambda: message in proxied.stderr(), 10, "the refusal in the log")
+    assert f"yubikey-kube-proxy: WARNING: GET /version: {message}\n" in proxied.stderr()
 
 
-@pytest.fixture(scope="session")
-def go_build(tmp_path_factory):
-    """Builds a Go program from source, standard library only, with Go's caches
-    under pytest's temporary directory; fails (never skips) without Go."""
-    go = shutil.which("go")
-    if go is None:
-        pytest.fail(
-            "the Go parity tests need Go: install it with "
-            "'sudo apt-get install -y golang-go' (the README's test command does)"
+def test_official_python_client_lists_watches_execs_and_port_forwards(
+    proxied, cluster, card57
+):
+    from kubernetes import client, config, watch
+    from kubernetes.stream import portforward, stream
+
+    configuration = client.Configuration()
+    config.load_kube_config(
+        config_file=str(proxied.client_config), client_configuration=configuration
+    )
+    core = client.CoreV1Api(client.ApiClient(configuration))
+    cluster.api.add_pod("shell", namespace="team-a")
+    assert [p.metadata.name for p in core.list_namespaced_pod("team-a").items] == [
+        "shell"
+    ]
+    seen = []
+    watcher = watch.Watch()
+    for event in watcher.stream(core.list_namespaced_pod, "team-a", timeout_seconds=30):
+        seen.append((event["type"], event["object"].metadata.name))
+        if seen == [("ADDED", "shell")]:
+            cluster.api.add_pod("web", namespace="team-a")
+        if len(seen) == 2:
+            watcher.stop()
+    assert seen == [("ADDED", "shell"), ("ADDED", "web")]
+    output = stream(
+        core.connect_get_namespaced_pod_exec,
+        "shell",
+        "team-a",
+        command=["echo", "hello", "from", "the", "card"],
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
+    )
+    assert output == "hello from the card\n"
+    forward = portforward(
+        core.connect_get_namespaced_pod_portforward, "shell", "team-a", ports="8080"
+    )
+    sock = forward.socket(8080)
+    sock.setblocking(True)
+    payload = bytes(range(256)) * 1024 + b"end"
+    sock.sendall(payload)
+    echoed = bytearray()
+    while len(echoed) < len(payload):
+        chunk = sock.recv(65536)
+        assert chunk, "the port-forward closed early"
+        echoed += chunk
+    assert bytes(echoed) == payload
+    sock.close()
+    forward.close()
+    upgrades = [r for r in cluster.api.requests if r.headers.get("upgrade")]
+    assert [(r.path.split("?")[0], r.headers["origin"]) for r in upgrades] == [
+        (
+            f"/api/v1/namespaces/team-a/pods/shell/{sub}",
+            f"https://127.0.0.1:{proxied.port}",
         )
-    root = tmp_path_factory.mktemp("go")
-    env = {
-        **os.environ,
-        "GOCACHE": str(root / "cache"),
-        "GOPATH": str(root / "path"),
-        "GOTMPDIR": str(root),
-        "GOTOOLCHAIN": "local",
-        "GOFLAGS": "",
-        "GOPROXY": "off",
-        "GO111MODULE": "on",
-        "CGO_ENABLED": "0",
-        "HOME": str(root),
-    }
-    built: dict[str, Path] = {}
+        for sub in ("exec", "portforward")
+    ]
+    assert cluster.api.exec_sessions == [
+        ("websocket", "v5.channel.k8s.io"),
+        ("portforward", "v4.channel.k8s.io"),
+    ]
+    assert "refused" not in proxied.stderr()
 
-    def build(name: str, source: str) -> Path:
-        if name not in built:
-            folder = root / name
-            folder.mkdir()
-            (folder / "main.go").write_text(source)
-            done = subprocess.run(
-                [go, "build", "-o", str(folder / name), "main.go"],
-                cwd=folder,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            assert done.returncode == 0, done.stderr
-            built[name] = folder / name
-        return built[name]
 
-    return build
+# -- Go parity: the upstream TLS checked against Go's own crypto/x509 and crypto/tls ---
 
 
 TLS_FIGURES: list[str] = []
@@ -8464,6 +9036,7 @@ def tls_figures(request):
 
 
 # -- the differential corpus ----------------------------------------------------------
+
 
 SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
 CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
@@ -9032,98 +9605,6 @@ def test_go_differential_corpus(go_build):
 # -- a Go TLS server configured like kube-apiserver, in front of the test API server --
 
 
-def go_serving_pki(kind: str, names=("localhost",), ips_=("127.0.0.1",), days=365):
-    """A serving CA and certificate with a key of the given kind (p256, rsa2048)."""
-    ca_key = new_key("p256")
-    ca_cert = make_cert(
-        ca_key, ca_key, "CN=go-apiserver-ca", "CN=go-apiserver-ca", ca=True, days=3650
-    )
-    key = new_key(kind)
-    sans = [x509.DNSName(n) for n in names] + [
-        x509.IPAddress(ipaddress.ip_address(i)) for i in ips_
-    ]
-    start = -1 if days > 0 else days - 30
-    cert = make_cert(
-        key,
-        ca_key,
-        "CN=kube-apiserver",
-        "CN=go-apiserver-ca",
-        sans=sans,
-        days=days,
-        start_days=start,
-    )
-    return (ca_key, ca_cert), cert, key
-
-
-@dataclasses.dataclass
-class GoFront:
-    process: subprocess.Popen
-    port: int
-    cluster: Cluster  # its kubeconfig reaches the Go server; .api is the server behind
-
-
-@contextlib.contextmanager
-def go_apiserver(
-    tmp_path,
-    go_build,
-    serving="p256",
-    max_version="1.3",
-    pki=None,
-    extra=(),
-    **cluster_extra,
-):
-    """kubectl -> proxy -> Go TLS server (kube-apiserver's settings) -> test API server."""
-    binary = go_build("goapiserver", GO_APISERVER)
-    backend = start_cluster(tmp_path)
-    folder = tmp_path / "go"
-    folder.mkdir(exist_ok=True)
-    (ca_key, ca_cert), cert, key = pki or go_serving_pki(serving)
-    ident = backend.ident
-    front_key = new_key("p256")
-    front_cert = make_cert(
-        front_key, ident.ca_key, "CN=system:admin,O=system:masters", "CN=k3s-client-ca"
-    )
-    files = {
-        "cert": pem(cert),
-        "key": pem(key),
-        "client-ca": pem(ident.ca_cert),
-        "backend-ca": pem(backend.server_ca),
-        "backend-cert": pem(front_cert),
-        "backend-key": pem(front_key),
-    }
-    argv = [str(binary), "-max", max_version, "-backend", backend.api.url, *extra]
-    for flag, data in files.items():
-        (folder / f"{flag}.pem").write_bytes(data)
-        argv += [f"-{flag}", str(folder / f"{flag}.pem")]
-    process = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=open(folder / "stderr", "wb"), text=True
-    )
-    try:
-        line = process.stdout.readline()
-        assert line.startswith("listening on "), (folder / "stderr").read_text()
-        port = int(line.split()[-1])
-        doc = yaml.safe_load(backend.kubeconfig.read_text())
-        cluster_doc = doc["clusters"][0]["cluster"]
-        cluster_doc["server"] = f"https://127.0.0.1:{port}"
-        cluster_doc["certificate-authority-data"] = b64(pem(ca_cert))
-        cluster_doc.update(cluster_extra)
-        backend.kubeconfig.write_text(yaml.safe_dump(doc))
-        yield GoFront(process, port, backend)
-    finally:
-        process.kill()
-        process.wait()
-        backend.api.stop()
-
-
-@contextlib.contextmanager
-def proxy_through(front: GoFront, workdir: Path):
-    proxy = setup_and_proxy(front.cluster, workdir)
-    try:
-        yield proxy
-    finally:
-        proxy.stop()
-
-
 @pytest.mark.go
 @pytest.mark.parametrize(
     "max_version, serving",
@@ -9509,456 +9990,8 @@ def test_hangup_after_our_signature_is_not_blamed_on_the_certificate(
             assert card57.sign_count > signed  # the card did sign
 
 
-# =============================================================================
-# Fault suite: the card, pcscd, the network and the client misbehave
-# =============================================================================
-
-FAULT_FIGURES: list[str] = []
-
-
-@pytest.fixture(scope="session", autouse=True)
-def fault_figures(request):
-    """Print the fault suite's figures at the end of the run."""
-    yield
-    if FAULT_FIGURES:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        capture = request.config.pluginmanager.get_plugin("capturemanager")
-        with capture.global_and_fixture_disabled():
-            reporter.write_line("")
-            reporter.write_sep("=", "fault suite figures")
-            for line in FAULT_FIGURES:
-                reporter.write_line(line)
-
-
-class LocalClient:
-    """An HTTPS client holding the local hop's client certificate from client.yml."""
-
-    def __init__(self, proxy: ProxyProcess) -> None:
-        doc = yaml.safe_load(proxy.client_config.read_text())
-        self.context = ssl.create_default_context(
-            cadata=base64.b64decode(
-                doc["clusters"][0]["cluster"]["certificate-authority-data"]
-            ).decode()
-        )
-        user = doc["users"][0]["user"]
-        bundle = proxy.workdir / "local-client.pem"
-        bundle.write_bytes(
-            base64.b64decode(user["client-certificate-data"])
-            + base64.b64decode(user["client-key-data"])
-        )
-        self.context.load_cert_chain(bundle)
-        self.port = proxy.port
-
-    def connection(self) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection(
-            "127.0.0.1", self.port, context=self.context, timeout=60
-        )
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        conn = self.connection()
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
-
-
-def process_counts(pid: int) -> tuple[int, int]:
-    """(threads, open file descriptors) of a process."""
-    return (len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd")))
-
-
-def wait_for_counts(pid: int, baseline: tuple[int, int], timeout: float = 15) -> None:
-    wait_until(
-        lambda: process_counts(pid) <= baseline,
-        timeout,
-        f"threads and sockets back to {baseline} (now {process_counts(pid)})",
-    )
-
-
-@pytest.fixture
-def proxied_rig(cards, proxies, cluster, tmp_path, capsys):
-    """A card, the proxy and a local client; the card is the test's to pull."""
-    piv = VirtualPiv(serial=81000008)
-    state = types.SimpleNamespace(piv=piv, card=cards(piv))
-    state.proxy = proxies.setup(cluster, tmp_path / "yk")
-    state.client = LocalClient(state.proxy)
-    capsys.readouterr()
-    return state
-
-
-@pytest.mark.fault
-def test_card_removed_during_a_burst_and_reinserted_elsewhere(proxied_rig, cluster):
-    state = proxied_rig
-    before = [state.client.get("/version")[0] for _ in range(5)]
-    state.card.remove()
-    absent = [state.client.get("/version") for _ in range(5)]
-    # Plugged back in, the key shows up in the other reader: found again by serial.
-    state.card.insert(index=1)
-    after = [state.client.get("/version")[0] for _ in range(10)]
-    failed_absent = sum(status != 200 for status, _ in absent)
-    failed_after = sum(status != 200 for status in after)
-    FAULT_FIGURES.append(
-        f"card pulled mid-burst: {len(before)} ok before, {failed_absent}/"
-        f"{len(absent)} failed while absent, {failed_after}/{len(after)} "
-        "failed after re-insertion"
-    )
-    assert before == [200] * 5
-    assert {status for status, _ in absent} == {503}
-    assert json.loads(absent[0][1])["message"] == (
-        f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it"
-    )
-    assert failed_after == 0
-    assert state.piv.sign_count - 1 == cluster.api.handshakes == 15
-
-
-@pytest.mark.fault
-def test_card_removed_mid_download_and_mid_exec(proxied_rig, proxies, cluster):
-    state = proxied_rig
-    state.proxy.stop()  # the opt-out: open streams outlive the card
-    state.proxy = proxies(state.proxy.workdir, "--keep-streams-on-removal")
-    state.client = LocalClient(state.proxy)
-    cluster.api.add_pod("box", namespace="team-a")
-    conn = state.client.connection()
-    conn.request("GET", "/bytes?n=50000000")
-    response = conn.getresponse()
-    first = response.read(1_000_000)
-    exec_proc = subprocess.Popen(
-        [
-            "kubectl",
-            "--kubeconfig",
-            str(state.proxy.client_config),
-            "exec",
-            "-i",
-            "box",
-            "--",
-            "cat",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    exec_proc.stdin.write(b"before\n")
-    exec_proc.stdin.flush()
-    assert exec_proc.stdout.readline() == b"before\n"
-    state.card.remove()  # with --keep-streams-on-removal the streams go on
-    rest = response.read()
-    conn.close()
-    exec_proc.stdin.write(b"after\n")
-    exec_proc.stdin.close()
-    out = exec_proc.stdout.read()
-    assert (exec_proc.wait(30), out) == (0, b"after\n")
-    assert first + rest == expected_bytes(50_000_000)
-    assert state.client.get("/version")[0] == 503
-    state.card.insert()
-    assert state.client.get("/version")[0] == 200
-
-
-@pytest.mark.fault
-def test_pcscd_restart_is_recovered(proxied_rig, rig, cluster):
-    state = proxied_rig
-    assert state.client.get("/version")[0] == 200
-    state.card.remove(wait=False)
-    rig.stop()
-    rig.start()
-    state.card.insert()
-    statuses = [state.client.get("/version")[0] for _ in range(3)]
-    FAULT_FIGURES.append(f"pcscd restarted: {statuses.count(200)}/3 requests ok after")
-    assert statuses == [200, 200, 200]
-
-
-@pytest.mark.fault
-def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
-    from smartcard import scard
-
-    state = proxied_rig
-    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-    hresult, handle, _ = scard.SCardConnect(
-        context, rig.reader(), scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T1
-    )
-    assert hresult == 0 and scard.SCardBeginTransaction(handle) == 0
-    results = []
-    worker = threading.Thread(
-        target=lambda: results.append(state.client.get("/version"))
-    )
-    apdus = len(state.piv.apdu_log)
-    started = time.monotonic()
-    worker.start()
-    # Not a wait for an event: the length of the other program's transaction.
-    time.sleep(1.0)
-    assert results == []  # the request waits for the card
-    assert len(state.piv.apdu_log) == apdus  # and sends it nothing meanwhile
-    scard.SCardEndTransaction(handle, scard.SCARD_LEAVE_CARD)
-    worker.join(30)
-    scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
-    scard.SCardReleaseContext(context)
-    FAULT_FIGURES.append(
-        f"another program's 1 s transaction: request waited "
-        f"{time.monotonic() - started:.2f} s and got {results[0][0]}"
-    )
-    assert results[0][0] == 200
-
-
-@pytest.mark.fault
-@pytest.mark.parametrize("kind", ["p256", "rsa2048"])
-def test_fifty_concurrent_requests(cards, clusters, proxies, tmp_path, capsys, kind):
-    piv = VirtualPiv(serial=91000009)
-    cards(piv)
-    cluster = clusters(tmp_path, kind=kind)
-    proxy = proxies.setup(cluster, tmp_path / "yk")
-    client = LocalClient(proxy)
-    signed = piv.sign_count
-    results: list[int] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(client.get("/version")[0]))
-        for _ in range(50)
-    ]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    elapsed = time.monotonic() - started
-    FAULT_FIGURES.append(
-        f"50 concurrent requests, {kind}: {results.count(200)} ok "
-        f"in {elapsed:.2f} s, {piv.sign_count - signed} signatures,"
-        f" {cluster.api.handshakes} handshakes"
-    )
-    assert results == [200] * 50
-    assert piv.sign_count - signed == cluster.api.handshakes == 50
-
-
-@pytest.mark.fault
-def test_upstream_down_costs_no_signature(proxied_rig, cluster):
-    state = proxied_rig
-    signed = state.piv.sign_count
-    cluster.api.stop()
-    status, body = state.client.get("/version")
-    assert status == 502
-    assert json.loads(body)["message"] == (
-        f"cannot connect to the API server at 127.0.0.1:{cluster.api.port} (Connection "
-        "refused): is the cluster up and reachable?"
-    )
-    assert state.piv.sign_count == signed
-
-
-def silent_server() -> tuple[socket.socket, int]:
-    """Accepts connections and never answers (a hung API server)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    return listener, listener.getsockname()[1]
-
-
-@pytest.mark.fault
-def test_upstream_handshake_timeout(card57, proxies, tmp_path, capsys):
-    listener, port = silent_server()
-    ident = make_identity()
-    kubeconfig = write_kubeconfig(
-        tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}"
-    )
-    try:
-        proxy = proxies.setup(
-            types.SimpleNamespace(kubeconfig=kubeconfig),
-            tmp_path / "yk",
-            proxy_extra=("--handshake-timeout", "1"),
-        )
-        started = time.monotonic()
-        status, body = LocalClient(proxy).get("/version")
-        elapsed = time.monotonic() - started
-        assert status == 504
-        assert json.loads(body)["message"] == (
-            f"the TLS handshake with the API server at 127.0.0.1:{port} took longer "
-            "than 1 s"
-        )
-        assert elapsed < 10
-    finally:
-        listener.close()
-
-
-def truncating_server(
-    server_pki, client_ca: x509.Certificate
-) -> tuple[socket.socket, int]:
-    """A TLS API server that sends half a body and hangs up."""
-    ca, cert, key = server_pki
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    bundle = tempfile_bytes(pem(cert) + pem(key))
-    context.load_cert_chain(bundle)
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cadata=pem(client_ca).decode())
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-
-    def serve() -> None:
-        while True:
-            try:
-                raw, _ = listener.accept()
-            except OSError:
-                return
-            with contextlib.suppress(OSError, ssl.SSLError):
-                with context.wrap_socket(raw, server_side=True) as tls:
-                    tls.recv(65536)
-                    tls.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
-                        + b"x" * 400_000
-                    )
-
-    threading.Thread(target=serve, daemon=True).start()
-    return listener, listener.getsockname()[1]
-
-
-def tempfile_bytes(data: bytes) -> str:
-    import tempfile
-
-    handle = tempfile.NamedTemporaryFile(delete=False)
-    handle.write(data)
-    handle.close()
-    return handle.name
-
-
-@pytest.mark.fault
-def test_client_leaving_mid_response_leaks_nothing(proxied_rig, cluster):
-    state = proxied_rig
-    pid = state.proxy.process.pid
-    assert state.client.get("/version")[0] == 200
-    baseline = process_counts(pid)
-    # The client leaves after 1 MB of a 200 MB download.
-    for _ in range(3):
-        conn = state.client.connection()
-        conn.request("GET", "/bytes?n=200000000")
-        response = conn.getresponse()
-        assert len(response.read(1_000_000)) == 1_000_000
-        conn.sock.shutdown(socket.SHUT_RDWR)
-        conn.close()
-    wait_for_counts(pid, baseline)
-    threads, fds = process_counts(pid)
-    FAULT_FIGURES.append(
-        f"client left 3 downloads mid-way: proxy threads {baseline[0]} -> "
-        f"{threads}, descriptors {baseline[1]} -> {fds}"
-    )
-    assert state.client.get("/version")[0] == 200
-
-
-@pytest.mark.fault
-def test_upstream_closing_mid_response(card57, proxies, tmp_path, capsys):
-    server_pki = make_server_pki()
-    ident = make_identity()
-    listener, port = truncating_server(server_pki, ident.ca_cert)
-    kubeconfig = write_kubeconfig(
-        tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}"
-    )
-    doc = yaml.safe_load(kubeconfig.read_text())
-    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(
-        pem(server_pki[0])
-    )
-    kubeconfig.write_text(yaml.safe_dump(doc))
-    try:
-        proxy = proxies.setup(
-            types.SimpleNamespace(kubeconfig=kubeconfig), tmp_path / "yk"
-        )
-        client = LocalClient(proxy)
-        pid = proxy.process.pid
-        conn = client.connection()
-        conn.request("GET", "/version")
-        response = conn.getresponse()
-        assert response.status == 200
-        with pytest.raises(http.client.IncompleteRead) as short:
-            response.read()
-        conn.close()
-        assert len(short.value.partial) == 400_000
-        baseline = process_counts(pid)
-        for _ in range(3):
-            with contextlib.suppress(http.client.IncompleteRead):
-                client.get("/version")
-        wait_for_counts(pid, baseline)
-        FAULT_FIGURES.append(
-            f"upstream hung up mid-response: client got "
-            f"{len(short.value.partial)} of 1000000 bytes, proxy "
-            f"threads/descriptors back to {process_counts(pid)}"
-        )
-    finally:
-        listener.close()
-
-
-@pytest.mark.fault
-def test_wrong_pin_file_costs_exactly_one_try(
-    cards, proxies, cluster, tmp_path, capsys
-):
-    piv = VirtualPiv(serial=10100010)
-    cards(piv)
-    pins = pin_file(tmp_path, "123456")
-    proxy = proxies.setup(
-        cluster,
-        tmp_path / "yk",
-        "--pin-policy",
-        "once",
-        "--pin-file",
-        str(pins),
-        proxy_extra=("--pin-file", str(pins)),
-    )
-    client = LocalClient(proxy)
-    assert client.get("/version")[0] == 200
-    pins.write_text("999999\n")
-    proxy.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
-    tries = piv.pin_tries_left
-    answers = [client.get("/version") for _ in range(6)]
-    FAULT_FIGURES.append(
-        f"wrong PIN file, 6 requests: the card's tries went {tries} -> "
-        f"{piv.pin_tries_left}"
-    )
-    assert {status for status, _ in answers} == {503}
-    assert piv.pin_tries_left == tries - 1
-    assert json.loads(answers[-1][1])["message"] == (
-        "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check the PIN "
-        "(or the PIN file) and try again (the proxy will not send it again: fix the PIN "
-        "or the PIN file, then reload the proxy with kill -HUP or 'systemctl --user "
-        "reload yubikey-kube-proxy', or restart it)"
-    )
-    pins.write_text("123456\n")
-    proxy.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: proxy.stderr().count("reloading") == 2, 10, "the second reload")
-    assert client.get("/version")[0] == 200
-    assert piv.pin_tries_left == 3
-
-
-@pytest.mark.fault
-def test_touch_slow_and_never(cards, proxies, cluster, tmp_path, capsys):
-    touches = {"delay": 0.0, "given": True}
-
-    def touch(slot):
-        time.sleep(touches["delay"])
-        return touches["given"]
-
-    piv = VirtualPiv(serial=10200011, touch=touch)
-    cards(piv)
-    proxy = proxies.setup(cluster, tmp_path / "yk", "--touch-policy", "always")
-    client = LocalClient(proxy)
-    touches["delay"] = 1.5
-    assert client.get("/version")[0] == 200
-    assert "WARNING: touch your YubiKey (YubiKey serial 10200011" in proxy.stderr()
-    touches.update(delay=2.0, given=False)  # the card's wait runs out
-    results: list[tuple[int, bytes]] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(client.get("/version")))
-        for _ in range(2)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert [status for status, _ in results] == [
-        503,
-        503,
-    ]  # both answered, one by one
-    assert json.loads(results[0][1])["message"] == (
-        "the YubiKey refused to sign with slot 9a: the PIN was not verified or the key "
-        "was not touched in time"
-    )
-    touches.update(delay=0.0, given=True)
-    assert client.get("/version")[0] == 200
+# -- Hostile input on the local hop: a strict reader (RFC 9112), a strict relay, -------
+#    bounded resources
 
 
 @pytest.mark.fault
@@ -10005,11 +10038,6 @@ def test_malformed_requests_are_refused_never_forwarded(
     assert body["message"] == message and body["code"] == status
     assert cluster.api.requests == [] and card57.sign_count == signed
 
-
-# =============================================================================
-# Hostile input on the local hop: a strict reader (RFC 9112), a strict relay,
-# bounded resources
-# =============================================================================
 
 HTTP_FUZZ_SEED = 10
 HTTP_FUZZ_CASES = 240
@@ -10910,110 +10938,392 @@ def test_flood_of_idle_connections_leaves_kubectl_working(
 
 
 # =============================================================================
-# The systemd user unit and the shell
+# 5. Resilience: the card, pcscd, the network and the client misbehave; presence
 # =============================================================================
 
 
-def test_systemd_unit_verifies(tmp_path):
-    unit = (HERE / "yubikey-kube-proxy.service").read_text()
-    directives = [line.strip() for line in unit.splitlines()]
-    for expected in (
-        "ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
-        "%h/.kube/yubikey/default/proxy.yml",
-        "ExecReload=/bin/kill -HUP $MAINPID",
-        "Restart=on-failure",
-        "UMask=0077",
-        "NoNewPrivileges=yes",
-        "ProtectSystem=strict",
-        "PrivateTmp=yes",
-        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
-    ):
-        assert expected in directives
-    assert "pcscd.socket" in next(d for d in directives if d.startswith("After="))
-    home, runtime = tmp_path / "home", tmp_path / "run"
-    (home / ".local" / "bin").mkdir(parents=True)
-    runtime.mkdir(mode=0o700)
-    program = home / ".local" / "bin" / "yubikey-kube-proxy"
-    program.write_text("#!/bin/sh\n")
-    program.chmod(0o755)
-    shutil.copy(HERE / "yubikey-kube-proxy.service", tmp_path)
-    done = subprocess.run(
-        [
-            "systemd-analyze",
-            "--user",
-            "verify",
-            str(tmp_path / "yubikey-kube-proxy.service"),
-        ],
-        env={**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert (done.returncode, done.stderr) == (0, "")
+@pytest.fixture
+def proxied_rig(cards, proxies, cluster, tmp_path, capsys):
+    """A card, the proxy and a local client; the card is the test's to pull."""
+    piv = VirtualPiv(serial=81000008)
+    state = types.SimpleNamespace(piv=piv, card=cards(piv))
+    state.proxy = proxies.setup(cluster, tmp_path / "yk")
+    state.client = LocalClient(state.proxy)
+    capsys.readouterr()
+    return state
 
 
-def test_shell_runs_a_command_through_the_card_and_passes_its_exit_code(
-    card57, cluster, tmp_path, capsys
-):
-    assert (
-        yk.main(
-            [
-                "setup",
-                "--kubeconfig",
-                str(cluster.kubeconfig),
-                "--output-dir",
-                str(tmp_path),
-            ]
-        )
-        == 0
+@pytest.mark.fault
+def test_card_removed_during_a_burst_and_reinserted_elsewhere(proxied_rig, cluster):
+    state = proxied_rig
+    before = [state.client.get("/version")[0] for _ in range(5)]
+    state.card.remove()
+    absent = [state.client.get("/version") for _ in range(5)]
+    # Plugged back in, the key shows up in the other reader: found again by serial.
+    state.card.insert(index=1)
+    after = [state.client.get("/version")[0] for _ in range(10)]
+    failed_absent = sum(status != 200 for status, _ in absent)
+    failed_after = sum(status != 200 for status in after)
+    FAULT_FIGURES.append(
+        f"card pulled mid-burst: {len(before)} ok before, {failed_absent}/"
+        f"{len(absent)} failed while absent, {failed_after}/{len(after)} "
+        "failed after re-insertion"
     )
-    script = (
-        "kubectl get --raw /version --request-timeout 30s > "
-        f'{tmp_path / "out.json"} && test -n "$YUBIKEY_KUBE_PROXY_SHELL" && exit 7'
+    assert before == [200] * 5
+    assert {status for status, _ in absent} == {503}
+    assert json.loads(absent[0][1])["message"] == (
+        f"YubiKey not present in reader '{YUBIKEY_READER} 00 00' - insert it"
     )
-    done = subprocess.run(
+    assert failed_after == 0
+    assert state.piv.sign_count - 1 == cluster.api.handshakes == 15
+
+
+@pytest.mark.fault
+def test_card_removed_mid_download_and_mid_exec(proxied_rig, proxies, cluster):
+    state = proxied_rig
+    state.proxy.stop()  # the opt-out: open streams outlive the card
+    state.proxy = proxies(state.proxy.workdir, "--keep-streams-on-removal")
+    state.client = LocalClient(state.proxy)
+    cluster.api.add_pod("box", namespace="team-a")
+    conn = state.client.connection()
+    conn.request("GET", "/bytes?n=50000000")
+    response = conn.getresponse()
+    first = response.read(1_000_000)
+    exec_proc = subprocess.Popen(
         [
-            sys.executable,
-            str(HERE / "yk_kube_proxy.py"),
-            "shell",
+            "kubectl",
             "--kubeconfig",
-            str(tmp_path / "proxy.yml"),
+            str(state.proxy.client_config),
+            "exec",
+            "-i",
+            "box",
             "--",
-            "sh",
-            "-c",
-            script,
+            "cat",
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    assert done.returncode == 7, done.stderr
-    assert json.loads((tmp_path / "out.json").read_text())["gitVersion"] == "v1.32.0"
-    assert "through the YubiKey; exit the shell to stop" in done.stderr
-    nested = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "yk_kube_proxy.py"),
-            "shell",
-            "--kubeconfig",
-            str(tmp_path / "proxy.yml"),
-        ],
-        env={
-            **os.environ,
-            "YUBIKEY_KUBE_PROXY_SHELL": "1",
-            "KUBECONFIG": "/x/client.yml",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
+    exec_proc.stdin.write(b"before\n")
+    exec_proc.stdin.flush()
+    assert exec_proc.stdout.readline() == b"before\n"
+    state.card.remove()  # with --keep-streams-on-removal the streams go on
+    rest = response.read()
+    conn.close()
+    exec_proc.stdin.write(b"after\n")
+    exec_proc.stdin.close()
+    out = exec_proc.stdout.read()
+    assert (exec_proc.wait(30), out) == (0, b"after\n")
+    assert first + rest == expected_bytes(50_000_000)
+    assert state.client.get("/version")[0] == 503
+    state.card.insert()
+    assert state.client.get("/version")[0] == 200
+
+
+@pytest.mark.fault
+def test_pcscd_restart_is_recovered(proxied_rig, rig, cluster):
+    state = proxied_rig
+    assert state.client.get("/version")[0] == 200
+    state.card.remove(wait=False)
+    rig.stop()
+    rig.start()
+    state.card.insert()
+    statuses = [state.client.get("/version")[0] for _ in range(3)]
+    FAULT_FIGURES.append(f"pcscd restarted: {statuses.count(200)}/3 requests ok after")
+    assert statuses == [200, 200, 200]
+
+
+@pytest.mark.fault
+def test_another_programs_transaction_is_waited_for(proxied_rig, rig):
+    from smartcard import scard
+
+    state = proxied_rig
+    hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    hresult, handle, _ = scard.SCardConnect(
+        context, rig.reader(), scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T1
     )
-    assert (nested.returncode, nested.stderr) == (
-        1,
-        (
-            "yubikey-kube-proxy: error: this is already a yubikey-kube-proxy shell "
-            "(KUBECONFIG=/x/client.yml): exit it first\n"
-        ),
+    assert hresult == 0 and scard.SCardBeginTransaction(handle) == 0
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.append(state.client.get("/version"))
     )
+    apdus = len(state.piv.apdu_log)
+    started = time.monotonic()
+    worker.start()
+    # Not a wait for an event: the length of the other program's transaction.
+    time.sleep(1.0)
+    assert results == []  # the request waits for the card
+    assert len(state.piv.apdu_log) == apdus  # and sends it nothing meanwhile
+    scard.SCardEndTransaction(handle, scard.SCARD_LEAVE_CARD)
+    worker.join(30)
+    scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+    scard.SCardReleaseContext(context)
+    FAULT_FIGURES.append(
+        f"another program's 1 s transaction: request waited "
+        f"{time.monotonic() - started:.2f} s and got {results[0][0]}"
+    )
+    assert results[0][0] == 200
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("kind", ["p256", "rsa2048"])
+def test_fifty_concurrent_requests(cards, clusters, proxies, tmp_path, capsys, kind):
+    piv = VirtualPiv(serial=91000009)
+    cards(piv)
+    cluster = clusters(tmp_path, kind=kind)
+    proxy = proxies.setup(cluster, tmp_path / "yk")
+    client = LocalClient(proxy)
+    signed = piv.sign_count
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(client.get("/version")[0]))
+        for _ in range(50)
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    elapsed = time.monotonic() - started
+    FAULT_FIGURES.append(
+        f"50 concurrent requests, {kind}: {results.count(200)} ok "
+        f"in {elapsed:.2f} s, {piv.sign_count - signed} signatures,"
+        f" {cluster.api.handshakes} handshakes"
+    )
+    assert results == [200] * 50
+    assert piv.sign_count - signed == cluster.api.handshakes == 50
+
+
+@pytest.mark.fault
+def test_upstream_down_costs_no_signature(proxied_rig, cluster):
+    state = proxied_rig
+    signed = state.piv.sign_count
+    cluster.api.stop()
+    status, body = state.client.get("/version")
+    assert status == 502
+    assert json.loads(body)["message"] == (
+        f"cannot connect to the API server at 127.0.0.1:{cluster.api.port} (Connection "
+        "refused): is the cluster up and reachable?"
+    )
+    assert state.piv.sign_count == signed
+
+
+def silent_server() -> tuple[socket.socket, int]:
+    """Accepts connections and never answers (a hung API server)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    return listener, listener.getsockname()[1]
+
+
+@pytest.mark.fault
+def test_upstream_handshake_timeout(card57, proxies, tmp_path, capsys):
+    listener, port = silent_server()
+    ident = make_identity()
+    kubeconfig = write_kubeconfig(
+        tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}"
+    )
+    try:
+        proxy = proxies.setup(
+            types.SimpleNamespace(kubeconfig=kubeconfig),
+            tmp_path / "yk",
+            proxy_extra=("--handshake-timeout", "1"),
+        )
+        started = time.monotonic()
+        status, body = LocalClient(proxy).get("/version")
+        elapsed = time.monotonic() - started
+        assert status == 504
+        assert json.loads(body)["message"] == (
+            f"the TLS handshake with the API server at 127.0.0.1:{port} took longer "
+            "than 1 s"
+        )
+        assert elapsed < 10
+    finally:
+        listener.close()
+
+
+def truncating_server(
+    server_pki, client_ca: x509.Certificate
+) -> tuple[socket.socket, int]:
+    """A TLS API server that sends half a body and hangs up."""
+    ca, cert, key = server_pki
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    bundle = tempfile_bytes(pem(cert) + pem(key))
+    context.load_cert_chain(bundle)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=pem(client_ca).decode())
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError, ssl.SSLError):
+                with context.wrap_socket(raw, server_side=True) as tls:
+                    tls.recv(65536)
+                    tls.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
+                        + b"x" * 400_000
+                    )
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, listener.getsockname()[1]
+
+
+def tempfile_bytes(data: bytes) -> str:
+    import tempfile
+
+    handle = tempfile.NamedTemporaryFile(delete=False)
+    handle.write(data)
+    handle.close()
+    return handle.name
+
+
+@pytest.mark.fault
+def test_client_leaving_mid_response_leaks_nothing(proxied_rig, cluster):
+    state = proxied_rig
+    pid = state.proxy.process.pid
+    assert state.client.get("/version")[0] == 200
+    baseline = process_counts(pid)
+    # The client leaves after 1 MB of a 200 MB download.
+    for _ in range(3):
+        conn = state.client.connection()
+        conn.request("GET", "/bytes?n=200000000")
+        response = conn.getresponse()
+        assert len(response.read(1_000_000)) == 1_000_000
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    wait_for_counts(pid, baseline)
+    threads, fds = process_counts(pid)
+    FAULT_FIGURES.append(
+        f"client left 3 downloads mid-way: proxy threads {baseline[0]} -> "
+        f"{threads}, descriptors {baseline[1]} -> {fds}"
+    )
+    assert state.client.get("/version")[0] == 200
+
+
+@pytest.mark.fault
+def test_upstream_closing_mid_response(card57, proxies, tmp_path, capsys):
+    server_pki = make_server_pki()
+    ident = make_identity()
+    listener, port = truncating_server(server_pki, ident.ca_cert)
+    kubeconfig = write_kubeconfig(
+        tmp_path / "k.yaml", ident, server=f"https://127.0.0.1:{port}"
+    )
+    doc = yaml.safe_load(kubeconfig.read_text())
+    doc["clusters"][0]["cluster"]["certificate-authority-data"] = b64(
+        pem(server_pki[0])
+    )
+    kubeconfig.write_text(yaml.safe_dump(doc))
+    try:
+        proxy = proxies.setup(
+            types.SimpleNamespace(kubeconfig=kubeconfig), tmp_path / "yk"
+        )
+        client = LocalClient(proxy)
+        pid = proxy.process.pid
+        conn = client.connection()
+        conn.request("GET", "/version")
+        response = conn.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead) as short:
+            response.read()
+        conn.close()
+        assert len(short.value.partial) == 400_000
+        baseline = process_counts(pid)
+        for _ in range(3):
+            with contextlib.suppress(http.client.IncompleteRead):
+                client.get("/version")
+        wait_for_counts(pid, baseline)
+        FAULT_FIGURES.append(
+            f"upstream hung up mid-response: client got "
+            f"{len(short.value.partial)} of 1000000 bytes, proxy "
+            f"threads/descriptors back to {process_counts(pid)}"
+        )
+    finally:
+        listener.close()
+
+
+@pytest.mark.fault
+def test_wrong_pin_file_costs_exactly_one_try(
+    cards, proxies, cluster, tmp_path, capsys
+):
+    piv = VirtualPiv(serial=10100010)
+    cards(piv)
+    pins = pin_file(tmp_path, "123456")
+    proxy = proxies.setup(
+        cluster,
+        tmp_path / "yk",
+        "--pin-policy",
+        "once",
+        "--pin-file",
+        str(pins),
+        proxy_extra=("--pin-file", str(pins)),
+    )
+    client = LocalClient(proxy)
+    assert client.get("/version")[0] == 200
+    pins.write_text("999999\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
+    tries = piv.pin_tries_left
+    answers = [client.get("/version") for _ in range(6)]
+    FAULT_FIGURES.append(
+        f"wrong PIN file, 6 requests: the card's tries went {tries} -> "
+        f"{piv.pin_tries_left}"
+    )
+    assert {status for status, _ in answers} == {503}
+    assert piv.pin_tries_left == tries - 1
+    assert json.loads(answers[-1][1])["message"] == (
+        "wrong PIN: the YubiKey has 2 tries left before it blocks the PIN; check the PIN "
+        "(or the PIN file) and try again (the proxy will not send it again: fix the PIN "
+        "or the PIN file, then reload the proxy with kill -HUP or 'systemctl --user "
+        "reload yubikey-kube-proxy', or restart it)"
+    )
+    pins.write_text("123456\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: proxy.stderr().count("reloading") == 2, 10, "the second reload")
+    assert client.get("/version")[0] == 200
+    assert piv.pin_tries_left == 3
+
+
+@pytest.mark.fault
+def test_touch_slow_and_never(cards, proxies, cluster, tmp_path, capsys):
+    touches = {"delay": 0.0, "given": True}
+
+    def touch(slot):
+        time.sleep(touches["delay"])
+        return touches["given"]
+
+    piv = VirtualPiv(serial=10200011, touch=touch)
+    cards(piv)
+    proxy = proxies.setup(cluster, tmp_path / "yk", "--touch-policy", "always")
+    client = LocalClient(proxy)
+    touches["delay"] = 1.5
+    assert client.get("/version")[0] == 200
+    assert "WARNING: touch your YubiKey (YubiKey serial 10200011" in proxy.stderr()
+    touches.update(delay=2.0, given=False)  # the card's wait runs out
+    results: list[tuple[int, bytes]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(client.get("/version")))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [status for status, _ in results] == [
+        503,
+        503,
+    ]  # both answered, one by one
+    assert json.loads(results[0][1])["message"] == (
+        "the YubiKey refused to sign with slot 9a: the PIN was not verified or the key "
+        "was not touched in time"
+    )
+    touches.update(delay=0.0, given=True)
+    assert client.get("/version")[0] == 200
 
 
 def test_sigterm_lets_an_open_request_finish(proxied, cluster):
@@ -11058,24 +11368,6 @@ def test_card_reset_by_another_program_is_recovered(proxied_rig, rig):
     assert statuses == [200, 200, 200]
 
 
-def test_insecure_skip_tls_verify_warns_at_start_and_in_status(
-    card57, clusters, proxies, tmp_path, capsys
-):
-    cluster = clusters(tmp_path, **{"insecure-skip-tls-verify": True})
-    doc = yaml.safe_load(cluster.kubeconfig.read_text())
-    del doc["clusters"][0]["cluster"]["certificate-authority-data"]
-    cluster.kubeconfig.write_text(yaml.safe_dump(doc))
-    proxy = proxies.setup(cluster, tmp_path / "yk")
-    done = kubectl(proxy, "get", "--raw", "/version")
-    assert done.returncode == 0, done.stderr
-    assert f"WARNING: {yk.INSECURE_WARNING}\n" in proxy.stderr()
-    code, stdout, _ = run_cli(
-        "status", "--kubeconfig", str(tmp_path / "yk" / "proxy.yml"), capsys=capsys
-    )
-    assert code == 0
-    assert stdout.endswith(f"warning: {yk.INSECURE_WARNING}\n")
-
-
 def test_reuse_while_present_one_signature_per_local_connection(
     cards, proxies, cluster, tmp_path, capsys
 ):
@@ -11109,1277 +11401,7 @@ def test_reuse_while_present_one_signature_per_local_connection(
     conn.close()
 
 
-# =============================================================================
-# Many clusters, every client, every desk: names, merge, the template unit,
-# Origin of non-browser clients, other platforms (faked), touch prompts, the CLI
-# =============================================================================
-
-
-def kubectl_with(kubeconfig: str, *args: str) -> subprocess.CompletedProcess:
-    """kubectl as a user runs it, KUBECONFIG from the environment."""
-    return subprocess.run(
-        ["kubectl", "--request-timeout", "30s", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "KUBECONFIG": kubeconfig},
-    )
-
-
-def whoami(kubeconfig: str, *args: str) -> str:
-    done = kubectl_with(kubeconfig, "auth", "whoami", "-o", "json", *args)
-    assert done.returncode == 0, done.stderr
-    review = json.loads(done.stdout)
-    assert review["kind"] == "SelfSubjectReview"
-    return review["status"]["userInfo"]["username"]
-
-
-def entry_names(doc: dict) -> list[list[str]]:
-    return [
-        [e["name"] for e in doc[kind]] for kind in ("clusters", "contexts", "users")
-    ]
-
-
-OTHER_KUBECONFIG = {
-    "apiVersion": "v1",
-    "kind": "Config",
-    "clusters": [
-        {"name": "other", "cluster": {"server": "https://other.example:6443"}}
-    ],
-    "contexts": [{"name": "other", "context": {"cluster": "other", "user": "other"}}],
-    "current-context": "other",
-    "users": [{"name": "other", "user": {"token": "other-token"}}],
-    "preferences": {},
-}
-
-
-def test_two_clusters_two_cards_merged_three_ways_each_its_own_identity(
-    cards, clusters, proxies, tmp_path, capsys, monkeypatch
-):
-    home = tmp_path / "home"
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("KUBECONFIG", raising=False)
-    config = home / ".kube" / "config"
-    config.parent.mkdir(parents=True)
-    original = yaml.safe_dump(OTHER_KUBECONFIG, sort_keys=False)
-    config.write_text(original)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    alpha = clusters(tmp_path / "a", subject="CN=alice,O=team-alpha")
-    beta = clusters(tmp_path / "b", subject="CN=bob,O=team-beta")
-    piv_a, piv_b = VirtualPiv(serial=11100001), VirtualPiv(serial=11100002)
-    cards(piv_a, 0), cards(piv_b, 1)
-    started: list[ProxyProcess] = []
-    port = free_port_pair()  # not 8080 and 8081: CI's machine may use them
-    # Both source kubeconfigs call their context 'default': --name tells them apart.
-    code, stdout, stderr = run_cli(
-        "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "alpha",
-        "--serial", "11100001", "--port", str(port), "--merge", capsys=capsys,
-    )  # fmt: skip
-    assert (code, stderr) == (0, "")
-    assert (
-        f"Merged context, cluster and user 'alpha' into {config} (current-context "
-        f"unchanged; a file that was there is kept as {config}.bak); "
-        "'yubikey-kube-proxy unmerge alpha' removes them.\n"
-    ) in stdout
-    after_alpha = config.read_text()
-    code, stdout, stderr = run_cli(
-        "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
-        "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
-        "--merge", str(config), "--use-context", capsys=capsys,
-    )  # fmt: skip
-    assert (code, stderr) == (0, "")
-    assert "  2. kubectl --context beta get nodes\n" in stdout
-    folders = {n: home / ".kube" / "yubikey" / n for n in ("alpha", "beta")}
-    servers = {
-        n: read_yaml(f / "client.yml")["clusters"][0]["cluster"]["server"]
-        for n, f in folders.items()
-    }
-    assert servers == {
-        "alpha": f"https://127.0.0.1:{port}",
-        "beta": f"https://127.0.0.1:{port + 1}",
-    }
-    # The merged kubeconfig: the other entries and their order kept, 0600, backup.
-    merged = read_yaml(config)
-    assert entry_names(merged) == [["other", "alpha", "beta"]] * 3
-    assert merged["current-context"] == "beta"
-    for kind in ("clusters", "contexts", "users"):
-        assert merged[kind][0] == OTHER_KUBECONFIG[kind][0]
-    client_beta = read_yaml(folders["beta"] / "client.yml")
-    for kind in ("clusters", "users"):
-        assert merged[kind][2] == client_beta[kind][0]
-    context = copy.deepcopy(client_beta["contexts"][0])
-    context["context"]["extensions"][0]["extension"].update(
-        {"previous-current-context": "other"}
-    )
-    assert merged["contexts"][2] == context
-    assert context["context"]["extensions"][0]["extension"] == {
-        "proxy-config": str(folders["beta"] / "proxy.yml"),
-        "previous-current-context": "other",
-    }
-    assert stat.S_IMODE(config.stat().st_mode) == 0o600
-    assert (home / ".kube" / "config.bak").read_text() == after_alpha
-    assert stat.S_IMODE((home / ".kube" / "config.bak").stat().st_mode) == 0o600
-    # status with a proxy.yml reports that proxy's card and slot only.
-    code, stdout, _ = run_cli(
-        "status", "--kubeconfig", str(folders["beta"] / "proxy.yml"), "--json",
-        capsys=capsys,
-    )  # fmt: skip
-    report = json.loads(stdout)["cards"]
-    assert code == 0
-    assert [(r["serial"], [s["slot"] for s in r["slots"]]) for r in report] == [
-        (11100002, ["9c"])
-    ]
-    assert report[0]["slots"][0]["certificate"]["subject"] == "CN=bob,O=team-beta"
-    signed = (piv_a.sign_count, piv_b.sign_count)
-    for name, listen in (("alpha", port), ("beta", port + 1)):
-        started.append(proxies(folders[name], "--listen", f"127.0.0.1:{listen}"))
-    sides = f"{folders['alpha'] / 'client.yml'}:{folders['beta'] / 'client.yml'}"
-    assert [
-        whoami(sides, "--context", "alpha"),  # 1. side files in KUBECONFIG
-        whoami(sides, "--context", "beta"),
-        whoami(sides),  # the first file's current-context
-        whoami(str(config), "--context", "alpha"),  # 2. merged, other entries
-        whoami(str(config)),  # 3. --use-context made beta current
-    ] == ["alice", "bob", "alice", "alice", "bob"]
-    reviews = {
-        name: [r.client_subject for r in api.requests if "selfsubjectreviews" in r.path]
-        for name, api in (("alpha", alpha.api), ("beta", beta.api))
-    }
-    assert reviews == {
-        "alpha": ["CN=alice,O=team-alpha"] * 3,
-        "beta": ["CN=bob,O=team-beta"] * 2,
-    }
-    assert (piv_a.sign_count - signed[0], piv_b.sign_count - signed[1]) == (
-        alpha.api.handshakes,
-        beta.api.handshakes,
-    )
-    for proxy in started:
-        proxy.stop()
-    # Merging again replaces the entries in place, keeps what --use-context
-    # replaced, and the same client.yml merged twice changes no byte.
-    code, _, stderr = run_cli(
-        "setup", "--kubeconfig", str(beta.kubeconfig), "--name", "beta",
-        "--serial", "11100002", "--slot", "9c", "--port", str(port + 1),
-        "--force", "--merge", "--use-context", capsys=capsys,
-    )  # fmt: skip
-    assert (code, stderr) == (0, "")
-    again = read_yaml(config)
-    assert entry_names(again) == [["other", "alpha", "beta"]] * 3
-    assert (
-        again["contexts"][2]["context"]["extensions"][0]["extension"][
-            "previous-current-context"
-        ]
-        == "other"
-    )
-    before = config.read_bytes()
-    yk.merge_client(config, read_yaml(folders["beta"] / "client.yml"), True)
-    assert config.read_bytes() == before
-    # An entry of that name that we did not write is never replaced.
-    signed = piv_a.sign_count
-    code, _, stderr = run_cli(
-        "setup", "--kubeconfig", str(alpha.kubeconfig), "--name", "other",
-        "--serial", "11100001", "--force", "--merge", capsys=capsys,
-    )  # fmt: skip
-    assert (code, stderr) == (
-        1,
-        f"yubikey-kube-proxy: error: {config} already has a cluster named 'other' "
-        "that yubikey-kube-proxy did not write: choose another --name\n",
-    )
-    assert config.read_bytes() == before and piv_a.sign_count == signed
-    assert not (home / ".kube" / "yubikey" / "other").exists()
-    # unmerge removes exactly what merge added.
-    for name in ("alpha", "beta"):
-        code, stdout, stderr = run_cli("unmerge", name, capsys=capsys)
-        assert (code, stderr) == (0, "")
-        assert stdout == (
-            f"Removed {name!r} (cluster, context, user) from {config} "
-            f"(the previous file is {config}.bak).\n"
-        )
-    assert config.read_text() == original
-    code, _, stderr = run_cli("unmerge", "beta", capsys=capsys)
-    assert (code, stderr) == (
-        1,
-        f"yubikey-kube-proxy: error: {config} has no context, cluster or user named "
-        "'beta' that yubikey-kube-proxy merged: check the name (kubectl config "
-        "get-contexts)\n",
-    )
-
-
-@pytest.mark.parametrize(
-    "context, name, shown",
-    [
-        ("arn:aws:eks:eu-west-1:123456789012:cluster/prod", None, "the context"),
-        ("default", "a b", "--name"),
-        ("default", "../escape", "--name"),
-    ],
-)
-def test_names_that_cannot_be_used_are_refused(
-    tmp_path, capsys, monkeypatch, context, name, shown
-):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
-    doc = read_yaml(source)
-    doc["contexts"][0]["name"] = doc["current-context"] = context
-    source.write_text(yaml.safe_dump(doc))
-    extra = ["--name", name] if name else []
-    code, _, stderr = run_cli(
-        "setup", "--kubeconfig", str(source), *extra, capsys=capsys
-    )
-    assert (code, stderr) == (
-        1,
-        f"yubikey-kube-proxy: error: {shown} {name or context!r} cannot name the "
-        "kubeconfig context and the folder ~/.kube/yubikey/NAME: pass --name with "
-        "letters, digits, '.', '_' and '-' (up to 63, starting with a letter or digit)\n",
-    )
-    assert not (tmp_path / "home").exists()
-
-
-@pytest.mark.parametrize(
-    "target, message",
-    [
-        (
-            "clusters: {}\n",
-            "kubeconfig {path}: clusters is a mapping, not a list: write a list (lines "
-            "starting with '- ')",
-        ),
-        (
-            "clusters: [\n",
-            "kubeconfig {path} is not valid YAML at line 2: fix or replace the file",
-        ),
-    ],
-)
-def test_merge_target_that_is_not_a_kubeconfig_is_refused_before_the_card(
-    tmp_path, capsys, monkeypatch, target, message
-):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    path = tmp_path / "first"
-    path.write_text(target)
-    monkeypatch.setenv("KUBECONFIG", f"{path}{os.pathsep}{tmp_path / 'second'}")
-    assert yk.merge_target("") == path  # --merge alone: $KUBECONFIG's first file
-    source = write_kubeconfig(tmp_path / "k3s.yaml", make_identity("p256"))
-    code, _, stderr = run_cli(
-        "setup", "--kubeconfig", str(source), "--merge", capsys=capsys
-    )
-    assert (code, stderr) == (
-        1,
-        f"yubikey-kube-proxy: error: {message.format(path=path)}\n",
-    )
-    assert path.read_text() == target and not (tmp_path / "home").exists()
-
-
-def test_default_port_is_the_first_no_other_proxy_yml_uses(tmp_path):
-    root = tmp_path / "yubikey"
-    for name, listen in (("a", "127.0.0.1:8080"), ("b", "127.0.0.1:8081")):
-        (root / name).mkdir(parents=True)
-        doc = yk.proxy_kubeconfig(
-            yk.KubeContext(
-                name,
-                yk.Named("c", {"server": "https://127.0.0.1:6443"}, root),
-                yk.Named("u", {}, root),
-                None,
-                {},
-                [],
-            ),
-            {"slot": "9a", "listen": listen},
-        )
-        (root / name / "proxy.yml").write_text(yaml.safe_dump(doc))
-    (root / "broken").mkdir()
-    (root / "broken" / "proxy.yml").write_text("clusters: [\n")  # skipped
-    assert yk.free_port_beside(root / "new") == 8082
-    assert yk.free_port_beside(root / "a") == 8080  # setup --force in its own folder
-
-
-def test_template_unit_verifies_and_runs_the_instance_named_proxy(tmp_path):
-    unit = (HERE / "yubikey-kube-proxy@.service").read_text()
-    directives = [line.strip() for line in unit.splitlines()]
-    single = (HERE / "yubikey-kube-proxy.service").read_text()
-    expected = (
-        "ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
-        "%h/.kube/yubikey/%i/proxy.yml"
-    )
-    assert expected in directives
-
-    # The same hardening as the single unit: only ExecStart, the comments and the
-    # description differ.
-    def body(text: str) -> list[str]:
-        return [
-            line
-            for line in text.splitlines()
-            if not line.startswith(("#", "ExecStart=", "Description="))
-        ]
-
-    assert body(unit) == body(single)
-    home, runtime = tmp_path / "home", tmp_path / "run"
-    (home / ".local" / "bin").mkdir(parents=True)
-    runtime.mkdir(mode=0o700)
-    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
-    shutil.copy(HERE / "yubikey-kube-proxy@.service", tmp_path)
-    shutil.copy(
-        HERE / "yubikey-kube-proxy@.service",
-        tmp_path / "yubikey-kube-proxy@dev.service",
-    )
-
-    def verify(name: str) -> tuple[int, str]:
-        done = subprocess.run(
-            ["systemd-analyze", "--user", "verify", str(tmp_path / name)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        return done.returncode, done.stderr
-
-    program = home / ".local" / "bin" / "yubikey-kube-proxy"
-    assert verify("yubikey-kube-proxy@dev.service") == (
-        1,
-        f"yubikey-kube-proxy@dev.service: Command {program} is not executable: "
-        "No such file or directory\n",
-    )  # verify really checks the instance
-    program.write_text("#!/bin/sh\n")
-    program.chmod(0o755)
-    assert verify("yubikey-kube-proxy@.service") == (0, "")
-    assert verify("yubikey-kube-proxy@dev.service") == (0, "")
-
-
-def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
-    card57, proxies, csr_cluster, tmp_path, capsys, monkeypatch
-):
-    home = tmp_path / "home"
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("KUBECONFIG", raising=False)
-    config = home / ".kube" / "config"
-    port = free_port_pair()
-    code, stdout, stderr = run_cli(
-        "enroll", "--kubeconfig", str(csr_cluster.kubeconfig), "--user", "alice",
-        "--group", "dev", "--approve", "--name", "dev-alice", "--port", str(port),
-        "--merge", "--use-context", "--allow-renew", capsys=capsys,
-    )  # fmt: skip
-    assert (code, stderr) == (0, "")
-    # On a real cluster alice may approve only when an admin made her an approver.
-    grant_as_admin(csr_cluster, "alice", "csr-approver", APPROVER_RULES)
-    folder = home / ".kube" / "yubikey" / "dev-alice"
-    assert stdout.endswith(
-        f"Wrote {folder / 'proxy.yml'} and {folder / 'client.yml'}; next: "
-        f"yubikey-kube-proxy proxy --kubeconfig {folder / 'proxy.yml'}\n"
-        f"Merged context, cluster and user 'dev-alice' into {config} (current-context "
-        f"is now 'dev-alice'; a file that was there is kept as {config}.bak); "
-        "'yubikey-kube-proxy unmerge dev-alice' removes them.\n"
-    )
-    merged = read_yaml(config)
-    assert (entry_names(merged), merged["current-context"]) == (
-        [["dev-alice"]] * 3,
-        "dev-alice",
-    )
-    assert not (home / ".kube" / "config.bak").exists()  # there was no file before
-    first = slot_certificate(card57)
-    proxy = proxies(folder, "--listen", f"127.0.0.1:{port}")
-    assert whoami(str(config)) == "alice"
-    # renew finds the proxy.yml that the merged context names.
-    code, stdout, stderr = run_cli(
-        "renew", "--approve", "--expiration", "3h", capsys=capsys
-    )
-    assert (code, stderr) == (0, ""), stdout
-    assert len(csr_cluster.api.csrs) == 2
-    assert slot_certificate(card57).serial_number != first.serial_number
-    assert whoami(str(config)) == "alice"  # the running proxy uses the new one
-    proxy.stop()
-    code, _, stderr = run_cli("unmerge", "dev-alice", capsys=capsys)
-    assert (code, stderr) == (0, "")
-    assert read_yaml(config) == {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [],
-        "contexts": [],
-        "users": [],
-    }
-
-
-@pytest.mark.parametrize(
-    "platform, environment, shell",
-    [
-        ("linux", {"SHELL": "/bin/zsh", "COMSPEC": "x"}, "/bin/zsh"),
-        ("linux", {}, "/bin/sh"),
-        ("darwin", {"SHELL": "/bin/zsh"}, "/bin/zsh"),
-        (
-            "win32",
-            {"SHELL": "/bin/zsh", "COMSPEC": "C:\\Windows\\cmd.exe"},
-            "C:\\Windows\\cmd.exe",
-        ),
-        ("win32", {}, "cmd.exe"),
-    ],
-)
-def test_shell_starts_the_platforms_shell(monkeypatch, platform, environment, shell):
-    monkeypatch.setattr(yk, "host_platform", lambda: platform)
-    for name in ("SHELL", "COMSPEC"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    assert yk.default_shell() == shell
-
-
-# -- Origin: non-browser clients may name the proxy's own listener -------------------
-
-
-@pytest.mark.parametrize(
-    "headers, refusal",
-    [
-        ("Origin: https://127.0.0.1:{port}\r\n", None),
-        ("Origin: https://localhost:{port}\r\n", None),
-        ("Origin: HTTPS://[::1]:{port}\r\n", None),
-        (
-            "Origin: http://127.0.0.1:{port}\r\n",
-            "refused: Origin 'http://127.0.0.1:{port}' is not this proxy's own "
-            "(requests from web browsers are not relayed)",
-        ),
-        (
-            "Origin: https://127.0.0.1:{other}\r\n",
-            "refused: Origin 'https://127.0.0.1:{other}' is not this proxy's own "
-            "(requests from web browsers are not relayed)",
-        ),
-        (
-            "Origin: https://127.0.0.1.evil.example:{port}\r\n",
-            "refused: Origin 'https://127.0.0.1.evil.example:{port}' is not this "
-            "proxy's own (requests from web browsers are not relayed)",
-        ),
-        (
-            "Origin: null\r\n",
-            "refused: Origin 'null' is not this proxy's own (requests from web "
-            "browsers are not relayed)",
-        ),
-        (
-            "Origin: https://127.0.0.1:{port}\r\nOrigin: https://127.0.0.1:{port}\r\n",
-            "refused: Origin 'https://127.0.0.1:{port}, https://127.0.0.1:{port}' is "
-            "not this proxy's own (requests from web browsers are not relayed)",
-        ),
-        (
-            "Origin: https://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n",
-            "refused: requests from web browsers are not relayed",
-        ),
-        (
-            "Sec-Fetch-Dest: websocket\r\n",
-            "refused: requests from web browsers are not relayed",
-        ),
-    ],
-    ids=[
-        "own-ip",
-        "own-localhost",
-        "own-ipv6",
-        "wrong-scheme",
-        "wrong-port",
-        "other-host",
-        "null",
-        "two-origins",
-        "own-with-sec-fetch",
-        "sec-fetch-only",
-    ],
-)
-def test_origin_of_the_proxy_itself_is_relayed_all_else_refused_and_logged(
-    proxied, cluster, card57, headers, refusal
-):
-    signed = card57.sign_count
-    fill = {"port": proxied.port, "other": proxied.port + 1}
-    raw = f"GET /version HTTP/1.1\r\nHost: 127.0.0.1:{{port}}\r\n{headers}"
-    raw += "Connection: close\r\n\r\n"
-    status, body = response_status_and_body(
-        local_request(proxied, raw.format(**fill).encode())
-    )
-    if refusal is None:
-        assert (status, body["gitVersion"]) == ("HTTP/1.1 200 OK", "v1.32.0")
-        assert card57.sign_count == signed + 1
-        assert [r.headers["origin"] for r in cluster.api.requests] == [
-            headers.split(": ", 1)[1].strip().format(**fill)
-        ]
-        return
-    message = refusal.format(**fill)
-    assert (status, body["message"], body["code"]) == (
-        "HTTP/1.1 403 Forbidden",
-        message,
-        403,
-    )
-    assert card57.sign_count == signed and cluster.api.requests == []
-    wait_until(lambda: message in proxied.stderr(), 10, "the refusal in the log")
-    assert f"yubikey-kube-proxy: WARNING: GET /version: {message}\n" in proxied.stderr()
-
-
-def test_official_python_client_lists_watches_execs_and_port_forwards(
-    proxied, cluster, card57
-):
-    from kubernetes import client, config, watch
-    from kubernetes.stream import portforward, stream
-
-    configuration = client.Configuration()
-    config.load_kube_config(
-        config_file=str(proxied.client_config), client_configuration=configuration
-    )
-    core = client.CoreV1Api(client.ApiClient(configuration))
-    cluster.api.add_pod("shell", namespace="team-a")
-    assert [p.metadata.name for p in core.list_namespaced_pod("team-a").items] == [
-        "shell"
-    ]
-    seen = []
-    watcher = watch.Watch()
-    for event in watcher.stream(core.list_namespaced_pod, "team-a", timeout_seconds=30):
-        seen.append((event["type"], event["object"].metadata.name))
-        if seen == [("ADDED", "shell")]:
-            cluster.api.add_pod("web", namespace="team-a")
-        if len(seen) == 2:
-            watcher.stop()
-    assert seen == [("ADDED", "shell"), ("ADDED", "web")]
-    output = stream(
-        core.connect_get_namespaced_pod_exec,
-        "shell",
-        "team-a",
-        command=["echo", "hello", "from", "the", "card"],
-        stderr=True,
-        stdin=False,
-        stdout=True,
-        tty=False,
-    )
-    assert output == "hello from the card\n"
-    forward = portforward(
-        core.connect_get_namespaced_pod_portforward, "shell", "team-a", ports="8080"
-    )
-    sock = forward.socket(8080)
-    sock.setblocking(True)
-    payload = bytes(range(256)) * 1024 + b"end"
-    sock.sendall(payload)
-    echoed = bytearray()
-    while len(echoed) < len(payload):
-        chunk = sock.recv(65536)
-        assert chunk, "the port-forward closed early"
-        echoed += chunk
-    assert bytes(echoed) == payload
-    sock.close()
-    forward.close()
-    upgrades = [r for r in cluster.api.requests if r.headers.get("upgrade")]
-    assert [(r.path.split("?")[0], r.headers["origin"]) for r in upgrades] == [
-        (
-            f"/api/v1/namespaces/team-a/pods/shell/{sub}",
-            f"https://127.0.0.1:{proxied.port}",
-        )
-        for sub in ("exec", "portforward")
-    ]
-    assert cluster.api.exec_sessions == [
-        ("websocket", "v5.channel.k8s.io"),
-        ("portforward", "v4.channel.k8s.io"),
-    ]
-    assert "refused" not in proxied.stderr()
-
-
-# -- other platforms, faked at the boundary (host_platform, missing os/signal names) --
-
-
-@pytest.mark.parametrize(
-    "platform, error, message",
-    [
-        (
-            "linux",
-            yk.CardError,
-            "cannot reach the PC/SC daemon (pcscd): start it with 'sudo systemctl start "
-            "pcscd.socket' (or install the pcscd package)",
-        ),
-        (
-            "darwin",
-            yk.TransientCardError,
-            "the macOS smart card service is not available: plug the YubiKey in (macOS "
-            "starts the service when a reader appears) and try again",
-        ),
-        (
-            "win32",
-            yk.CardError,
-            "the Windows Smart Card service is not running: insert the YubiKey, or start "
-            "the 'Smart Card' service (services.msc) and try again",
-        ),
-    ],
-)
-def test_pcsc_service_advice_fits_the_platform(monkeypatch, platform, error, message):
-    monkeypatch.setattr(yk, "host_platform", lambda: platform)
-    got = yk.pcsc_error(yk.SCARD_E_NO_SERVICE)
-    assert (type(got), str(got)) == (error, message)
-
-
-def test_no_service_mid_session_is_retried_once_on_macos_only(card57, monkeypatch):
-    card = yk.open_card()
-    real = yk.PcscTransport.transmit
-    failures = {"left": 0, "raised": 0}
-
-    def flaky(self, apdu):
-        if failures["left"]:
-            failures["left"] -= 1
-            failures["raised"] += 1
-            raise yk.pcsc_error(yk.SCARD_E_NO_SERVICE, self.reader)
-        return real(self, apdu)
-
-    monkeypatch.setattr(yk.PcscTransport, "transmit", flaky)
-    try:
-        for platform, fail, outcome in (
-            ("darwin", 1, 31000001),  # spurious on macOS: one retry and it works
-            ("darwin", 5, yk.TransientCardError),  # still failing: only one retry
-            ("linux", 1, yk.CardError),  # pcscd gone: said at once
-        ):
-            monkeypatch.setattr(yk, "host_platform", lambda platform=platform: platform)
-            failures.update(left=fail, raised=0)
-            if isinstance(outcome, int):
-                assert card.run(lambda piv: piv.get_serial()) == outcome
-            else:
-                with pytest.raises(yk.CardError) as caught:
-                    card.run(lambda piv: piv.get_serial())
-                assert type(caught.value) is outcome
-            assert failures["raised"] == min(fail, 2 if platform == "darwin" else 1)
-    finally:
-        card.close()
-
-
-def test_signals_without_sighup_as_on_windows(monkeypatch):
-    class StubServer:
-        def serve_forever(self):
-            self.during = {
-                s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)
-            }
-
-        def server_close(self):
-            pass
-
-        def wait_idle(self, timeout):
-            return True
-
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    monkeypatch.delattr(signal, "SIGHUP")
-    server = StubServer()
-    yk.serve_until_signal(server, None, None)
-    assert all(server.during[s] is not before[s] for s in before)  # ours while serving
-    assert {s: signal.getsignal(s) for s in before} == before  # given back
-
-
-@pytest.mark.parametrize(
-    "platform, hint, mode_warning",
-    [
-        (
-            "linux",
-            "reload the proxy with kill -HUP or 'systemctl --user reload "
-            "yubikey-kube-proxy', or restart it",
-            True,
-        ),
-        ("darwin", "reload the proxy with kill -HUP, or restart it", True),
-        ("win32", "restart the proxy", False),
-    ],
-)
-def test_pin_advice_and_file_modes_fit_the_platform(
-    tmp_path, capsys, monkeypatch, platform, hint, mode_warning
-):
-    monkeypatch.setattr(yk, "host_platform", lambda: platform)
-    yk.configure_logging(0)
-    pins = tmp_path / "pin"
-    pins.write_text("654321\n")
-    pins.chmod(0o644)
-
-    class StubPiv:
-        wrong = False
-
-        def attested_policies(self, slot):
-            return None  # a card that cannot attest
-
-        def verify_pin(self, pin):
-            assert pin == "654321"
-            if self.wrong:
-                raise yk.PinError("wrong PIN: the YubiKey has 2 tries left", 2)
-
-    piv = StubPiv()
-    card = types.SimpleNamespace(info=None, run=lambda operation: operation(piv))
-    settings = types.SimpleNamespace(slot=yk.SLOTS["9a"])
-    args = types.SimpleNamespace(pin_file=str(pins), notify=False)
-    signer = yk.card_signer(card, settings, args, make_identity("p256").cert, None)
-    piv.wrong = True
-    with pytest.raises(yk.PinError):
-        yk.ensure_pin(piv, yk.PinPolicy.ALWAYS, signer.pins)
-    with pytest.raises(yk.PinError) as caught:  # what the next requests are told
-        signer.pins.get()
-    assert str(caught.value) == (
-        "wrong PIN: the YubiKey has 2 tries left (the proxy will not send it again: "
-        f"fix the PIN or the PIN file, then {hint})"
-    )
-    warning = (
-        f"yubikey-kube-proxy: WARNING: the PIN file {pins} is readable by others: "
-        "chmod 600 it\n"
-    )
-    assert capsys.readouterr().err == (warning if mode_warning else "")
-
-
-def test_local_tls_without_memfd_uses_a_private_temporary_folder(tmp_path, monkeypatch):
-    import tempfile
-
-    pki = yk.make_local_pki()
-    monkeypatch.delattr(os, "memfd_create")  # macOS and Windows have none
-    temporary = tmp_path / "temporary"
-    temporary.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
-    server_context = yk.LocalTls(pki.server_cert, pki.server_key, pki.ca_cert).context()
-    assert list(temporary.iterdir()) == []  # the key did not stay on disk
-    client_context = ssl.create_default_context(cadata=pki.ca_cert.decode())
-    bundle = tmp_path / "client.pem"
-    bundle.write_bytes(pki.client_cert + pki.client_key)
-    client_context.load_cert_chain(bundle)
-    left, right = socket.socketpair()
-    answers = []
-
-    def serve():
-        with server_context.wrap_socket(left, server_side=True) as tls:
-            answers.append(tls.getpeercert()["subject"])
-            tls.sendall(b"hello")
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    with client_context.wrap_socket(right, server_hostname="localhost") as tls:
-        assert tls.recv(5) == b"hello"
-    thread.join(10)
-    assert answers and answers[0]
-
-
-def fake_programs(folder: Path, *names: str) -> Path:
-    """Programs that record their arguments (NUL-separated) in folder/NAME.calls."""
-    folder.mkdir(exist_ok=True)
-    for name in names:
-        program = folder / name
-        program.write_text(
-            f"#!/bin/sh\nprintf '%s\\0' \"${{0##*/}}\" \"$@\" >> '{folder / name}.calls'\n"
-        )
-        program.chmod(0o755)
-    return folder
-
-
-def recorded_calls(folder: Path, name: str) -> list[str]:
-    path = folder / f"{name}.calls"
-    return path.read_text().split("\0")[:-1] if path.exists() else []
-
-
-@pytest.mark.parametrize("platform", ["linux", "darwin", "win32"])
-def test_notifications_fit_the_platform(tmp_path, capsys, monkeypatch, platform):
-    monkeypatch.setattr(yk, "host_platform", lambda: platform)
-    yk.configure_logging(0)
-    tools = fake_programs(tmp_path / "bin", "notify-send", "osascript")
-    monkeypatch.setenv("PATH", str(tools))
-    info = yk.CardInfo("Reader 00 00", 123, (5, 7, 1))
-    card = types.SimpleNamespace(info=info, reader="Reader 00 00")
-    signer = yk.CardSigner(
-        card,
-        yk.SLOTS["9a"],
-        yk.KeyAlgorithm.ECCP256,
-        yk.PinPolicy.NEVER,
-        yk.PinSource(),
-        yk.TouchPolicy.ALWAYS,
-        notify=True,
-    )
-    yk.check_notify(True)
-    signer.remind()
-    message = f"touch your YubiKey ({info.describe()}) to approve a kubectl request"
-    expected = {
-        "linux": (["notify-send", "-u", "critical", "yubikey-kube-proxy", message], []),
-        "darwin": (
-            [],
-            [
-                "osascript",
-                "-e",
-                "on run argv\ndisplay notification (item 1 of argv) with title "
-                '"yubikey-kube-proxy"\nend run',
-                message,
-            ],
-        ),
-        "win32": ([], []),
-    }[platform]
-    assert (
-        recorded_calls(tools, "notify-send"),
-        recorded_calls(tools, "osascript"),
-    ) == expected
-    start = (
-        "yubikey-kube-proxy: WARNING: --notify: Windows notifications are not "
-        "supported, so touch prompts only go to this log: fix that or drop --notify\n"
-        if platform == "win32"
-        else ""
-    )
-    assert capsys.readouterr().err == (
-        f"{start}yubikey-kube-proxy: WARNING: {message}\n"
-    )
-    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
-    yk.check_notify(True)
-    yk.check_notify(False)
-    reason = {
-        "linux": "notify-send was not found (Debian and Ubuntu: install libnotify-bin)",
-        "darwin": "osascript was not found",
-        "win32": "Windows notifications are not supported",
-    }[platform]
-    assert capsys.readouterr().err == (
-        f"yubikey-kube-proxy: WARNING: --notify: {reason}, so touch prompts only go "
-        "to this log: fix that or drop --notify\n"
-    )
-
-
-# -- touch prompts reach the person; the command line --------------------------------
-
-
-def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
-    cards, cluster, tmp_path, capsys
-):
-    import shlex
-
-    prompted = threading.Event()
-    waiting = {"on": False}
-
-    def touch(slot):
-        return prompted.wait(60) if waiting["on"] else True
-
-    piv = VirtualPiv(serial=11100003, touch=touch)
-    cards(piv)
-    out = tmp_path / "yk"
-    assert (
-        run_cli(
-            *setup_args(cluster.kubeconfig, out, "--touch-policy", "always"),
-            capsys=capsys,
-        )[0]
-        == 0
-    )
-    waiting["on"] = True
-    tools = fake_programs(tmp_path / "bin", "notify-send")
-    command = shlex.join(
-        [
-            sys.executable, str(HERE / "yk_kube_proxy.py"), "shell", "--notify",
-            "--kubeconfig", str(out / "proxy.yml"), "--", "kubectl", "get",
-            "--raw", "/version", "--request-timeout", "60s",
-        ]
-    )  # fmt: skip
-    err = tmp_path / "shell.err"
-    terminal = subprocess.Popen(  # a pseudo-terminal, as a person's
-        ["script", "-qefc", f"{command} 2>{shlex.quote(str(err))}", "/dev/null"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"},
-    )
-    shown = bytearray()
-
-    def read():
-        while chunk := os.read(terminal.stdout.fileno(), 65536):
-            shown.extend(chunk)
-            if b"to approve a kubectl request" in shown:
-                prompted.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    assert terminal.wait(120) == 0, (bytes(shown), err.read_text())
-    reader.join(10)
-    terminal.stdin.close()
-    message = (
-        "touch your YubiKey (YubiKey serial 11100003 (firmware 5.7.1) in reader "
-        f"'{YUBIKEY_READER} 00 00') to approve a kubectl request"
-    )
-    text = shown.decode(errors="replace")
-    assert f"yubikey-kube-proxy: {message}\r\n" in text
-    assert '"gitVersion":"v1.32.0"' in text
-    assert "touch your YubiKey" not in err.read_text()  # the terminal, not the log
-    assert recorded_calls(tools, "notify-send") == [
-        "notify-send",
-        "-u",
-        "critical",
-        "yubikey-kube-proxy",
-        message,
-    ]
-
-
-def test_proxy_says_at_start_when_notify_cannot_notify(
-    card57, proxies, cluster, tmp_path, capsys
-):
-    assert (
-        run_cli(*setup_args(cluster.kubeconfig, tmp_path / "yk"), capsys=capsys)[0] == 0
-    )
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    proxy = proxies(tmp_path / "yk", "--notify", env={**os.environ, "PATH": str(empty)})
-    assert proxy.stderr().startswith(
-        "yubikey-kube-proxy: WARNING: --notify: notify-send was not found (Debian "
-        "and Ubuntu: install libnotify-bin), so touch prompts only go to this log: "
-        "fix that or drop --notify\n"
-    )
-
-
-def test_verbose_before_or_after_the_command(tmp_path, capsys):
-    import logging
-
-    missing = tmp_path / "none.yml"
-    error = (
-        f"yubikey-kube-proxy: error: {missing} does not exist: pass the merged file "
-        "with --kubeconfig\n"
-    )
-    for argv, verbose in (
-        (["unmerge", "x", "--kubeconfig", str(missing)], False),
-        (["-v", "unmerge", "x", "--kubeconfig", str(missing)], True),
-        (["unmerge", "x", "--kubeconfig", str(missing), "-v"], True),
-    ):
-        code, _, stderr = run_cli(*argv, capsys=capsys)
-        assert code == 1 and stderr.endswith(error)
-        assert ("Traceback" in stderr) == verbose
-        assert yk.log.level == (logging.INFO if verbose else logging.WARNING)
-    run_cli("-v", "unmerge", "x", "--kubeconfig", str(missing), "-v", capsys=capsys)
-    assert yk.log.level == logging.DEBUG  # the two add up
-    yk.configure_logging(0)
-
-
-# =============================================================================
-# Benchmark (python -m pytest -m bench -s): figures side by side, no assertions on time
-# =============================================================================
-
-BENCH_RUNS = 30
-BENCH_KINDS = {"p256": ALG_ECCP256, "rsa2048": ALG_RSA2048}
-
-
-def real_card(piv: VirtualPiv, on: bool = True) -> None:
-    """Make the virtual card as slow as a YubiKey 5 (REAL_CARD_TIMINGS), or instant."""
-    piv.apdu_delay = REAL_CARD_TIMINGS["apdu_delay"] if on else 0.0
-    piv.verify_delay = REAL_CARD_TIMINGS["verify_delay"] if on else 0.0
-    piv.sign_delays = dict(REAL_CARD_TIMINGS["sign_delays"]) if on else {}
-
-
-def versus(measured: float, limit: float, unit: str, higher: bool = False) -> str:
-    """``measured`` next to its target, and whether it was met."""
-    met = measured >= limit if higher else measured <= limit
-    sign = ">=" if higher else "<="
-    return f"target {sign} {limit:.4g}{unit}: {'met' if met else 'MISSED'}"
-
-
-class DirectClient:
-    """The baseline: stdlib ssl straight to the API server, the key on disk."""
-
-    def __init__(self, cluster: Cluster, workdir: Path) -> None:
-        self.context = ssl.create_default_context(
-            cadata=pem(cluster.server_ca).decode()
-        )
-        bundle = workdir / "direct-client.pem"
-        bundle.write_bytes(pem(cluster.ident.cert) + pem(cluster.ident.key))
-        self.context.load_cert_chain(bundle)
-        self.port = cluster.api.port
-
-    def connection(self) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection(
-            "127.0.0.1", self.port, context=self.context, timeout=120
-        )
-
-    get = LocalClient.get
-
-
-def timings(action, runs: int = BENCH_RUNS) -> list[float]:
-    result = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        action()
-        result.append(time.perf_counter() - started)
-    return result
-
-
-def med(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
-def p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
-
-
-def download(client, size: int) -> float:
-    """MB/s of one download of ``size`` bytes, read in 64 KB pieces."""
-    conn = client.connection()
-    started = time.perf_counter()
-    conn.request("GET", f"/bytes?n={size}")
-    response = conn.getresponse()
-    received = 0
-    while data := response.read(65536):
-        received += len(data)
-    elapsed = time.perf_counter() - started
-    conn.close()
-    assert received == size
-    return size / elapsed / 1e6
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
-def parallel(client, clients: int = 8, each: int = 10) -> tuple[float, list[float]]:
-    latencies: list[float] = []
-
-    def worker() -> None:
-        latencies.extend(timings(lambda: client.get("/version"), each))
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return clients * each / (time.perf_counter() - started), latencies
-
-
-def kubectl_wall(config: Path, cache: Path | None, runs: int = 5) -> list[float]:
-    def run() -> None:
-        cache_dir = cache or Path(tempfile_dir())
-        done = subprocess.run(
-            [
-                "kubectl",
-                "--kubeconfig",
-                str(config),
-                "--cache-dir",
-                str(cache_dir),
-                "get",
-                "pods",
-            ],
-            capture_output=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-
-    return timings(run, runs)
-
-
-def tempfile_dir() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="kubectl-cache-")
-
-
-@pytest.mark.bench
-def test_benchmark(rig, tmp_path):
-    rows: list[str] = []
-    for kind in BENCH_KINDS:
-        rows += bench_latency(rig, tmp_path / kind, kind)
-    rows += bench_transfer_kubectl_memory(rig, tmp_path / "more")
-    rows += bench_presence(rig, tmp_path / "presence")
-    sign_ms = {k: v * 1000 for k, v in REAL_CARD_TIMINGS["sign_delays"].items()}
-    print(
-        "\n".join(
-            [
-                "",
-                "=" * 78,
-                "yubikey-kube-proxy benchmark (median / p90 of "
-                f"{BENCH_RUNS} runs unless noted)",
-                f"real card: {REAL_CARD_TIMINGS['apdu_delay'] * 1000:.1f} ms per APDU, "
-                f"VERIFY {REAL_CARD_TIMINGS['verify_delay'] * 1000:.0f} ms, P-256 "
-                f"{sign_ms[ALG_ECCP256]:.0f} ms, P-384 {sign_ms[ALG_ECCP384]:.0f} ms, "
-                f"RSA-2048 {sign_ms[ALG_RSA2048]:.0f} ms",
-                f"machine: {os.cpu_count()} cores, load average "
-                + " ".join(f"{x:.1f}" for x in os.getloadavg()),
-                "=" * 78,
-                *rows,
-            ]
-        )
-    )
-
-
-def bench_latency(rig, workdir: Path, kind: str) -> list[str]:
-    workdir.mkdir()
-    piv = VirtualPiv(serial=20000000 + len(kind))
-    inserted = rig.insert(piv)
-    cluster = start_cluster(workdir, kind=kind)
-    proxy = setup_and_proxy(cluster, workdir / "yk")
-    try:
-        direct, local = DirectClient(cluster, workdir), LocalClient(proxy)
-        a = timings(lambda: direct.get("/version"))
-        b = timings(lambda: local.get("/version"))
-        real_card(piv)
-        c = timings(lambda: local.get("/version"))
-        real_card(piv, False)
-        rps_fast, lat_fast = parallel(local)
-        real_card(piv)
-        rps_slow, lat_slow = parallel(local)
-        real_card(piv, False)
-        card_s = REAL_CARD_TIMINGS["sign_delays"][BENCH_KINDS[kind]]
-        card_ms, ceiling = card_s * 1000, 1 / card_s
-        own = (med(b) - med(a)) * 1000
-        return [
-            f"-- {kind}: one request per fresh connection (GET /version), fresh mode",
-            f"  (a) direct, key on disk, stdlib ssl  {med(a) * 1000:7.2f} / "
-            f"{p90(a) * 1000:7.2f} ms",
-            f"  (b) proxy, instant card              {med(b) * 1000:7.2f} / "
-            f"{p90(b) * 1000:7.2f} ms",
-            f"  (c) proxy, real card, {card_ms:3.0f} ms         {med(c) * 1000:7.2f} / "
-            f"{p90(c) * 1000:7.2f} ms",
-            f"  proxy's own cost (b)-(a)             {own:7.2f} ms  "
-            + versus(own, 4, " ms"),
-            f"  what a user feels (c)/((a)+card)     "
-            f"{med(c) / (med(a) + card_s):7.2f} x",
-            f"  8 clients x 10 requests, instant card {rps_fast:6.1f} req/s, p90 "
-            f"{p90(lat_fast) * 1000:.1f} ms",
-            f"  8 clients x 10 requests, real card   {rps_slow:6.1f} req/s "
-            f"({rps_slow / ceiling:.0%} of the card's {ceiling:.1f}/s), p90 "
-            f"{p90(lat_slow) * 1000:.1f} ms",
-        ]
-    finally:
-        proxy.stop()
-        cluster.api.stop()
-        rig.remove(inserted)
-
-
-def bench_transfer_kubectl_memory(rig, workdir: Path) -> list[str]:
-    workdir.mkdir()
-    piv = VirtualPiv(serial=20000099)
-    inserted = rig.insert(piv)
-    cluster = start_cluster(workdir)
-    proxy = setup_and_proxy(cluster, workdir / "yk")
-    reuse = ProxyProcess(workdir / "yk", "--reuse-while-present")
-    try:
-        rows = ["-- throughput (median of 3 downloads), fresh mode"]
-        direct, local = DirectClient(cluster, workdir), LocalClient(proxy)
-        idle = (local.get("/version"), peak_rss_mb(proxy.process.pid))[1]
-        for size in (20_000_000, 200_000_000):
-            d = med([download(direct, size) for _ in range(3)])
-            p = med([download(local, size) for _ in range(3)])
-            rows.append(
-                f"  {size // 1_000_000:3d} MB: direct {d:7.1f} MB/s, proxy {p:7.1f} "
-                f"MB/s ({p / d:.0%} of direct)  " + versus(p / d, 0.6, "", True)
-            )
-        rows.append(
-            f"-- proxy peak RSS: idle {idle:.1f} MB, after the 200 MB downloads "
-            f"{peak_rss_mb(proxy.process.pid):.1f} MB"
-        )
-        rows += bench_kubectl(cluster, piv, proxy, reuse, workdir)
-        return rows
-    finally:
-        reuse.stop()
-        proxy.stop()
-        cluster.api.stop()
-        rig.remove(inserted)
-
-
-def bench_kubectl(cluster, piv, proxy, reuse, workdir: Path) -> list[str]:
-    rows = [
-        "-- kubectl get pods wall time (median / p90 of 5; cold = empty discovery cache)"
-    ]
-    warm = workdir / "warm-cache"
-    direct: dict[str, float] = {}
-    for temperature, cache in (("cold", None), ("warm", warm / "direct")):
-        if cache:
-            kubectl_wall(cluster.kubeconfig, cache, 1)
-        walls = kubectl_wall(cluster.kubeconfig, cache)
-        direct[temperature] = med(walls)
-        rows.append(
-            f"  direct, key on disk           {temperature} {med(walls) * 1000:6.0f} / "
-            f"{p90(walls) * 1000:6.0f} ms"
-        )
-    real_card(piv)
-    one_signature = REAL_CARD_TIMINGS["sign_delays"][ALG_ECCP256]
-    limits = {
-        "cold": (direct["cold"] + one_signature) * 1.15,
-        "warm": direct["warm"] * 1.2,
-    }
-    for label, process in (("fresh mode", proxy), ("pool mode", reuse)):
-        for temperature, cache in (("cold", None), ("warm", warm / label[:5])):
-            if cache:
-                kubectl_wall(process.client_config, cache, 1)
-            before = piv.sign_count
-            walls = kubectl_wall(process.client_config, cache)
-            signatures = (piv.sign_count - before) / len(walls)
-            target = (
-                "  " + versus(med(walls) * 1000, limits[temperature] * 1000, " ms")
-                if label == "pool mode"
-                else ""
-            )
-            rows.append(
-                f"  real card, {label:18s} {temperature} {med(walls) * 1000:6.0f} / "
-                f"{p90(walls) * 1000:6.0f} ms, {signatures:3.1f} signatures per "
-                f"command{target}"
-            )
-    real_card(piv, False)
-    return rows
-
-
-def bench_presence(rig, workdir: Path) -> list[str]:
-    """A k9s-like load in pool mode, then a pull with three streams open."""
-    workdir.mkdir()
-    piv = VirtualPiv(serial=20000100, **REAL_CARD_TIMINGS)
-    inserted = rig.insert(piv)
-    cluster = start_cluster(workdir)
-    proxy = setup_and_proxy(
-        cluster, workdir / "yk", proxy_extra=["--reuse-while-present"]
-    )
-    try:
-        rows = bench_k9s_like(cluster, piv, proxy, workdir)
-        streams = open_streams(proxy, cluster)
-        try:
-            seen = len(cluster.api.hangups)  # the k9s-like watches' ends
-            pulled = time.monotonic()
-            inserted.remove()
-            hangups = cluster.api.wait_hangups(seen + 3)[seen:]
-            closed = max(t for _, t in hangups) - pulled
-            started = time.perf_counter()
-            status, _ = LocalClient(proxy).get("/version")
-            refused = time.perf_counter() - started
-        finally:
-            stop_all(streams)
-        assert status == 503
-        return rows + [
-            "-- the card pulled with a watch, a logs -f and an exec -i open (pool mode)",
-            f"  all three upstream connections closed {closed * 1000:6.0f} ms after the "
-            "pull  " + versus(closed * 1000, 1000, " ms"),
-            f"  the next request refused (503)        {refused * 1000:6.1f} ms  "
-            + versus(refused * 1000, 100, " ms"),
-        ]
-    finally:
-        proxy.stop()
-        cluster.api.stop()
-        if inserted.inserted:
-            rig.remove(inserted)
-
-
-def bench_k9s_like(cluster, piv, proxy, workdir: Path) -> list[str]:
-    """3 watches and a list every 2 s for 30 s; each list side by side with a
-    direct one (key on disk) run just before it."""
-    cache = workdir / "cache"
-    for config, name in (
-        (cluster.kubeconfig, "direct"),
-        (proxy.client_config, "proxy"),
-    ):
-        kubectl_wall(config, cache / name, 1)
-    base = ["kubectl", "--kubeconfig", str(proxy.client_config), "get", "pods"]
-    before, opened = piv.sign_count, len(cluster.api.requests)
-    watches = [
-        subprocess.Popen(base + ["-w", "-A"], stdout=subprocess.DEVNULL)
-        for _ in range(3)
-    ]
-    ratios = []
-    try:
-        wait_until(
-            lambda: (
-                sum("watch=" in r["path"] for r in cluster.api.requests[opened:]) == 3
-            ),
-            60,
-            "the three watches",
-        )
-        ends = time.monotonic() + 30
-        while time.monotonic() < ends:
-            tick = time.monotonic()
-            direct = kubectl_wall(cluster.kubeconfig, cache / "direct", 1)[0]
-            ratios.append(
-                kubectl_wall(proxy.client_config, cache / "proxy", 1)[0] / direct
-            )
-            time.sleep(max(0.0, 2 - (time.monotonic() - tick)))  # the load's rhythm
-    finally:
-        for watch in watches:
-            watch.kill()
-            watch.wait(10)
-    signatures = piv.sign_count - before
-    return [
-        "-- k9s-like: 3 watches + kubectl get pods every 2 s for 30 s (pool mode, real card)",
-        f"  card signatures                       {signatures:6d}  "
-        + versus(signatures, 5, ""),
-        f"  {len(ratios)} lists vs direct lists run just before: median "
-        f"{med(ratios):4.2f} x, p90 {p90(ratios):4.2f} x, worst {max(ratios):4.2f} x  "
-        + versus(max(ratios), 1.2, " x"),
-    ]
-
-
-# =============================================================================
-# Presence: pooled connections bound to the card, streams that end with it
-# =============================================================================
+# -- Presence: pooled connections bound to the card, streams that end with it ----------
 
 
 def card_proxy(
@@ -12738,48 +11760,9 @@ def test_touch_always_in_pool_mode_one_touch_per_new_connection(
     assert card.sign_count - 1 == 2
 
 
-def test_pcsc_codes_are_named_by_what_happened():
-    reader = "R 00 00"
-    reset = yk.pcsc_error(0x80100068, reader)
-    assert (type(reset), str(reset)) == (
-        yk.TransientCardError,
-        "the card in reader 'R 00 00' was reset by another program (0x80100068): "
-        "try again",
-    )
-    removed = yk.pcsc_error(0x80100069, reader)
-    assert (type(removed), str(removed)) == (
-        yk.NoCardError,
-        "YubiKey not present in reader 'R 00 00' - insert it",
-    )
-    # Not transacted says nothing of why: the card layer looks again before it
-    # reports this raw code (see the pull-and-request-at-once test).
-    raw = yk.pcsc_error(0x80100016, reader)
-    assert (type(raw), raw.code) == (yk.PcscFailure, 0x80100016)
-    assert str(raw).startswith("PC/SC error 0x80100016 in reader 'R 00 00': ")
-
-
-class GarbledVersionPiv(VirtualPiv):
-    """A card whose GET VERSION answer is one byte instead of three."""
-
-    def process(self, apdu: bytes) -> bytes:
-        if bytes(apdu[1:2]) == b"\xfd":
-            return b"\x05\x90\x00"
-        return super().process(apdu)
-
-
-def test_malformed_card_answer_is_a_card_error(cards, capsys):
-    cards(GarbledVersionPiv(serial=12000004))
-    code, stdout, stderr = run_cli("status", capsys=capsys)
-    assert (code, stdout) == (1, "")
-    assert stderr == (
-        f"{yk.PROG}: error: the YubiKey in reader '{YUBIKEY_READER} 00 00' sent an "
-        "answer that is not valid PIV (index out of range): reinsert it and try "
-        "again\n"
-    )
-
-
 # =============================================================================
-# enroll and renew through the CSR API
+# 6. enroll and renew: keys born on the card, certificates from the cluster's CSR API,
+# RBAC
 # =============================================================================
 
 
@@ -13150,10 +12133,62 @@ def test_enroll_binds_a_cluster_role(card57, csr_cluster, tmp_path, capsys):
     assert list(csr_cluster.api.cluster_roles) == ["yubikey-renew-alice"]
 
 
-# =============================================================================
-# enroll and renew against a real cluster's RBAC; a failed enroll puts the slot
-# back (MOVE/DELETE KEY on firmware 5.7); a card whose signatures do not verify
-# =============================================================================
+def test_enroll_with_a_name_merged_then_renewed_through_the_merged_context(
+    card57, proxies, csr_cluster, tmp_path, capsys, monkeypatch
+):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    config = home / ".kube" / "config"
+    port = free_port_pair()
+    code, stdout, stderr = run_cli(
+        "enroll", "--kubeconfig", str(csr_cluster.kubeconfig), "--user", "alice",
+        "--group", "dev", "--approve", "--name", "dev-alice", "--port", str(port),
+        "--merge", "--use-context", "--allow-renew", capsys=capsys,
+    )  # fmt: skip
+    assert (code, stderr) == (0, "")
+    # On a real cluster alice may approve only when an admin made her an approver.
+    grant_as_admin(csr_cluster, "alice", "csr-approver", APPROVER_RULES)
+    folder = home / ".kube" / "yubikey" / "dev-alice"
+    assert stdout.endswith(
+        f"Wrote {folder / 'proxy.yml'} and {folder / 'client.yml'}; next: "
+        f"yubikey-kube-proxy proxy --kubeconfig {folder / 'proxy.yml'}\n"
+        f"Merged context, cluster and user 'dev-alice' into {config} (current-context "
+        f"is now 'dev-alice'; a file that was there is kept as {config}.bak); "
+        "'yubikey-kube-proxy unmerge dev-alice' removes them.\n"
+    )
+    merged = read_yaml(config)
+    assert (entry_names(merged), merged["current-context"]) == (
+        [["dev-alice"]] * 3,
+        "dev-alice",
+    )
+    assert not (home / ".kube" / "config.bak").exists()  # there was no file before
+    first = slot_certificate(card57)
+    proxy = proxies(folder, "--listen", f"127.0.0.1:{port}")
+    assert whoami(str(config)) == "alice"
+    # renew finds the proxy.yml that the merged context names.
+    code, stdout, stderr = run_cli(
+        "renew", "--approve", "--expiration", "3h", capsys=capsys
+    )
+    assert (code, stderr) == (0, ""), stdout
+    assert len(csr_cluster.api.csrs) == 2
+    assert slot_certificate(card57).serial_number != first.serial_number
+    assert whoami(str(config)) == "alice"  # the running proxy uses the new one
+    proxy.stop()
+    code, _, stderr = run_cli("unmerge", "dev-alice", capsys=capsys)
+    assert (code, stderr) == (0, "")
+    assert read_yaml(config) == {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [],
+        "contexts": [],
+        "users": [],
+    }
+
+
+# -- enroll and renew against a real cluster's RBAC; a failed enroll puts the slot -----
+#    back (MOVE/DELETE KEY on firmware 5.7); a card whose signatures do not verify
+
 
 RENEWAL_RULES = [
     {
@@ -13757,65 +12792,720 @@ def test_failed_enroll_on_firmware_57_without_a_free_retired_slot_says_what_is_l
 
 
 # =============================================================================
-# Structure (issue 13): options as types, said once, lint and types kept clean
+# 7. Command line: arguments, dependencies, the systemd units, the shell, other
+# platforms, touch prompts
 # =============================================================================
 
 
-def test_ruff_and_mypy_are_clean(tmp_path):
-    """The rule set pinned in pyproject.toml, on both files; mypy on the module."""
-    ruff = [sys.executable, "-m", "ruff"]
-    checks = {
-        "ruff check": ruff + ["check", "--no-cache", "yk_kube_proxy.py", __file__],
-        "ruff format": ruff
-        + ["format", "--check", "--no-cache", "yk_kube_proxy.py", __file__],
-        "mypy": [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path)],
-    }
-    outputs = {
-        name: subprocess.run(
-            argv, cwd=HERE, capture_output=True, text=True, check=False
-        ).stdout
-        for name, argv in checks.items()
-    }
-    assert outputs == {
-        "ruff check": "All checks passed!\n",
-        "ruff format": "2 files already formatted\n",
-        "mypy": "Success: no issues found in 1 source file\n",
-    }
-
-
-@pytest.fixture
-def card52(rig):
-    """A YubiKey 5.2: no GET METADATA, but ATTEST for keys generated on it."""
-    piv = VirtualPiv(version=(5, 2, 7), serial=21000052, mgmt_algorithm=0x03)
-    inserted = rig.insert(piv)
-    yield piv
-    rig.remove(inserted)
-
-
-def test_pin_policy_from_metadata_else_attestation_else_the_option(card52):
-    generated, imported = ec.generate_private_key(ec.SECP256R1()), new_key("p256")
-    card52.install_key(0x9A, generated, ALG_ECCP256, PIN_POLICY_ALWAYS, 0x02)
-    card52.install_key(0x9C, imported, ALG_ECCP256, origin=ORIGIN_IMPORTED)
-    meta = yk.SlotMetadata(
-        ALG_ECCP256, yk.PinPolicy.ONCE, yk.TouchPolicy.CACHED, "imported", b""
+def test_version_and_help_work_without_pyscard():
+    blocker = (
+        "import sys; sys.modules['smartcard'] = None; sys.argv[0] = 'x'; "
+        "import yk_kube_proxy as m; raise SystemExit(m.main(sys.argv[1:]))"
     )
-    card = yk.open_card()
-    try:
-        policies = [
-            yk.key_policies(card, yk.SLOTS["9a"], None, None),
-            yk.key_policies(card, yk.SLOTS["9c"], None, None),
-            yk.key_policies(card, yk.SLOTS["9c"], None, "pin-file"),
-            yk.key_policies(card, yk.SLOTS["9c"], meta, None),
+    for argv, expected in (
+        (["--version"], f"yubikey-kube-proxy {yk.__version__}\n"),
+        (["--help"], "usage: yubikey-kube-proxy"),
+        (["setup", "--help"], "usage: yubikey-kube-proxy setup"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", blocker, *argv],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(expected)
+    done = subprocess.run(
+        [sys.executable, "-c", blocker, "status"],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("yubikey-kube-proxy: error: cannot import pyscard")
+
+
+def test_bad_arguments_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        yk.main(["setup", "--management-key", "zz"])
+    assert exit_info.value.code == 2
+    assert "the management key must be hexadecimal" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        yk.main(["setup", "--slot", "9f"])
+    assert "unknown PIV slot '9f'" in capsys.readouterr().err
+
+
+def test_command_line_values_are_one_line_or_a_usage_error(rig, tmp_path, capsys):
+    source = str(write_kubeconfig(tmp_path / "k3s.yaml", make_identity()))
+    (tmp_path / "a-file").write_text("x")
+    proxy = ["proxy", "--kubeconfig", source, "--plain-http"]
+    for argv, message in (
+        (
+            ["setup", "--kubeconfig", source, "--output-dir", f"{tmp_path}/o\x00"],
+            f"cannot create the output folder '{tmp_path}/o\\x00': the path contains a "
+            "NUL byte; choose another --output-dir",
+        ),
+        (
+            ["setup", "--kubeconfig", source, "--output-dir", str(tmp_path / "a-file")],
+            f"cannot create the output folder '{tmp_path / 'a-file'}': File exists; "
+            "choose another --output-dir",
+        ),
+        (
+            [*proxy, "--listen", "127.0.0.1:\u00b2"],
+            "--listen '127.0.0.1:\u00b2' is not HOST:PORT, e.g. 127.0.0.1:8080",
+        ),
+        (
+            [*proxy, "--listen", "[::1]:99999"],
+            "--listen '[::1]:99999' is not HOST:PORT, e.g. 127.0.0.1:8080",
+        ),
+        (
+            ["setup", "--kubeconfig", source, "--context", "\x00"],
+            f"context '\\x00' not found in {source} (contexts: default): pass "
+            "--context NAME",
+        ),
+    ):
+        assert run_cli(*argv, capsys=capsys) == (1, "", f"{ERROR}{message}\n")
+    for argv, message in (
+        (
+            [*proxy, "--handshake-timeout", "nan"],
+            "argument --handshake-timeout: 'nan' is not a number of seconds between 0 "
+            "and 86400",
+        ),
+        (
+            [*proxy, "--handshake-timeout", "-1"],
+            "argument --handshake-timeout: '-1' is not a number of seconds between 0 "
+            "and 86400",
+        ),
+        (
+            ["status", "--serial", "\u00b2"],
+            "argument --serial: invalid serial_arg value",
+        ),
+        (["status", "--slot", "9a\x00"], "argument --slot: unknown PIV slot '9a\\x00'"),
+    ):
+        with pytest.raises(SystemExit) as usage:
+            yk.main(argv)
+        stderr = capsys.readouterr().err
+        assert (usage.value.code, stderr.splitlines()[0][:6]) == (2, "usage:")
+        assert f"{argv[0]}: error: {message}" in stderr.splitlines()[-1]
+
+
+def test_installed_entry_points(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "yk_kube_proxy", "--version"],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (
+        0,
+        f"yubikey-kube-proxy {yk.__version__}\n",
+    )
+    script = Path(sys.executable).parent / "yubikey-kube-proxy"
+    if not script.exists() and not os.environ.get("CI"):
+        pytest.skip("the package is not installed in this Python (pip install -e .)")
+    done = subprocess.run(
+        [str(script), "--version"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (
+        0,
+        f"yubikey-kube-proxy {yk.__version__}\n",
+    )
+
+
+# -- dependencies --------------------------------------------------------------------
+
+
+def test_missing_and_old_dependencies_are_named_with_the_install_command(
+    capsys, monkeypatch
+):
+    found = {"tlslite-ng": "0.8.1", "cryptography": "38.0.4", "PyYAML": "6.0.1"}
+    monkeypatch.setattr(yk, "installed_version", found.get)
+    monkeypatch.setattr(sys, "prefix", "/venv")
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    code, _, stderr = run_cli("status", capsys=capsys)
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}cannot import tlslite-ng==0.8.2 (found 0.8.1), cryptography>=45 "
+        f"(found 38.0.4): install with: {sys.executable} -m pip install "
+        "'tlslite-ng==0.8.2' 'cryptography>=45'\n",
+    )
+    monkeypatch.setattr(sys, "base_prefix", "/venv")  # no venv: make one
+    monkeypatch.setattr(sys, "argv", ["yk_kube_proxy.py"])
+    code, _, stderr = run_cli("status", capsys=capsys)
+    venv = "~/.local/share/yubikey-kube-proxy/venv"
+    assert (code, stderr) == (
+        1,
+        f"{ERROR}cannot import tlslite-ng==0.8.2 (found 0.8.1), cryptography>=45 "
+        f"(found 38.0.4): install with: python3 -m venv {venv} && {venv}/bin/pip "
+        "install 'pyscard>=2.0' 'tlslite-ng==0.8.2' 'PyYAML>=5.4' 'cryptography>=45', "
+        f"then run {venv}/bin/python yk_kube_proxy.py (pyscard builds with gcc, swig, "
+        "libpcsclite-dev and python3-dev: see the README)\n",
+    )
+    blocker = (
+        "import sys; sys.modules['smartcard'] = sys.modules['tlslite'] = None; "
+        "sys.argv[0] = 'x'; import yk_kube_proxy as m; "
+        "raise SystemExit(m.main(sys.argv[1:]))"
+    )
+    for argv, code, out in (
+        (["--version"], 0, f"yubikey-kube-proxy {yk.__version__}\n"),
+        (["proxy", "--help"], 0, "usage: yubikey-kube-proxy proxy"),
+        (["setup"], 1, ""),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", blocker, *argv],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout[: len(out)]) == (code, out)
+    assert done.stderr == (
+        f"{ERROR}cannot import pyscard (not installed), tlslite-ng (not installed): "
+        f"install with: {sys.executable} -m pip install 'pyscard>=2.0' "
+        "'tlslite-ng==0.8.2'\n"
+    )
+
+
+# -- The systemd user unit and the shell -----------------------------------------------
+
+
+def test_systemd_unit_verifies(tmp_path):
+    unit = (HERE / "yubikey-kube-proxy.service").read_text()
+    directives = [line.strip() for line in unit.splitlines()]
+    for expected in (
+        "ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
+        "%h/.kube/yubikey/default/proxy.yml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "UMask=0077",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+    ):
+        assert expected in directives
+    assert "pcscd.socket" in next(d for d in directives if d.startswith("After="))
+    home, runtime = tmp_path / "home", tmp_path / "run"
+    (home / ".local" / "bin").mkdir(parents=True)
+    runtime.mkdir(mode=0o700)
+    program = home / ".local" / "bin" / "yubikey-kube-proxy"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    shutil.copy(HERE / "yubikey-kube-proxy.service", tmp_path)
+    done = subprocess.run(
+        [
+            "systemd-analyze",
+            "--user",
+            "verify",
+            str(tmp_path / "yubikey-kube-proxy.service"),
+        ],
+        env={**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_shell_runs_a_command_through_the_card_and_passes_its_exit_code(
+    card57, cluster, tmp_path, capsys
+):
+    assert (
+        yk.main(
+            [
+                "setup",
+                "--kubeconfig",
+                str(cluster.kubeconfig),
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    script = (
+        "kubectl get --raw /version --request-timeout 30s > "
+        f'{tmp_path / "out.json"} && test -n "$YUBIKEY_KUBE_PROXY_SHELL" && exit 7'
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "yk_kube_proxy.py"),
+            "shell",
+            "--kubeconfig",
+            str(tmp_path / "proxy.yml"),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 7, done.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["gitVersion"] == "v1.32.0"
+    assert "through the YubiKey; exit the shell to stop" in done.stderr
+    nested = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "yk_kube_proxy.py"),
+            "shell",
+            "--kubeconfig",
+            str(tmp_path / "proxy.yml"),
+        ],
+        env={
+            **os.environ,
+            "YUBIKEY_KUBE_PROXY_SHELL": "1",
+            "KUBECONFIG": "/x/client.yml",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (nested.returncode, nested.stderr) == (
+        1,
+        (
+            "yubikey-kube-proxy: error: this is already a yubikey-kube-proxy shell "
+            "(KUBECONFIG=/x/client.yml): exit it first\n"
+        ),
+    )
+
+
+def test_template_unit_verifies_and_runs_the_instance_named_proxy(tmp_path):
+    unit = (HERE / "yubikey-kube-proxy@.service").read_text()
+    directives = [line.strip() for line in unit.splitlines()]
+    single = (HERE / "yubikey-kube-proxy.service").read_text()
+    expected = (
+        "ExecStart=%h/.local/bin/yubikey-kube-proxy proxy --kubeconfig "
+        "%h/.kube/yubikey/%i/proxy.yml"
+    )
+    assert expected in directives
+
+    # The same hardening as the single unit: only ExecStart, the comments and the
+    # description differ.
+    def body(text: str) -> list[str]:
+        return [
+            line
+            for line in text.splitlines()
+            if not line.startswith(("#", "ExecStart=", "Description="))
         ]
+
+    assert body(unit) == body(single)
+    home, runtime = tmp_path / "home", tmp_path / "run"
+    (home / ".local" / "bin").mkdir(parents=True)
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
+    shutil.copy(HERE / "yubikey-kube-proxy@.service", tmp_path)
+    shutil.copy(
+        HERE / "yubikey-kube-proxy@.service",
+        tmp_path / "yubikey-kube-proxy@dev.service",
+    )
+
+    def verify(name: str) -> tuple[int, str]:
+        done = subprocess.run(
+            ["systemd-analyze", "--user", "verify", str(tmp_path / name)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return done.returncode, done.stderr
+
+    program = home / ".local" / "bin" / "yubikey-kube-proxy"
+    assert verify("yubikey-kube-proxy@dev.service") == (
+        1,
+        f"yubikey-kube-proxy@dev.service: Command {program} is not executable: "
+        "No such file or directory\n",
+    )  # verify really checks the instance
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    assert verify("yubikey-kube-proxy@.service") == (0, "")
+    assert verify("yubikey-kube-proxy@dev.service") == (0, "")
+
+
+@pytest.mark.parametrize(
+    "platform, environment, shell",
+    [
+        ("linux", {"SHELL": "/bin/zsh", "COMSPEC": "x"}, "/bin/zsh"),
+        ("linux", {}, "/bin/sh"),
+        ("darwin", {"SHELL": "/bin/zsh"}, "/bin/zsh"),
+        (
+            "win32",
+            {"SHELL": "/bin/zsh", "COMSPEC": "C:\\Windows\\cmd.exe"},
+            "C:\\Windows\\cmd.exe",
+        ),
+        ("win32", {}, "cmd.exe"),
+    ],
+)
+def test_shell_starts_the_platforms_shell(monkeypatch, platform, environment, shell):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    for name in ("SHELL", "COMSPEC"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert yk.default_shell() == shell
+
+
+# -- other platforms, faked at the boundary (host_platform, missing os/signal names) --
+
+
+@pytest.mark.parametrize(
+    "platform, error, message",
+    [
+        (
+            "linux",
+            yk.CardError,
+            "cannot reach the PC/SC daemon (pcscd): start it with 'sudo systemctl start "
+            "pcscd.socket' (or install the pcscd package)",
+        ),
+        (
+            "darwin",
+            yk.TransientCardError,
+            "the macOS smart card service is not available: plug the YubiKey in (macOS "
+            "starts the service when a reader appears) and try again",
+        ),
+        (
+            "win32",
+            yk.CardError,
+            "the Windows Smart Card service is not running: insert the YubiKey, or start "
+            "the 'Smart Card' service (services.msc) and try again",
+        ),
+    ],
+)
+def test_pcsc_service_advice_fits_the_platform(monkeypatch, platform, error, message):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    got = yk.pcsc_error(yk.SCARD_E_NO_SERVICE)
+    assert (type(got), str(got)) == (error, message)
+
+
+def test_no_service_mid_session_is_retried_once_on_macos_only(card57, monkeypatch):
+    card = yk.open_card()
+    real = yk.PcscTransport.transmit
+    failures = {"left": 0, "raised": 0}
+
+    def flaky(self, apdu):
+        if failures["left"]:
+            failures["left"] -= 1
+            failures["raised"] += 1
+            raise yk.pcsc_error(yk.SCARD_E_NO_SERVICE, self.reader)
+        return real(self, apdu)
+
+    monkeypatch.setattr(yk.PcscTransport, "transmit", flaky)
+    try:
+        for platform, fail, outcome in (
+            ("darwin", 1, 31000001),  # spurious on macOS: one retry and it works
+            ("darwin", 5, yk.TransientCardError),  # still failing: only one retry
+            ("linux", 1, yk.CardError),  # pcscd gone: said at once
+        ):
+            monkeypatch.setattr(yk, "host_platform", lambda platform=platform: platform)
+            failures.update(left=fail, raised=0)
+            if isinstance(outcome, int):
+                assert card.run(lambda piv: piv.get_serial()) == outcome
+            else:
+                with pytest.raises(yk.CardError) as caught:
+                    card.run(lambda piv: piv.get_serial())
+                assert type(caught.value) is outcome
+            assert failures["raised"] == min(fail, 2 if platform == "darwin" else 1)
     finally:
         card.close()
-    assert policies == [
-        (yk.PinPolicy.ALWAYS, yk.TouchPolicy.ALWAYS),  # attested
-        (yk.PinPolicy.NEVER, yk.TouchPolicy.NEVER),  # imported: the option
-        (yk.PinPolicy.ONCE, yk.TouchPolicy.NEVER),
-        (yk.PinPolicy.ONCE, yk.TouchPolicy.CACHED),  # metadata first
+
+
+def test_signals_without_sighup_as_on_windows(monkeypatch):
+    class StubServer:
+        def serve_forever(self):
+            self.during = {
+                s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)
+            }
+
+        def server_close(self):
+            pass
+
+        def wait_idle(self, timeout):
+            return True
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.delattr(signal, "SIGHUP")
+    server = StubServer()
+    yk.serve_until_signal(server, None, None)
+    assert all(server.during[s] is not before[s] for s in before)  # ours while serving
+    assert {s: signal.getsignal(s) for s in before} == before  # given back
+
+
+@pytest.mark.parametrize(
+    "platform, hint, mode_warning",
+    [
+        (
+            "linux",
+            "reload the proxy with kill -HUP or 'systemctl --user reload "
+            "yubikey-kube-proxy', or restart it",
+            True,
+        ),
+        ("darwin", "reload the proxy with kill -HUP, or restart it", True),
+        ("win32", "restart the proxy", False),
+    ],
+)
+def test_pin_advice_and_file_modes_fit_the_platform(
+    tmp_path, capsys, monkeypatch, platform, hint, mode_warning
+):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    yk.configure_logging(0)
+    pins = tmp_path / "pin"
+    pins.write_text("654321\n")
+    pins.chmod(0o644)
+
+    class StubPiv:
+        wrong = False
+
+        def attested_policies(self, slot):
+            return None  # a card that cannot attest
+
+        def verify_pin(self, pin):
+            assert pin == "654321"
+            if self.wrong:
+                raise yk.PinError("wrong PIN: the YubiKey has 2 tries left", 2)
+
+    piv = StubPiv()
+    card = types.SimpleNamespace(info=None, run=lambda operation: operation(piv))
+    settings = types.SimpleNamespace(slot=yk.SLOTS["9a"])
+    args = types.SimpleNamespace(pin_file=str(pins), notify=False)
+    signer = yk.card_signer(card, settings, args, make_identity("p256").cert, None)
+    piv.wrong = True
+    with pytest.raises(yk.PinError):
+        yk.ensure_pin(piv, yk.PinPolicy.ALWAYS, signer.pins)
+    with pytest.raises(yk.PinError) as caught:  # what the next requests are told
+        signer.pins.get()
+    assert str(caught.value) == (
+        "wrong PIN: the YubiKey has 2 tries left (the proxy will not send it again: "
+        f"fix the PIN or the PIN file, then {hint})"
+    )
+    warning = (
+        f"yubikey-kube-proxy: WARNING: the PIN file {pins} is readable by others: "
+        "chmod 600 it\n"
+    )
+    assert capsys.readouterr().err == (warning if mode_warning else "")
+
+
+def test_local_tls_without_memfd_uses_a_private_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    pki = yk.make_local_pki()
+    monkeypatch.delattr(os, "memfd_create")  # macOS and Windows have none
+    temporary = tmp_path / "temporary"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    server_context = yk.LocalTls(pki.server_cert, pki.server_key, pki.ca_cert).context()
+    assert list(temporary.iterdir()) == []  # the key did not stay on disk
+    client_context = ssl.create_default_context(cadata=pki.ca_cert.decode())
+    bundle = tmp_path / "client.pem"
+    bundle.write_bytes(pki.client_cert + pki.client_key)
+    client_context.load_cert_chain(bundle)
+    left, right = socket.socketpair()
+    answers = []
+
+    def serve():
+        with server_context.wrap_socket(left, server_side=True) as tls:
+            answers.append(tls.getpeercert()["subject"])
+            tls.sendall(b"hello")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    with client_context.wrap_socket(right, server_hostname="localhost") as tls:
+        assert tls.recv(5) == b"hello"
+    thread.join(10)
+    assert answers and answers[0]
+
+
+def fake_programs(folder: Path, *names: str) -> Path:
+    """Programs that record their arguments (NUL-separated) in folder/NAME.calls."""
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        program = folder / name
+        program.write_text(
+            f"#!/bin/sh\nprintf '%s\\0' \"${{0##*/}}\" \"$@\" >> '{folder / name}.calls'\n"
+        )
+        program.chmod(0o755)
+    return folder
+
+
+def recorded_calls(folder: Path, name: str) -> list[str]:
+    path = folder / f"{name}.calls"
+    return path.read_text().split("\0")[:-1] if path.exists() else []
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin", "win32"])
+def test_notifications_fit_the_platform(tmp_path, capsys, monkeypatch, platform):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    yk.configure_logging(0)
+    tools = fake_programs(tmp_path / "bin", "notify-send", "osascript")
+    monkeypatch.setenv("PATH", str(tools))
+    info = yk.CardInfo("Reader 00 00", 123, (5, 7, 1))
+    card = types.SimpleNamespace(info=info, reader="Reader 00 00")
+    signer = yk.CardSigner(
+        card,
+        yk.SLOTS["9a"],
+        yk.KeyAlgorithm.ECCP256,
+        yk.PinPolicy.NEVER,
+        yk.PinSource(),
+        yk.TouchPolicy.ALWAYS,
+        notify=True,
+    )
+    yk.check_notify(True)
+    signer.remind()
+    message = f"touch your YubiKey ({info.describe()}) to approve a kubectl request"
+    expected = {
+        "linux": (["notify-send", "-u", "critical", "yubikey-kube-proxy", message], []),
+        "darwin": (
+            [],
+            [
+                "osascript",
+                "-e",
+                "on run argv\ndisplay notification (item 1 of argv) with title "
+                '"yubikey-kube-proxy"\nend run',
+                message,
+            ],
+        ),
+        "win32": ([], []),
+    }[platform]
+    assert (
+        recorded_calls(tools, "notify-send"),
+        recorded_calls(tools, "osascript"),
+    ) == expected
+    start = (
+        "yubikey-kube-proxy: WARNING: --notify: Windows notifications are not "
+        "supported, so touch prompts only go to this log: fix that or drop --notify\n"
+        if platform == "win32"
+        else ""
+    )
+    assert capsys.readouterr().err == (
+        f"{start}yubikey-kube-proxy: WARNING: {message}\n"
+    )
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    yk.check_notify(True)
+    yk.check_notify(False)
+    reason = {
+        "linux": "notify-send was not found (Debian and Ubuntu: install libnotify-bin)",
+        "darwin": "osascript was not found",
+        "win32": "Windows notifications are not supported",
+    }[platform]
+    assert capsys.readouterr().err == (
+        f"yubikey-kube-proxy: WARNING: --notify: {reason}, so touch prompts only go "
+        "to this log: fix that or drop --notify\n"
+    )
+
+
+# -- touch prompts reach the person; the command line --------------------------------
+
+
+def test_shell_prints_the_touch_prompt_on_its_terminal_and_notifies(
+    cards, cluster, tmp_path, capsys
+):
+    import shlex
+
+    prompted = threading.Event()
+    waiting = {"on": False}
+
+    def touch(slot):
+        return prompted.wait(60) if waiting["on"] else True
+
+    piv = VirtualPiv(serial=11100003, touch=touch)
+    cards(piv)
+    out = tmp_path / "yk"
+    assert (
+        run_cli(
+            *setup_args(cluster.kubeconfig, out, "--touch-policy", "always"),
+            capsys=capsys,
+        )[0]
+        == 0
+    )
+    waiting["on"] = True
+    tools = fake_programs(tmp_path / "bin", "notify-send")
+    command = shlex.join(
+        [
+            sys.executable, str(HERE / "yk_kube_proxy.py"), "shell", "--notify",
+            "--kubeconfig", str(out / "proxy.yml"), "--", "kubectl", "get",
+            "--raw", "/version", "--request-timeout", "60s",
+        ]
+    )  # fmt: skip
+    err = tmp_path / "shell.err"
+    terminal = subprocess.Popen(  # a pseudo-terminal, as a person's
+        ["script", "-qefc", f"{command} 2>{shlex.quote(str(err))}", "/dev/null"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"},
+    )
+    shown = bytearray()
+
+    def read():
+        while chunk := os.read(terminal.stdout.fileno(), 65536):
+            shown.extend(chunk)
+            if b"to approve a kubectl request" in shown:
+                prompted.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert terminal.wait(120) == 0, (bytes(shown), err.read_text())
+    reader.join(10)
+    terminal.stdin.close()
+    message = (
+        "touch your YubiKey (YubiKey serial 11100003 (firmware 5.7.1) in reader "
+        f"'{YUBIKEY_READER} 00 00') to approve a kubectl request"
+    )
+    text = shown.decode(errors="replace")
+    assert f"yubikey-kube-proxy: {message}\r\n" in text
+    assert '"gitVersion":"v1.32.0"' in text
+    assert "touch your YubiKey" not in err.read_text()  # the terminal, not the log
+    assert recorded_calls(tools, "notify-send") == [
+        "notify-send",
+        "-u",
+        "critical",
+        "yubikey-kube-proxy",
+        message,
     ]
-    assert card52.sign_count == 0
+
+
+def test_proxy_says_at_start_when_notify_cannot_notify(
+    card57, proxies, cluster, tmp_path, capsys
+):
+    assert (
+        run_cli(*setup_args(cluster.kubeconfig, tmp_path / "yk"), capsys=capsys)[0] == 0
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proxy = proxies(tmp_path / "yk", "--notify", env={**os.environ, "PATH": str(empty)})
+    assert proxy.stderr().startswith(
+        "yubikey-kube-proxy: WARNING: --notify: notify-send was not found (Debian "
+        "and Ubuntu: install libnotify-bin), so touch prompts only go to this log: "
+        "fix that or drop --notify\n"
+    )
+
+
+def test_verbose_before_or_after_the_command(tmp_path, capsys):
+    import logging
+
+    missing = tmp_path / "none.yml"
+    error = (
+        f"yubikey-kube-proxy: error: {missing} does not exist: pass the merged file "
+        "with --kubeconfig\n"
+    )
+    for argv, verbose in (
+        (["unmerge", "x", "--kubeconfig", str(missing)], False),
+        (["-v", "unmerge", "x", "--kubeconfig", str(missing)], True),
+        (["unmerge", "x", "--kubeconfig", str(missing), "-v"], True),
+    ):
+        code, _, stderr = run_cli(*argv, capsys=capsys)
+        assert code == 1 and stderr.endswith(error)
+        assert ("Traceback" in stderr) == verbose
+        assert yk.log.level == (logging.INFO if verbose else logging.WARNING)
+    run_cli("-v", "unmerge", "x", "--kubeconfig", str(missing), "-v", capsys=capsys)
+    assert yk.log.level == logging.DEBUG  # the two add up
+    yk.configure_logging(0)
 
 
 def test_shell_finds_client_yml_beside_kubeconfig_env(tmp_path, monkeypatch):
@@ -13840,13 +13530,380 @@ def test_shell_finds_client_yml_beside_kubeconfig_env(tmp_path, monkeypatch):
     )
 
 
-def test_advice_for_an_expired_or_refused_certificate_follows_the_key_origin():
-    assert [
-        yk.certificate_advice("generated on card"),
-        yk.certificate_advice("imported"),
-        yk.certificate_advice("of unknown origin"),
-    ] == [
-        "run 'yubikey-kube-proxy renew'",
-        "run 'yubikey-kube-proxy setup' with a current certificate",
-        "run 'yubikey-kube-proxy setup' with a current certificate",
+def test_ruff_and_mypy_are_clean(tmp_path):
+    """The rule set pinned in pyproject.toml, on both files; mypy on the module."""
+    ruff = [sys.executable, "-m", "ruff"]
+    checks = {
+        "ruff check": ruff + ["check", "--no-cache", "yk_kube_proxy.py", __file__],
+        "ruff format": ruff
+        + ["format", "--check", "--no-cache", "yk_kube_proxy.py", __file__],
+        "mypy": [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path)],
+    }
+    outputs = {
+        name: subprocess.run(
+            argv, cwd=HERE, capture_output=True, text=True, check=False
+        ).stdout
+        for name, argv in checks.items()
+    }
+    assert outputs == {
+        "ruff check": "All checks passed!\n",
+        "ruff format": "2 files already formatted\n",
+        "mypy": "Success: no issues found in 1 source file\n",
+    }
+
+
+# =============================================================================
+# 8. Benchmark (python -m pytest -m bench -s): figures side by side, no assertions on
+# time
+# =============================================================================
+
+
+BENCH_RUNS = 30
+BENCH_KINDS = {"p256": ALG_ECCP256, "rsa2048": ALG_RSA2048}
+
+
+def real_card(piv: VirtualPiv, on: bool = True) -> None:
+    """Make the virtual card as slow as a YubiKey 5 (REAL_CARD_TIMINGS), or instant."""
+    piv.apdu_delay = REAL_CARD_TIMINGS["apdu_delay"] if on else 0.0
+    piv.verify_delay = REAL_CARD_TIMINGS["verify_delay"] if on else 0.0
+    piv.sign_delays = dict(REAL_CARD_TIMINGS["sign_delays"]) if on else {}
+
+
+def versus(measured: float, limit: float, unit: str, higher: bool = False) -> str:
+    """``measured`` next to its target, and whether it was met."""
+    met = measured >= limit if higher else measured <= limit
+    sign = ">=" if higher else "<="
+    return f"target {sign} {limit:.4g}{unit}: {'met' if met else 'MISSED'}"
+
+
+class DirectClient:
+    """The baseline: stdlib ssl straight to the API server, the key on disk."""
+
+    def __init__(self, cluster: Cluster, workdir: Path) -> None:
+        self.context = ssl.create_default_context(
+            cadata=pem(cluster.server_ca).decode()
+        )
+        bundle = workdir / "direct-client.pem"
+        bundle.write_bytes(pem(cluster.ident.cert) + pem(cluster.ident.key))
+        self.context.load_cert_chain(bundle)
+        self.port = cluster.api.port
+
+    def connection(self) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=self.context, timeout=120
+        )
+
+    get = LocalClient.get
+
+
+def timings(action, runs: int = BENCH_RUNS) -> list[float]:
+    result = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        action()
+        result.append(time.perf_counter() - started)
+    return result
+
+
+def med(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
+
+
+def download(client, size: int) -> float:
+    """MB/s of one download of ``size`` bytes, read in 64 KB pieces."""
+    conn = client.connection()
+    started = time.perf_counter()
+    conn.request("GET", f"/bytes?n={size}")
+    response = conn.getresponse()
+    received = 0
+    while data := response.read(65536):
+        received += len(data)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    assert received == size
+    return size / elapsed / 1e6
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def parallel(client, clients: int = 8, each: int = 10) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+
+    def worker() -> None:
+        latencies.extend(timings(lambda: client.get("/version"), each))
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return clients * each / (time.perf_counter() - started), latencies
+
+
+def kubectl_wall(config: Path, cache: Path | None, runs: int = 5) -> list[float]:
+    def run() -> None:
+        cache_dir = cache or Path(tempfile_dir())
+        done = subprocess.run(
+            [
+                "kubectl",
+                "--kubeconfig",
+                str(config),
+                "--cache-dir",
+                str(cache_dir),
+                "get",
+                "pods",
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+
+    return timings(run, runs)
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="kubectl-cache-")
+
+
+@pytest.mark.bench
+def test_benchmark(rig, tmp_path):
+    rows: list[str] = []
+    for kind in BENCH_KINDS:
+        rows += bench_latency(rig, tmp_path / kind, kind)
+    rows += bench_transfer_kubectl_memory(rig, tmp_path / "more")
+    rows += bench_presence(rig, tmp_path / "presence")
+    sign_ms = {k: v * 1000 for k, v in REAL_CARD_TIMINGS["sign_delays"].items()}
+    print(
+        "\n".join(
+            [
+                "",
+                "=" * 78,
+                "yubikey-kube-proxy benchmark (median / p90 of "
+                f"{BENCH_RUNS} runs unless noted)",
+                f"real card: {REAL_CARD_TIMINGS['apdu_delay'] * 1000:.1f} ms per APDU, "
+                f"VERIFY {REAL_CARD_TIMINGS['verify_delay'] * 1000:.0f} ms, P-256 "
+                f"{sign_ms[ALG_ECCP256]:.0f} ms, P-384 {sign_ms[ALG_ECCP384]:.0f} ms, "
+                f"RSA-2048 {sign_ms[ALG_RSA2048]:.0f} ms",
+                f"machine: {os.cpu_count()} cores, load average "
+                + " ".join(f"{x:.1f}" for x in os.getloadavg()),
+                "=" * 78,
+                *rows,
+            ]
+        )
+    )
+
+
+def bench_latency(rig, workdir: Path, kind: str) -> list[str]:
+    workdir.mkdir()
+    piv = VirtualPiv(serial=20000000 + len(kind))
+    inserted = rig.insert(piv)
+    cluster = start_cluster(workdir, kind=kind)
+    proxy = setup_and_proxy(cluster, workdir / "yk")
+    try:
+        direct, local = DirectClient(cluster, workdir), LocalClient(proxy)
+        a = timings(lambda: direct.get("/version"))
+        b = timings(lambda: local.get("/version"))
+        real_card(piv)
+        c = timings(lambda: local.get("/version"))
+        real_card(piv, False)
+        rps_fast, lat_fast = parallel(local)
+        real_card(piv)
+        rps_slow, lat_slow = parallel(local)
+        real_card(piv, False)
+        card_s = REAL_CARD_TIMINGS["sign_delays"][BENCH_KINDS[kind]]
+        card_ms, ceiling = card_s * 1000, 1 / card_s
+        own = (med(b) - med(a)) * 1000
+        return [
+            f"-- {kind}: one request per fresh connection (GET /version), fresh mode",
+            f"  (a) direct, key on disk, stdlib ssl  {med(a) * 1000:7.2f} / "
+            f"{p90(a) * 1000:7.2f} ms",
+            f"  (b) proxy, instant card              {med(b) * 1000:7.2f} / "
+            f"{p90(b) * 1000:7.2f} ms",
+            f"  (c) proxy, real card, {card_ms:3.0f} ms         {med(c) * 1000:7.2f} / "
+            f"{p90(c) * 1000:7.2f} ms",
+            f"  proxy's own cost (b)-(a)             {own:7.2f} ms  "
+            + versus(own, 4, " ms"),
+            f"  what a user feels (c)/((a)+card)     "
+            f"{med(c) / (med(a) + card_s):7.2f} x",
+            f"  8 clients x 10 requests, instant card {rps_fast:6.1f} req/s, p90 "
+            f"{p90(lat_fast) * 1000:.1f} ms",
+            f"  8 clients x 10 requests, real card   {rps_slow:6.1f} req/s "
+            f"({rps_slow / ceiling:.0%} of the card's {ceiling:.1f}/s), p90 "
+            f"{p90(lat_slow) * 1000:.1f} ms",
+        ]
+    finally:
+        proxy.stop()
+        cluster.api.stop()
+        rig.remove(inserted)
+
+
+def bench_transfer_kubectl_memory(rig, workdir: Path) -> list[str]:
+    workdir.mkdir()
+    piv = VirtualPiv(serial=20000099)
+    inserted = rig.insert(piv)
+    cluster = start_cluster(workdir)
+    proxy = setup_and_proxy(cluster, workdir / "yk")
+    reuse = ProxyProcess(workdir / "yk", "--reuse-while-present")
+    try:
+        rows = ["-- throughput (median of 3 downloads), fresh mode"]
+        direct, local = DirectClient(cluster, workdir), LocalClient(proxy)
+        idle = (local.get("/version"), peak_rss_mb(proxy.process.pid))[1]
+        for size in (20_000_000, 200_000_000):
+            d = med([download(direct, size) for _ in range(3)])
+            p = med([download(local, size) for _ in range(3)])
+            rows.append(
+                f"  {size // 1_000_000:3d} MB: direct {d:7.1f} MB/s, proxy {p:7.1f} "
+                f"MB/s ({p / d:.0%} of direct)  " + versus(p / d, 0.6, "", True)
+            )
+        rows.append(
+            f"-- proxy peak RSS: idle {idle:.1f} MB, after the 200 MB downloads "
+            f"{peak_rss_mb(proxy.process.pid):.1f} MB"
+        )
+        rows += bench_kubectl(cluster, piv, proxy, reuse, workdir)
+        return rows
+    finally:
+        reuse.stop()
+        proxy.stop()
+        cluster.api.stop()
+        rig.remove(inserted)
+
+
+def bench_kubectl(cluster, piv, proxy, reuse, workdir: Path) -> list[str]:
+    rows = [
+        "-- kubectl get pods wall time (median / p90 of 5; cold = empty discovery cache)"
+    ]
+    warm = workdir / "warm-cache"
+    direct: dict[str, float] = {}
+    for temperature, cache in (("cold", None), ("warm", warm / "direct")):
+        if cache:
+            kubectl_wall(cluster.kubeconfig, cache, 1)
+        walls = kubectl_wall(cluster.kubeconfig, cache)
+        direct[temperature] = med(walls)
+        rows.append(
+            f"  direct, key on disk           {temperature} {med(walls) * 1000:6.0f} / "
+            f"{p90(walls) * 1000:6.0f} ms"
+        )
+    real_card(piv)
+    one_signature = REAL_CARD_TIMINGS["sign_delays"][ALG_ECCP256]
+    limits = {
+        "cold": (direct["cold"] + one_signature) * 1.15,
+        "warm": direct["warm"] * 1.2,
+    }
+    for label, process in (("fresh mode", proxy), ("pool mode", reuse)):
+        for temperature, cache in (("cold", None), ("warm", warm / label[:5])):
+            if cache:
+                kubectl_wall(process.client_config, cache, 1)
+            before = piv.sign_count
+            walls = kubectl_wall(process.client_config, cache)
+            signatures = (piv.sign_count - before) / len(walls)
+            target = (
+                "  " + versus(med(walls) * 1000, limits[temperature] * 1000, " ms")
+                if label == "pool mode"
+                else ""
+            )
+            rows.append(
+                f"  real card, {label:18s} {temperature} {med(walls) * 1000:6.0f} / "
+                f"{p90(walls) * 1000:6.0f} ms, {signatures:3.1f} signatures per "
+                f"command{target}"
+            )
+    real_card(piv, False)
+    return rows
+
+
+def bench_presence(rig, workdir: Path) -> list[str]:
+    """A k9s-like load in pool mode, then a pull with three streams open."""
+    workdir.mkdir()
+    piv = VirtualPiv(serial=20000100, **REAL_CARD_TIMINGS)
+    inserted = rig.insert(piv)
+    cluster = start_cluster(workdir)
+    proxy = setup_and_proxy(
+        cluster, workdir / "yk", proxy_extra=["--reuse-while-present"]
+    )
+    try:
+        rows = bench_k9s_like(cluster, piv, proxy, workdir)
+        streams = open_streams(proxy, cluster)
+        try:
+            seen = len(cluster.api.hangups)  # the k9s-like watches' ends
+            pulled = time.monotonic()
+            inserted.remove()
+            hangups = cluster.api.wait_hangups(seen + 3)[seen:]
+            closed = max(t for _, t in hangups) - pulled
+            started = time.perf_counter()
+            status, _ = LocalClient(proxy).get("/version")
+            refused = time.perf_counter() - started
+        finally:
+            stop_all(streams)
+        assert status == 503
+        return rows + [
+            "-- the card pulled with a watch, a logs -f and an exec -i open (pool mode)",
+            f"  all three upstream connections closed {closed * 1000:6.0f} ms after the "
+            "pull  " + versus(closed * 1000, 1000, " ms"),
+            f"  the next request refused (503)        {refused * 1000:6.1f} ms  "
+            + versus(refused * 1000, 100, " ms"),
+        ]
+    finally:
+        proxy.stop()
+        cluster.api.stop()
+        if inserted.inserted:
+            rig.remove(inserted)
+
+
+def bench_k9s_like(cluster, piv, proxy, workdir: Path) -> list[str]:
+    """3 watches and a list every 2 s for 30 s; each list side by side with a
+    direct one (key on disk) run just before it."""
+    cache = workdir / "cache"
+    for config, name in (
+        (cluster.kubeconfig, "direct"),
+        (proxy.client_config, "proxy"),
+    ):
+        kubectl_wall(config, cache / name, 1)
+    base = ["kubectl", "--kubeconfig", str(proxy.client_config), "get", "pods"]
+    before, opened = piv.sign_count, len(cluster.api.requests)
+    watches = [
+        subprocess.Popen(base + ["-w", "-A"], stdout=subprocess.DEVNULL)
+        for _ in range(3)
+    ]
+    ratios = []
+    try:
+        wait_until(
+            lambda: (
+                sum("watch=" in r["path"] for r in cluster.api.requests[opened:]) == 3
+            ),
+            60,
+            "the three watches",
+        )
+        ends = time.monotonic() + 30
+        while time.monotonic() < ends:
+            tick = time.monotonic()
+            direct = kubectl_wall(cluster.kubeconfig, cache / "direct", 1)[0]
+            ratios.append(
+                kubectl_wall(proxy.client_config, cache / "proxy", 1)[0] / direct
+            )
+            time.sleep(max(0.0, 2 - (time.monotonic() - tick)))  # the load's rhythm
+    finally:
+        for watch in watches:
+            watch.kill()
+            watch.wait(10)
+    signatures = piv.sign_count - before
+    return [
+        "-- k9s-like: 3 watches + kubectl get pods every 2 s for 30 s (pool mode, real card)",
+        f"  card signatures                       {signatures:6d}  "
+        + versus(signatures, 5, ""),
+        f"  {len(ratios)} lists vs direct lists run just before: median "
+        f"{med(ratios):4.2f} x, p90 {p90(ratios):4.2f} x, worst {max(ratios):4.2f} x  "
+        + versus(max(ratios), 1.2, " x"),
     ]
