@@ -8698,7 +8698,7 @@ def test_first_wrong_pin_answer_says_it_is_not_sent_again(
     assert (tries - piv.pin_tries_left, piv.sign_count - signed) == (1, 0)
 
 
-# -- the upstream TLS: our record reader, insecure-skip-tls-verify ---------------------
+# -- the upstream TLS: FastAead in every suite, insecure-skip-tls-verify
 
 
 def test_insecure_skip_tls_verify_warns_at_start_and_in_status(
@@ -13183,6 +13183,28 @@ def test_pcsc_service_advice_fits_the_platform(monkeypatch, platform, error, mes
     monkeypatch.setattr(yk, "host_platform", lambda: platform)
     got = yk.pcsc_error(yk.SCARD_E_NO_SERVICE)
     assert (type(got), str(got)) == (error, message)
+
+
+@pytest.mark.parametrize(
+    "platform, service",
+    [
+        ("linux", "pcscd"),
+        ("darwin", "the macOS smart card service"),
+        ("win32", "the Windows Smart Card service"),
+    ],
+)
+def test_pcsc_restart_and_raw_errors_name_the_platforms_service(
+    monkeypatch, platform, service
+):
+    monkeypatch.setattr(yk, "host_platform", lambda: platform)
+    restarted = yk.pcsc_error(yk.SCARD_E_SERVICE_STOPPED)
+    assert (type(restarted), str(restarted)) == (
+        yk.TransientCardError,
+        f"{service} restarted (0x8010001E): try again",
+    )
+    raw = str(yk.pcsc_error(0x80100016, "R 00 00"))
+    assert raw.startswith("PC/SC error 0x80100016 in reader 'R 00 00': ")
+    assert raw.endswith(f"; reinsert the YubiKey, and if it persists restart {service}")
 
 
 def test_no_service_mid_session_is_retried_once_on_macos_only(card57, monkeypatch):

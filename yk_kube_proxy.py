@@ -238,6 +238,11 @@ PCSC_SERVICE_ADVICE = {  # SCARD_E_NO_SERVICE, by platform
     "win32": "the Windows Smart Card service is not running: insert the YubiKey, or "
     "start the 'Smart Card' service (services.msc) and try again",
 }
+PCSC_SERVICE_NAMES = {  # what restarted, and what to restart, by platform
+    "linux": "pcscd",
+    "darwin": "the macOS smart card service",
+    "win32": "the Windows Smart Card service",
+}
 BUSY_SUSPECTS = (
     "scdaemon/gpg-agent (add 'disable-ccid' or 'pcsc-shared' to ~/.gnupg/scdaemon.conf "
     "and run 'gpgconf --kill scdaemon'), yubikey-agent, or another ykman/PKCS#11 session"
@@ -777,7 +782,8 @@ def pcsc_error(hresult: int, reader: str = "") -> CardError:
             f"the card{where} was reset by another program (0x{code:08X}): try again"
         )
     if code in (SCARD_E_INVALID_HANDLE, SCARD_E_SERVICE_STOPPED):
-        return TransientCardError(f"pcscd restarted (0x{code:08X}): try again")
+        service = PCSC_SERVICE_NAMES[host_platform()]
+        return TransientCardError(f"{service} restarted (0x{code:08X}): try again")
     if code == SCARD_E_NO_SERVICE:  # macOS says so spuriously mid-session: retried
         platform = host_platform()
         error = TransientCardError if platform == "darwin" else CardError
@@ -792,7 +798,7 @@ def pcsc_error(hresult: int, reader: str = "") -> CardError:
     message = _scard().SCardGetErrorMessage(hresult)
     return PcscFailure(
         f"PC/SC error 0x{code:08X}{where}: {message.strip()}; reinsert the YubiKey, "
-        "and if it persists restart pcscd",
+        f"and if it persists restart {PCSC_SERVICE_NAMES[host_platform()]}",
         code,
     )
 
