@@ -11669,6 +11669,25 @@ def test_stale_pooled_connection_is_replaced_not_a_502(
     conn.close()
     assert (card.sign_count - 1, cluster.api.handshakes) == (3, 3)
     assert "GET /version: retried, the kept connection was stale" in proxy.stderr()
+    # A chunked body is read whole before it goes upstream: it can be sent again.
+    path = "/api/v1/namespaces/team-a/pods"
+
+    def post_chunked() -> tuple[int, bytes]:
+        conn = client.connection()
+        conn.request("POST", path, body=iter([b"{", b"}"]), encode_chunked=True)
+        response = conn.getresponse()
+        answer = (response.status, response.read())
+        conn.close()
+        return answer
+
+    expected = post_chunked()  # on a fresh connection (the last one was cut)
+    posted = [r["path"] for r in cluster.api.requests].count(path)
+    cluster.api.drop_next = 1
+    assert post_chunked() == expected
+    # The dropped request reached the server (as above), then its copy did.
+    assert [r["path"] for r in cluster.api.requests].count(path) == posted + 2
+    assert (card.sign_count - 1, cluster.api.handshakes) == (5, 5)
+    assert f"POST {path}: retried, the kept connection was stale" in proxy.stderr()
 
 
 def test_idle_pooled_connections_close_after_reuse_idle(
