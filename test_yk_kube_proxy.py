@@ -7491,6 +7491,50 @@ def test_status_empty_slot_fails(card57, capsys):
     )
 
 
+def test_a_key_born_on_the_card_without_its_certificate_needs_enroll(
+    card57, tmp_path, capsys
+):
+    slot = yk.parse_slot("9a")
+    with contextlib.closing(yk.open_card()) as yubikey, yubikey.session() as piv:
+        piv.authenticate(DEFAULT_MGMT_KEY)
+        piv.generate_key(
+            slot, yk.KeyAlgorithm.ECCP256, yk.PinPolicy.NEVER, yk.TouchPolicy.NEVER
+        )
+    code, stdout, _ = run_cli("status", capsys=capsys)
+    assert code == 1
+    assert stdout.endswith(
+        "    error: slot 9a holds a key but no certificate: "
+        "run 'yubikey-kube-proxy enroll --force'\n"
+    )
+    cluster = start_cluster(tmp_path)
+    try:
+        setup = setup_args(cluster.kubeconfig, tmp_path / "yk", "--slot", "9c")
+        assert run_cli(*setup, capsys=capsys)[0] == 0
+        proxy_yml = str(tmp_path / "yk" / "proxy.yml")
+        code, _, stderr = run_cli(
+            "proxy", "--kubeconfig", proxy_yml, "--slot", "9a", capsys=capsys
+        )
+    finally:
+        cluster.api.stop()
+    assert (code, stderr) == (
+        1,
+        "yubikey-kube-proxy: error: slot 9a of the YubiKey holds no certificate: "
+        "run 'yubikey-kube-proxy enroll --force'\n",
+    )
+    # A certificate of another key in that slot: the same advice.
+    stranger = new_key("p256")
+    other = make_cert(stranger, stranger, "CN=someone", "CN=someone")
+    with contextlib.closing(yk.open_card()) as yubikey, yubikey.session() as piv:
+        piv.authenticate(DEFAULT_MGMT_KEY)
+        piv.put_certificate(slot, other.public_bytes(serialization.Encoding.DER))
+    code, stdout, _ = run_cli("status", capsys=capsys)
+    assert code == 1
+    assert (
+        "    error: the certificate does not belong to the key in the slot: "
+        "run 'yubikey-kube-proxy enroll --force'\n"
+    ) in stdout
+
+
 def test_status_expired_and_expiring_certificates(card57, tmp_path, capsys):
     expired = make_identity(days=-2)
     source = write_kubeconfig(tmp_path / "old.yaml", expired)

@@ -3244,6 +3244,14 @@ def rejects_certificate(exc: BaseException) -> bool:
     return isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS
 
 
+def replacement_advice(meta: SlotMetadata | None) -> str:
+    """What replaces a slot's missing or mismatched certificate: a key generated on
+    the card needs a new enrolment; an imported one, setup again."""
+    if meta is not None and meta.origin == ORIGINS[ORIGIN_GENERATED]:
+        return f"run '{PROG} enroll --force'"
+    return f"run '{PROG} setup --force'"
+
+
 def certificate_advice(origin: str) -> str:
     """What to do about an expired or refused certificate: a key generated on the
     card (enroll) gets a new one with renew; an imported one, through setup."""
@@ -4352,9 +4360,11 @@ def slot_identity(card: Card, slot: Slot) -> tuple[Any, SlotMetadata | None]:
         der = piv.get_certificate(slot)
         meta = piv.slot_metadata(slot) if piv.has_metadata() else None
     if der is None:
+        advice = f"run '{PROG} setup' first"
+        if meta is not None and meta.origin == ORIGINS[ORIGIN_GENERATED]:
+            advice = replacement_advice(meta)
         raise ConfigError(
-            f"slot {slot.name} of the YubiKey holds no certificate: run "
-            f"'{PROG} setup' first"
+            f"slot {slot.name} of the YubiKey holds no certificate: {advice}"
         )
     cert = load_certificate(der, f"the certificate in slot {slot.name}")
     if meta is not None:
@@ -4363,7 +4373,7 @@ def slot_identity(card: Card, slot: Slot) -> tuple[Any, SlotMetadata | None]:
         if not same_public_key(public, cert.public_key()):
             raise KeyMismatchError(
                 f"the certificate in slot {slot.name} does not belong to "
-                f"its key: run '{PROG} setup --force'"
+                f"its key: {replacement_advice(meta)}"
             )
     return cert, meta
 
@@ -5289,7 +5299,7 @@ def slot_report(piv: PivSession, slot: Slot) -> dict[str, Any]:
             (
                 "error",
                 f"slot {slot.name} holds a key but no certificate: "
-                f"run '{PROG} setup --force'",
+                f"{replacement_advice(meta)}",
             )
         )
     report["problems"] = [{"level": lvl, "message": msg} for lvl, msg in problems]
@@ -5341,7 +5351,7 @@ def certificate_report(
                 (
                     "error",
                     "the certificate does not belong to the key in the "
-                    f"slot: run '{PROG} setup --force'",
+                    f"slot: {replacement_advice(meta)}",
                 )
             )
     return info
