@@ -4592,9 +4592,6 @@ def shell_client_config(args: ShellOptions, port: int, directory: Path) -> Path:
 
 def cmd_shell(namespace: argparse.Namespace) -> int:
     """A subshell (or a command) whose kubectl goes through a proxy of its own."""
-    import signal
-    import tempfile
-
     args = ShellOptions.from_args(namespace)
     if os.environ.get(SHELL_ENV):
         raise ConfigError(
@@ -4609,37 +4606,42 @@ def cmd_shell(namespace: argparse.Namespace) -> int:
         upstream.signer.terminal = terminal
         server = start_server(settings, upstream)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        with tempfile.TemporaryDirectory(prefix="yk-kube-proxy-") as directory:
-            config = shell_client_config(
-                args, server.server_address[1], Path(directory)
-            )
-            command = args.command[1:] if args.command[:1] == ["--"] else args.command
-            command = command or [default_shell()]
-            print(
-                f"{PROG}: KUBECONFIG={config} through the YubiKey; exit the shell to stop",
-                file=sys.stderr,
-                flush=True,
-            )
-            env = {**os.environ, "KUBECONFIG": str(config), SHELL_ENV: str(os.getpid())}
-            previous = signal.signal(
-                signal.SIGINT, signal.SIG_IGN
-            )  # Ctrl-C is the shell's
-            try:
-                code = subprocess.call(command, env=env)
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot run {command[0]!r}: {exc.strerror}"
-                ) from None
-            finally:
-                signal.signal(signal.SIGINT, previous)
-        server.shutdown()
-        server.server_close()
-        server.pool.monitor.stop()
+        try:
+            code = run_shell(args, server.server_address[1])
+        finally:
+            server.shutdown()
+            server.server_close()
+            server.pool.monitor.stop()
     finally:
         card.close()
         if terminal is not None:
             terminal.close()
     return code if code >= 0 else 128 - code
+
+
+def run_shell(args: ShellOptions, port: int) -> int:
+    """The shell (or the command) with KUBECONFIG naming the proxy on ``port``;
+    its exit code. Ctrl-C is the shell's while it runs."""
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="yk-kube-proxy-") as directory:
+        config = shell_client_config(args, port, Path(directory))
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        command = command or [default_shell()]
+        print(
+            f"{PROG}: KUBECONFIG={config} through the YubiKey; exit the shell to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        env = {**os.environ, "KUBECONFIG": str(config), SHELL_ENV: str(os.getpid())}
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return subprocess.call(command, env=env)
+        except OSError as exc:
+            raise ConfigError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def default_shell() -> str:
