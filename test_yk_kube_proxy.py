@@ -6343,6 +6343,36 @@ def test_kubeconfig_list_first_definition_wins(tmp_path, monkeypatch):
     assert config.paths == [first, second]
 
 
+def test_a_kubeconfig_without_a_ca_uses_the_system_store_and_prints_only_our_lines(
+    tmp_path,
+):
+    """The system trust store may hold roots with serial number 0; cryptography
+    warns about them, which must not reach the user as a Python warning."""
+    config = write_kubeconfig(tmp_path / "noca.yml", make_identity("p256"))
+    doc = yaml.safe_load(config.read_text())
+    del doc["clusters"][0]["cluster"]["certificate-authority-data"]
+    config.write_text(yaml.safe_dump(doc))
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "yk_kube_proxy.py"),
+            "proxy",
+            "--kubeconfig",
+            str(config),
+            "--plain-http",
+            "--reader",
+            "no such reader",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1
+    assert lines and all(line.startswith("yubikey-kube-proxy: ") for line in lines)
+    assert lines[-1].startswith("yubikey-kube-proxy: error: ")
+
+
 def test_kubeconfig_errors_name_the_problem(tmp_path):
     ident = make_identity()
     path = write_kubeconfig(tmp_path / "config", ident)

@@ -52,6 +52,7 @@ import threading
 import time
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -6868,6 +6869,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.verbose += args.leading_verbose
     configure_logging(args.verbose)
+    # Certificates with serial number 0 (old k3s and client-go CAs, some system
+    # roots) still verify; cryptography's warning about them would be a second
+    # line on stderr that no user can act on.
+    warnings.filterwarnings("ignore", message="Parsed a serial number which wasn't")
     try:
         check_dependencies()
         return args.func(args)
