@@ -5459,16 +5459,21 @@ FAULT_FIGURES: list[str] = []
 
 @pytest.fixture(scope="session", autouse=True)
 def fault_figures(request):
-    """Print the fault suite's figures at the end of the run."""
+    """Print the figures of the Go parity tests and of the fault suite (with the
+    fuzz and flood tests) at the end of the run."""
     yield
-    if FAULT_FIGURES:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        capture = request.config.pluginmanager.get_plugin("capturemanager")
-        with capture.global_and_fixture_disabled():
-            reporter.write_line("")
-            reporter.write_sep("=", "fault suite figures")
-            for line in FAULT_FIGURES:
-                reporter.write_line(line)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    for title, lines in (
+        ("Go parity figures", TLS_FIGURES),
+        ("fault suite figures", FAULT_FIGURES),
+    ):
+        if lines:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line("")
+                reporter.write_sep("=", title)
+                for line in lines:
+                    reporter.write_line(line)
 
 
 class LocalClient:
@@ -6730,7 +6735,6 @@ def test_nul_bytes_in_paths(tmp_path, capsys):
 
 FUZZ_SEED = 20261201
 FUZZ_INPUTS = 320
-FUZZ_FIGURES: list[str] = []
 
 
 def fixed_ed25519(label: str) -> ed25519.Ed25519PrivateKey:
@@ -9092,21 +9096,7 @@ def test_official_python_client_lists_watches_execs_and_port_forwards(
 # -- Go parity: the upstream TLS checked against Go's own crypto/x509 and crypto/tls ---
 
 
-TLS_FIGURES: list[str] = []
-
-
-@pytest.fixture(scope="session", autouse=True)
-def tls_figures(request):
-    """Print the Go differential's figures at the end of the run."""
-    yield
-    if TLS_FIGURES:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        capture = request.config.pluginmanager.get_plugin("capturemanager")
-        with capture.global_and_fixture_disabled():
-            reporter.write_line("")
-            reporter.write_sep("=", "Go parity figures")
-            for line in TLS_FIGURES:
-                reporter.write_line(line)
+TLS_FIGURES: list[str] = []  # printed at the end of the run by fault_figures
 
 
 # -- the differential corpus ----------------------------------------------------------
