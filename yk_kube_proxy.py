@@ -3245,10 +3245,19 @@ def rejects_certificate(exc: BaseException) -> bool:
     return isinstance(exc, TLSRemoteAlert) and exc.description in CERTIFICATE_ALERTS
 
 
+def enrolled_on_card(meta: SlotMetadata | None) -> bool:
+    """The slot holds a signing key that was generated on the card (enroll)."""
+    return (
+        meta is not None
+        and meta.origin == ORIGINS[ORIGIN_GENERATED]
+        and can_sign(meta.algorithm)
+    )
+
+
 def replacement_advice(meta: SlotMetadata | None) -> str:
-    """What replaces a slot's missing or mismatched certificate: a key generated on
-    the card needs a new enrolment; an imported one, setup again."""
-    if meta is not None and meta.origin == ORIGINS[ORIGIN_GENERATED]:
+    """What replaces a slot's missing or mismatched certificate: a key enrolled on
+    the card needs a new enrolment; any other, setup again."""
+    if enrolled_on_card(meta):
         return f"run '{PROG} enroll --force'"
     return f"run '{PROG} setup --force'"
 
@@ -4362,7 +4371,7 @@ def slot_identity(card: Card, slot: Slot) -> tuple[Any, SlotMetadata | None]:
         meta = piv.slot_metadata(slot) if piv.has_metadata() else None
     if der is None:
         advice = f"run '{PROG} setup' first"
-        if meta is not None and meta.origin == ORIGINS[ORIGIN_GENERATED]:
+        if enrolled_on_card(meta):
             advice = replacement_advice(meta)
         raise ConfigError(
             f"slot {slot.name} of the YubiKey holds no certificate: {advice}"
