@@ -8743,12 +8743,12 @@ def test_proxy_wrong_pin_fails_at_start_and_costs_one_try(
     assert cluster.api.handshakes == 0
 
 
-def test_first_wrong_pin_answer_says_it_is_not_sent_again(
-    cards, proxies, cluster, tmp_path, capsys
-):
-    piv = VirtualPiv(serial=43000016)
+def proxy_after_a_wrong_pin_reload(cards, proxies, cluster, tmp_path, serial: int):
+    """A proxy for a PIN-once key that worked, then reloaded a wrong PIN file:
+    (the card, the proxy, a local client, the PIN file)."""
+    piv = VirtualPiv(serial=serial)
     cards(piv)
-    pins = secret_file(tmp_path, "pin", "123456\n")
+    pins = pin_file(tmp_path, "123456")
     proxy = proxies.setup(
         cluster,
         tmp_path / "yk",
@@ -8763,6 +8763,15 @@ def test_first_wrong_pin_answer_says_it_is_not_sent_again(
     pins.write_text("999999\n")
     proxy.process.send_signal(signal.SIGHUP)
     wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
+    return piv, proxy, client, pins
+
+
+def test_first_wrong_pin_answer_says_it_is_not_sent_again(
+    cards, proxies, cluster, tmp_path, capsys
+):
+    piv, _, client, _ = proxy_after_a_wrong_pin_reload(
+        cards, proxies, cluster, tmp_path, 43000016
+    )
     signed, tries = piv.sign_count, piv.pin_tries_left
     first, second = client.get("/version"), client.get("/version")
     expected = (
@@ -11315,23 +11324,9 @@ def test_upstream_closing_mid_response(card57, proxies, tmp_path, capsys):
 def test_wrong_pin_file_costs_exactly_one_try(
     cards, proxies, cluster, tmp_path, capsys
 ):
-    piv = VirtualPiv(serial=10100010)
-    cards(piv)
-    pins = pin_file(tmp_path, "123456")
-    proxy = proxies.setup(
-        cluster,
-        tmp_path / "yk",
-        "--pin-policy",
-        "once",
-        "--pin-file",
-        str(pins),
-        proxy_extra=("--pin-file", str(pins)),
+    piv, proxy, client, pins = proxy_after_a_wrong_pin_reload(
+        cards, proxies, cluster, tmp_path, 10100010
     )
-    client = LocalClient(proxy)
-    assert client.get("/version")[0] == 200
-    pins.write_text("999999\n")
-    proxy.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: "reloading" in proxy.stderr(), 10, "the reload")
     tries = piv.pin_tries_left
     answers = [client.get("/version") for _ in range(6)]
     FAULT_FIGURES.append(
